@@ -1,0 +1,68 @@
+"""Alloy checkpoints: a directory with ``config.json`` and ``model.safetensors``.
+
+``config.json`` is ``{"alloy_format": 1, "model": ModelConfig.to_dict()}``; tensors are stored
+under their dotted tree keys (``layers.3.mixer.in_proj.weight``) in the params' own dtypes.
+Loading is strict: every missing, unexpected or mis-shaped tensor is reported in one error, and the
+tree is rebuilt in the config's canonical key order. Every file is written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+from alloy.model import Model, build
+from alloy.params.io import load_into, load_json, load_safetensors, save_json, save_safetensors
+from alloy.params.tree import flatten
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save(path, model: Model, params, format: str = "alloy") -> Path:
+    """Write ``model`` and ``params`` to directory ``path`` (created if needed)."""
+    if format != "alloy":
+        raise ValueError(f"save: format must be 'alloy' (Hugging Face export arrives with conversion), got {format!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    flat = flatten(params)
+    save_safetensors(path / WEIGHTS_FILE, flat, metadata={"format": "mlx", "alloy_format": str(FORMAT_VERSION)})
+    save_json(path / CONFIG_FILE, {"alloy_format": FORMAT_VERSION, "model": model.config.to_dict()})
+    return path
+
+
+def is_alloy_checkpoint(path) -> bool:
+    cfg = Path(path) / CONFIG_FILE
+    if not cfg.is_file():
+        return False
+    try:
+        return "alloy_format" in json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load(path, strict: bool = True):
+    """Load ``(model, params)`` from an Alloy checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"load: {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"load: expected a checkpoint directory, got file {path}")
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"load: {path} has no {CONFIG_FILE}")
+    meta = load_json(cfg_path)
+    if "alloy_format" not in meta:
+        hint = " (a Hugging Face checkpoint: conversion is not available in this build)" \
+            if "model_type" in meta or "architectures" in meta else ""
+        raise ValueError(f"load: {cfg_path} is not an Alloy config (no 'alloy_format'){hint}")
+    if meta["alloy_format"] != FORMAT_VERSION:
+        raise ValueError(f"load: {cfg_path} has alloy_format {meta['alloy_format']!r}; this Alloy reads {FORMAT_VERSION}")
+    model = build(meta["model"])
+    template = model.init(mx.random.key(0))  # lazy: only shapes are read, nothing is computed
+    flat = load_safetensors(path / WEIGHTS_FILE)
+    params = load_into(template, flat, strict=strict)
+    return model, params

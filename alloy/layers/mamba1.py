@@ -1,0 +1,95 @@
+"""Mamba-1 mixer (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces").
+
+    [x, z] = in_proj(u)                               each d_inner
+    x = silu(causal_conv1d(x))
+    [dt_r, B, C] = x_proj(x);  dt = softplus(dt_proj(dt_r))      dt_rank, d_state, d_state
+    A = -exp(A_log)                                   (d_inner, d_state)
+    h_t = exp(dt_t A) h_{t-1} + (dt_t x_t) B_t ;  y_t = h_t C_t + D x_t      (ops.selective_scan)
+    out = out_proj(y * silu(z))
+
+Parameters follow the Hugging Face ``MambaMixer`` names. State: conv (B, d_conv-1, d_inner) and
+ssm (B, d_inner, d_state) float32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from alloy.layers.common import dense
+from alloy.layers.registry import LayerSettings, register_mixer
+from alloy.ops.conv import causal_conv1d
+from alloy.ops.selective_scan import selective_scan
+from alloy.params import init as I
+
+
+@dataclass(frozen=True)
+class Mamba1Settings(LayerSettings):
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int = 0  # 0: ceil(d_model / 16), the paper's default
+    chunk_size: int = 64
+    conv_bias: bool = True
+    bias: bool = False
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def rank(self) -> int:
+        return self.dt_rank or math.ceil(self.d_model / 16)
+
+    def validate(self):
+        for f in ("d_state", "d_conv", "expand", "chunk_size"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{f} must be a positive int, got {v!r}")
+        if not isinstance(self.dt_rank, int) or self.dt_rank < 0:
+            raise ValueError(f"dt_rank must be a non-negative int (0 = auto), got {self.dt_rank!r}")
+
+
+def init(key, cfg: Mamba1Settings) -> dict:
+    k = I.split(key, 6)
+    r, n = cfg.rank, cfg.d_state
+    dt_std = r ** -0.5
+    return {
+        "in_proj": I.linear(k[0], cfg.d_model, 2 * cfg.d_inner, bias=cfg.bias),
+        "conv1d": I.conv1d(k[1], cfg.d_inner, cfg.d_conv, bias=cfg.conv_bias),
+        "x_proj": I.linear(k[2], cfg.d_inner, r + 2 * n),
+        "dt_proj": {"weight": I.uniform(k[3], (cfg.d_inner, r), -dt_std, dt_std),
+                    "bias": I.dt_bias(k[4], cfg.d_inner, cfg.dt_min, cfg.dt_max)},
+        "A_log": mx.log(mx.broadcast_to(mx.arange(1, n + 1, dtype=mx.float32), (cfg.d_inner, n))),
+        "D": mx.ones((cfg.d_inner,)),
+        "out_proj": I.linear(k[5], cfg.d_inner, cfg.d_model, bias=cfg.bias),
+    }
+
+
+def init_state(cfg: Mamba1Settings, batch: int, max_len: int, dtype=mx.float32) -> dict:
+    return {
+        "conv": mx.zeros((batch, cfg.d_conv - 1, cfg.d_inner), dtype=dtype),
+        "ssm": mx.zeros((batch, cfg.d_inner, cfg.d_state), dtype=mx.float32),
+    }
+
+
+@register_mixer("mamba1", settings=Mamba1Settings, init=init, init_state=init_state, state="ssm",
+                mask="none")
+def apply(params, x, state, cfg: Mamba1Settings):
+    xz = dense(params["in_proj"], x)
+    xs, z = mx.split(xz, 2, axis=-1)
+    xs, conv_state = causal_conv1d(xs, params["conv1d"]["weight"], params["conv1d"].get("bias"),
+                                   None if state is None else state["conv"], activation="silu")
+    dt_r, Bm, Cm = mx.split(dense(params["x_proj"], xs), [cfg.rank, cfg.rank + cfg.d_state], axis=-1)
+    dt = nn.softplus(dense(params["dt_proj"], dt_r).astype(mx.float32))
+    A = -mx.exp(params["A_log"].astype(mx.float32))
+    y, ssm_state = selective_scan(xs, dt, A, Bm, Cm, params["D"], z,
+                                  None if state is None else state["ssm"], chunk_size=cfg.chunk_size)
+    out = dense(params["out_proj"], y)
+    if state is None:
+        return out, None
+    return out, {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}

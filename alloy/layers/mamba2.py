@@ -1,0 +1,115 @@
+"""Mamba-2 mixer (Dao & Gu 2024, "Transformers are SSMs", the SSD layer).
+
+    [z, xBC, dt] = in_proj(u)                         z, x: d_inner; B, C: groups*d_state; dt: heads
+    xBC = silu(causal_conv1d(xBC))                    carried conv tail of d_conv-1 inputs
+    dt  = softplus(dt + dt_bias);  A = -exp(A_log)
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T ;  y_t = C_t h_t + D x_t      (per head, ops.ssd)
+    out = out_proj(rms_norm(y * silu(z)))            (grouped, gate before norm)
+
+Parameters follow the Hugging Face ``Mamba2Mixer`` names. State: conv (B, d_conv-1, conv_dim) and
+ssm (B, heads, head_dim, d_state) float32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from alloy.layers.common import dense
+from alloy.layers.registry import LayerSettings, register_mixer
+from alloy.ops.conv import causal_conv1d
+from alloy.ops.norm import gated_rms_norm
+from alloy.ops.ssd import ssd
+from alloy.params import init as I
+
+
+@dataclass(frozen=True)
+class Mamba2Settings(LayerSettings):
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 64
+    n_groups: int = 1
+    chunk_size: int = 256
+    conv_bias: bool = True
+    bias: bool = False  # in_proj / out_proj bias
+    norm_eps: float = 1e-5
+    norm_before_gate: bool = False
+    A_init_range: tuple = (1.0, 16.0)
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def n_heads(self) -> int:
+        return self.d_inner // self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.n_groups * self.d_state
+
+    def validate(self):
+        for f in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{f} must be a positive int, got {v!r}")
+        if self.d_inner % self.head_dim:
+            raise ValueError(f"head_dim {self.head_dim} must divide d_inner = expand*d_model = {self.d_inner}")
+        if self.n_heads % self.n_groups:
+            raise ValueError(f"n_groups {self.n_groups} must divide n_heads {self.n_heads}")
+        lo, hi = self.A_init_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"A_init_range must be 0 < lo <= hi, got {self.A_init_range}")
+
+
+def init(key, cfg: Mamba2Settings) -> dict:
+    k = I.split(key, 5)
+    d_in_proj = 2 * cfg.d_inner + 2 * cfg.n_groups * cfg.d_state + cfg.n_heads
+    lo, hi = cfg.A_init_range
+    return {
+        "in_proj": I.linear(k[0], cfg.d_model, d_in_proj, bias=cfg.bias),
+        "conv1d": I.conv1d(k[1], cfg.conv_dim, cfg.d_conv, bias=cfg.conv_bias),
+        "dt_bias": I.dt_bias(k[2], cfg.n_heads, cfg.dt_min, cfg.dt_max),
+        "A_log": mx.log(I.uniform(k[3], (cfg.n_heads,), lo, hi)),
+        "D": mx.ones((cfg.n_heads,)),
+        "norm": {"weight": mx.ones((cfg.d_inner,))},
+        "out_proj": I.linear(k[4], cfg.d_inner, cfg.d_model, bias=cfg.bias),
+    }
+
+
+def init_state(cfg: Mamba2Settings, batch: int, max_len: int, dtype=mx.float32) -> dict:
+    return {
+        "conv": mx.zeros((batch, cfg.d_conv - 1, cfg.conv_dim), dtype=dtype),
+        "ssm": mx.zeros((batch, cfg.n_heads, cfg.head_dim, cfg.d_state), dtype=mx.float32),
+    }
+
+
+@register_mixer("mamba2", settings=Mamba2Settings, init=init, init_state=init_state, state="ssm",
+                mask="none")
+def apply(params, x, state, cfg: Mamba2Settings):
+    Bsz, T, _ = x.shape
+    gn = cfg.n_groups * cfg.d_state
+    zxbcdt = dense(params["in_proj"], x)
+    z, xBC, dt = mx.split(zxbcdt, [cfg.d_inner, 2 * cfg.d_inner + 2 * gn], axis=-1)
+    xBC, conv_state = causal_conv1d(xBC, params["conv1d"]["weight"], params["conv1d"].get("bias"),
+                                    None if state is None else state["conv"], activation="silu")
+    xs, Bm, Cm = mx.split(xBC, [cfg.d_inner, cfg.d_inner + gn], axis=-1)
+    xs = xs.reshape(Bsz, T, cfg.n_heads, cfg.head_dim)
+    Bm = Bm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
+    Cm = Cm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
+    dt = nn.softplus(dt.astype(mx.float32) + params["dt_bias"].astype(mx.float32))
+    A = -mx.exp(params["A_log"].astype(mx.float32))
+    y, ssm_state = ssd(xs, dt, A, Bm, Cm, params["D"], None if state is None else state["ssm"],
+                       chunk_size=cfg.chunk_size)
+    y = y.reshape(Bsz, T, cfg.d_inner)
+    y = gated_rms_norm(y, z, params["norm"]["weight"], cfg.norm_eps,
+                       group_size=cfg.d_inner // cfg.n_groups, norm_before_gate=cfg.norm_before_gate)
+    out = dense(params["out_proj"], y)
+    if state is None:
+        return out, None
+    return out, {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}

@@ -1,0 +1,73 @@
+"""RMSNorm and gated RMSNorm.
+
+    rms_norm(x)            = x / sqrt(mean(x^2) + eps) * w
+    gated, gate after norm = rms_norm(x) * silu(z)            (norm_before_gate=True)
+    gated, gate before     = rms_norm(x * silu(z))            (norm_before_gate=False, Mamba-2 / HF default)
+
+A group size splits the last axis into groups normalised independently (Mamba-2 with n_groups > 1).
+Statistics are computed in float32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def rms_norm_ref(x: mx.array, weight: mx.array | None, eps: float = 1e-6) -> mx.array:
+    """x: (..., D); weight: (D,) or None. Returns x's dtype."""
+    xf = x.astype(mx.float32)
+    y = xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    y = y.astype(x.dtype)
+    return y if weight is None else y * weight.astype(x.dtype)
+
+
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float = 1e-6, impl: str = "auto") -> mx.array:
+    """Public RMSNorm: ``mx.fast.rms_norm`` (fp32 statistics) or the reference."""
+    if impl == "ref":
+        return rms_norm_ref(x, weight, eps)
+    if impl not in ("auto", "fast"):
+        raise ValueError(f"rms_norm: impl must be 'auto', 'fast' or 'ref', got {impl!r}")
+    w = None if weight is None else weight.astype(x.dtype)
+    return mx.fast.rms_norm(x, w, eps)
+
+
+def gated_rms_norm_ref(
+    x: mx.array,
+    z: mx.array | None,
+    weight: mx.array | None,
+    eps: float = 1e-6,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+) -> mx.array:
+    """x, z: (..., D); weight: (D,); group_size divides D (None: one group).
+
+    1. (gate first)  h = x * silu(z)
+    2. per group     h = h / sqrt(mean(h^2) + eps)
+    3. scale         y = h * w            (then * silu(z) when norm_before_gate)
+    """
+    dtype = x.dtype
+    h = x.astype(mx.float32)
+    if z is not None and not norm_before_gate:
+        zf = z.astype(mx.float32)
+        h = h * (zf * mx.sigmoid(zf))
+    d = h.shape[-1]
+    g = d if group_size is None else group_size
+    if d % g:
+        raise ValueError(f"gated_rms_norm: group_size {g} does not divide the feature size {d}")
+    hg = h.reshape(*h.shape[:-1], d // g, g)
+    hg = hg * mx.rsqrt(mx.mean(hg * hg, axis=-1, keepdims=True) + eps)
+    h = hg.reshape(h.shape)
+    if weight is not None:
+        h = h * weight.astype(mx.float32)
+    if z is not None and norm_before_gate:
+        zf = z.astype(mx.float32)
+        h = h * (zf * mx.sigmoid(zf))
+    return h.astype(dtype)
+
+
+def gated_rms_norm(x, z, weight, eps: float = 1e-6, group_size: int | None = None,
+                   norm_before_gate: bool = False, impl: str = "auto") -> mx.array:
+    """Public gated RMSNorm (see module docstring). Dispatches to the reference on every backend
+    for now; fused kernels live in ``alloy.metal``."""
+    if impl not in ("auto", "ref"):
+        raise ValueError(f"gated_rms_norm: impl must be 'auto' or 'ref', got {impl!r}")
+    return gated_rms_norm_ref(x, z, weight, eps, group_size, norm_before_gate)
