@@ -1,0 +1,197 @@
+"""Mamba-2 state-space duality (SSD) scan.
+
+Dao & Gu, "Transformers are SSMs" (2024), eq. (SSD) with a scalar decay per head:
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t ⊗ B_t        h_t: (p, n) per head
+    y_t = h_t · C_t + D * x_t
+
+Shapes (b batch, l length, h heads, p head dim, g groups of B/C, n state size):
+x (b, l, h, p), dt (b, l, h) positive (softplus and bias already applied), A (h,) negative,
+B, C (b, l, g, n) with head i reading group i // (h // g), D (h,) or None,
+state (b, h, p, n) float32.
+
+`ssd_ref` is the specification (a loop over time); `ssd_chunked` is the `ssd_minimal`
+block decomposition (quadratic inside a chunk, linear across chunks); `ssd_step` is one
+decode step; `ssd` dispatches on static facts. All recurrence math runs in float32; `y`
+comes back in `x.dtype`, states are always float32.
+"""
+import math
+
+import mlx.core as mx
+
+_F32 = mx.float32
+
+
+def _check(x, dt, A, B, C, D, state, decode=False):
+    """Validate shapes; raise ValueError naming the offending argument."""
+    lead = x.shape[:-2]  # (b, l) or (b,) for a decode step
+    nd = 3 if decode else 4
+    if x.ndim != nd:
+        raise ValueError(f"x must have {nd} dims, got shape {x.shape}")
+    h, p = x.shape[-2:]
+    if not decode and x.shape[1] == 0:
+        raise ValueError("x has length 0")
+    if dt.shape != (*lead, h):
+        raise ValueError(f"dt must have shape {(*lead, h)}, got {dt.shape}")
+    if A.shape != (h,):
+        raise ValueError(f"A must have shape {(h,)}, got {A.shape}")
+    if B.ndim != nd or B.shape[:-2] != lead:
+        raise ValueError(f"B must have shape {(*lead, 'g', 'n')}, got {B.shape}")
+    if C.shape != B.shape:
+        raise ValueError(f"C must have the shape of B {B.shape}, got {C.shape}")
+    g, n = B.shape[-2:]
+    if g == 0 or h % g:
+        raise ValueError(f"heads ({h}) must be a multiple of groups ({g})")
+    if D is not None and D.shape != (h,):
+        raise ValueError(f"D must have shape {(h,)}, got {D.shape}")
+    if state is not None and state.shape != (x.shape[0], h, p, n):
+        raise ValueError(f"state must have shape {(x.shape[0], h, p, n)}, got {state.shape}")
+
+
+def ssd_ref(x, dt, A, B, C, D=None, initial_state=None):
+    """Sequential reference: one step per token, read straight off the recurrence.
+
+    x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n), D (h,) | None,
+    initial_state (b, h, p, n) | None  ->  y (b, l, h, p) in x.dtype, state (b, h, p, n) f32.
+    """
+    _check(x, dt, A, B, C, D, initial_state)
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    r = h // B.shape[2]
+    xf, dtf, Af = x.astype(_F32), dt.astype(_F32), A.astype(_F32)
+    Bh = mx.repeat(B.astype(_F32), r, axis=2)  # (b, l, h, n): head i reads group i // r
+    Ch = mx.repeat(C.astype(_F32), r, axis=2)
+    state = mx.zeros((b, h, p, n), _F32) if initial_state is None else initial_state.astype(_F32)
+    ys = []
+    for t in range(l):
+        # 1. discretize: Ā_t = exp(Δ_t A) (scalar per head), B̄_t x_t = Δ_t x_t ⊗ B_t
+        dA = mx.exp(dtf[:, t] * Af)  # (b, h)
+        dBx = (dtf[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]  # (b, h, p, n)
+        # 2. recurrence: h_t = Ā_t h_{t-1} + B̄_t x_t
+        state = dA[..., None, None] * state + dBx
+        # 3. readout: y_t = h_t · C_t
+        ys.append((state * Ch[:, t, :, None, :]).sum(-1))  # (b, h, p)
+    y = mx.stack(ys, axis=1)
+    # 4. skip connection: y_t += D x_t
+    if D is not None:
+        y = y + D.astype(_F32)[:, None] * xf
+    return y.astype(x.dtype), state
+
+
+def _segsum(a):
+    """Stable segment sums: out[..., i, j] = sum(a[..., j+1 : i+1]) for i >= j, -inf above.
+
+    Built from a masked cumsum (not a difference of cumsums), as in ssd_minimal, so that
+    exp(out) is the exact decay from j to i and exactly 0 where j > i.
+    """
+    T = a.shape[-1]
+    a = mx.broadcast_to(a[..., None], (*a.shape, T))  # a[..., i, j] = a_i
+    a = mx.where(mx.tril(mx.ones((T, T), mx.bool_), k=-1), a, 0.0)
+    s = mx.cumsum(a, axis=-2)
+    return mx.where(mx.tril(mx.ones((T, T), mx.bool_), k=0), s, -mx.inf)
+
+
+def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
+    """Chunked SSD (ssd_minimal): diagonal blocks by attention-like quadratic form,
+    off-diagonal blocks through chunk states passed along by a segsum over chunks.
+
+    Same arguments and results as `ssd_ref`; any length (T is padded to a multiple of
+    `chunk_size` with dt = 0, x = 0: decay 1 and no input, so the final state is exact).
+    """
+    _check(x, dt, A, B, C, D, initial_state)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r, K = h // g, chunk_size
+    pad = -l % K
+    c = (l + pad) // K
+
+    def chunks(v):  # (b, l, ...) f32 -> (b, c, K, ...), zero padded at the end
+        v = v.astype(_F32)
+        if pad:
+            v = mx.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+        return v.reshape(b, c, K, *v.shape[2:])
+
+    dtc = chunks(dt)  # (b, c, K, h)
+    X = (chunks(x) * dtc[..., None]).reshape(b, c, K, g, r, p)  # Δ x, heads split by group
+    Bc, Cc = chunks(B), chunks(C)  # (b, c, K, g, n)
+    a = (dtc * A.astype(_F32)).transpose(0, 3, 1, 2)  # log decay Δ A: (b, h, c, K)
+    a_cs = mx.cumsum(a, axis=-1)
+
+    # 1. intra-chunk outputs (diagonal blocks): Y = (L ∘ C Bᵀ) X
+    L = mx.exp(_segsum(a)).reshape(b, g, r, c, K, K)  # L[.., l, s] = decay from s to l
+    CB = mx.einsum("bclgn,bcsgn->bgcls", Cc, Bc)[:, :, None]  # (b, g, 1, c, K, K)
+    Y_diag = mx.einsum("bgrcls,bcsgrp->bclgrp", L * CB, X)
+
+    # 2. state at the end of each chunk from its own inputs (zero initial state);
+    #    the decay from s to the chunk end, exp(a_cs[-1] - a_cs[s]), is L's last row
+    #    (summed exactly rather than differenced, which loses digits once a_cs is large)
+    decay_states = L[..., -1, :]  # (b, g, r, c, K)
+    states = mx.einsum("bclgn,bgrcl,bclgrp->bcgrpn", Bc, decay_states, X)
+    states = states.reshape(b, c, h, p, n)
+
+    # 3. inter-chunk recurrence: pass states across chunks with a segsum over chunk decays
+    h0 = mx.zeros((b, 1, h, p, n), _F32) if initial_state is None else initial_state.astype(_F32)[:, None]
+    states = mx.concatenate([h0, states], axis=1)  # (b, c+1, h, p, n)
+    decay_chunk = mx.exp(_segsum(mx.pad(a_cs[..., -1], [(0, 0), (0, 0), (1, 0)])))  # (b, h, c+1, c+1)
+    new_states = mx.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states, final_state = new_states[:, :-1], new_states[:, -1]  # states entering each chunk
+
+    # 4. state -> output (off-diagonal blocks): Y_off = exp(cumsum a) C h_chunk_start
+    state_decay_out = mx.exp(a_cs).reshape(b, g, r, c, K)
+    states = states.reshape(b, c, g, r, p, n)
+    Y_off = mx.einsum("bclgn,bcgrpn,bgrcl->bclgrp", Cc, states, state_decay_out)
+
+    y = (Y_diag + Y_off).reshape(b, c * K, h, p)[:, :l]
+    if D is not None:
+        y = y + D.astype(_F32)[:, None] * x.astype(_F32)
+    return y.astype(x.dtype), final_state
+
+
+def ssd_step(x, dt, A, B, C, D, state):
+    """One decode step. x (b, h, p), dt (b, h), A (h,), B/C (b, g, n), D (h,) | None,
+    state (b, h, p, n) f32 | None (zeros)  ->  y (b, h, p) in x.dtype, new state f32."""
+    _check(x, dt, A, B, C, D, state, decode=True)
+    b, h, p = x.shape
+    g, n = B.shape[-2:]
+    xf, dtf = x.astype(_F32), dt.astype(_F32)
+    Bh = mx.repeat(B.astype(_F32), h // g, axis=1)[:, :, None, :]  # (b, h, 1, n)
+    Ch = mx.repeat(C.astype(_F32), h // g, axis=1)[:, :, None, :]
+    if state is None:
+        state = mx.zeros((b, h, p, n), _F32)
+    dA = mx.exp(dtf * A.astype(_F32))[..., None, None]
+    state = dA * state.astype(_F32) + (dtf[..., None] * xf)[..., None] * Bh
+    y = (state * Ch).sum(-1)
+    if D is not None:
+        y = y + D.astype(_F32)[:, None] * xf
+    return y.astype(x.dtype), state
+
+
+def _balanced_chunk(T, chunk_size):
+    """Chunk length for a T-token prefill: as few chunks as `chunk_size` allows, made
+    equal and rounded up to a multiple of 8, so padding stays under 8 tokens per chunk."""
+    n_chunks = math.ceil(T / chunk_size)
+    return min(chunk_size, -(-math.ceil(T / n_chunks) // 8) * 8)
+
+
+def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size=256, impl="auto"):
+    """Mamba-2 SSD scan. Arguments as `ssd_ref`; returns (y (b, l, h, p), state (b, h, p, n) f32).
+
+    impl: "ref" (sequential), "chunked", or "auto" (T == 1 -> one decode step,
+    otherwise chunked with a balanced chunk length <= chunk_size).
+    """
+    if impl not in ("auto", "ref", "chunked"):
+        raise ValueError(f"unknown ssd impl {impl!r}; expected 'auto', 'ref' or 'chunked'")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if impl == "ref":
+        return ssd_ref(x, dt, A, B, C, D, initial_state)
+    if impl == "chunked":
+        return ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size)
+    _check(x, dt, A, B, C, D, initial_state)
+    T = x.shape[1]
+    if T == 1:
+        y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, initial_state)
+        return y[:, None], state
+    return ssd_chunked(x, dt, A, B, C, D, initial_state, _balanced_chunk(T, chunk_size))
