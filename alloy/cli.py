@@ -7,22 +7,30 @@ import sys
 import alloy  # noqa: F401  (OpenBLAS before mlx)
 
 
-def _demo(args):
-    from alloy import demo
-    demo.run(args.config, batch=args.batch, prompt_len=args.prompt_len, decode_steps=args.steps,
-             seed=args.seed)
+import importlib
+
+# Each module contributes subcommands through ``register(subparsers)``; a module that is not part of
+# this build (its package is absent) is skipped, so areas can land independently.
+COMMAND_MODULES = ("alloy.demo", "alloy.train.cli", "alloy.inference.cli", "alloy.roofline.cli",
+                   "alloy.research.cli", "alloy.convert.cli", "alloy.serve.cli", "alloy.eval.cli")
+
+
+def _load(name):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and (name == e.name or name.startswith(e.name + ".")):
+            return None
+        raise
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="alloy", description="Hybrid SSM-Attention language models on MLX")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="build the bundled hybrid, run, compile and time it")
-    d.add_argument("--config", default=None, help="model config JSON (default: bundled hybrid-tiny)")
-    d.add_argument("--batch", type=int, default=4)
-    d.add_argument("--prompt-len", type=int, default=256)
-    d.add_argument("--steps", type=int, default=32, help="decode steps to time")
-    d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(fn=_demo)
+    for name in COMMAND_MODULES:
+        mod = _load(name)
+        if mod is not None:
+            mod.register(sub)
     args = p.parse_args(argv)
     try:
         args.fn(args)

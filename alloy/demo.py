@@ -74,3 +74,15 @@ def run(config: str | None = None, batch: int = 4, prompt_len: int = 256, decode
     out(f"compiled decode: {decode_steps} steps x batch {batch}: {dt / decode_steps * 1e3:.1f} ms/step "
         f"({decode_tps:,.0f} tok/s); state pos {state['pos'].tolist()}")
     return {"params": count_params(params), "prefill_tok_s": prefill_tps, "decode_tok_s": decode_tps}
+
+
+def register(sub) -> None:
+    """``alloy demo``."""
+    d = sub.add_parser("demo", help="build the bundled hybrid, run, compile and time it")
+    d.add_argument("--config", default=None, help="model config JSON (default: bundled hybrid-tiny)")
+    d.add_argument("--batch", type=int, default=4)
+    d.add_argument("--prompt-len", type=int, default=256)
+    d.add_argument("--steps", type=int, default=32, help="decode steps to time")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=lambda a: run(a.config, batch=a.batch, prompt_len=a.prompt_len,
+                                    decode_steps=a.steps, seed=a.seed))
