@@ -23,9 +23,15 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def save(path, model: Model, params, format: str = "alloy") -> Path:
-    """Write ``model`` and ``params`` to directory ``path`` (created if needed)."""
+    """Write ``model`` and ``params`` to directory ``path`` (created if needed).
+
+    format "alloy": this module's layout; "hf": the Hugging Face layout of the model's family.
+    """
+    if format == "hf":
+        from alloy.convert.hf import save_hf
+        return save_hf(path, model, params)
     if format != "alloy":
-        raise ValueError(f"save: format must be 'alloy' (Hugging Face export arrives with conversion), got {format!r}")
+        raise ValueError(f"save: format must be 'alloy' or 'hf', got {format!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     flat = flatten(params)
@@ -45,7 +51,12 @@ def is_alloy_checkpoint(path) -> bool:
 
 
 def load(path, strict: bool = True):
-    """Load ``(model, params)`` from an Alloy checkpoint directory."""
+    """Load ``(model, params)`` from an Alloy checkpoint directory, a Hugging Face checkpoint
+    directory, or a Hub id (downloaded when ``huggingface_hub`` is installed and online)."""
+    if not Path(path).exists() and not is_alloy_checkpoint(path):
+        if isinstance(path, str) and "/" in path and not path.startswith((".", "/")):
+            from alloy.convert.hf import load_hf
+            return load_hf(path, strict=strict)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"load: {path} does not exist")
@@ -56,9 +67,11 @@ def load(path, strict: bool = True):
         raise FileNotFoundError(f"load: {path} has no {CONFIG_FILE}")
     meta = load_json(cfg_path)
     if "alloy_format" not in meta:
-        hint = " (a Hugging Face checkpoint: conversion is not available in this build)" \
-            if "model_type" in meta or "architectures" in meta else ""
-        raise ValueError(f"load: {cfg_path} is not an Alloy config (no 'alloy_format'){hint}")
+        if "model_type" in meta:
+            from alloy.convert.hf import load_hf
+            return load_hf(path, strict=strict)
+        raise ValueError(f"load: {cfg_path} is neither an Alloy config (no 'alloy_format') "
+                         "nor a Hugging Face one (no 'model_type')")
     if meta["alloy_format"] != FORMAT_VERSION:
         raise ValueError(f"load: {cfg_path} has alloy_format {meta['alloy_format']!r}; this Alloy reads {FORMAT_VERSION}")
     model = build(meta["model"])

@@ -53,8 +53,8 @@ def test_load_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         alloy.load(tmp_path / "nope")
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-    with pytest.raises(ValueError, match="not an Alloy config"):
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match="neither an Alloy config"):
         alloy.load(tmp_path / "hf")
 
 

@@ -1,0 +1,278 @@
+"""Built-in Hugging Face families: attention baselines (Llama, Mistral, Qwen2, Qwen3) and
+pure SSM stacks (Mamba, Mamba2). Each maps config fields and tensor names exactly; every HF field
+is either used, checked to be a value the math here supports, or listed as irrelevant."""
+from __future__ import annotations
+
+import math
+
+from alloy.convert.registry import Converter, register_converter
+
+
+def _unsupported(hf: dict, field: str, ok) -> None:
+    v = hf.get(field)
+    if v is not None and not ok(v):
+        raise ValueError(f"{hf.get('model_type')}: config field {field}={v!r} is not supported")
+
+
+def _rope_theta(hf: dict) -> float:
+    rp = hf.get("rope_parameters") or {}
+    rs = hf.get("rope_scaling")
+    rtype = (rp.get("rope_type") or rp.get("type") or (rs or {}).get("rope_type") or (rs or {}).get("type")
+             or "default")
+    if rtype != "default":
+        raise ValueError(f"{hf.get('model_type')}: rope_type {rtype!r} is not supported (only 'default')")
+    extra = sorted(set(rp) - {"rope_theta", "rope_type", "type", "partial_rotary_factor"})
+    if extra:
+        raise ValueError(f"{hf.get('model_type')}: unknown rope_parameters field(s) {extra}")
+    return float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+# -- attention baselines --------------------------------------------------------------------------
+def _decoder_config(hf: dict, *, qk_norm: bool, qkv_bias: bool, o_bias: bool) -> dict:
+    L = hf["num_hidden_layers"]
+    D = hf["hidden_size"]
+    heads = hf["num_attention_heads"]
+    _unsupported(hf, "hidden_act", lambda v: v == "silu")
+    _unsupported(hf, "pretraining_tp", lambda v: v == 1)
+    attn = {
+        "n_heads": heads,
+        "n_kv_heads": hf.get("num_key_value_heads") or heads,
+        "head_dim": hf.get("head_dim") or D // heads,
+        "rope_theta": _rope_theta(hf),
+        "partial_rotary_factor": float((hf.get("rope_parameters") or {}).get(
+            "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
+        "qkv_bias": qkv_bias, "o_bias": o_bias, "qk_norm": qk_norm,
+        "norm_eps": hf.get("rms_norm_eps", 1e-6),
+    }
+    # Which layers slide: Mistral slides everywhere when sliding_window is set; Qwen2/3 name the
+    # layer types (or slide from max_window_layers on when use_sliding_window).
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if hf.get("model_type") == "mistral":
+        slide = [bool(window)] * L
+    elif types is not None:
+        bad = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if bad:
+            raise ValueError(f"{hf['model_type']}: unsupported layer_types {bad}")
+        if len(types) != L:
+            raise ValueError(f"{hf['model_type']}: layer_types has {len(types)} entries, num_hidden_layers is {L}")
+        slide = [t == "sliding_attention" for t in types]
+    else:
+        mwl = hf.get("max_window_layers", L)
+        slide = [bool(hf.get("use_sliding_window")) and bool(window) and i >= mwl for i in range(L)]
+    if any(slide) and not window:
+        raise ValueError(f"{hf['model_type']}: sliding layers requested but sliding_window is {window!r}")
+    layer_types = ["sliding_attention" if s else "attention" for s in slide]
+    mixers = {}
+    if not all(slide):
+        mixers["attention"] = dict(attn)
+    if any(slide):
+        mixers["sliding_attention"] = {**attn, "window": int(window)}
+    return {
+        "name": hf["model_type"],
+        "vocab_size": hf["vocab_size"], "d_model": D,
+        "layer_types": layer_types, "ffn_types": ["mlp"] * L,
+        "mixers": mixers,
+        "ffns": {"mlp": {"d_ff": hf["intermediate_size"], "activation": "silu", "gated": True,
+                         "bias": bool(hf.get("mlp_bias", False))}},
+        "norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+
+
+_DECODER_RENAME = (
+    ("model.embed_tokens.", "embed_tokens."),
+    ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
+    ("model.layers.{i}.self_attn.", "layers.{i}.mixer."),
+    ("model.layers.{i}.post_attention_layernorm.", "layers.{i}.ffn_norm."),
+    ("model.layers.{i}.mlp.", "layers.{i}.ffn."),
+    ("model.norm.", "norm_f."),
+    ("lm_head.", "lm_head."),
+)
+_DECODER_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta",
+    "rope_scaling", "attention_bias", "mlp_bias", "sliding_window", "layer_types", "max_window_layers",
+    "use_sliding_window", "partial_rotary_factor",
+})
+
+
+def _decoder_to_hf(model_type: str, qk_norm: bool, qkv_bias: bool | None):
+    def to_hf(cfg) -> dict | None:
+        kinds = {cfg.mixer(i)[0] for i in range(cfg.n_layers)}
+        if not kinds <= {"attention", "sliding_attention"} or set(cfg.ffn_types) != {"mlp"} or len(cfg.ffns) != 1:
+            return None
+        settings = [cfg.mixer(i)[1] for i in range(cfg.n_layers)]
+        a = settings[0]
+        mlp = cfg.ffns[0][2]
+        if any((s.n_heads, s.kv_heads, s.hd, s.rope_theta, s.qk_norm, s.qkv_bias, s.o_bias, s.rope,
+                s.partial_rotary_factor, s.rope_traditional)
+               != (a.n_heads, a.kv_heads, a.hd, a.rope_theta, a.qk_norm, a.qkv_bias, a.o_bias, a.rope,
+                   a.partial_rotary_factor, a.rope_traditional) for s in settings):
+            return None
+        if (a.qk_norm != qk_norm or not a.rope or a.rope_traditional or a.partial_rotary_factor != 1.0
+                or mlp.activation != "silu" or not mlp.gated):
+            return None
+        if qkv_bias is not None and (a.qkv_bias != qkv_bias or a.o_bias):
+            return None
+        if qkv_bias is None and a.qkv_bias != a.o_bias:
+            return None
+        windows = {s.window for s in settings}
+        if model_type == "mistral" and (len(windows) != 1 or 0 in windows):
+            return None
+        if model_type == "llama" and windows != {0}:
+            return None
+        hf = {
+            "model_type": model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": a.n_heads,
+            "num_key_value_heads": a.kv_heads, "head_dim": a.hd, "intermediate_size": mlp.ff,
+            "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+            "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default"},
+            "tie_word_embeddings": cfg.tie_embeddings, "mlp_bias": mlp.bias,
+        }
+        if model_type == "llama":
+            hf["attention_bias"] = a.qkv_bias
+        if model_type == "mistral":
+            hf["sliding_window"] = windows.pop()
+        if model_type in ("qwen2", "qwen3"):
+            slide = [s.window > 0 for s in settings]
+            if len({s.window for s in settings if s.window}) > 1:
+                return None
+            hf["layer_types"] = ["sliding_attention" if s else "full_attention" for s in slide]
+            hf["sliding_window"] = next((s.window for s in settings if s.window), None)
+            hf["use_sliding_window"] = any(slide)
+            if model_type == "qwen3":
+                hf["attention_bias"] = a.qkv_bias
+        return hf
+
+    return to_hf
+
+
+register_converter(Converter(
+    ("llama",), lambda hf: _decoder_config(hf, qk_norm=False, qkv_bias=bool(hf.get("attention_bias")),
+                                           o_bias=bool(hf.get("attention_bias"))),
+    _DECODER_RENAME, _DECODER_FIELDS, _decoder_to_hf("llama", False, None), "LlamaForCausalLM",
+    drop=(r"rotary_emb\.inv_freq$",)))
+register_converter(Converter(
+    ("mistral",), lambda hf: _decoder_config(hf, qk_norm=False, qkv_bias=False, o_bias=False),
+    _DECODER_RENAME, _DECODER_FIELDS, _decoder_to_hf("mistral", False, False), "MistralForCausalLM",
+    drop=(r"rotary_emb\.inv_freq$",)))
+register_converter(Converter(
+    ("qwen2",), lambda hf: _decoder_config(hf, qk_norm=False, qkv_bias=True, o_bias=False),
+    _DECODER_RENAME, _DECODER_FIELDS, _decoder_to_hf("qwen2", False, True), "Qwen2ForCausalLM",
+    drop=(r"rotary_emb\.inv_freq$",)))
+register_converter(Converter(
+    ("qwen3",), lambda hf: _decoder_config(hf, qk_norm=True, qkv_bias=bool(hf.get("attention_bias")),
+                                           o_bias=bool(hf.get("attention_bias"))),
+    _DECODER_RENAME, _DECODER_FIELDS, _decoder_to_hf("qwen3", True, None), "Qwen3ForCausalLM",
+    drop=(r"rotary_emb\.inv_freq$",)))
+
+
+# -- pure SSM stacks ------------------------------------------------------------------------------
+_SSM_RENAME = (
+    ("backbone.embeddings.", "embed_tokens."),
+    ("backbone.layers.{i}.norm.", "layers.{i}.norm."),
+    ("backbone.layers.{i}.mixer.", "layers.{i}.mixer."),
+    ("backbone.norm_f.", "norm_f."),
+    ("lm_head.", "lm_head."),
+)
+
+
+def _expand(hf: dict, inner: int) -> int:
+    D = hf["hidden_size"]
+    if inner % D:
+        raise ValueError(f"{hf['model_type']}: intermediate size {inner} is not a multiple of hidden_size {D}")
+    return inner // D
+
+
+def _mamba_config(hf: dict) -> dict:
+    _unsupported(hf, "hidden_act", lambda v: v == "silu")
+    D = hf["hidden_size"]
+    inner = hf.get("intermediate_size") or hf.get("expand", 2) * D
+    rank = hf.get("time_step_rank", "auto")
+    rank = math.ceil(D / 16) if rank == "auto" else int(rank)
+    L = hf["num_hidden_layers"]
+    return {
+        "name": hf["model_type"], "vocab_size": hf["vocab_size"], "d_model": D,
+        "layer_types": ["mamba1"] * L, "ffn_types": ["none"] * L,
+        "mixers": {"mamba1": {"d_state": hf["state_size"], "d_conv": hf["conv_kernel"],
+                              "expand": _expand(hf, inner), "dt_rank": rank,
+                              "conv_bias": bool(hf.get("use_conv_bias", True)),
+                              "bias": bool(hf.get("use_bias", False))}},
+        "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+    }
+
+
+def _mamba_to_hf(cfg) -> dict | None:
+    if set(cfg.layer_types) != {"mamba1"} or set(cfg.ffn_types) != {"none"} or cfg.mixer(0)[0] != "mamba1":
+        return None
+    m = cfg.mixer(0)[1]
+    return {"model_type": "mamba", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers, "state_size": m.d_state, "conv_kernel": m.d_conv,
+            "expand": m.expand, "intermediate_size": m.d_inner, "time_step_rank": m.rank,
+            "use_conv_bias": m.conv_bias, "use_bias": m.bias, "layer_norm_epsilon": cfg.norm_eps,
+            "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings}
+
+
+register_converter(Converter(
+    ("mamba",), _mamba_config, _SSM_RENAME,
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel", "expand",
+               "intermediate_size", "time_step_rank", "use_conv_bias", "use_bias", "layer_norm_epsilon",
+               "hidden_act"}),
+    _mamba_to_hf, "MambaForCausalLM"))
+
+
+def _mamba2_config(hf: dict) -> dict:
+    _unsupported(hf, "hidden_act", lambda v: v == "silu")
+    limit = hf.get("time_step_limit", (0.0, float("inf")))
+    lo, hi = (_num(v) for v in limit)
+    if lo != 0.0 or hi != float("inf"):
+        raise ValueError(f"mamba2: time_step_limit {limit!r} is not supported (only (0, inf))")
+    D = hf["hidden_size"]
+    expand = hf.get("expand", 2)
+    heads, hd = hf["num_heads"], hf["head_dim"]
+    if heads * hd != expand * D:
+        raise ValueError(f"mamba2: num_heads*head_dim = {heads * hd} must equal expand*hidden_size = {expand * D}")
+    L = hf["num_hidden_layers"]
+    _unsupported(hf, "norm_before_gate", lambda v: v is False)
+    return {
+        "name": "mamba2", "vocab_size": hf["vocab_size"], "d_model": D,
+        "layer_types": ["mamba2"] * L, "ffn_types": ["none"] * L,
+        "mixers": {"mamba2": {"d_state": hf["state_size"], "d_conv": hf["conv_kernel"], "expand": expand,
+                              "head_dim": hd, "n_groups": hf.get("n_groups", 1),
+                              "chunk_size": hf.get("chunk_size", 256),
+                              "conv_bias": bool(hf.get("use_conv_bias", True)),
+                              "bias": bool(hf.get("use_bias", False)),
+                              "norm_eps": hf.get("layer_norm_epsilon", 1e-5)}},
+        "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+
+
+def _num(v) -> float:
+    if isinstance(v, dict) and "__float__" in v:  # transformers' JSON encoding of inf / nan
+        return float(v["__float__"])
+    return float(v)
+
+
+def _mamba2_to_hf(cfg) -> dict | None:
+    if set(cfg.layer_types) != {"mamba2"} or set(cfg.ffn_types) != {"none"} or cfg.mixer(0)[0] != "mamba2":
+        return None
+    m = cfg.mixer(0)[1]
+    if m.norm_eps != cfg.norm_eps or m.norm_before_gate:
+        return None
+    return {"model_type": "mamba2", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers, "state_size": m.d_state, "conv_kernel": m.d_conv,
+            "expand": m.expand, "num_heads": m.n_heads, "head_dim": m.head_dim, "n_groups": m.n_groups,
+            "chunk_size": m.chunk_size, "use_conv_bias": m.conv_bias, "use_bias": m.bias,
+            "layer_norm_epsilon": cfg.norm_eps, "hidden_act": "silu",
+            "tie_word_embeddings": cfg.tie_embeddings, "time_step_limit": [0.0, float("inf")]}
+
+
+register_converter(Converter(
+    ("mamba2",), _mamba2_config, _SSM_RENAME,
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel", "expand",
+               "num_heads", "head_dim", "n_groups", "chunk_size", "use_conv_bias", "use_bias",
+               "layer_norm_epsilon", "hidden_act", "time_step_limit", "time_step_rank", "norm_before_gate"}),
+    _mamba2_to_hf, "Mamba2ForCausalLM"))

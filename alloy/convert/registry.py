@@ -1,0 +1,92 @@
+"""Converters between Hugging Face checkpoints and Alloy trees, one per family.
+
+A converter knows, for its ``model_type``s:
+
+* ``config(hf: dict) -> dict``     an Alloy ``ModelConfig`` dict from an HF config.json;
+* ``rename``                       ``(hf_prefix, alloy_prefix)`` pairs with ``{i}`` for a layer
+                                   index, applied to tensor names in both directions;
+* ``known``                        the HF config fields it understands or knowingly ignores —
+                                   any other field is an error, never silently dropped;
+* ``to_hf(cfg) -> dict``           (optional) the HF config for export, or None when the Alloy
+                                   config is not of this family.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+# Fields every transformers config.json may carry that do not change the math.
+COMMON_FIELDS = frozenset({
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "_name_or_path",
+    "output_attentions", "output_hidden_states", "return_dict", "tie_word_embeddings",
+    "max_position_embeddings", "attention_dropout", "hidden_dropout", "use_return_dict",
+    "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "id2label", "label2id",
+    "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+    "finetuning_task", "add_cross_attention", "tf_legacy_loss", "use_bfloat16", "pruned_heads",
+    "torchscript", "is_decoder", "cross_attention_hidden_size", "output_scores",
+    "return_dict_in_generate", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "typical_p", "temperature", "top_k", "top_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "num_beams", "num_beam_groups", "diversity_penalty",
+    "do_sample", "early_stopping", "max_length", "min_length", "forced_bos_token_id",
+    "forced_eos_token_id", "quantization_config_disabled", "pretraining_tp", "rescale_prenorm_residual",
+    "residual_in_fp32", "time_step_floor", "time_step_min", "time_step_max", "time_step_scale",
+    "time_step_init_scheme", "use_mambapy", "use_associative_scan", "attn_implementation",
+})
+
+
+@dataclass(frozen=True)
+class Converter:
+    model_types: tuple[str, ...]
+    config: Callable[[dict], dict]
+    rename: tuple[tuple[str, str], ...]
+    known: frozenset = field(default_factory=frozenset)
+    to_hf: Callable | None = None
+    architecture: str = ""  # the HF class name written on export
+    drop: tuple[str, ...] = ()  # HF tensor-name regexes that carry no weights for Alloy
+
+
+_CONVERTERS: dict[str, Converter] = {}
+
+
+def register_converter(conv: Converter) -> Converter:
+    for t in conv.model_types:
+        _CONVERTERS[t] = conv
+    return conv
+
+
+def _ensure():
+    from alloy.convert import families  # noqa: F401  (imports register the families)
+
+
+def get_converter(model_type: str) -> Converter:
+    _ensure()
+    try:
+        return _CONVERTERS[model_type]
+    except KeyError:
+        raise ValueError(f"no converter for Hugging Face model_type {model_type!r}; "
+                         f"supported: {sorted(_CONVERTERS)}") from None
+
+
+def converters() -> list[Converter]:
+    _ensure()
+    return list(dict.fromkeys(_CONVERTERS.values()))
+
+
+def _pattern(prefix: str) -> re.Pattern:
+    return re.compile("^" + re.escape(prefix).replace(r"\{i\}", r"(?P<i>\d+)"))
+
+
+def rename_key(key: str, rules, reverse: bool = False) -> str | None:
+    """Map one tensor name through ``rules`` (longest matching prefix wins); None if none match."""
+    best = None
+    for hf, al in rules:
+        src, dst = (al, hf) if reverse else (hf, al)
+        m = _pattern(src).match(key)
+        if m and (best is None or len(m.group(0)) > best[0]):
+            best = (len(m.group(0)), dst.replace("{i}", m.group("i")) if "i" in m.groupdict() else dst)
+    if best is None:
+        return None
+    return best[1] + key[best[0]:]
