@@ -276,3 +276,97 @@ register_converter(Converter(
                "num_heads", "head_dim", "n_groups", "chunk_size", "use_conv_bias", "use_bias",
                "layer_norm_epsilon", "hidden_act", "time_step_limit", "time_step_rank", "norm_before_gate"}),
     _mamba2_to_hf, "Mamba2ForCausalLM"))
+
+
+# -- Mamba-2 + attention hybrids ------------------------------------------------------------------
+def _bamba_config(hf: dict) -> dict:
+    _unsupported(hf, "hidden_act", lambda v: v == "silu")
+    limit = hf.get("time_step_limit", (0.0, float("inf")))
+    if tuple(_num(v) for v in limit) != (0.0, float("inf")):
+        raise ValueError(f"bamba: time_step_limit {limit!r} is not supported (only (0, inf))")
+    if hf.get("mamba_n_groups", 1) != 1:
+        # Bamba normalises the gated output over the full width, not per group.
+        raise ValueError(f"bamba: mamba_n_groups={hf['mamba_n_groups']} is not supported (only 1)")
+    D, L = hf["hidden_size"], hf["num_hidden_layers"]
+    heads = hf["num_attention_heads"]
+    expand = hf.get("mamba_expand", 2)
+    if hf["mamba_n_heads"] * hf["mamba_d_head"] != expand * D:
+        raise ValueError(f"bamba: mamba_n_heads*mamba_d_head must equal mamba_expand*hidden_size")
+    attn_idx = set(hf.get("attn_layer_indices") or [])
+    bad = sorted(i for i in attn_idx if not 0 <= i < L)
+    if bad:
+        raise ValueError(f"bamba: attn_layer_indices {bad} out of range for {L} layers")
+    rp = hf.get("rope_parameters") or {}
+    eps = hf.get("rms_norm_eps", 1e-5)
+    return {
+        "name": "bamba", "vocab_size": hf["vocab_size"], "d_model": D,
+        "layer_types": ["attention" if i in attn_idx else "mamba2" for i in range(L)],
+        "ffn_types": ["mlp"] * L,
+        "mixers": {
+            **({"mamba2": {"d_state": hf["mamba_d_state"], "d_conv": hf.get("mamba_d_conv", 4),
+                           "expand": expand, "head_dim": hf["mamba_d_head"], "n_groups": 1,
+                           "chunk_size": hf.get("mamba_chunk_size", 256),
+                           "conv_bias": bool(hf.get("mamba_conv_bias", True)),
+                           "bias": bool(hf.get("mamba_proj_bias", False)), "norm_eps": eps}}
+               if len(attn_idx) < L else {}),
+            **({"attention": {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+                              "head_dim": hf.get("head_dim") or D // heads, "rope_theta": _rope_theta(hf),
+                              "partial_rotary_factor": float(rp.get("partial_rotary_factor",
+                                                                    hf.get("partial_rotary_factor", 1.0))),
+                              "qkv_bias": bool(hf.get("attention_bias")), "o_bias": bool(hf.get("attention_bias")),
+                              "norm_eps": eps}} if attn_idx else {}),
+        },
+        "ffns": {"mlp": {"d_ff": hf["intermediate_size"], "activation": "silu",
+                         "bias": bool(hf.get("mlp_bias", False))}},
+        "norm_eps": eps, "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+
+
+def _bamba_to_hf(cfg) -> dict | None:
+    kinds = [cfg.mixer(i)[0] for i in range(cfg.n_layers)]
+    if set(kinds) - {"mamba2", "attention"} or "mamba2" not in kinds or set(cfg.ffn_types) != {"mlp"}:
+        return None
+    if len(cfg.mixers) > 2 or len(cfg.ffns) != 1:
+        return None
+    m = next(s for n, k, s in cfg.mixers if k == "mamba2")
+    a = next((s for n, k, s in cfg.mixers if k == "attention"), None)
+    mlp = cfg.ffns[0][2]
+    if (m.n_groups != 1 or m.norm_eps != cfg.norm_eps or m.norm_before_gate or mlp.activation != "silu"
+            or not mlp.gated):
+        return None
+    if a is not None and (a.qk_norm or a.qkv_bias != a.o_bias or not a.rope or a.rope_traditional
+                          or a.norm_eps != cfg.norm_eps):
+        return None
+    hf = {"model_type": "bamba", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "num_hidden_layers": cfg.n_layers, "intermediate_size": mlp.ff, "hidden_act": "silu",
+          "mlp_bias": mlp.bias, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+          "attn_layer_indices": [i for i, k in enumerate(kinds) if k == "attention"],
+          "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand,
+          "mamba_n_heads": m.n_heads, "mamba_d_head": m.head_dim, "mamba_n_groups": 1,
+          "mamba_chunk_size": m.chunk_size, "mamba_conv_bias": m.conv_bias, "mamba_proj_bias": m.bias,
+          "time_step_limit": [0.0, float("inf")]}
+    if a is not None:
+        hf.update({"num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.hd,
+                   "attention_bias": a.qkv_bias,
+                   "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default",
+                                       "partial_rotary_factor": a.partial_rotary_factor}})
+    return hf
+
+
+register_converter(Converter(
+    ("bamba",), _bamba_config,
+    (("model.embed_tokens.", "embed_tokens."),
+     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
+     ("model.layers.{i}.mamba.", "layers.{i}.mixer.", ("mamba2",)),
+     ("model.layers.{i}.self_attn.", "layers.{i}.mixer.", ("attention",)),
+     ("model.layers.{i}.pre_ff_layernorm.", "layers.{i}.ffn_norm."),
+     ("model.layers.{i}.feed_forward.", "layers.{i}.ffn."),
+     ("model.final_layernorm.", "norm_f."),
+     ("lm_head.", "lm_head.")),
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta",
+               "rope_scaling", "partial_rotary_factor", "attention_bias", "mlp_bias", "attn_layer_indices",
+               "mamba_chunk_size", "mamba_conv_bias", "mamba_d_conv", "mamba_d_head", "mamba_d_state",
+               "mamba_expand", "mamba_n_groups", "mamba_n_heads", "mamba_proj_bias", "time_step_limit",
+               "num_logits_to_keep", "z_loss_coefficient"}),
+    lambda cfg: _bamba_to_hf(cfg), "BambaForCausalLM", drop=(r"rotary_emb\.inv_freq$",)))

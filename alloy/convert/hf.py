@@ -76,7 +76,7 @@ def load_hf(path_or_id, strict: bool = True):
             continue
         if model.config.tie_embeddings and k == "lm_head.weight":
             continue  # tied head stored anyway by some exporters
-        ak = rename_key(k, conv.rename)
+        ak = rename_key(k, conv.rename, kind_of=lambda i: model.config.mixer(i)[0] if i < model.config.n_layers else None)
         if ak is None:
             unmapped.append(k)
         else:
@@ -112,7 +112,7 @@ def save_hf(path, model: Model, params) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     flat = {}
     for k, v in flatten(params).items():
-        hk = rename_key(k, conv.rename, reverse=True)
+        hk = rename_key(k, conv.rename, reverse=True, kind_of=lambda i: cfg.mixer(i)[0])
         if hk is None:
             raise ValueError(f"save(format='hf'): no Hugging Face name for tensor {k}")
         flat[hk] = v

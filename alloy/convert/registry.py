@@ -79,12 +79,21 @@ def _pattern(prefix: str) -> re.Pattern:
     return re.compile("^" + re.escape(prefix).replace(r"\{i\}", r"(?P<i>\d+)"))
 
 
-def rename_key(key: str, rules, reverse: bool = False) -> str | None:
-    """Map one tensor name through ``rules`` (longest matching prefix wins); None if none match."""
+def rename_key(key: str, rules, reverse: bool = False, kind_of=None) -> str | None:
+    """Map one tensor name through ``rules`` (longest matching prefix wins); None if none match.
+
+    A rule is ``(hf_prefix, alloy_prefix)`` or ``(hf_prefix, alloy_prefix, mixer_kinds)``; the
+    third form applies only to layers whose mixer kind (``kind_of(i)``) is listed, which is what
+    makes the Alloy -> HF direction unambiguous when several HF modules map to ``mixer``.
+    """
     best = None
-    for hf, al in rules:
+    for rule in rules:
+        hf, al = rule[0], rule[1]
         src, dst = (al, hf) if reverse else (hf, al)
         m = _pattern(src).match(key)
+        if m and len(rule) > 2 and kind_of is not None and "i" in m.groupdict():
+            if kind_of(int(m.group("i"))) not in rule[2]:
+                continue
         if m and (best is None or len(m.group(0)) > best[0]):
             best = (len(m.group(0)), dst.replace("{i}", m.group("i")) if "i" in m.groupdict() else dst)
     if best is None:

@@ -30,6 +30,8 @@ def _configs():
         "qwen3": T.Qwen3Config(**dec, head_dim=16, tie_word_embeddings=True),
         "mamba": T.MambaConfig(**small, state_size=8),
         "mamba2": T.Mamba2Config(**small, num_heads=4, head_dim=16, state_size=8, n_groups=2, chunk_size=4),
+        "bamba": T.BambaConfig(**{**dec, "num_hidden_layers": 3}, attn_layer_indices=[1], mamba_n_heads=4,
+                               mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4),
     }
 
 
