@@ -70,6 +70,8 @@ def load_hf(path_or_id, strict: bool = True):
     model = build(cfg)
     template = model.init(mx.random.key(0))  # lazy: shapes only
     flat_hf = load_safetensors(path)
+    if conv.load_hook is not None:
+        flat_hf = conv.load_hook(flat_hf, hf)
     flat, unmapped = {}, []
     for k, v in flat_hf.items():
         if any(re.search(d, k) for d in conv.drop):
@@ -116,6 +118,8 @@ def save_hf(path, model: Model, params) -> Path:
         if hk is None:
             raise ValueError(f"save(format='hf'): no Hugging Face name for tensor {k}")
         flat[hk] = v
+    if conv.save_hook is not None:
+        flat = conv.save_hook(flat, cfg)
     save_safetensors(path / "model.safetensors", flat, metadata={"format": "pt"})
     save_json(path / "config.json", _json_safe(hf))
     return path

@@ -46,6 +46,9 @@ class Converter:
     to_hf: Callable | None = None
     architecture: str = ""  # the HF class name written on export
     drop: tuple[str, ...] = ()  # HF tensor-name regexes that carry no weights for Alloy
+    # tensor surgery beyond renaming (stack experts, split fused projections, norm offsets):
+    load_hook: Callable | None = None  # (flat_hf, hf_config) -> flat_hf, before renaming
+    save_hook: Callable | None = None  # (flat_hf, alloy_config) -> flat_hf, after renaming back
 
 
 _CONVERTERS: dict[str, Converter] = {}
@@ -58,7 +61,7 @@ def register_converter(conv: Converter) -> Converter:
 
 
 def _ensure():
-    from alloy.convert import families  # noqa: F401  (imports register the families)
+    from alloy.convert import families, hybrids  # noqa: F401  (imports register the families)
 
 
 def get_converter(model_type: str) -> Converter:
@@ -99,3 +102,56 @@ def rename_key(key: str, rules, reverse: bool = False, kind_of=None) -> str | No
     if best is None:
         return None
     return best[1] + key[best[0]:]
+
+
+# -- tensor surgery shared by families ----------------------------------------------------------
+_EXPERT = re.compile(r"^(?P<pre>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
+
+
+def stack_experts(flat: dict) -> dict:
+    """``...experts.{e}.{proj}.weight`` (per expert) -> ``...experts.{proj}.weight`` (E, out, in)."""
+    import mlx.core as mx
+
+    groups: dict[tuple[str, str], dict[int, object]] = {}
+    out = {}
+    for k, v in flat.items():
+        m = _EXPERT.match(k)
+        if m:
+            groups.setdefault((m["pre"], m["proj"]), {})[int(m["e"])] = v
+        else:
+            out[k] = v
+    for (pre, proj), by_e in groups.items():
+        n = len(by_e)
+        if sorted(by_e) != list(range(n)):
+            raise ValueError(f"{pre}.*.{proj}: experts {sorted(by_e)} are not 0..{n - 1}")
+        out[f"{pre}.{proj}.weight"] = mx.stack([by_e[e] for e in range(n)])
+    return out
+
+
+def unstack_experts(flat: dict) -> dict:
+    """Inverse of ``stack_experts`` for every 3-D ``...experts.{proj}.weight``."""
+    out = {}
+    for k, v in flat.items():
+        m = re.match(r"^(?P<pre>.*\.experts)\.(?P<proj>\w+)\.weight$", k)
+        if m and v.ndim == 3:
+            for e in range(v.shape[0]):
+                out[f"{m['pre']}.{e}.{m['proj']}.weight"] = v[e]
+        else:
+            out[k] = v
+    return out
+
+
+def split_fused_experts(flat: dict) -> dict:
+    """``experts.gate_up_proj`` (E, 2F, D) -> ``experts.gate_proj.weight`` + ``experts.up_proj.weight``;
+    ``experts.down_proj`` (E, D, F) -> ``experts.down_proj.weight`` (the fused Hub storage)."""
+    out = {}
+    for k, v in flat.items():
+        if k.endswith(".experts.gate_up_proj"):
+            pre = k[: -len("gate_up_proj")]
+            F = v.shape[1] // 2
+            out[pre + "gate_proj.weight"], out[pre + "up_proj.weight"] = v[:, :F], v[:, F:]
+        elif k.endswith(".experts.down_proj") and v.ndim == 3:
+            out[k + ".weight"] = v
+        else:
+            out[k] = v
+    return out

@@ -30,6 +30,11 @@ def _configs():
         "qwen3": T.Qwen3Config(**dec, head_dim=16, tie_word_embeddings=True),
         "mamba": T.MambaConfig(**small, state_size=8),
         "mamba2": T.Mamba2Config(**small, num_heads=4, head_dim=16, state_size=8, n_groups=2, chunk_size=4),
+        "qwen3_next": T.Qwen3NextConfig(**{**dec, "num_hidden_layers": 3}, head_dim=8, linear_num_key_heads=2,
+                                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                        shared_expert_intermediate_size=24, mlp_only_layers=[1],
+                                        layer_types=["linear_attention"] * 3),
         "bamba": T.BambaConfig(**{**dec, "num_hidden_layers": 3}, attn_layer_indices=[1], mamba_n_heads=4,
                                mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4),
     }
@@ -53,7 +58,7 @@ def fixture(request, tmp_path_factory):
 
 def _hf_logits(hf, ids):
     with torch.no_grad():
-        return hf(torch.tensor(ids)).logits.float().numpy()
+        return hf(torch.tensor(ids), use_cache=False).logits.float().numpy()
 
 
 def test_logits_match_transformers(fixture):
@@ -68,9 +73,10 @@ def test_cached_greedy_ids_match_transformers_generate(fixture):
     name, hf, path = fixture
     prompt = np.random.default_rng(2).integers(0, V, (1, 6))
     n = 8
-    with torch.no_grad():
-        want = hf.generate(torch.tensor(prompt), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                           pad_token_id=0, eos_token_id=None)[0, 6:].tolist()
+    seq = prompt.copy()  # the reference: greedy by full uncached forwards in transformers
+    for _ in range(n):
+        seq = np.concatenate([seq, _hf_logits(hf, seq)[:, -1].argmax(-1)[:, None]], axis=1)
+    want = seq[0, 6:].tolist()
     model, params = load_hf(path)
     state = model.init_state(1, 6 + n)
     logits, state = model.apply(params, mx.array(prompt), state)

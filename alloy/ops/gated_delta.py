@@ -1,0 +1,146 @@
+"""Gated delta rule (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks").
+
+Per head, with a (K, V) state S, unit-norm keys and a query scale of K^-1/2:
+
+    S_t = exp(g_t) S_{t-1}                                  1. gated decay (g_t <= 0)
+    u_t = beta_t (v_t - S_t^T k_t)                          2. delta: correct what S predicts for k_t
+    S_t = S_t + k_t u_t^T                                   3. rank-one write
+    o_t = S_t^T q_t                                          4. read
+
+Shapes: q, k (B, T, Hk, K); v (B, T, H, V) with Hk | H (each q/k head serves H/Hk consecutive
+value heads); g, beta (B, T, H); state (B, H, K, V) float32. ``l2norm`` normalises q and k
+(eps 1e-6, the FLA convention) before the rule; q is then scaled by K^-1/2.
+
+The chunked form (WY / UT transform) processes C tokens at a time: inside a chunk the writes
+form a unit-lower-triangular system (I + L) solved by log2(C) products (I + N)(I + N^2)(I + N^4)...;
+across chunks the state follows an affine map S' = M S + N composed by a log-depth associative scan,
+so no Python loop runs over time or chunks.
+"""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+
+def _prepare(q, k, v, g, beta, l2norm: bool):
+    B, T, Hk, K = q.shape
+    H = v.shape[2]
+    if k.shape != q.shape:
+        raise ValueError(f"gated_delta: k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)}")
+    if v.shape[:2] != (B, T) or H % Hk:
+        raise ValueError(f"gated_delta: v shape {tuple(v.shape)} needs (B, T) = {(B, T)} and heads divisible by {Hk}")
+    for name, a in (("g", g), ("beta", beta)):
+        if a.shape != (B, T, H):
+            raise ValueError(f"gated_delta: {name} shape {tuple(a.shape)}, expected {(B, T, H)}")
+    f32 = mx.float32
+    q, k, v, g, beta = (a.astype(f32) for a in (q, k, v, g, beta))
+    if l2norm:
+        q = q * mx.rsqrt((q * q).sum(-1, keepdims=True) + 1e-6)
+        k = k * mx.rsqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+    if H != Hk:
+        q = mx.repeat(q, H // Hk, axis=2)
+        k = mx.repeat(k, H // Hk, axis=2)
+    return q * (K ** -0.5), k, v, g, beta
+
+
+def gated_delta_ref(q, k, v, g, beta, initial_state=None, l2norm: bool = True):
+    """Sequential reference. Returns (o (B, T, H, V) in v.dtype, final state (B, H, K, V) fp32)."""
+    dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, l2norm)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    S = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
+    outs = []
+    for t in range(T):
+        S = S * mx.exp(g[:, t])[..., None, None]                               # 1.
+        pred = (S * k[:, t, :, :, None]).sum(-2)                               # S^T k   (B, H, V)
+        u = beta[:, t, :, None] * (v[:, t] - pred)                              # 2.
+        S = S + k[:, t, :, :, None] * u[:, :, None, :]                          # 3.
+        outs.append((S * q[:, t, :, :, None]).sum(-2))                          # 4.
+    return mx.stack(outs, axis=1).astype(dtype), S
+
+
+def gated_delta_step(q, k, v, g, beta, state, l2norm: bool = True):
+    """One token: q, k (B, Hk, K); v (B, H, V); g, beta (B, H) -> (o (B, H, V), new state)."""
+    o, S = gated_delta_ref(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], state, l2norm)
+    return o[:, 0], S
+
+
+def _unit_lower_inverse(Lm):
+    """(I + Lm)^-1 for strictly lower-triangular Lm (..., C, C): prod_j (I + N^(2^j)), N = -Lm."""
+    C = Lm.shape[-1]
+    eye = mx.eye(C, dtype=Lm.dtype)
+    N = -Lm
+    inv = eye + N
+    P = N
+    for _ in range(max(0, math.ceil(math.log2(C)) - 1)):
+        P = P @ P
+        inv = inv @ (eye + P)
+    return inv
+
+
+def gated_delta_chunked(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk_size: int = 64):
+    """Chunked (WY/UT) gated delta rule; same contract as ``gated_delta_ref``."""
+    if chunk_size < 1:
+        raise ValueError(f"gated_delta_chunked: chunk_size must be >= 1, got {chunk_size}")
+    dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, l2norm)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    pad = (-T) % C
+    if pad:  # padded tokens: no decay (g = 0) and no write (beta = 0), so the final state is exact
+        zpad = lambda a: mx.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+        q, k, v, g, beta = (zpad(a) for a in (q, k, v, g, beta))
+    n = (T + pad) // C
+    # (B, H, n, C, ...) layout
+    r = lambda a: a.reshape(B, n, C, H, *a.shape[3:]).transpose(0, 3, 1, 2, *range(4, a.ndim + 1))  # noqa: E731
+    q, k, v = r(q), r(k), r(v)
+    g, beta = r(g), r(beta)
+    cum = mx.cumsum(g, axis=-1)                                        # log decay from chunk start, (B,H,n,C)
+    diff = cum[..., :, None] - cum[..., None, :]
+    causal = mx.tril(mx.ones((C, C), dtype=mx.bool_))
+    decay = mx.where(causal, mx.exp(mx.where(causal, diff, 0.0)), 0.0)   # exp(cum_i - cum_j), j <= i
+    kb = k * beta[..., None]
+    # intra-chunk UT system: (I + L) W = beta * [v | k exp(cum)],  L = strict_lower(beta k k^T * decay)
+    Lm = mx.where(mx.tril(mx.ones((C, C), dtype=mx.bool_), -1), (kb @ k.swapaxes(-1, -2)) * decay, 0.0)
+    inv = _unit_lower_inverse(Lm)
+    u = inv @ (v * beta[..., None])                                    # new values, (B,H,n,C,V)
+    w = inv @ (kb * mx.exp(cum)[..., None])                            # decayed keys reading S, (B,H,n,C,K)
+    attn = mx.where(causal, (q @ k.swapaxes(-1, -2)) * decay, 0.0)     # intra-chunk q.k with decay
+    q_dec = q * mx.exp(cum)[..., None]
+    last = cum[..., -1:]                                               # (B,H,n,1)
+    k_dec = k * mx.exp(last - cum)[..., None]                          # keys decayed to the chunk end
+    # state map per chunk: S' = exp(last) S + k_dec^T (u - w S) = M S + Nc
+    eyeK = mx.eye(K, dtype=mx.float32)
+    M = mx.exp(last)[..., None] * eyeK - k_dec.swapaxes(-1, -2) @ w    # (B,H,n,K,K)
+    Nc = k_dec.swapaxes(-1, -2) @ u                                    # (B,H,n,K,V)
+    S0 = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
+    # inclusive scan of affine maps (M, N) over chunks, log depth: (M2, N2) o (M1, N1) = (M2 M1, M2 N1 + N2)
+    s = 1
+    while s < n:
+        Mp = mx.concatenate([mx.broadcast_to(eyeK, (B, H, s, K, K)), M[:, :, :-s]], axis=2)
+        Np = mx.concatenate([mx.zeros((B, H, s, K, V)), Nc[:, :, :-s]], axis=2)
+        Nc = M @ Np + Nc
+        M = M @ Mp
+        s *= 2
+    after = M @ S0[:, :, None] + Nc                                    # state after each chunk
+    before = mx.concatenate([S0[:, :, None], after[:, :, :-1]], axis=2)  # state entering each chunk
+    o = q_dec @ before + attn @ (u - w @ before)                       # (B,H,n,C,V)
+    o = o.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
+    return o.astype(dtype), after[:, :, -1]
+
+
+def gated_delta(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk_size: int = 64,
+                impl: str = "auto"):
+    """Public gated delta rule. "auto": the recurrent step for T == 1, else the chunked form."""
+    if impl == "ref":
+        return gated_delta_ref(q, k, v, g, beta, initial_state, l2norm)
+    if impl == "chunked":
+        return gated_delta_chunked(q, k, v, g, beta, initial_state, l2norm, chunk_size)
+    if impl != "auto":
+        raise ValueError(f"gated_delta: impl must be 'auto', 'ref' or 'chunked', got {impl!r}")
+    if q.shape[1] == 1:
+        return gated_delta_ref(q, k, v, g, beta, initial_state, l2norm)
+    return gated_delta_chunked(q, k, v, g, beta, initial_state, l2norm, min(chunk_size, max(8, q.shape[1])))
