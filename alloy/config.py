@@ -25,7 +25,8 @@ from alloy.layers.registry import LayerSettings, get_layer, make_settings
 
 DTYPES = ("float32", "bfloat16", "float16")
 _TOP_FIELDS = ("vocab_size", "d_model", "layer_types", "ffn_types", "mixers", "ffns", "norm_eps",
-               "tie_embeddings", "init_std", "dtype", "name")
+               "tie_embeddings", "init_std", "dtype", "name", "embedding_multiplier", "residual_multiplier",
+               "logits_scaling")
 
 
 def _resolve(role: str, names: tuple[str, ...], given: Any, d_model: int) -> tuple:
@@ -39,7 +40,7 @@ def _resolve(role: str, names: tuple[str, ...], given: Any, d_model: int) -> tup
         raise ValueError(f"{role}s: {extra} defined but not used in {role if role == 'ffn' else 'layer'}_types")
     out = []
     for name in dict.fromkeys(names):
-        if role == "ffn" and name == "none":
+        if name == "none":
             continue
         entry = given.get(name, {})
         if isinstance(entry, LayerSettings):
@@ -79,6 +80,10 @@ class ModelConfig:
     init_std: float = 0.02  # embedding / untied head init (GPT-2 scale); layers init their own weights
     dtype: str = "float32"  # parameter / activation dtype; A_log, D, dt_bias and SSM states stay fp32
     name: str = "alloy"
+    # scalar multipliers (Granite / Falcon-H1 style; 1.0 = off):
+    embedding_multiplier: float = 1.0  # h0 = embed(tokens) * m
+    residual_multiplier: float = 1.0  # h = h + m * block(h)
+    logits_scaling: float = 1.0  # logits = head(h) / s
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -106,6 +111,13 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.norm_eps must be in (0, 1), got {self.norm_eps!r}")
         if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:
             raise ValueError(f"ModelConfig.init_std must be positive, got {self.init_std!r}")
+        for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"ModelConfig.{k} must be a positive number, got {v!r}")
+            set_(k, float(v))
+        if all(t == "none" for t in lt) and all(f == "none" for f in ft):
+            raise ValueError("ModelConfig: every layer has layer_types 'none' and ffn_types 'none'")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         set_("mixers", _resolve("mixer", self.layer_types, self.mixers, self.d_model))
@@ -117,12 +129,24 @@ class ModelConfig:
         return len(self.layer_types)
 
     def mixer(self, i: int):
-        """(kind, settings) of the mixer at depth i."""
+        """(kind, settings) of the mixer at depth i, or None for "none" (an FFN-only layer)."""
         name = self.layer_types[i]
+        if name == "none":
+            return None
         for n, kind, s in self.mixers:
             if n == name:
                 return kind, s
         raise KeyError(name)
+
+    def mixer_kind(self, i: int) -> str:
+        """The mixer kind at depth i, "none" for an FFN-only layer."""
+        m = self.mixer(i)
+        return "none" if m is None else m[0]
+
+    def ffn_kind(self, i: int) -> str:
+        """The FFN kind at depth i, "none" for a mixer-only layer."""
+        f = self.ffn(i)
+        return "none" if f is None else f[0]
 
     def ffn(self, i: int):
         """(kind, settings) of the FFN at depth i, or None for "none"."""
@@ -153,6 +177,9 @@ class ModelConfig:
             "tie_embeddings": self.tie_embeddings,
             "init_std": self.init_std,
             "dtype": self.dtype,
+            "embedding_multiplier": self.embedding_multiplier,
+            "residual_multiplier": self.residual_multiplier,
+            "logits_scaling": self.logits_scaling,
         }
 
     def to_json(self) -> str:

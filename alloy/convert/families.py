@@ -99,7 +99,7 @@ _DECODER_FIELDS = frozenset({
 
 def _decoder_to_hf(model_type: str, qk_norm: bool, qkv_bias: bool | None):
     def to_hf(cfg) -> dict | None:
-        kinds = {cfg.mixer(i)[0] for i in range(cfg.n_layers)}
+        kinds = {cfg.mixer_kind(i) for i in range(cfg.n_layers)}
         if not kinds <= {"attention", "sliding_attention"} or set(cfg.ffn_types) != {"mlp"} or len(cfg.ffns) != 1:
             return None
         settings = [cfg.mixer(i)[1] for i in range(cfg.n_layers)]
@@ -205,7 +205,7 @@ def _mamba_config(hf: dict) -> dict:
 
 
 def _mamba_to_hf(cfg) -> dict | None:
-    if set(cfg.layer_types) != {"mamba1"} or set(cfg.ffn_types) != {"none"} or cfg.mixer(0)[0] != "mamba1":
+    if set(cfg.layer_types) != {"mamba1"} or set(cfg.ffn_types) != {"none"} or cfg.mixer_kind(0) != "mamba1":
         return None
     m = cfg.mixer(0)[1]
     return {"model_type": "mamba", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
@@ -257,7 +257,7 @@ def _num(v) -> float:
 
 
 def _mamba2_to_hf(cfg) -> dict | None:
-    if set(cfg.layer_types) != {"mamba2"} or set(cfg.ffn_types) != {"none"} or cfg.mixer(0)[0] != "mamba2":
+    if set(cfg.layer_types) != {"mamba2"} or set(cfg.ffn_types) != {"none"} or cfg.mixer_kind(0) != "mamba2":
         return None
     m = cfg.mixer(0)[1]
     if m.norm_eps != cfg.norm_eps or m.norm_before_gate:
@@ -323,7 +323,7 @@ def _bamba_config(hf: dict) -> dict:
 
 
 def _bamba_to_hf(cfg) -> dict | None:
-    kinds = [cfg.mixer(i)[0] for i in range(cfg.n_layers)]
+    kinds = [cfg.mixer_kind(i) for i in range(cfg.n_layers)]
     if set(kinds) - {"mamba2", "attention"} or "mamba2" not in kinds or set(cfg.ffn_types) != {"mlp"}:
         return None
     if len(cfg.mixers) > 2 or len(cfg.ffns) != 1:
@@ -370,3 +370,89 @@ register_converter(Converter(
                "mamba_expand", "mamba_n_groups", "mamba_n_heads", "mamba_proj_bias", "time_step_limit",
                "num_logits_to_keep", "z_loss_coefficient"}),
     lambda cfg: _bamba_to_hf(cfg), "BambaForCausalLM", drop=(r"rotary_emb\.inv_freq$",)))
+
+
+# -- LFM2: gated short convolutions + attention ---------------------------------------------------
+def _lfm2_ff(hf: dict) -> int:
+    ff = hf["intermediate_size"]
+    if hf.get("block_auto_adjust_ff_dim", True):
+        ff = int(2 * ff / 3)
+        mult = hf.get("block_ffn_dim_multiplier")
+        if mult is not None:
+            ff = int(mult * ff)
+            m = hf.get("block_multiple_of", 256)
+            ff = m * ((ff + m - 1) // m)
+    return ff
+
+
+def _lfm2_config(hf: dict) -> dict:
+    L, D = hf["num_hidden_layers"], hf["hidden_size"]
+    types = hf.get("layer_types")
+    if types is None:
+        idx = set(hf.get("full_attn_idxs") or [])
+        types = ["full_attention" if i in idx else "conv" for i in range(L)]
+    if len(types) != L:
+        raise ValueError(f"lfm2: layer_types has {len(types)} entries, num_hidden_layers is {L}")
+    bad = sorted(set(types) - {"conv", "full_attention"})
+    if bad:
+        raise ValueError(f"lfm2: unsupported layer_types {bad}")
+    heads = hf["num_attention_heads"]
+    eps = hf.get("norm_eps", 1e-5)
+    mixers = {}
+    if "conv" in types:
+        mixers["short_conv"] = {"kernel": hf.get("conv_L_cache", 3), "bias": bool(hf.get("conv_bias", False))}
+    if "full_attention" in types:
+        mixers["attention"] = {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+                               "head_dim": hf.get("head_dim") or D // heads, "rope_theta": _rope_theta(hf),
+                               "qk_norm": True, "norm_eps": eps}
+    return {"name": "lfm2", "vocab_size": hf["vocab_size"], "d_model": D,
+            "layer_types": ["attention" if t == "full_attention" else "short_conv" for t in types],
+            "ffn_types": ["mlp"] * L, "mixers": mixers, "ffns": {"mlp": {"d_ff": _lfm2_ff(hf)}},
+            "norm_eps": eps, "tie_embeddings": bool(hf.get("tie_word_embeddings", True))}
+
+
+def _lfm2_to_hf(cfg) -> dict | None:
+    kinds = [cfg.mixer_kind(i) for i in range(cfg.n_layers)]
+    if set(kinds) - {"short_conv", "attention"} or "short_conv" not in kinds or set(cfg.ffn_types) != {"mlp"}:
+        return None
+    if len(cfg.mixers) > 2 or len(cfg.ffns) != 1:
+        return None
+    sc = next(s for _, k, s in cfg.mixers if k == "short_conv")
+    a = next((s for _, k, s in cfg.mixers if k == "attention"), None)
+    mlp = cfg.ffns[0][2]
+    if mlp.activation != "silu" or not mlp.gated or mlp.bias:
+        return None
+    if a is not None and (not a.qk_norm or a.qkv_bias or a.o_bias or a.norm_eps != cfg.norm_eps
+                          or a.partial_rotary_factor != 1.0 or not a.rope or a.rope_traditional):
+        return None
+    hf = {"model_type": "lfm2", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "num_hidden_layers": cfg.n_layers, "intermediate_size": mlp.ff, "block_auto_adjust_ff_dim": False,
+          "norm_eps": cfg.norm_eps, "conv_L_cache": sc.kernel, "conv_bias": sc.bias,
+          "layer_types": ["full_attention" if k == "attention" else "conv" for k in kinds],
+          "tie_word_embeddings": cfg.tie_embeddings}
+    if a is not None:
+        hf.update({"num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.hd,
+                   "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default"}})
+    return hf
+
+
+register_converter(Converter(
+    ("lfm2",), _lfm2_config,
+    (("model.embed_tokens.", "embed_tokens."),
+     ("model.layers.{i}.operator_norm.", "layers.{i}.norm."),
+     ("model.layers.{i}.conv.", "layers.{i}.mixer.", ("short_conv",)),
+     ("model.layers.{i}.self_attn.", "layers.{i}.mixer.", ("attention",)),
+     ("model.layers.{i}.self_attn.out_proj.", "layers.{i}.mixer.o_proj.", ("attention",)),
+     ("model.layers.{i}.self_attn.q_layernorm.", "layers.{i}.mixer.q_norm.", ("attention",)),
+     ("model.layers.{i}.self_attn.k_layernorm.", "layers.{i}.mixer.k_norm.", ("attention",)),
+     ("model.layers.{i}.ffn_norm.", "layers.{i}.ffn_norm."),
+     ("model.layers.{i}.feed_forward.w1.", "layers.{i}.ffn.gate_proj."),
+     ("model.layers.{i}.feed_forward.w3.", "layers.{i}.ffn.up_proj."),
+     ("model.layers.{i}.feed_forward.w2.", "layers.{i}.ffn.down_proj."),
+     ("model.embedding_norm.", "norm_f."),
+     ("lm_head.", "lm_head.")),
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "intermediate_size", "norm_eps", "rope_parameters", "rope_theta", "rope_scaling",
+               "layer_types", "full_attn_idxs", "conv_L_cache", "conv_bias", "block_auto_adjust_ff_dim",
+               "block_ffn_dim_multiplier", "block_multiple_of"}),
+    _lfm2_to_hf, "Lfm2ForCausalLM", drop=(r"rotary_emb\.inv_freq$",)))

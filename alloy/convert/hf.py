@@ -60,7 +60,10 @@ def hf_to_alloy_config(hf: dict):
     if unknown:
         raise ValueError(f"{hf['model_type']}: config field(s) {unknown} are not understood by the converter; "
                          "refusing to guess their meaning")
-    return conv, conv.config(hf)
+    try:
+        return conv, conv.config(hf)
+    except KeyError as e:
+        raise ValueError(f"{hf['model_type']}: config.json is missing the required field {e.args[0]!r}") from None
 
 
 def load_hf(path_or_id, strict: bool = True):
@@ -78,7 +81,7 @@ def load_hf(path_or_id, strict: bool = True):
             continue
         if model.config.tie_embeddings and k == "lm_head.weight":
             continue  # tied head stored anyway by some exporters
-        ak = rename_key(k, conv.rename, kind_of=lambda i: model.config.mixer(i)[0] if i < model.config.n_layers else None)
+        ak = rename_key(k, conv.rename, kind_of=lambda i: _kind(model.config, i))
         if ak is None:
             unmapped.append(k)
         else:
@@ -89,6 +92,11 @@ def load_hf(path_or_id, strict: bool = True):
     dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[model.config.dtype]
     params = _cast_like_template(params, template, dtype)
     return model, params
+
+
+def _kind(cfg, i: int) -> str | None:
+    """Mixer kind at depth i ("none" for FFN-only layers; None past the last layer)."""
+    return cfg.mixer_kind(i) if i < cfg.n_layers else None
 
 
 def _cast_like_template(params, template, dtype):
@@ -114,7 +122,7 @@ def save_hf(path, model: Model, params) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     flat = {}
     for k, v in flatten(params).items():
-        hk = rename_key(k, conv.rename, reverse=True, kind_of=lambda i: cfg.mixer(i)[0])
+        hk = rename_key(k, conv.rename, reverse=True, kind_of=lambda i: _kind(cfg, i))
         if hk is None:
             raise ValueError(f"save(format='hf'): no Hugging Face name for tensor {k}")
         flat[hk] = v

@@ -107,7 +107,7 @@ def _qwen3_next_config(hf: dict) -> dict:
 
 
 def _qwen3_next_to_hf(cfg) -> dict | None:
-    kinds = {cfg.mixer(i)[0] for i in range(cfg.n_layers)}
+    kinds = {cfg.mixer_kind(i) for i in range(cfg.n_layers)}
     if kinds != {"gated_deltanet"} or len(cfg.mixers) != 1:
         return None
     g = cfg.mixers[0][2]
@@ -158,3 +158,228 @@ register_converter(Converter(
                "router_aux_loss_coef", "output_router_logits"}),
     _qwen3_next_to_hf, "Qwen3NextForCausalLM", drop=(r"rotary_emb\.inv_freq$",),
     load_hook=_qwen3_next_load, save_hook=_qwen3_next_save))
+
+
+# -- Jamba: Mamba-1 (dt/B/C RMSNorm) + attention (no positions) + MoE ---------------------------
+def _jamba_kinds(hf: dict, L: int):
+    ap, ao = hf.get("attn_layer_period", 8), hf.get("attn_layer_offset", 4)
+    ep, eo = hf.get("expert_layer_period", 2), hf.get("expert_layer_offset", 1)
+    mixers = ["attention" if i % ap == ao else "mamba1" for i in range(L)]
+    ffns = ["moe" if hf.get("num_experts", 1) > 1 and i % ep == eo else "mlp" for i in range(L)]
+    return mixers, ffns
+
+
+def _jamba_config(hf: dict) -> dict:
+    _unsupported(hf, "hidden_act", lambda v: v == "silu")
+    _unsupported(hf, "sliding_window", lambda v: v is None)
+    L, D = hf["num_hidden_layers"], hf["hidden_size"]
+    heads = hf["num_attention_heads"]
+    eps = hf.get("rms_norm_eps", 1e-6)
+    kinds, ffn_kinds = _jamba_kinds(hf, L)
+    rank = hf.get("mamba_dt_rank", "auto")
+    mixers = {}
+    if "mamba1" in kinds:
+        mixers["mamba1"] = {"d_state": hf.get("mamba_d_state", 16), "d_conv": hf.get("mamba_d_conv", 4),
+                            "expand": hf.get("mamba_expand", 2),
+                            "dt_rank": -(-D // 16) if rank == "auto" else int(rank),
+                            "conv_bias": bool(hf.get("mamba_conv_bias", True)),
+                            "bias": bool(hf.get("mamba_proj_bias", False)), "dt_bc_norm": True,
+                            "dt_bc_norm_eps": eps}
+    if "attention" in kinds:
+        mixers["attention"] = {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+                               "head_dim": D // heads, "rope": False}
+    ffns = {}
+    if "moe" in ffn_kinds:
+        ffns["moe"] = {"n_experts": hf["num_experts"], "top_k": hf.get("num_experts_per_tok", 2),
+                       "d_ff": hf["intermediate_size"], "norm_topk_prob": False}
+    if "mlp" in ffn_kinds:
+        ffns["mlp"] = {"d_ff": hf["intermediate_size"]}
+    return {"name": "jamba", "vocab_size": hf["vocab_size"], "d_model": D, "layer_types": kinds,
+            "ffn_types": ffn_kinds, "mixers": mixers, "ffns": ffns, "norm_eps": eps,
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
+
+
+def _jamba_to_hf(cfg) -> dict | None:
+    kinds = [cfg.mixer_kind(i) for i in range(cfg.n_layers)]
+    ffn_kinds = [cfg.ffn_kind(i) for i in range(cfg.n_layers)]
+    if set(kinds) - {"mamba1", "attention"} or "mamba1" not in kinds or set(ffn_kinds) - {"moe", "mlp"}:
+        return None
+    m = next(s for _, k, s in cfg.mixers if k == "mamba1")
+    if not m.dt_bc_norm or m.dt_bc_norm_eps != cfg.norm_eps or len(cfg.mixers) > 2 or len(cfg.ffns) > 2:
+        return None
+    a = next((s for _, k, s in cfg.mixers if k == "attention"), None)
+    if a is not None and (a.rope or a.qk_norm or a.qkv_bias or a.o_bias or a.hd * a.n_heads != cfg.d_model):
+        return None
+    moe = next((s for _, k, s in cfg.ffns if k == "moe"), None)
+    mlp = next((s for _, k, s in cfg.ffns if k == "mlp"), None)
+    ff = {s.ff for s in (moe, mlp) if s is not None}
+    if len(ff) != 1 or (moe and (moe.norm_topk_prob or moe.shared_d_ff or moe.scoring != "softmax"
+                                 or moe.router_bias or moe.routed_scaling_factor != 1.0)):
+        return None
+    # Jamba describes its layout by (period, offset); find ones that reproduce it.
+    def period(flags):
+        for p in range(1, cfg.n_layers + 1):
+            for o in range(p):
+                if [i % p == o for i in range(cfg.n_layers)] == flags:
+                    return p, o
+        return None
+    ap = period([k == "attention" for k in kinds]) if "attention" in kinds else (cfg.n_layers + 1, cfg.n_layers)
+    ep = period([k == "moe" for k in ffn_kinds]) if "moe" in ffn_kinds else (cfg.n_layers + 1, cfg.n_layers)
+    if ap is None or ep is None:
+        return None
+    hf = {"model_type": "jamba", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "num_hidden_layers": cfg.n_layers, "intermediate_size": ff.pop(), "hidden_act": "silu",
+          "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+          "attn_layer_period": ap[0], "attn_layer_offset": ap[1], "expert_layer_period": ep[0],
+          "expert_layer_offset": ep[1], "num_experts": moe.n_experts if moe else 1,
+          "num_experts_per_tok": moe.top_k if moe else 1, "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv,
+          "mamba_expand": m.expand, "mamba_dt_rank": m.rank, "mamba_conv_bias": m.conv_bias,
+          "mamba_proj_bias": m.bias, "num_attention_heads": a.n_heads if a else 1,
+          "num_key_value_heads": a.kv_heads if a else 1}
+    return hf
+
+
+register_converter(Converter(
+    ("jamba",), _jamba_config,
+    (("model.embed_tokens.", "embed_tokens."),
+     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
+     ("model.layers.{i}.mamba.", "layers.{i}.mixer.", ("mamba1",)),
+     ("model.layers.{i}.self_attn.", "layers.{i}.mixer.", ("attention",)),
+     ("model.layers.{i}.pre_ff_layernorm.", "layers.{i}.ffn_norm."),
+     ("model.layers.{i}.feed_forward.", "layers.{i}.ffn."),
+     ("model.final_layernorm.", "norm_f."),
+     ("lm_head.", "lm_head.")),
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "hidden_act", "rms_norm_eps", "attn_layer_period", "attn_layer_offset",
+               "expert_layer_period", "expert_layer_offset", "num_experts", "num_experts_per_tok",
+               "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_conv_bias",
+               "mamba_proj_bias", "use_mamba_kernels", "router_aux_loss_coef", "output_router_logits",
+               "sliding_window", "num_logits_to_keep"}),
+    _jamba_to_hf, "JambaForCausalLM",
+    load_hook=lambda flat, hf: stack_experts(flat), save_hook=lambda flat, cfg: unstack_experts(flat)))
+
+
+# -- Nemotron-H: Mamba-2, attention (no positions), relu^2 MLP and MoE as separate layers ----------
+_NEMOTRON_KINDS = {"linear_attention": ("mamba2", "none"), "full_attention": ("attention", "none"),
+                   "mlp": ("none", "mlp"), "moe": ("none", "moe")}
+
+
+def _nemotron_h_config(hf: dict) -> dict:
+    D = hf["hidden_size"]
+    types = hf.get("layers_block_type")
+    if types is None:
+        pat = hf.get("hybrid_override_pattern", "")
+        types = [{"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}.get(c, c) for c in pat]
+    L = hf.get("num_hidden_layers") or len(types)
+    if len(types) != L:
+        raise ValueError(f"nemotron_h: {len(types)} layer types for num_hidden_layers {L}")
+    bad = sorted(set(types) - set(_NEMOTRON_KINDS))
+    if bad:
+        raise ValueError(f"nemotron_h: unsupported layer types {bad}")
+    _unsupported(hf, "mamba_hidden_act", lambda v: v == "silu")
+    _unsupported(hf, "sliding_window", lambda v: v is None)
+    limit = hf.get("time_step_limit", (0.0, float("inf")))
+    from alloy.convert.families import _num
+    if tuple(_num(v) for v in limit) != (0.0, float("inf")):
+        raise ValueError(f"nemotron_h: time_step_limit {limit!r} is not supported (only (0, inf))")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    act = hf.get("mlp_hidden_act", "relu2")
+    mixers, ffns = {}, {}
+    if "linear_attention" in types:
+        expand = hf.get("expand", 2)
+        heads, hd = hf["mamba_num_heads"], hf["mamba_head_dim"]
+        if heads * hd != expand * D:
+            raise ValueError(f"nemotron_h: mamba_num_heads*mamba_head_dim = {heads * hd} must equal expand*hidden_size = {expand * D}")
+        mixers["mamba2"] = {"d_state": hf["ssm_state_size"], "d_conv": hf.get("conv_kernel", 4), "expand": expand,
+                            "head_dim": hd, "n_groups": hf.get("n_groups", 1), "chunk_size": hf.get("chunk_size", 256),
+                            "conv_bias": bool(hf.get("use_conv_bias", True)), "bias": bool(hf.get("use_bias", False)),
+                            "norm_eps": eps}
+    if "full_attention" in types:
+        heads = hf["num_attention_heads"]
+        mixers["attention"] = {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+                               "head_dim": hf.get("head_dim") or D // heads, "rope": False,
+                               "qkv_bias": bool(hf.get("attention_bias")), "o_bias": bool(hf.get("attention_bias"))}
+    if "mlp" in types:
+        ffns["mlp"] = {"d_ff": hf["intermediate_size"], "activation": act, "gated": False,
+                       "bias": bool(hf.get("mlp_bias", False))}
+    if "moe" in types:
+        if hf.get("n_group", 1) != 1 or hf.get("moe_latent_size") is not None:
+            raise ValueError("nemotron_h: group-limited routing (n_group > 1) and moe_latent_size are not supported")
+        if bool(hf.get("mlp_bias", False)):
+            raise ValueError("nemotron_h: mlp_bias with MoE layers is not supported")
+        ffns["moe"] = {"n_experts": hf["n_routed_experts"], "top_k": hf["num_experts_per_tok"],
+                       "d_ff": hf["moe_intermediate_size"], "activation": act, "gated": False, "scoring": "sigmoid",
+                       "norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
+                       "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)), "router_bias": True,
+                       "shared_d_ff": hf.get("moe_shared_expert_intermediate_size", 0) if hf.get("n_shared_experts", 1) else 0}
+    return {"name": "nemotron_h", "vocab_size": hf["vocab_size"], "d_model": D,
+            "layer_types": [_NEMOTRON_KINDS[t][0] for t in types],
+            "ffn_types": [_NEMOTRON_KINDS[t][1] for t in types], "mixers": mixers, "ffns": ffns, "norm_eps": eps,
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
+
+
+def _nemotron_h_to_hf(cfg) -> dict | None:
+    inv = {v: k for k, v in _NEMOTRON_KINDS.items()}
+    pairs = [(cfg.mixer_kind(i), cfg.ffn_kind(i)) for i in range(cfg.n_layers)]
+    if any(p not in inv for p in pairs) or not any(p[1] != "none" for p in pairs):
+        return None
+    if len(cfg.mixers) > 2 or len(cfg.ffns) > 2:
+        return None
+    hf = {"model_type": "nemotron_h", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "num_hidden_layers": cfg.n_layers, "layers_block_type": [inv[p] for p in pairs],
+          "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings}
+    for _, kind, s in cfg.mixers:
+        if kind == "mamba2":
+            if s.norm_eps != cfg.norm_eps or s.norm_before_gate:
+                return None
+            hf.update({"ssm_state_size": s.d_state, "conv_kernel": s.d_conv, "expand": s.expand,
+                       "mamba_num_heads": s.n_heads, "mamba_head_dim": s.head_dim, "n_groups": s.n_groups,
+                       "chunk_size": s.chunk_size, "use_conv_bias": s.conv_bias, "use_bias": s.bias})
+        else:
+            if s.rope or s.qk_norm or s.qkv_bias != s.o_bias:
+                return None
+            hf.update({"num_attention_heads": s.n_heads, "num_key_value_heads": s.kv_heads, "head_dim": s.hd,
+                       "attention_bias": s.qkv_bias})
+    acts = set()
+    for _, kind, s in cfg.ffns:
+        if s.gated:
+            return None
+        acts.add(s.activation)
+        if kind == "mlp":
+            hf.update({"intermediate_size": s.ff, "mlp_bias": s.bias})
+        else:
+            if s.scoring != "sigmoid" or not s.router_bias or s.shared_gate:
+                return None
+            hf.update({"n_routed_experts": s.n_experts, "num_experts_per_tok": s.top_k,
+                       "moe_intermediate_size": s.ff, "norm_topk_prob": s.norm_topk_prob,
+                       "routed_scaling_factor": s.routed_scaling_factor, "n_group": 1, "topk_group": 1,
+                       "moe_shared_expert_intermediate_size": s.shared_d_ff, "n_shared_experts": int(bool(s.shared_d_ff))})
+    if len(acts) > 1:
+        return None
+    hf["mlp_hidden_act"] = acts.pop() if acts else "relu2"
+    return hf
+
+
+register_converter(Converter(
+    ("nemotron_h",), _nemotron_h_config,
+    tuple((hf.replace("model.", prefix, 1), *rest) for prefix in ("backbone.", "model.") for hf, *rest in (
+        ("model.embeddings.", "embed_tokens."),
+        ("model.layers.{i}.norm.", "layers.{i}.norm.", ("mamba2", "attention")),
+        ("model.layers.{i}.norm.", "layers.{i}.ffn_norm.", ("none",)),
+        ("model.layers.{i}.mixer.", "layers.{i}.mixer.", ("mamba2", "attention")),
+        ("model.layers.{i}.mixer.", "layers.{i}.ffn.", ("none",)),
+        ("model.layers.{i}.mixer.gate.e_score_correction_bias", "layers.{i}.ffn.router.bias", ("none",)),
+        ("model.layers.{i}.mixer.gate.", "layers.{i}.ffn.router.", ("none",)),
+        ("model.layers.{i}.mixer.shared_experts.", "layers.{i}.ffn.shared_expert.", ("none",)),
+        ("model.norm_f.", "norm_f."))) + (("lm_head.", "lm_head."),),
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "intermediate_size", "layer_norm_epsilon", "layers_block_type", "hybrid_override_pattern",
+               "mamba_head_dim", "mamba_hidden_act", "mamba_num_heads", "mamba_proj_bias", "mamba_ssm_cache_dtype",
+               "mlp_bias", "mlp_hidden_act", "ssm_state_size", "n_groups", "chunk_size", "conv_kernel", "expand",
+               "use_bias", "use_conv_bias", "use_mamba_kernels", "time_step_limit", "attention_bias", "sliding_window",
+               "moe_intermediate_size", "moe_latent_size", "moe_shared_expert_intermediate_size",
+               "moe_shared_expert_overlap", "mtp_layers_block_type", "n_group", "n_routed_experts", "n_shared_experts",
+               "norm_topk_prob", "num_experts_per_tok", "num_nextn_predict_layers", "output_router_logits",
+               "routed_scaling_factor", "topk_group", "num_logits_to_keep"}),
+    _nemotron_h_to_hf, "NemotronHForCausalLM",
+    load_hook=lambda flat, hf: stack_experts(flat), save_hook=lambda flat, cfg: unstack_experts(flat)))

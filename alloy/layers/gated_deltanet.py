@@ -7,7 +7,9 @@
 
 Parameters follow the Hugging Face Qwen3.5 names (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a,
 conv1d, dt_bias, A_log, norm, out_proj). State: conv (B, d_conv-1, 2*Hk*K + H*V) and
-ssm (B, H, K, V) float32.
+ssm (B, H, K, V) float32. An optional state entry ``valid`` (B,) int32 marks the first valid[b]
+tokens of this call as real: padded tokens get g = 0 and beta = 0 (no decay, no write) and the
+conv tail is taken at each row's true end.
 """
 from __future__ import annotations
 
@@ -93,6 +95,11 @@ def apply(params, x, state, cfg: GatedDeltaNetSettings):
     beta = mx.sigmoid(dense(params["in_proj_b"], x).astype(mx.float32))
     a = dense(params["in_proj_a"], x).astype(mx.float32)
     g = -mx.exp(params["A_log"].astype(mx.float32)) * nn.softplus(a + params["dt_bias"].astype(mx.float32))
+    valid = None if state is None else state.get("valid")
+    if valid is not None:
+        live = live_mask(valid, T)[..., None]
+        g, beta = mx.where(live, g, 0.0), mx.where(live, beta, 0.0)
+        conv_state = conv_tail(state["conv"], qkv_in, valid)
     if valid is not None:  # padded tokens: no decay (g = 0), no write (beta = 0), conv tail at the end
         live = live_mask(valid, T)[..., None]
         g, beta = mx.where(live, g, 0.0), mx.where(live, beta, 0.0)

@@ -8,7 +8,9 @@
     out = out_proj(y * silu(z))
 
 Parameters follow the Hugging Face ``MambaMixer`` names. State: conv (B, d_conv-1, d_inner) and
-ssm (B, d_inner, d_state) float32.
+ssm (B, d_inner, d_state) float32. An optional state entry ``valid`` (B,) int32 marks the first
+valid[b] tokens of this call as real: padded tokens get dt = 0 (the SSM state passes through) and
+the conv tail is taken at each row's true end.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from alloy.layers.common import dense
+from alloy.layers.common import conv_tail, dense, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
 from alloy.ops.conv import causal_conv1d
+from alloy.ops.norm import rms_norm
 from alloy.ops.selective_scan import selective_scan
 from alloy.params import init as I
 
@@ -36,6 +39,9 @@ class Mamba1Settings(LayerSettings):
     bias: bool = False
     dt_min: float = 1e-3
     dt_max: float = 0.1
+    # Jamba: RMSNorm (with weights dt_layernorm / b_layernorm / c_layernorm) on dt, B and C
+    dt_bc_norm: bool = False
+    dt_bc_norm_eps: float = 1e-6
 
     @property
     def d_inner(self) -> int:
@@ -67,6 +73,8 @@ def init(key, cfg: Mamba1Settings) -> dict:
         "A_log": mx.log(mx.broadcast_to(mx.arange(1, n + 1, dtype=mx.float32), (cfg.d_inner, n))),
         "D": mx.ones((cfg.d_inner,)),
         "out_proj": I.linear(k[5], cfg.d_inner, cfg.d_model, bias=cfg.bias),
+        **({"dt_layernorm": {"weight": mx.ones((r,))}, "b_layernorm": {"weight": mx.ones((n,))},
+            "c_layernorm": {"weight": mx.ones((n,))}} if cfg.dt_bc_norm else {}),
     }
 
 
@@ -82,10 +90,20 @@ def init_state(cfg: Mamba1Settings, batch: int, max_len: int, dtype=mx.float32) 
 def apply(params, x, state, cfg: Mamba1Settings):
     xz = dense(params["in_proj"], x)
     xs, z = mx.split(xz, 2, axis=-1)
+    valid = None if state is None else state.get("valid")
+    xs_in = xs
     xs, conv_state = causal_conv1d(xs, params["conv1d"]["weight"], params["conv1d"].get("bias"),
                                    None if state is None else state["conv"], activation="silu")
     dt_r, Bm, Cm = mx.split(dense(params["x_proj"], xs), [cfg.rank, cfg.rank + cfg.d_state], axis=-1)
+    if cfg.dt_bc_norm:
+        eps = cfg.dt_bc_norm_eps
+        dt_r = rms_norm(dt_r, params["dt_layernorm"]["weight"], eps)
+        Bm = rms_norm(Bm, params["b_layernorm"]["weight"], eps)
+        Cm = rms_norm(Cm, params["c_layernorm"]["weight"], eps)
     dt = nn.softplus(dense(params["dt_proj"], dt_r).astype(mx.float32))
+    if valid is not None:
+        dt = mx.where(live_mask(valid, x.shape[1])[..., None], dt, 0.0)
+        conv_state = conv_tail(state["conv"], xs_in, valid)
     A = -mx.exp(params["A_log"].astype(mx.float32))
     y, ssm_state = selective_scan(xs, dt, A, Bm, Cm, params["D"], z,
                                   None if state is None else state["ssm"], chunk_size=cfg.chunk_size)

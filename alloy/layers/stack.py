@@ -7,6 +7,11 @@
 Mixers and FFNs come from the registry by the kinds named in the config; the stack never names a
 kind. Params: {"embed_tokens", "layers": [{"norm", "mixer", "ffn_norm"?, "ffn"?}], "norm_f",
 "lm_head"?}. State: {"pos": (B,) int32, "layers": [{"mixer": ...}]}.
+
+Right-padded batches: a state may carry ``valid`` (B,) int32, the number of real tokens of this
+call per row. The stack hands it to every stateful mixer (as ``state["valid"]``, which mixers honour:
+no KV write, dt = 0, conv tail at the row's end), advances ``pos`` by ``valid`` instead of T and
+returns it unchanged in the new state. Logits at padded positions are meaningless.
 """
 from __future__ import annotations
 
@@ -15,19 +20,20 @@ import math
 import mlx.core as mx
 
 from alloy.config import ModelConfig
-from alloy.layers.common import dtype_of
+from alloy.layers.common import dense, dtype_of, embed
 from alloy.layers.registry import get_ffn, get_mixer
 from alloy.ops.norm import rms_norm
 from alloy.params import init as I
 
 
 def resolve(cfg: ModelConfig):
-    """[(mixer_spec, mixer_settings, ffn_spec | None, ffn_settings | None)] per depth."""
+    """[(mixer_spec | None, mixer_settings, ffn_spec | None, ffn_settings | None)] per depth
+    (None where the config says "none")."""
     out = []
     for i in range(cfg.n_layers):
-        mk, ms = cfg.mixer(i)
-        f = cfg.ffn(i)
-        out.append((get_mixer(mk), ms, None if f is None else get_ffn(f[0]), None if f is None else f[1]))
+        m, f = cfg.mixer(i), cfg.ffn(i)
+        out.append((None if m is None else get_mixer(m[0]), None if m is None else m[1],
+                    None if f is None else get_ffn(f[0]), None if f is None else f[1]))
     return out
 
 
@@ -38,7 +44,10 @@ def init(key, cfg: ModelConfig) -> dict:
     params = {"embed_tokens": {"weight": I.normal(keys[0], (cfg.vocab_size, D), cfg.init_std)}}
     layers = []
     for i, (mspec, ms, fspec, fs) in enumerate(blocks):
-        lp = {"norm": {"weight": mx.ones((D,))}, "mixer": mspec.init(keys[2 + 2 * i], ms)}
+        lp = {}
+        if mspec is not None:
+            lp["norm"] = {"weight": mx.ones((D,))}
+            lp["mixer"] = mspec.init(keys[2 + 2 * i], ms)
         if fspec is not None:
             lp["ffn_norm"] = {"weight": mx.ones((D,))}
             lp["ffn"] = fspec.init(keys[3 + 2 * i], fs)
@@ -56,35 +65,65 @@ def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     if not isinstance(max_len, int) or max_len <= 0:
         raise ValueError(f"init_state: max_len must be a positive int, got {max_len!r}")
     dtype = dtype_of(cfg.dtype) if dtype is None else dtype
-    layers = [{"mixer": mspec.init_state(ms, batch, max_len, dtype)} for mspec, ms, _, _ in resolve(cfg)]
+    layers = [{"mixer": {} if mspec is None else mspec.init_state(ms, batch, max_len, dtype)}
+              for mspec, ms, _, _ in resolve(cfg)]
     return {"pos": mx.zeros((batch,), dtype=mx.int32), "layers": layers}
 
 
-def make_apply(cfg: ModelConfig):
-    """apply(params, tokens, state=None) -> (logits, state), with the layer lookups done once."""
+def make_apply(cfg: ModelConfig, remat: bool = False):
+    """apply(params, tokens, state=None) -> (logits, state), with the layer lookups done once.
+
+    ``remat=True`` wraps each block of a stateless forward (``state=None``, the training path) in
+    ``mx.checkpoint``: its activations are recomputed in the backward pass instead of stored.
+    Values and gradients are unchanged; stateful calls ignore it.
+    """
     blocks = resolve(cfg)
     eps = cfg.norm_eps
+    res = cfg.residual_multiplier
+
+    def block(i, lp, h, s_in):
+        """One pre-norm residual block: h + r * mixer(norm(h)), then h + r * ffn(norm(h))."""
+        mspec, ms, fspec, fs = blocks[i]
+        s_out = {}
+        if mspec is not None:
+            y, s_out = mspec.apply(lp["mixer"], rms_norm(h, lp["norm"]["weight"], eps), s_in, ms)
+            h = h + (y if res == 1.0 else y * res)
+        if fspec is not None:
+            y, _ = fspec.apply(lp["ffn"], rms_norm(h, lp["ffn_norm"]["weight"], eps), None, fs)
+            h = h + (y if res == 1.0 else y * res)
+        return h, s_out
+
+    remat_blocks = [mx.checkpoint(lambda lp, h, i=i: block(i, lp, h, None)[0]) for i in range(len(blocks))] \
+        if remat else None
 
     def apply(params, tokens, state=None):
         if tokens.ndim != 2:
             raise ValueError(f"apply: tokens must be (batch, time) int, got shape {tuple(tokens.shape)}")
         T = tokens.shape[1]
-        h = params["embed_tokens"]["weight"][tokens]
+        h = embed(params["embed_tokens"], tokens, cfg.d_model)
+        if cfg.embedding_multiplier != 1.0:
+            h = h * cfg.embedding_multiplier
+        valid = None if state is None else state.get("valid")  # (B,) real tokens per row, or None
         new_layers = []
-        for i, (mspec, ms, fspec, fs) in enumerate(blocks):
+        for i in range(len(blocks)):
             lp = params["layers"][i]
+            if remat_blocks is not None and state is None:
+                h = remat_blocks[i](lp, h)
+                new_layers.append({"mixer": None})
+                continue
             s_in = None if state is None else state["layers"][i]["mixer"]
-            y, s_out = mspec.apply(lp["mixer"], rms_norm(h, lp["norm"]["weight"], eps), s_in, ms)
-            h = h + y
-            if fspec is not None:
-                y, _ = fspec.apply(lp["ffn"], rms_norm(h, lp["ffn_norm"]["weight"], eps), None, fs)
-                h = h + y
+            if valid is not None and s_in:
+                s_in = {**s_in, "valid": valid}
+            h, s_out = block(i, lp, h, s_in)
             new_layers.append({"mixer": s_out})
         h = rms_norm(h, params["norm_f"]["weight"], eps)
-        head = params["embed_tokens" if cfg.tie_embeddings else "lm_head"]["weight"]
-        logits = h @ head.T
+        logits = dense(params["embed_tokens" if cfg.tie_embeddings else "lm_head"], h)
+        if cfg.logits_scaling != 1.0:
+            logits = logits / cfg.logits_scaling
         if state is None:
             return logits, None
-        return logits, {"pos": state["pos"] + T, "layers": new_layers}
+        if valid is None:
+            return logits, {"pos": state["pos"] + T, "layers": new_layers}
+        return logits, {"pos": state["pos"] + valid, "layers": new_layers, "valid": valid}
 
     return apply

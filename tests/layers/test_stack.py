@@ -15,14 +15,16 @@ from alloy.layers import registered
 EVERY_MIXER_CFG = {
     "vocab_size": 97,
     "d_model": 64,
-    "layer_types": ["mamba2", "attention", "mamba1", "sliding_attention", "gated_deltanet", "mamba2", "attention"],
-    "ffn_types": ["mlp", "none", "moe", "mlp", "moe", "none", "mlp"],
+    "layer_types": ["mamba2", "attention", "mamba1", "sliding_attention", "gated_deltanet", "short_conv", "mamba2",
+                    "attention"],
+    "ffn_types": ["mlp", "none", "moe", "mlp", "moe", "mlp", "none", "mlp"],
     "mixers": {
         "mamba2": {"d_state": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 8},
         "mamba1": {"d_state": 8, "chunk_size": 4},
         "attention": {"n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "partial_rotary_factor": 0.5},
         "sliding_attention": {"n_heads": 4, "n_kv_heads": 1, "window": 5},
         "gated_deltanet": {"n_k_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "head_v_dim": 8, "chunk_size": 4},
+        "short_conv": {"kernel": 3},
     },
     "ffns": {"mlp": {"d_ff": 96}, "moe": {"n_experts": 4, "top_k": 2, "d_ff": 32, "shared_d_ff": 48, "shared_gate": True}},
     "tie_embeddings": False,
@@ -178,3 +180,32 @@ def test_outside_mixer_registers_and_runs_in_a_stack():
     b, state = model.apply(params, tokens[:, 4:], state)
     np.testing.assert_allclose(np.array(mx.concatenate([a, b], 1)), np.array(full), rtol=1e-4, atol=1e-4)
     assert model.config.mixer(0) == ("test_ema", EmaSettings(d_model=32, decay=0.8))
+
+
+def test_ffn_only_layers_and_scalar_multipliers_follow_the_block_equations():
+    from alloy.layers import mamba2, mlp
+    from alloy.ops.norm import rms_norm
+
+    cfg = {"vocab_size": 40, "d_model": 32, "layer_types": ["mamba2", "none"], "ffn_types": ["none", "mlp"],
+           "mixers": {"mamba2": {"head_dim": 16, "d_state": 8, "chunk_size": 4}}, "ffns": {"mlp": {"d_ff": 48}},
+           "embedding_multiplier": 3.0, "residual_multiplier": 0.5, "logits_scaling": 4.0}
+    model = alloy.build(cfg)
+    params = model.init(mx.random.key(0))
+    assert set(params["layers"][1]) == {"ffn_norm", "ffn"} and set(params["layers"][0]) == {"norm", "mixer"}
+    tokens = _tokens(2, 7) % 40
+    got, _ = model.apply(params, tokens)
+    # by hand
+    c = model.config
+    h = params["embed_tokens"]["weight"][tokens] * 3.0
+    y, _ = mamba2.apply(params["layers"][0]["mixer"], rms_norm(h, params["layers"][0]["norm"]["weight"], c.norm_eps),
+                        None, c.mixer(0)[1])
+    h = h + 0.5 * y
+    y, _ = mlp.apply(params["layers"][1]["ffn"], rms_norm(h, params["layers"][1]["ffn_norm"]["weight"], c.norm_eps),
+                     None, c.ffn(1)[1])
+    h = h + 0.5 * y
+    want = rms_norm(h, params["norm_f"]["weight"], c.norm_eps) @ params["embed_tokens"]["weight"].T / 4.0
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    state = model.init_state(2, 8)
+    a, state = model.apply(params, tokens[:, :3], state)
+    b, state = model.apply(params, tokens[:, 3:], state)
+    np.testing.assert_allclose(np.array(mx.concatenate([a, b], 1)), np.array(got), rtol=1e-4, atol=1e-4)
