@@ -108,7 +108,8 @@ def _cast_like_template(params, template, dtype):
 def save_hf(path, model: Model, params) -> Path:
     """Write the Hugging Face layout for a model of a supported family."""
     cfg = model.config
-    for conv in converters():
+    # the family the model was loaded from (its config name) first, then any that fits
+    for conv in sorted(converters(), key=lambda c: cfg.name not in c.model_types):
         if conv.to_hf is None:
             continue
         hf = conv.to_hf(cfg)

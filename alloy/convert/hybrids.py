@@ -10,7 +10,7 @@ from alloy.convert.registry import Converter, register_converter, stack_experts,
 
 # -- Qwen3-Next -----------------------------------------------------------------------------------
 # Zero-centred RMSNorms: HF stores w and multiplies by (1 + w); Alloy stores (1 + w).
-_OFFSET_NORMS = re.compile(r"(^model\.norm|\.input_layernorm|\.post_attention_layernorm|\.q_norm|\.k_norm)\.weight$")
+_OFFSET_NORMS = re.compile(r"(^model\.(language_model\.)?norm|\.input_layernorm|\.post_attention_layernorm|\.q_norm|\.k_norm)\.weight$")
 
 
 def _shift_norms(flat: dict, delta: float) -> dict:
@@ -21,6 +21,15 @@ def _shift_norms(flat: dict, delta: float) -> dict:
 def _gdn_dims(hf: dict):
     nk, nv = hf["linear_num_key_heads"], hf["linear_num_value_heads"]
     return nk, nv, hf["linear_key_head_dim"], hf["linear_value_head_dim"], nv // nk
+
+
+def _qwen_rope(hf: dict) -> float:
+    """Qwen3.5 describes M-RoPE sections for images and video; for text all three position streams
+    are the same token index, which makes M-RoPE exactly RoPE — so those keys are accepted here."""
+    rp = dict(hf.get("rope_parameters") or {})
+    for k in ("mrope_section", "mrope_interleaved"):
+        rp.pop(k, None)
+    return _rope_theta({**hf, "rope_parameters": rp})
 
 
 def _qwen3_next_load(flat: dict, hf: dict) -> dict:
@@ -75,9 +84,6 @@ def _qwen3_next_config(hf: dict) -> dict:
     bad = sorted(set(types) - {"linear_attention", "full_attention"})
     if bad:
         raise ValueError(f"qwen3_next: unsupported layer_types {bad}")
-    if "full_attention" in types:
-        raise ValueError("qwen3_next: full_attention layers need the gated attention mixer, "
-                         "which this build does not have yet")
     nk, nv, hk, hv, _ = _gdn_dims(hf)
     if nv % nk:
         raise ValueError(f"qwen3_next: linear_num_key_heads {nk} must divide linear_num_value_heads {nv}")
@@ -95,23 +101,39 @@ def _qwen3_next_config(hf: dict) -> dict:
                        "shared_gate": bool(hf.get("shared_expert_intermediate_size"))}
     if len(sparse) < L:
         ffns["mlp"] = {"d_ff": hf["intermediate_size"]}
-    _rope_theta(hf)  # validates rope settings even when no attention layer uses them
+    theta = _qwen_rope(hf)  # validates rope settings even when no attention layer uses them
+    mixers = {}
+    if "linear_attention" in types:
+        mixers["gated_deltanet"] = {"n_k_heads": nk, "n_v_heads": nv, "head_k_dim": hk, "head_v_dim": hv,
+                                    "d_conv": hf.get("linear_conv_kernel_dim", 4), "norm_eps": eps}
+    if "full_attention" in types:
+        heads = hf["num_attention_heads"]
+        rp = hf.get("rope_parameters") or {}
+        mixers["attention"] = {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+                               "head_dim": hf.get("head_dim") or D // heads, "rope_theta": theta,
+                               "partial_rotary_factor": float(rp.get("partial_rotary_factor",
+                                                                     hf.get("partial_rotary_factor", 1.0))),
+                               "qkv_bias": bool(hf.get("attention_bias")), "o_bias": bool(hf.get("attention_bias")),
+                               "qk_norm": True, "output_gate": True, "norm_eps": eps}
     return {
-        "name": "qwen3_next", "vocab_size": hf["vocab_size"], "d_model": D,
-        "layer_types": ["gated_deltanet" for _ in types],
+        "name": hf["model_type"], "vocab_size": hf["vocab_size"], "d_model": D,
+        "layer_types": ["gated_deltanet" if t == "linear_attention" else "attention" for t in types],
         "ffn_types": ["moe" if i in sparse else "mlp" for i in range(L)],
-        "mixers": {"gated_deltanet": {"n_k_heads": nk, "n_v_heads": nv, "head_k_dim": hk, "head_v_dim": hv,
-                                      "d_conv": hf.get("linear_conv_kernel_dim", 4), "norm_eps": eps}},
+        "mixers": mixers,
         "ffns": ffns, "norm_eps": eps, "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
     }
 
 
 def _qwen3_next_to_hf(cfg) -> dict | None:
-    kinds = {cfg.mixer_kind(i) for i in range(cfg.n_layers)}
-    if kinds != {"gated_deltanet"} or len(cfg.mixers) != 1:
+    kinds = [cfg.mixer_kind(i) for i in range(cfg.n_layers)]
+    if set(kinds) - {"gated_deltanet", "attention"} or "gated_deltanet" not in kinds or len(cfg.mixers) > 2:
         return None
-    g = cfg.mixers[0][2]
+    g = next(s for _, k, s in cfg.mixers if k == "gated_deltanet")
+    a = next((s for _, k, s in cfg.mixers if k == "attention"), None)
     if g.conv_bias or g.norm_eps != cfg.norm_eps:
+        return None
+    if a is not None and (not a.output_gate or not a.qk_norm or a.norm_eps != cfg.norm_eps or a.scale
+                          or a.qkv_bias != a.o_bias or not a.rope or a.rope_traditional):
         return None
     ffn_kinds = [cfg.ffn(i) for i in range(cfg.n_layers)]
     if any(f is None or f[0] not in ("moe", "mlp") for f in ffn_kinds):
@@ -122,11 +144,17 @@ def _qwen3_next_to_hf(cfg) -> dict | None:
         return None
     hf = {"model_type": "qwen3_next", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
           "num_hidden_layers": cfg.n_layers, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-          "tie_word_embeddings": cfg.tie_embeddings, "layer_types": ["linear_attention"] * cfg.n_layers,
+          "tie_word_embeddings": cfg.tie_embeddings,
+          "layer_types": ["linear_attention" if k == "gated_deltanet" else "full_attention" for k in kinds],
           "linear_num_key_heads": g.n_k_heads, "linear_num_value_heads": g.n_v_heads,
           "linear_key_head_dim": g.head_k_dim, "linear_value_head_dim": g.head_v_dim,
           "linear_conv_kernel_dim": g.d_conv, "intermediate_size": mlp.ff if mlp else cfg.d_model,
           "num_experts": 0, "mlp_only_layers": [], "decoder_sparse_step": 1}
+    if a is not None:
+        hf.update({"num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.hd,
+                   "attention_bias": a.qkv_bias,
+                   "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default",
+                                       "partial_rotary_factor": a.partial_rotary_factor}})
     if moe is not None:
         if (moe.scoring != "softmax" or moe.router_bias or moe.routed_scaling_factor != 1.0 or not moe.gated
                 or moe.activation != "silu" or not moe.shared_d_ff or not moe.shared_gate):
@@ -383,3 +411,80 @@ register_converter(Converter(
                "routed_scaling_factor", "topk_group", "num_logits_to_keep"}),
     _nemotron_h_to_hf, "NemotronHForCausalLM",
     load_hook=lambda flat, hf: stack_experts(flat), save_hook=lambda flat, cfg: unstack_experts(flat)))
+
+
+
+# -- Qwen3.5 (dense and MoE; text-only, and the multimodal wrapper used text-only) ---------------
+_QWEN35_TEXT_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling",
+    "partial_rotary_factor", "attention_bias", "layer_types", "full_attention_interval", "linear_conv_kernel_dim",
+    "linear_key_head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_value_head_dim",
+    "moe_intermediate_size", "norm_topk_prob", "num_experts", "num_experts_per_tok", "shared_expert_intermediate_size",
+    "router_aux_loss_coef", "output_router_logits", "decoder_sparse_step", "mlp_only_layers"})
+_QWEN_RENAME = (
+    ("model.embed_tokens.", "embed_tokens."),
+    ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
+    ("model.layers.{i}.linear_attn.", "layers.{i}.mixer.", ("gated_deltanet",)),
+    ("model.layers.{i}.self_attn.", "layers.{i}.mixer.", ("attention",)),
+    ("model.layers.{i}.post_attention_layernorm.", "layers.{i}.ffn_norm."),
+    ("model.layers.{i}.mlp.gate.", "layers.{i}.ffn.router."),
+    ("model.layers.{i}.mlp.", "layers.{i}.ffn."),
+    ("model.norm.", "norm_f."),
+    ("lm_head.", "lm_head."))
+
+
+def _qwen35_load(flat: dict, hf: dict) -> dict:
+    return split_fused_experts(stack_experts(_shift_norms(flat, 1.0)))
+
+
+def _qwen35_save(flat: dict, cfg) -> dict:
+    return unstack_experts(_shift_norms(flat, -1.0))
+
+
+def _qwen35_to_hf(model_type: str):
+    def to_hf(cfg):
+        hf = _qwen3_next_to_hf(cfg)
+        if hf is None:
+            return None
+        moe = hf["num_experts"] > 0
+        if moe != model_type.startswith("qwen3_5_moe"):
+            return None
+        if moe and (hf["mlp_only_layers"] or hf["decoder_sparse_step"] != 1):
+            return None
+        hf["model_type"] = model_type
+        for k in ("mlp_only_layers", "decoder_sparse_step") + (() if moe else ("num_experts",)):
+            hf.pop(k)
+        return hf
+    return to_hf
+
+
+for _mt, _arch in (("qwen3_5_text", "Qwen3_5ForCausalLM"), ("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM")):
+    register_converter(Converter(
+        (_mt,), _qwen3_next_config, _QWEN_RENAME, _QWEN35_TEXT_FIELDS, _qwen35_to_hf(_mt), _arch,
+        drop=(r"rotary_emb\.inv_freq$",), load_hook=_qwen35_load, save_hook=_qwen35_save))
+
+
+def _wrapper_config(hf: dict) -> dict:
+    text = dict(hf.get("text_config") or {})
+    if not text:
+        raise ValueError(f"{hf['model_type']}: config has no text_config")
+    text.setdefault("model_type", hf["model_type"] + "_text")
+    if "tie_word_embeddings" in hf:
+        text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+    from alloy.convert.registry import COMMON_FIELDS
+    unknown = sorted(set(text) - COMMON_FIELDS - _QWEN35_TEXT_FIELDS)
+    if unknown:
+        raise ValueError(f"{hf['model_type']}: text_config field(s) {unknown} are not understood by the converter")
+    return _qwen3_next_config(text)
+
+
+for _mt in ("qwen3_5", "qwen3_5_moe"):
+    register_converter(Converter(
+        (_mt,), _wrapper_config,
+        tuple((hf.replace("model.", "model.language_model.", 1), *rest) for hf, *rest in _QWEN_RENAME[:-1])
+        + (_QWEN_RENAME[-1],),
+        frozenset({"text_config", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
+                   "vision_end_token_id"}),
+        None, "", drop=(r"^model\.visual\.", r"^mtp\.", r"rotary_emb\.inv_freq$"),
+        load_hook=_qwen35_load))

@@ -9,9 +9,18 @@ Two registered kinds share these functions: ``attention`` (causal over everythin
 ``sliding_attention`` (key visible when q_pos - k_pos < window). Parameters follow the Hugging Face
 Llama names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm).
 
-State: k, v (B, Hkv, max_len, head_dim) in the activation dtype and pos (B,) int32 — the number of
-tokens each row has written. New keys are written at pos .. pos+T-1 with ``put_along_axis`` so rows
-may sit at different positions.
+State: k, v (B, Hkv, S, head_dim) in the activation dtype and pos (B,) int32 — the number of
+tokens each row has written. The KV buffer is a ring of S slots: absolute position p lives in slot
+p mod S, with S = max_len for ``attention`` and S = min(window, max_len) for ``sliding_attention``
+(memory bounded by the window). Which position a slot holds follows from pos alone
+(``slot_positions``), so rows may sit at different positions and nothing else is stored.
+
+A decode step (T == 1) writes its key into slot pos mod S, then attends over the ring. A chunk
+(T > 1) attends over [ring, new keys] — so a chunk longer than the window still sees every key
+it needs — and then rebuilds the ring by a gather (each slot takes the newest position that maps
+to it). An optional state entry ``valid`` (B,) int32 marks only the first valid[b] tokens of the
+call as real: padded tokens are never written and never seen by real queries, and pos advances
+by valid.
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from alloy.layers.common import dense
+from alloy.layers.common import dense, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
 from alloy.ops.attention import attention, causal_mask, visibility_mask
 from alloy.ops.norm import rms_norm
@@ -41,6 +50,8 @@ class AttentionSettings(LayerSettings):
     o_bias: bool = False
     qk_norm: bool = False
     norm_eps: float = 1e-6
+    scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5 (Granite's attention_multiplier sets it)
+    output_gate: bool = False  # o = o * sigmoid(gate), gate from q_proj (per head [q | gate]; Qwen3-Next)
 
     @property
     def kv_heads(self) -> int:
@@ -63,6 +74,8 @@ class AttentionSettings(LayerSettings):
             raise ValueError(f"n_kv_heads {self.kv_heads} must divide n_heads {self.n_heads}")
         if self.head_dim == 0 and self.d_model % self.n_heads:
             raise ValueError(f"n_heads {self.n_heads} must divide d_model {self.d_model} (or set head_dim)")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale < 0:
+            raise ValueError(f"scale must be a non-negative number (0 = head_dim ** -0.5), got {self.scale!r}")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
         self.check_window()
@@ -85,7 +98,7 @@ def init(key, cfg: AttentionSettings) -> dict:
     k = I.split(key, 4)
     hq, hk, hd = cfg.n_heads, cfg.kv_heads, cfg.hd
     p = {
-        "q_proj": I.linear(k[0], cfg.d_model, hq * hd, bias=cfg.qkv_bias),
+        "q_proj": I.linear(k[0], cfg.d_model, hq * hd * (2 if cfg.output_gate else 1), bias=cfg.qkv_bias),
         "k_proj": I.linear(k[1], cfg.d_model, hk * hd, bias=cfg.qkv_bias),
         "v_proj": I.linear(k[2], cfg.d_model, hk * hd, bias=cfg.qkv_bias),
         "o_proj": I.linear(k[3], hq * hd, cfg.d_model, bias=cfg.o_bias),
@@ -97,7 +110,8 @@ def init(key, cfg: AttentionSettings) -> dict:
 
 
 def init_state(cfg: AttentionSettings, batch: int, max_len: int, dtype=mx.float32) -> dict:
-    shape = (batch, cfg.kv_heads, max_len, cfg.hd)
+    slots = min(cfg.window, max_len) if cfg.window else max_len
+    shape = (batch, cfg.kv_heads, slots, cfg.hd)
     return {"k": mx.zeros(shape, dtype=dtype), "v": mx.zeros(shape, dtype=dtype),
             "pos": mx.zeros((batch,), dtype=mx.int32)}
 
@@ -107,10 +121,64 @@ def _heads(y, n, hd):
     return y.reshape(B, T, n, hd).transpose(0, 2, 1, 3)  # (B, n, T, hd)
 
 
+def slot_positions(end: mx.array, slots: int) -> mx.array:
+    """(B, S) absolute position held by each ring slot once ``end`` (B,) tokens are written:
+    the newest p < end with p = slot (mod S); negative where the slot is still empty."""
+    e = end[:, None].astype(mx.int32) - 1
+    return e - mx.remainder(e - mx.arange(slots, dtype=mx.int32)[None, :], slots)
+
+
+def _cached_attention(q, k, v, state, window, scale=None):
+    """Attention of this call's queries over the ring + new keys; returns (o, new state)."""
+    B, _, T, _ = q.shape
+    kc, vc, pos = state["k"], state["v"], state["pos"]
+    S = kc.shape[2]
+    valid = state.get("valid")
+    n_new = T if valid is None else valid
+    live = None if valid is None else live_mask(valid, T)  # (B, T)
+    k, v = k.astype(kc.dtype), v.astype(vc.dtype)
+    q_pos = pos[:, None] + mx.arange(T, dtype=mx.int32)[None]  # (B, T)
+    end = pos + n_new
+    if T == 1:  # decode: write slot pos mod S (kept as is for a padded row), attend over the ring
+        slot = mx.remainder(pos, S)
+        idx = slot[:, None, None, None]
+        if live is not None:
+            keep = live[:, None, :, None]
+            k = mx.where(keep, k, mx.take_along_axis(kc, idx, axis=2))
+            v = mx.where(keep, v, mx.take_along_axis(vc, idx, axis=2))
+        kc = mx.put_along_axis(kc, idx, k, axis=2)
+        vc = mx.put_along_axis(vc, idx, v, axis=2)
+        mask = visibility_mask(q_pos, slot_positions(end, S), window)
+        if live is not None:  # a padded query sees its own slot, so its (unused) output stays finite
+            mask = mask | (mx.arange(S, dtype=mx.int32)[None] == slot[:, None])[:, None, None, :]
+        o = attention(q, kc.astype(q.dtype), vc.astype(q.dtype), scale=scale, mask=mask)
+        return o, {"k": kc, "v": vc, "pos": end}
+    # chunk: keys = [ring (S), new (T)]; padded new keys are hidden from every query but their own
+    keys = mx.concatenate([kc, k], axis=2)
+    vals = mx.concatenate([vc, v], axis=2)
+    new_pos = q_pos if live is None else mx.where(live, q_pos, -1)
+    mask = visibility_mask(q_pos, mx.concatenate([slot_positions(pos, S), new_pos], axis=1), window)
+    if live is not None:
+        eye = mx.concatenate([mx.zeros((T, S), dtype=mx.bool_), mx.eye(T, dtype=mx.bool_)], axis=1)
+        mask = mask | eye[None, None]
+    o = attention(q, keys.astype(q.dtype), vals.astype(q.dtype), scale=scale, mask=mask)
+    # ring update: slot s takes the newest position p < end with p = s (mod S); new if p >= pos
+    p_s = slot_positions(end, S)
+    src = mx.where(p_s >= pos[:, None], S + p_s - pos[:, None], mx.arange(S, dtype=mx.int32)[None])
+    src = src[:, None, :, None]
+    return o, {"k": mx.take_along_axis(keys, src, axis=2), "v": mx.take_along_axis(vals, src, axis=2),
+               "pos": end}
+
+
 def apply(params, x, state, cfg: AttentionSettings):
     B, T, _ = x.shape
     hd = cfg.hd
-    q = _heads(dense(params["q_proj"], x), cfg.n_heads, hd)
+    if cfg.output_gate:  # q_proj rows per head: [q (hd) | gate (hd)]
+        qg = dense(params["q_proj"], x).reshape(B, T, cfg.n_heads, 2 * hd)
+        q = qg[..., :hd].transpose(0, 2, 1, 3)
+        gate = qg[..., hd:].reshape(B, T, cfg.n_heads * hd)
+    else:
+        q = _heads(dense(params["q_proj"], x), cfg.n_heads, hd)
     k = _heads(dense(params["k_proj"], x), cfg.kv_heads, hd)
     v = _heads(dense(params["v_proj"], x), cfg.kv_heads, hd)
     if cfg.qk_norm:
@@ -121,21 +189,16 @@ def apply(params, x, state, cfg: AttentionSettings):
         q = rope(q, offset, cfg.rope_dims, cfg.rope_theta, cfg.rope_traditional)
         k = rope(k, offset, cfg.rope_dims, cfg.rope_theta, cfg.rope_traditional)
     window = cfg.window or None
+    scale = cfg.scale or None
     if state is None:
         mask = "causal" if window is None else causal_mask(T, window=window)
-        o = attention(q, k, v, mask=mask)
+        o = attention(q, k, v, scale=scale, mask=mask)
         new_state = None
     else:
-        pos = state["pos"]
-        q_pos = pos[:, None] + mx.arange(T, dtype=mx.int32)[None]  # (B, T)
-        idx = q_pos[:, None, :, None]  # (B, 1, T, 1): write slots per row
-        kc = mx.put_along_axis(state["k"], idx, k.astype(state["k"].dtype), axis=2)
-        vc = mx.put_along_axis(state["v"], idx, v.astype(state["v"].dtype), axis=2)
-        k_pos = mx.arange(kc.shape[2], dtype=mx.int32)
-        mask = visibility_mask(q_pos, k_pos, window)
-        o = attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask=mask)
-        new_state = {"k": kc, "v": vc, "pos": pos + T}
+        o, new_state = _cached_attention(q, k, v, state, window, scale)
     o = o.transpose(0, 2, 1, 3).reshape(B, T, cfg.n_heads * hd)
+    if cfg.output_gate:
+        o = o * mx.sigmoid(gate.astype(mx.float32)).astype(o.dtype)
     return dense(params["o_proj"], o), new_state
 
 

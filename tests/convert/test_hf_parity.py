@@ -20,6 +20,9 @@ from alloy.params import CheckpointError  # noqa: E402
 V = 64
 
 
+GDN = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+
+
 def _configs():
     small = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2)
     dec = dict(small, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
@@ -34,7 +37,7 @@ def _configs():
                                         linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
                                         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                         shared_expert_intermediate_size=24, mlp_only_layers=[1],
-                                        layer_types=["linear_attention"] * 3),
+                                        layer_types=["linear_attention", "full_attention", "linear_attention"]),
         "lfm2": T.Lfm2Config(**{**dec, "num_hidden_layers": 3}, layer_types=["conv", "full_attention", "conv"]),
         "jamba": T.JambaConfig(**{**dec, "num_hidden_layers": 4}, num_experts=4, num_experts_per_tok=2,
                                mamba_d_state=8, mamba_dt_rank=4, attn_layer_period=2, attn_layer_offset=1,
@@ -45,6 +48,10 @@ def _configs():
                                                            "linear_attention"],
                                         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                         moe_shared_expert_intermediate_size=24, routed_scaling_factor=1.5),
+        "qwen3_5_text": T.Qwen3_5TextConfig(**dec, head_dim=8, **GDN, layer_types=["linear_attention", "full_attention"]),
+        "qwen3_5_moe_text": T.Qwen3_5MoeTextConfig(**dec, head_dim=8, **GDN, num_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                                   layer_types=["full_attention", "linear_attention"]),
         "bamba": T.BambaConfig(**{**dec, "num_hidden_layers": 3}, attn_layer_indices=[1], mamba_n_heads=4,
                                mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4),
     }
@@ -151,3 +158,22 @@ def test_hub_id_without_network_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="could not download"):
         alloy.load("nobody-here/definitely-not-a-model")
+
+
+def test_multimodal_wrapper_loads_text_only(tmp_path):
+    tc = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, **GDN, layer_types=["linear_attention", "full_attention"])
+    cfg = T.Qwen3_5Config(text_config=tc, vision_config=dict(depth=1, hidden_size=16, intermediate_size=16,
+                                                             num_heads=2, out_hidden_size=32))
+    torch.manual_seed(0)
+    mm = T.Qwen3_5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in mm.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    mm.save_pretrained(tmp_path)
+    ids = np.random.default_rng(4).integers(0, V, (1, 9))
+    with torch.no_grad():
+        want = mm(input_ids=torch.tensor(ids), use_cache=False).logits.float().numpy()
+    model, params = alloy.load(tmp_path)
+    got, _ = model.apply(params, mx.array(ids))
+    np.testing.assert_allclose(np.array(got), want, atol=1e-4, rtol=1e-4)
