@@ -488,3 +488,160 @@ for _mt in ("qwen3_5", "qwen3_5_moe"):
                    "vision_end_token_id"}),
         None, "", drop=(r"^model\.visual\.", r"^mtp\.", r"rotary_emb\.inv_freq$"),
         load_hook=_qwen35_load))
+
+
+# -- Granite-MoE-Hybrid: Mamba-2 + attention, MoE with a shared MLP, scalar multipliers ----------
+_GRANITE_MOE = re.compile(r"^(?P<pre>model\.layers\.\d+\.)(?P<mod>block_sparse_moe|shared_mlp)\.(?P<rest>.+)$")
+
+
+def _granite_load(flat: dict, hf: dict) -> dict:
+    moe = hf.get("num_local_experts", 0) > 0
+    out = {}
+    for k, v in flat.items():
+        m = _GRANITE_MOE.match(k)
+        if not m:
+            out[k] = v
+            continue
+        pre, mod, rest = m["pre"], m["mod"], m["rest"]
+        base = pre + "block_sparse_moe." + ("experts." if mod == "block_sparse_moe" else
+                                            ("shared_expert." if moe else ""))
+        if rest == "input_linear.weight":  # fused [gate | up] along the output rows
+            F = v.shape[-2] // 2
+            out[base + "gate_proj.weight"] = v[..., :F, :]
+            out[base + "up_proj.weight"] = v[..., F:, :]
+        elif rest == "output_linear.weight":
+            out[base + "down_proj.weight"] = v
+        elif rest == "router.layer.weight":
+            out[pre + "block_sparse_moe.router.weight"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _granite_save(flat: dict, cfg) -> dict:
+    out = {}
+    for k, v in flat.items():
+        m = re.match(r"^(?P<pre>model\.layers\.\d+\.)block_sparse_moe\.(?P<rest>.+)$", k)
+        if not m:
+            out[k] = v
+            continue
+        pre, rest = m["pre"], m["rest"]
+        if rest == "router.weight":
+            out[pre + "block_sparse_moe.router.layer.weight"] = v
+            continue
+        sub = re.match(r"^(experts\.|shared_expert\.)?(gate_proj|up_proj|down_proj)\.weight$", rest)
+        if sub is None:
+            raise ValueError(f"granitemoehybrid export: no Hugging Face name for {k}")
+        mod = "block_sparse_moe." if sub[1] == "experts." else "shared_mlp."
+        if sub[2] == "gate_proj":
+            up = flat[k.replace("gate_proj", "up_proj")]
+            out[pre + mod + "input_linear.weight"] = mx.concatenate([v, up], axis=-2)
+        elif sub[2] == "down_proj":
+            out[pre + mod + "output_linear.weight"] = v
+    return out
+
+
+def _granite_config(hf: dict) -> dict:
+    _unsupported(hf, "hidden_act", lambda v: v == "silu")
+    _unsupported(hf, "position_embedding_type", lambda v: v in (None, "rope", "nope"))
+    limit = hf.get("time_step_limit", (0.0, float("inf")))
+    from alloy.convert.families import _num
+    if tuple(_num(v) for v in limit) != (0.0, float("inf")):
+        raise ValueError(f"granitemoehybrid: time_step_limit {limit!r} is not supported (only (0, inf))")
+    D, L = hf["hidden_size"], hf["num_hidden_layers"]
+    types = hf.get("layer_types") or hf.get("layers_block_type") or ["mamba"] * L
+    types = ["mamba2" if t in ("mamba", "linear_attention") else "attention" if t in ("attention", "full_attention")
+             else t for t in types]
+    bad = sorted(set(types) - {"mamba2", "attention"})
+    if bad or len(types) != L:
+        raise ValueError(f"granitemoehybrid: layer_types must be {L} of mamba/attention, got {hf.get('layer_types')!r}")
+    eps = hf.get("rms_norm_eps", 1e-6)
+    heads = hf["num_attention_heads"]
+    expand = hf.get("mamba_expand", 2)
+    mixers = {}
+    if "mamba2" in types:
+        if hf["mamba_n_heads"] * hf["mamba_d_head"] != expand * D:
+            raise ValueError("granitemoehybrid: mamba_n_heads*mamba_d_head must equal mamba_expand*hidden_size")
+        mixers["mamba2"] = {"d_state": hf["mamba_d_state"], "d_conv": hf.get("mamba_d_conv", 4), "expand": expand,
+                            "head_dim": hf["mamba_d_head"], "n_groups": hf.get("mamba_n_groups", 1),
+                            "chunk_size": hf.get("mamba_chunk_size", 256),
+                            "conv_bias": bool(hf.get("mamba_conv_bias", True)),
+                            "bias": bool(hf.get("mamba_proj_bias", False)), "norm_eps": eps}
+    if "attention" in types:
+        hd = D // heads
+        mixers["attention"] = {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads, "head_dim": hd,
+                               "rope": hf.get("position_embedding_type") == "rope", "rope_theta": _rope_theta(hf),
+                               "qkv_bias": bool(hf.get("attention_bias")), "o_bias": bool(hf.get("attention_bias")),
+                               "scale": float(hf.get("attention_multiplier", hd ** -0.5))}
+    if hf.get("num_local_experts", 0) > 0:
+        ffns = {"moe": {"n_experts": hf["num_local_experts"], "top_k": hf["num_experts_per_tok"],
+                        "d_ff": hf["intermediate_size"], "norm_topk_prob": True,
+                        "shared_d_ff": hf.get("shared_intermediate_size", 0)}}
+    else:
+        ffns = {"mlp": {"d_ff": hf.get("shared_intermediate_size") or hf["intermediate_size"]}}
+    return {"name": "granitemoehybrid", "vocab_size": hf["vocab_size"], "d_model": D, "layer_types": types,
+            "ffn_types": [next(iter(ffns))] * L, "mixers": mixers, "ffns": ffns, "norm_eps": eps,
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "embedding_multiplier": float(hf.get("embedding_multiplier", 1.0)),
+            "residual_multiplier": float(hf.get("residual_multiplier", 1.0)),
+            "logits_scaling": float(hf.get("logits_scaling", 1.0))}
+
+
+def _granite_to_hf(cfg) -> dict | None:
+    kinds = [cfg.mixer_kind(i) for i in range(cfg.n_layers)]
+    if set(kinds) - {"mamba2", "attention"} or len(cfg.mixers) > 2 or len(cfg.ffns) != 1:
+        return None
+    if len(set(cfg.ffn_types)) != 1 or cfg.ffn_types[0] == "none":
+        return None
+    fkind, f = cfg.ffns[0][1], cfg.ffns[0][2]
+    hf = {"model_type": "granitemoehybrid", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "num_hidden_layers": cfg.n_layers, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+          "tie_word_embeddings": cfg.tie_embeddings, "embedding_multiplier": cfg.embedding_multiplier,
+          "residual_multiplier": cfg.residual_multiplier, "logits_scaling": cfg.logits_scaling,
+          "layer_types": ["mamba" if k == "mamba2" else "attention" for k in kinds]}
+    if fkind == "moe":
+        if (f.scoring != "softmax" or not f.norm_topk_prob or f.router_bias or f.shared_gate or not f.shared_d_ff
+                or not f.gated or f.activation != "silu" or f.routed_scaling_factor != 1.0):
+            return None
+        hf.update({"num_local_experts": f.n_experts, "num_experts_per_tok": f.top_k, "intermediate_size": f.ff,
+                   "shared_intermediate_size": f.shared_d_ff})
+    else:
+        if not f.gated or f.activation != "silu" or f.bias:
+            return None
+        hf.update({"num_local_experts": 0, "intermediate_size": f.ff, "shared_intermediate_size": f.ff})
+    for _, kind, s in cfg.mixers:
+        if kind == "mamba2":
+            if s.norm_eps != cfg.norm_eps or s.norm_before_gate:
+                return None
+            hf.update({"mamba_d_state": s.d_state, "mamba_d_conv": s.d_conv, "mamba_expand": s.expand,
+                       "mamba_n_heads": s.n_heads, "mamba_d_head": s.head_dim, "mamba_n_groups": s.n_groups,
+                       "mamba_chunk_size": s.chunk_size, "mamba_conv_bias": s.conv_bias, "mamba_proj_bias": s.bias})
+        else:
+            if s.qk_norm or s.qkv_bias != s.o_bias or s.hd * s.n_heads != cfg.d_model or s.output_gate:
+                return None
+            hf.update({"num_attention_heads": s.n_heads, "num_key_value_heads": s.kv_heads,
+                       "attention_bias": s.qkv_bias, "attention_multiplier": s.scale or s.hd ** -0.5,
+                       "position_embedding_type": "rope" if s.rope else None,
+                       "rope_parameters": {"rope_theta": s.rope_theta, "rope_type": "default"}})
+    return hf
+
+
+register_converter(Converter(
+    ("granitemoehybrid",), _granite_config,
+    (("model.embed_tokens.", "embed_tokens."),
+     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
+     ("model.layers.{i}.mamba.", "layers.{i}.mixer.", ("mamba2",)),
+     ("model.layers.{i}.self_attn.", "layers.{i}.mixer.", ("attention",)),
+     ("model.layers.{i}.post_attention_layernorm.", "layers.{i}.ffn_norm."),
+     ("model.layers.{i}.block_sparse_moe.", "layers.{i}.ffn."),
+     ("model.norm.", "norm_f."),
+     ("lm_head.", "lm_head.")),
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling",
+               "attention_bias", "attention_multiplier", "embedding_multiplier", "residual_multiplier",
+               "logits_scaling", "layer_types", "layers_block_type", "mamba_chunk_size", "mamba_conv_bias",
+               "mamba_d_conv", "mamba_d_head", "mamba_d_state", "mamba_expand", "mamba_n_groups", "mamba_n_heads",
+               "mamba_proj_bias", "num_experts_per_tok", "num_local_experts", "shared_intermediate_size",
+               "router_aux_loss_coef", "output_router_logits", "position_embedding_type", "time_step_limit"}),
+    _granite_to_hf, "GraniteMoeHybridForCausalLM", drop=(r"rotary_emb\.inv_freq$",),
+    load_hook=_granite_load, save_hook=_granite_save))

@@ -52,6 +52,13 @@ def _configs():
         "qwen3_5_moe_text": T.Qwen3_5MoeTextConfig(**dec, head_dim=8, **GDN, num_experts=4, num_experts_per_tok=2,
                                                    moe_intermediate_size=16, shared_expert_intermediate_size=24,
                                                    layer_types=["full_attention", "linear_attention"]),
+        "granitemoehybrid": T.GraniteMoeHybridConfig(**{**dec, "num_hidden_layers": 3},
+                                                     layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4,
+                                                     mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4,
+                                                     num_local_experts=4, num_experts_per_tok=2,
+                                                     shared_intermediate_size=24, position_embedding_type="rope",
+                                                     embedding_multiplier=2.0, residual_multiplier=0.5,
+                                                     logits_scaling=3.0, attention_multiplier=0.3),
         "bamba": T.BambaConfig(**{**dec, "num_hidden_layers": 3}, attn_layer_indices=[1], mamba_n_heads=4,
                                mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4),
     }
