@@ -161,9 +161,7 @@ class ModelConfig:
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
         def settings_dict(kind, s):
-            d = {"kind": kind} if kind else {}
-            d.update({f: _jsonable(getattr(s, f)) for f in type(s).user_fields()})
-            return d
+            return {"kind": kind, **s.to_dict()}
 
         return {
             "name": self.name,
@@ -208,7 +206,3 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"model config is not valid JSON: {e}") from None
         return cls.from_dict(d)
-
-
-def _jsonable(v):
-    return list(v) if isinstance(v, tuple) else v

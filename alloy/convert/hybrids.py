@@ -645,3 +645,119 @@ register_converter(Converter(
                "router_aux_loss_coef", "output_router_logits", "position_embedding_type", "time_step_limit"}),
     _granite_to_hf, "GraniteMoeHybridForCausalLM", drop=(r"rotary_emb\.inv_freq$",),
     load_hook=_granite_load, save_hook=_granite_save))
+
+
+# -- Falcon-H1: attention and Mamba-2 in parallel in every layer, muP multipliers ----------------
+# Every Falcon-H1 multiplier is linear in a projection, so it is folded into that projection's
+# weights on load (exact up to rounding) and the Alloy model is a plain parallel hybrid; export
+# writes the folded weights with multipliers of 1.
+def _falcon_dims(hf: dict):
+    D = hf["hidden_size"]
+    d_ssm = hf.get("mamba_d_ssm") or int(hf.get("mamba_expand", 2) * D)
+    gn = hf.get("mamba_n_groups", 1) * hf["mamba_d_state"]
+    return D, d_ssm, gn, hf["mamba_n_heads"]
+
+
+def _falcon_load(flat: dict, hf: dict) -> dict:
+    D, d_ssm, gn, H = _falcon_dims(hf)
+    zx = hf.get("ssm_multipliers") or [1.0] * 5
+    mup = mx.concatenate([mx.full((n,), float(m)) for n, m in
+                          zip((d_ssm, d_ssm, gn, gn, H), zx)])
+    a_in, k_mul = float(hf.get("attention_in_multiplier", 1.0)), float(hf.get("key_multiplier", 1.0))
+    a_out, s_in = float(hf.get("attention_out_multiplier", 1.0)), float(hf.get("ssm_in_multiplier", 1.0))
+    s_out = float(hf.get("ssm_out_multiplier", 1.0))
+    g_mul, d_mul = (float(v) for v in (hf.get("mlp_multipliers") or [1.0, 1.0]))
+    scale = {  # (suffix, weight factor, bias factor)
+        ".mamba.in_proj.weight": s_in * mup[:, None], ".mamba.in_proj.bias": mup,
+        ".mamba.out_proj.weight": s_out, ".mamba.out_proj.bias": s_out,
+        ".self_attn.q_proj.weight": a_in, ".self_attn.v_proj.weight": a_in,
+        ".self_attn.k_proj.weight": a_in * k_mul, ".self_attn.k_proj.bias": k_mul,
+        ".self_attn.o_proj.weight": a_out, ".self_attn.o_proj.bias": a_out,
+        ".feed_forward.gate_proj.weight": g_mul, ".feed_forward.gate_proj.bias": g_mul,
+        ".feed_forward.down_proj.weight": d_mul, ".feed_forward.down_proj.bias": d_mul,
+    }
+    out = {}
+    for k, v in flat.items():
+        f = next((f for suf, f in scale.items() if k.endswith(suf)), None)
+        out[k] = v if f is None else (v.astype(mx.float32) * f).astype(v.dtype)
+    return out
+
+
+def _falcon_h1_config(hf: dict) -> dict:
+    _unsupported(hf, "hidden_act", lambda v: v == "silu")
+    limit = hf.get("time_step_limit", (0.0, float("inf")))
+    from alloy.convert.families import _num
+    if tuple(_num(v) for v in limit) != (0.0, float("inf")):
+        raise ValueError(f"falcon_h1: time_step_limit {limit!r} is not supported (only (0, inf))")
+    D, d_ssm, gn, H = _falcon_dims(hf)
+    expand = d_ssm // D
+    if expand * D != d_ssm or H * hf["mamba_d_head"] != d_ssm:
+        raise ValueError(f"falcon_h1: mamba_d_ssm {d_ssm} must be a multiple of hidden_size {D} and equal "
+                         f"mamba_n_heads*mamba_d_head = {H * hf['mamba_d_head']}")
+    heads = hf["num_attention_heads"]
+    L = hf["num_hidden_layers"]
+    eps = hf.get("rms_norm_eps", 1e-5)
+    proj_bias = bool(hf.get("projectors_bias", False))
+    if proj_bias != bool(hf.get("mamba_proj_bias", False)):
+        raise ValueError("falcon_h1: projectors_bias and mamba_proj_bias must agree")
+    if bool(hf.get("attention_bias", False)):
+        raise ValueError("falcon_h1: attention_bias is not supported")
+    branches = {
+        "mamba": {"kind": "mamba2", "d_state": hf["mamba_d_state"], "d_conv": hf.get("mamba_d_conv", 4),
+                  "expand": expand, "head_dim": hf["mamba_d_head"], "n_groups": hf.get("mamba_n_groups", 1),
+                  "chunk_size": hf.get("mamba_chunk_size", 256), "conv_bias": bool(hf.get("mamba_conv_bias", True)),
+                  "bias": proj_bias, "norm_eps": eps, "rms_norm": bool(hf.get("mamba_rms_norm", False)),
+                  "norm_before_gate": bool(hf.get("mamba_norm_before_gate", True))},
+        "self_attn": {"kind": "attention", "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+                      "head_dim": hf.get("head_dim") or D // heads, "rope_theta": _rope_theta(hf)},
+    }
+    return {"name": "falcon_h1", "vocab_size": hf["vocab_size"], "d_model": D, "layer_types": ["hybrid"] * L,
+            "ffn_types": ["mlp"] * L, "mixers": {"hybrid": {"kind": "parallel", "branches": branches}},
+            "ffns": {"mlp": {"d_ff": hf["intermediate_size"], "bias": bool(hf.get("mlp_bias", False))}},
+            "norm_eps": eps, "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "embedding_multiplier": float(hf.get("embedding_multiplier", 1.0)),
+            "logits_scaling": 1.0 / float(hf.get("lm_head_multiplier", 1.0))}
+
+
+def _falcon_h1_to_hf(cfg) -> dict | None:
+    if len(cfg.mixers) != 1 or cfg.mixers[0][1] != "parallel" or set(cfg.ffn_types) != {"mlp"} or len(cfg.ffns) != 1:
+        return None
+    br = {n: (k, s) for n, k, s in cfg.mixers[0][2].branches}
+    if set(br) != {"mamba", "self_attn"} or br["mamba"][0] != "mamba2" or br["self_attn"][0] != "attention":
+        return None
+    m, a, f = br["mamba"][1], br["self_attn"][1], cfg.ffns[0][2]
+    if (a.qkv_bias or a.o_bias or a.qk_norm or a.output_gate or a.scale or not a.rope or a.rope_traditional
+            or a.partial_rotary_factor != 1.0 or m.norm_eps != cfg.norm_eps or not f.gated or f.activation != "silu"
+            or cfg.residual_multiplier != 1.0):
+        return None
+    return {"model_type": "falcon_h1", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers, "intermediate_size": f.ff, "mlp_bias": f.bias, "hidden_act": "silu",
+            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+            "num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.hd,
+            "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default"},
+            "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand, "mamba_d_ssm": m.d_inner,
+            "mamba_n_heads": m.n_heads, "mamba_d_head": m.head_dim, "mamba_n_groups": m.n_groups,
+            "mamba_chunk_size": m.chunk_size, "mamba_conv_bias": m.conv_bias, "mamba_proj_bias": m.bias,
+            "projectors_bias": m.bias, "mamba_rms_norm": m.rms_norm, "mamba_norm_before_gate": m.norm_before_gate,
+            "embedding_multiplier": cfg.embedding_multiplier, "lm_head_multiplier": 1.0 / cfg.logits_scaling}
+
+
+register_converter(Converter(
+    ("falcon_h1",), _falcon_h1_config,
+    (("model.embed_tokens.", "embed_tokens."),
+     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
+     ("model.layers.{i}.mamba.", "layers.{i}.mixer.mamba."),
+     ("model.layers.{i}.self_attn.", "layers.{i}.mixer.self_attn."),
+     ("model.layers.{i}.pre_ff_layernorm.", "layers.{i}.ffn_norm."),
+     ("model.layers.{i}.feed_forward.", "layers.{i}.ffn."),
+     ("model.final_layernorm.", "norm_f."),
+     ("lm_head.", "lm_head.")),
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta",
+               "rope_scaling", "attention_bias", "mlp_bias", "projectors_bias", "attention_in_multiplier",
+               "attention_out_multiplier", "key_multiplier", "embedding_multiplier", "lm_head_multiplier",
+               "mlp_multipliers", "ssm_in_multiplier", "ssm_out_multiplier", "ssm_multipliers", "mamba_chunk_size",
+               "mamba_conv_bias", "mamba_d_conv", "mamba_d_head", "mamba_d_ssm", "mamba_d_state", "mamba_expand",
+               "mamba_n_groups", "mamba_n_heads", "mamba_norm_before_gate", "mamba_proj_bias", "mamba_rms_norm",
+               "time_step_limit", "num_logits_to_keep", "mamba_use_mlp"}),
+    _falcon_h1_to_hf, "FalconH1ForCausalLM", drop=(r"rotary_emb\.inv_freq$",), load_hook=_falcon_load))

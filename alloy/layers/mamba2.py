@@ -7,7 +7,9 @@
     out = out_proj(rms_norm(y * silu(z)))            (grouped, gate before norm)
 
 Parameters follow the Hugging Face ``Mamba2Mixer`` names. State: conv (B, d_conv-1, conv_dim) and
-ssm (B, heads, head_dim, d_state) float32.
+ssm (B, heads, head_dim, d_state) float32. An optional state entry ``valid`` (B,) int32 marks the
+first valid[b] tokens of this call as real: padded tokens get dt = 0 (decay 1, no input, the SSM
+state passes through) and the conv tail is taken at each row's true end.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from alloy.layers.common import dense
+from alloy.layers.common import conv_tail, dense, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
 from alloy.ops.conv import causal_conv1d
 from alloy.ops.norm import gated_rms_norm
@@ -37,6 +39,7 @@ class Mamba2Settings(LayerSettings):
     bias: bool = False  # in_proj / out_proj bias
     norm_eps: float = 1e-5
     norm_before_gate: bool = False
+    rms_norm: bool = True  # False: out_proj(y * silu(z)) with no norm (Falcon-H1's mamba_rms_norm=false)
     A_init_range: tuple = (1.0, 16.0)
     dt_min: float = 1e-3
     dt_max: float = 0.1
@@ -77,7 +80,7 @@ def init(key, cfg: Mamba2Settings) -> dict:
         "dt_bias": I.dt_bias(k[2], cfg.n_heads, cfg.dt_min, cfg.dt_max),
         "A_log": mx.log(I.uniform(k[3], (cfg.n_heads,), lo, hi)),
         "D": mx.ones((cfg.n_heads,)),
-        "norm": {"weight": mx.ones((cfg.d_inner,))},
+        **({"norm": {"weight": mx.ones((cfg.d_inner,))}} if cfg.rms_norm else {}),
         "out_proj": I.linear(k[4], cfg.d_inner, cfg.d_model, bias=cfg.bias),
     }
 
@@ -96,6 +99,8 @@ def apply(params, x, state, cfg: Mamba2Settings):
     gn = cfg.n_groups * cfg.d_state
     zxbcdt = dense(params["in_proj"], x)
     z, xBC, dt = mx.split(zxbcdt, [cfg.d_inner, 2 * cfg.d_inner + 2 * gn], axis=-1)
+    valid = None if state is None else state.get("valid")
+    xBC_in = xBC
     xBC, conv_state = causal_conv1d(xBC, params["conv1d"]["weight"], params["conv1d"].get("bias"),
                                     None if state is None else state["conv"], activation="silu")
     xs, Bm, Cm = mx.split(xBC, [cfg.d_inner, cfg.d_inner + gn], axis=-1)
@@ -103,12 +108,18 @@ def apply(params, x, state, cfg: Mamba2Settings):
     Bm = Bm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
     Cm = Cm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
     dt = nn.softplus(dt.astype(mx.float32) + params["dt_bias"].astype(mx.float32))
+    if valid is not None:
+        dt = mx.where(live_mask(valid, T)[..., None], dt, 0.0)
+        conv_state = conv_tail(state["conv"], xBC_in, valid)
     A = -mx.exp(params["A_log"].astype(mx.float32))
     y, ssm_state = ssd(xs, dt, A, Bm, Cm, params["D"], None if state is None else state["ssm"],
                        chunk_size=cfg.chunk_size)
     y = y.reshape(Bsz, T, cfg.d_inner)
-    y = gated_rms_norm(y, z, params["norm"]["weight"], cfg.norm_eps,
-                       group_size=cfg.d_inner // cfg.n_groups, norm_before_gate=cfg.norm_before_gate)
+    if cfg.rms_norm:
+        y = gated_rms_norm(y, z, params["norm"]["weight"], cfg.norm_eps,
+                           group_size=cfg.d_inner // cfg.n_groups, norm_before_gate=cfg.norm_before_gate)
+    else:
+        y = (y.astype(mx.float32) * nn.silu(z.astype(mx.float32))).astype(y.dtype)
     out = dense(params["out_proj"], y)
     if state is None:
         return out, None

@@ -47,6 +47,10 @@ class LayerSettings:
     def user_fields(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls) if f.name != "d_model")
 
+    def to_dict(self) -> dict:
+        """The JSON form of the user fields (``d_model`` comes from the model config)."""
+        return {f: list(v) if isinstance(v, tuple) else v for f in self.user_fields() for v in (getattr(self, f),)}
+
 
 @dataclass(frozen=True)
 class LayerSpec:
