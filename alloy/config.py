@@ -26,7 +26,7 @@ from alloy.layers.registry import LayerSettings, get_layer, make_settings
 DTYPES = ("float32", "bfloat16", "float16")
 _TOP_FIELDS = ("vocab_size", "d_model", "layer_types", "ffn_types", "mixers", "ffns", "norm_eps",
                "tie_embeddings", "init_std", "dtype", "name", "embedding_multiplier", "residual_multiplier",
-               "logits_scaling")
+               "logits_scaling", "shared")
 
 
 def _resolve(role: str, names: tuple[str, ...], given: Any, d_model: int) -> tuple:
@@ -84,6 +84,8 @@ class ModelConfig:
     embedding_multiplier: float = 1.0  # h0 = embed(tokens) * m
     residual_multiplier: float = 1.0  # h = h + m * block(h)
     logits_scaling: float = 1.0  # logits = head(h) / s
+    # shared transformer blocks reused at several depths (Zamba2); see alloy.layers.shared
+    shared: Any = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -121,6 +123,13 @@ class ModelConfig:
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         set_("mixers", _resolve("mixer", self.layer_types, self.mixers, self.d_model))
+        if self.shared is not None:
+            from alloy.layers.shared import SharedBlocks
+            if not isinstance(self.shared, SharedBlocks):
+                set_("shared", SharedBlocks.from_dict(self.shared, self.d_model, len(lt)))
+            bad = [i for i in self.shared.at if lt[i] == "none"]
+            if bad:
+                raise ValueError(f"ModelConfig.shared.at: depths {bad} have no mixer to feed")
         set_("ffns", _resolve("ffn", self.ffn_types, self.ffns, self.d_model))
 
     # -- lookups -----------------------------------------------------------------------------
@@ -178,6 +187,7 @@ class ModelConfig:
             "embedding_multiplier": self.embedding_multiplier,
             "residual_multiplier": self.residual_multiplier,
             "logits_scaling": self.logits_scaling,
+            **({"shared": self.shared.to_dict()} if self.shared is not None else {}),
         }
 
     def to_json(self) -> str:

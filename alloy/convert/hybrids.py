@@ -761,3 +761,198 @@ register_converter(Converter(
                "mamba_n_groups", "mamba_n_heads", "mamba_norm_before_gate", "mamba_proj_bias", "mamba_rms_norm",
                "time_step_limit", "num_logits_to_keep", "mamba_use_mlp"}),
     _falcon_h1_to_hf, "FalconH1ForCausalLM", drop=(r"rotary_emb\.inv_freq$",), load_hook=_falcon_load))
+
+
+# -- Zamba2: Mamba-2 stack + shared attention/MLP blocks with per-call LoRA adapters ------------
+_Z2_SHARED = re.compile(r"^model\.layers\.(?P<i>\d+)\.shared_transformer\.(?P<rest>.+)$")
+_Z2_ADAPTER = re.compile(r"^(?P<part>self_attn\.linear_(?P<qkv>[qkv])_adapter_list|feed_forward\.gate_up_proj_adapter_list)"
+                         r"\.(?P<j>\d+)\.(?P<ab>[01])\.weight$")
+
+
+def _z2_hybrid_ids(hf: dict) -> list[int]:
+    ids = hf.get("hybrid_layer_ids")
+    if ids is None:
+        ids = [i for i, t in enumerate(hf.get("layers_block_type") or []) if t == "hybrid"]
+    return list(ids)
+
+
+def _zamba2_load(flat: dict, hf: dict) -> dict:
+    ids = _z2_hybrid_ids(hf)
+    n = hf.get("num_mem_blocks", 1)
+    owner = {i: j % n for j, i in enumerate(ids)}  # depth -> block index
+    first = {b: ids[b] for b in range(min(n, len(ids)))}  # the depth that stores block b's weights
+    out = {}
+    for k, v in flat.items():
+        m = _Z2_SHARED.match(k)
+        if not m:
+            out[k] = v
+            continue
+        i, rest = int(m["i"]), m["rest"]
+        b = owner.get(i)
+        if b is None:
+            raise ValueError(f"zamba2: {k} sits at depth {i}, which is not a hybrid layer {ids}")
+        if first[b] != i:
+            continue  # a tied copy of block b
+        a = _Z2_ADAPTER.match(rest)
+        if a:
+            call = ids[int(a["j"])]
+            lr = "lora_A" if a["ab"] == "0" else "lora_B"
+            base = f"layers.{call}.shared.adapters."
+            if a["qkv"]:
+                out[f"{base}attn.{a['qkv']}_proj.{lr}"] = v
+            elif lr == "lora_A":
+                out[f"{base}mlp.gate_proj.lora_A"] = out[f"{base}mlp.up_proj.lora_A"] = v
+            else:
+                F = v.shape[0] // 2
+                out[f"{base}mlp.gate_proj.lora_B"], out[f"{base}mlp.up_proj.lora_B"] = v[:F], v[F:]
+            continue
+        blk = f"shared_blocks.{b}."
+        if rest == "feed_forward.gate_up_proj.weight":
+            F = v.shape[0] // 2
+            out[blk + "mlp.gate_proj.weight"], out[blk + "mlp.up_proj.weight"] = v[:F], v[F:]
+        elif rest.startswith("feed_forward."):
+            out[blk + "mlp." + rest[len("feed_forward."):]] = v
+        elif rest.startswith("self_attn."):
+            out[blk + "attn." + rest[len("self_attn."):]] = v
+        elif rest == "input_layernorm.weight":
+            out[blk + "norm.weight"] = v
+        elif rest == "pre_ff_layernorm.weight":
+            out[blk + "ffn_norm.weight"] = v
+        else:
+            out[k] = v  # left for the strict check to report
+    return out
+
+
+def _zamba2_save(flat: dict, cfg) -> dict:
+    sh = cfg.shared
+    calls = sh.calls()
+    first = {b: sh.at[b] for b in range(min(sh.n_blocks, len(sh.at)))}
+    out = {}
+    for k, v in flat.items():
+        m = re.match(r"^shared_blocks\.(?P<b>\d+)\.(?P<rest>.+)$", k)
+        if m:
+            pre = f"model.layers.{first[int(m['b'])]}.shared_transformer."
+            rest = m["rest"]
+            if rest == "mlp.gate_proj.weight":
+                out[pre + "feed_forward.gate_up_proj.weight"] = mx.concatenate(
+                    [v, flat[k.replace("gate_proj", "up_proj")]], axis=0)
+            elif rest == "mlp.up_proj.weight":
+                continue
+            elif rest.startswith("mlp."):
+                out[pre + "feed_forward." + rest[4:]] = v
+            elif rest.startswith("attn."):
+                out[pre + "self_attn." + rest[5:]] = v
+            else:
+                out[pre + {"norm.weight": "input_layernorm.weight", "ffn_norm.weight": "pre_ff_layernorm.weight"}[rest]] = v
+            continue
+        m = re.match(r"^layers\.(?P<i>\d+)\.shared\.adapters\.(?P<part>attn|mlp)\.(?P<name>\w+)\.(?P<lr>lora_[AB])$", k)
+        if m:
+            i = int(m["i"])
+            j, b = calls[i]
+            pre = f"model.layers.{first[b]}.shared_transformer."
+            ab = "0" if m["lr"] == "lora_A" else "1"
+            if m["part"] == "attn":
+                out[f"{pre}self_attn.linear_{m['name'][0]}_adapter_list.{j}.{ab}.weight"] = v
+            elif m["name"] == "gate_proj":
+                val = v if ab == "0" else mx.concatenate([v, flat[k.replace("gate_proj", "up_proj")]], axis=0)
+                out[f"{pre}feed_forward.gate_up_proj_adapter_list.{j}.{ab}.weight"] = val
+            continue
+        m = re.match(r"^model\.layers\.(?P<i>\d+)\.(?P<rest>input_layernorm\..+|mamba\..+)$", k)
+        if m and int(m["i"]) in calls:
+            out[f"model.layers.{m['i']}.mamba_decoder.{m['rest']}"] = v
+            continue
+        out[k] = v
+    return out
+
+
+def _zamba2_config(hf: dict) -> dict:
+    L, D = hf["num_hidden_layers"], hf["hidden_size"]
+    types = hf.get("layers_block_type") or ["mamba"] * L
+    types = ["mamba" if t in ("mamba", "linear_attention") else t for t in types]
+    bad = sorted(set(types) - {"mamba", "hybrid"})
+    if bad or len(types) != L:
+        raise ValueError(f"zamba2: layers_block_type must be {L} of mamba/hybrid, got {hf.get('layers_block_type')!r}")
+    ids = _z2_hybrid_ids(hf)
+    if ids != [i for i, t in enumerate(types) if t == "hybrid"]:
+        raise ValueError(f"zamba2: hybrid_layer_ids {ids} disagree with layers_block_type")
+    if hf.get("use_long_context"):
+        raise ValueError("zamba2: use_long_context (rescaled RoPE) is not supported")
+    act = hf.get("hidden_act", "gelu")
+    if act not in ("gelu", "silu", "gelu_pytorch_tanh"):
+        raise ValueError(f"zamba2: hidden_act {act!r} is not supported")
+    heads = hf["num_attention_heads"]
+    att_hidden = hf.get("attention_hidden_size") or 2 * D
+    if att_hidden != 2 * D:
+        raise ValueError(f"zamba2: attention_hidden_size {att_hidden} must be 2 * hidden_size")
+    hd = hf.get("attention_head_dim") or att_hidden // heads
+    expand = hf.get("mamba_expand", 2)
+    if hf["n_mamba_heads"] * hf["mamba_headdim"] != expand * D:
+        raise ValueError("zamba2: n_mamba_heads * mamba_headdim must equal mamba_expand * hidden_size")
+    eps = hf.get("rms_norm_eps", 1e-5)
+    adapt = (("q_proj", "k_proj", "v_proj") if hf.get("use_shared_attention_adapter") else ()) + ("gate_proj", "up_proj")
+    bias = bool(hf.get("add_bias_linear", False))
+    return {
+        "name": "zamba2", "vocab_size": hf["vocab_size"], "d_model": D,
+        "layer_types": ["mamba2"] * L, "ffn_types": ["none"] * L,
+        "mixers": {"mamba2": {"d_state": hf["mamba_d_state"], "d_conv": hf.get("mamba_d_conv", 4), "expand": expand,
+                              "head_dim": hf["mamba_headdim"], "n_groups": hf.get("mamba_ngroups", 1),
+                              "chunk_size": hf.get("chunk_size", 256), "conv_bias": bool(hf.get("use_conv_bias", True)),
+                              "bias": bias, "norm_eps": 1e-5,
+                              "dt_clamp_min": float(hf.get("time_step_min", 0.001))}},
+        "shared": {"n_blocks": hf.get("num_mem_blocks", 1), "at": ids,
+                   "attention": {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+                                 "head_dim": hd, "rope": bool(hf.get("use_mem_rope", False)),
+                                 "rope_theta": _rope_theta(hf), "scale": (hd / 2) ** -0.5},
+                   "mlp": {"d_ff": hf["intermediate_size"], "bias": bias,
+                           "activation": {"gelu": "gelu", "silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}[act]},
+                   "adapter_rank": hf.get("adapter_rank", 128), "adapt": list(adapt), "norm_eps": eps},
+        "norm_eps": eps, "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+    }
+
+
+def _zamba2_to_hf(cfg) -> dict | None:
+    sh = cfg.shared
+    if sh is None or set(cfg.layer_types) != {"mamba2"} or set(cfg.ffn_types) != {"none"} or len(cfg.mixers) != 1:
+        return None
+    m, a, f = cfg.mixers[0][2], sh.attention, sh.mlp
+    if set(sh.adapt) not in ({"gate_proj", "up_proj"}, {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}):
+        return None
+    if (not sh.adapter_rank or a.qk_norm or a.qkv_bias or a.o_bias or a.output_gate or a.scale != (a.hd / 2) ** -0.5
+            or not f.gated or f.activation not in ("gelu", "silu", "gelu_tanh") or m.norm_eps != 1e-5
+            or m.rms_norm is False or m.norm_before_gate or m.dt_clamp_max or m.bias != f.bias):
+        return None
+    return {"model_type": "zamba2", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers, "intermediate_size": f.ff, "rms_norm_eps": sh.norm_eps,
+            "hidden_act": {"gelu": "gelu", "silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[f.activation],
+            "layers_block_type": ["hybrid" if i in sh.at else "mamba" for i in range(cfg.n_layers)],
+            "hybrid_layer_ids": list(sh.at), "num_mem_blocks": sh.n_blocks, "adapter_rank": sh.adapter_rank,
+            "use_shared_attention_adapter": "q_proj" in sh.adapt, "num_attention_heads": a.n_heads,
+            "num_key_value_heads": a.kv_heads, "attention_head_dim": a.hd, "attention_hidden_size": 2 * cfg.d_model,
+            "use_mem_rope": a.rope, "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default"},
+            "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand,
+            "mamba_headdim": m.head_dim, "n_mamba_heads": m.n_heads, "mamba_ngroups": m.n_groups,
+            "chunk_size": m.chunk_size, "use_conv_bias": m.conv_bias, "add_bias_linear": m.bias,
+            "time_step_min": m.dt_clamp_min, "tie_word_embeddings": cfg.tie_embeddings}
+
+
+register_converter(Converter(
+    ("zamba2",), _zamba2_config,
+    (("model.embed_tokens.", "embed_tokens."),
+     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
+     ("model.layers.{i}.mamba.", "layers.{i}.mixer."),
+     ("model.layers.{i}.mamba_decoder.input_layernorm.", "layers.{i}.norm."),
+     ("model.layers.{i}.mamba_decoder.mamba.", "layers.{i}.mixer."),
+     ("model.layers.{i}.linear.", "layers.{i}.shared.linear."),
+     ("layers.{i}.shared.adapters.", "layers.{i}.shared.adapters."),
+     ("shared_blocks.", "shared_blocks."),
+     ("model.final_layernorm.", "norm_f."),
+     ("lm_head.", "lm_head.")),
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling",
+               "layers_block_type", "hybrid_layer_ids", "num_mem_blocks", "adapter_rank", "use_shared_attention_adapter",
+               "use_shared_mlp_adapter", "attention_head_dim", "attention_hidden_size", "kv_channels",
+               "num_query_groups", "use_mem_rope", "use_long_context", "mamba_d_state", "mamba_d_conv", "mamba_expand",
+               "mamba_headdim", "n_mamba_heads", "mamba_ngroups", "chunk_size", "use_conv_bias", "add_bias_linear",
+               "use_mamba_kernels", "use_mem_eff_path", "num_logits_to_keep", "time_step_limit"}),
+    _zamba2_to_hf, "Zamba2ForCausalLM", drop=(r"rotary_emb\.inv_freq$",),
+    load_hook=_zamba2_load, save_hook=_zamba2_save))

@@ -52,6 +52,7 @@ class AttentionSettings(LayerSettings):
     norm_eps: float = 1e-6
     scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5 (Granite's attention_multiplier sets it)
     output_gate: bool = False  # o = o * sigmoid(gate), gate from q_proj (per head [q | gate]; Qwen3-Next)
+    d_out: int = 0  # o_proj output width; 0: d_model (Zamba2's shared block reads 2*d_model, writes d_model)
 
     @property
     def kv_heads(self) -> int:
@@ -74,6 +75,8 @@ class AttentionSettings(LayerSettings):
             raise ValueError(f"n_kv_heads {self.kv_heads} must divide n_heads {self.n_heads}")
         if self.head_dim == 0 and self.d_model % self.n_heads:
             raise ValueError(f"n_heads {self.n_heads} must divide d_model {self.d_model} (or set head_dim)")
+        if not isinstance(self.d_out, int) or self.d_out < 0:
+            raise ValueError(f"d_out must be a non-negative int (0 = d_model), got {self.d_out!r}")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale < 0:
             raise ValueError(f"scale must be a non-negative number (0 = head_dim ** -0.5), got {self.scale!r}")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
@@ -101,7 +104,7 @@ def init(key, cfg: AttentionSettings) -> dict:
         "q_proj": I.linear(k[0], cfg.d_model, hq * hd * (2 if cfg.output_gate else 1), bias=cfg.qkv_bias),
         "k_proj": I.linear(k[1], cfg.d_model, hk * hd, bias=cfg.qkv_bias),
         "v_proj": I.linear(k[2], cfg.d_model, hk * hd, bias=cfg.qkv_bias),
-        "o_proj": I.linear(k[3], hq * hd, cfg.d_model, bias=cfg.o_bias),
+        "o_proj": I.linear(k[3], hq * hd, cfg.d_out or cfg.d_model, bias=cfg.o_bias),
     }
     if cfg.qk_norm:
         p["q_norm"] = {"weight": mx.ones((hd,))}

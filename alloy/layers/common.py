@@ -1,15 +1,72 @@
-"""Small helpers shared by layer files."""
+"""Small helpers shared by layer files.
+
+``dense`` and ``embed`` accept a full-precision linear ``{"weight": (out, in), "bias"?}`` or an
+affine group-quantized one ``{"weight": uint32 (out, in*bits/32), "scales", "biases": (out,
+in/group_size), "bias"?}`` (see ``alloy.params.quantize``): the presence of ``scales`` selects
+``mx.quantized_matmul``; bits and group size are read off the shapes, so nothing else is stored.
+
+Per-row valid lengths: a mixer state may carry ``valid`` (B,) int32, the number of real tokens of
+this call in each row (the rest is right padding). ``live_mask`` and ``conv_tail`` help layers
+honour it.
+"""
 from __future__ import annotations
 
 import mlx.core as mx
 
 
+def quant_layout(p: dict, d_in: int) -> tuple[int, int]:
+    """(bits, group_size) of a quantized linear whose input width is ``d_in``."""
+    packed, groups = p["weight"].shape[-1], p["scales"].shape[-1]
+    bits, group_size = packed * 32 // d_in, d_in // groups
+    if bits * d_in != packed * 32 or group_size * groups != d_in:
+        raise ValueError(f"quantized linear: weight {tuple(p['weight'].shape)} / scales "
+                         f"{tuple(p['scales'].shape)} do not fit an input width of {d_in}")
+    return bits, group_size
+
+
 def dense(p: dict, x: mx.array) -> mx.array:
-    """y = x W^T (+ b) for an HF-layout linear {"weight": (out, in), "bias"?: (out,)}."""
-    y = x @ p["weight"].T
+    """y = x W^T (+ b) for an HF-layout linear {"weight": (out, in), "bias"?: (out,)}, or its
+    quantized form (``scales`` present): y = x dequant(W)^T (+ b) via ``mx.quantized_matmul``.
+    A linear may also carry an unmerged low-rank delta ``lora_A`` (r, in), ``lora_B`` (out, r)
+    (Zamba2's per-call adapters): y += (x A^T) B^T."""
+    if "scales" in p:
+        bits, gs = quant_layout(p, x.shape[-1])
+        y = mx.quantized_matmul(x, p["weight"], p["scales"], p["biases"], transpose=True,
+                                group_size=gs, bits=bits)
+    else:
+        y = x @ p["weight"].T
+    if "lora_A" in p:  # an unmerged low-rank delta riding on the linear: + (x A^T) B^T
+        y = y + (x @ p["lora_A"].T) @ p["lora_B"].T
     if "bias" in p:
         y = y + p["bias"]
     return y
+
+
+def embed(p: dict, tokens: mx.array, d_model: int) -> mx.array:
+    """Rows of the (vocab, d_model) table ``p["weight"]`` at ``tokens``; dequantized per row when
+    the table is quantized."""
+    if "scales" in p:
+        bits, gs = quant_layout(p, d_model)
+        return mx.dequantize(p["weight"][tokens], p["scales"][tokens], p["biases"][tokens],
+                             group_size=gs, bits=bits)
+    return p["weight"][tokens]
+
+
+def live_mask(valid: mx.array, T: int) -> mx.array:
+    """(B, T) bool: token t of row b is real (t < valid[b])."""
+    return mx.arange(T, dtype=mx.int32)[None, :] < valid[:, None]
+
+
+def conv_tail(state: mx.array, x: mx.array, valid: mx.array) -> mx.array:
+    """The conv state after only the first ``valid[b]`` tokens of ``x`` in each row.
+
+    state (B, K-1, C) the last K-1 inputs before this call; x (B, T, C) this call's conv inputs;
+    returns concat(state, x)[b, valid[b] : valid[b] + K-1] — with valid == T, ``xp[:, T:]``.
+    """
+    km1 = state.shape[1]
+    xp = mx.concatenate([state.astype(x.dtype), x], axis=1)
+    idx = valid[:, None].astype(mx.int32) + mx.arange(km1, dtype=mx.int32)[None, :]
+    return mx.take_along_axis(xp, idx[..., None], axis=1)
 
 
 def dtype_of(name: str):

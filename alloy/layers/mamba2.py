@@ -40,6 +40,8 @@ class Mamba2Settings(LayerSettings):
     norm_eps: float = 1e-5
     norm_before_gate: bool = False
     rms_norm: bool = True  # False: out_proj(y * silu(z)) with no norm (Falcon-H1's mamba_rms_norm=false)
+    dt_clamp_min: float = 0.0  # dt = clip(softplus(.), min, max): HF's time_step_limit (Zamba2: (1e-3, inf))
+    dt_clamp_max: float = 0.0  # 0: no upper clamp
     A_init_range: tuple = (1.0, 16.0)
     dt_min: float = 1e-3
     dt_max: float = 0.1
@@ -108,6 +110,8 @@ def apply(params, x, state, cfg: Mamba2Settings):
     Bm = Bm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
     Cm = Cm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
     dt = nn.softplus(dt.astype(mx.float32) + params["dt_bias"].astype(mx.float32))
+    if cfg.dt_clamp_min > 0.0 or cfg.dt_clamp_max > 0.0:
+        dt = mx.clip(dt, cfg.dt_clamp_min or None, cfg.dt_clamp_max or None)
     if valid is not None:
         dt = mx.where(live_mask(valid, T)[..., None], dt, 0.0)
         conv_state = conv_tail(state["conv"], xBC_in, valid)

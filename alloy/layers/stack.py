@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from alloy.config import ModelConfig
 from alloy.layers.common import dense, dtype_of, embed
+from alloy.layers import shared
 from alloy.layers.registry import get_ffn, get_mixer
 from alloy.ops.norm import rms_norm
 from alloy.params import init as I
@@ -53,6 +54,12 @@ def init(key, cfg: ModelConfig) -> dict:
             lp["ffn"] = fspec.init(keys[3 + 2 * i], fs)
         layers.append(lp)
     params["layers"] = layers
+    sh = cfg.shared
+    if sh is not None:
+        bkeys = I.split(keys[1], sh.n_blocks + len(sh.at) + 1)
+        params["shared_blocks"] = [shared.init_block(bkeys[b], sh) for b in range(sh.n_blocks)]
+        for i, (j, b) in sh.calls().items():
+            layers[i]["shared"] = shared.init_call(bkeys[sh.n_blocks + j], sh, params["shared_blocks"][b])
     params["norm_f"] = {"weight": mx.ones((D,))}
     if not cfg.tie_embeddings:
         params["lm_head"] = {"weight": I.normal(keys[1], (cfg.vocab_size, D), cfg.init_std)}
@@ -67,6 +74,9 @@ def init_state(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     dtype = dtype_of(cfg.dtype) if dtype is None else dtype
     layers = [{"mixer": {} if mspec is None else mspec.init_state(ms, batch, max_len, dtype)}
               for mspec, ms, _, _ in resolve(cfg)]
+    if cfg.shared is not None:
+        for i in cfg.shared.at:
+            layers[i]["shared"] = shared.init_call_state(cfg.shared, batch, max_len, dtype)
     return {"pos": mx.zeros((batch,), dtype=mx.int32), "layers": layers}
 
 
@@ -81,20 +91,27 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
     eps = cfg.norm_eps
     res = cfg.residual_multiplier
 
-    def block(i, lp, h, s_in):
-        """One pre-norm residual block: h + r * mixer(norm(h)), then h + r * ffn(norm(h))."""
+    calls = {} if cfg.shared is None else cfg.shared.calls()
+
+    def block(i, lp, h, s_in, e0=None, blocks_p=None, s_sh=None):
+        """One pre-norm residual block: h + r * mixer(norm(h [+ shared call])), then the FFN.
+        Returns (h, mixer state, shared-call state)."""
         mspec, ms, fspec, fs = blocks[i]
-        s_out = {}
+        s_out, sh_out = {}, None
         if mspec is not None:
-            y, s_out = mspec.apply(lp["mixer"], rms_norm(h, lp["norm"]["weight"], eps), s_in, ms)
+            x = h
+            if i in calls:
+                t, sh_out = shared.apply_call(blocks_p[calls[i][1]], lp["shared"], h, e0, s_sh, cfg.shared)
+                x = h + t
+            y, s_out = mspec.apply(lp["mixer"], rms_norm(x, lp["norm"]["weight"], eps), s_in, ms)
             h = h + (y if res == 1.0 else y * res)
         if fspec is not None:
             y, _ = fspec.apply(lp["ffn"], rms_norm(h, lp["ffn_norm"]["weight"], eps), None, fs)
             h = h + (y if res == 1.0 else y * res)
-        return h, s_out
+        return h, s_out, sh_out
 
-    remat_blocks = [mx.checkpoint(lambda lp, h, i=i: block(i, lp, h, None)[0]) for i in range(len(blocks))] \
-        if remat else None
+    remat_blocks = [mx.checkpoint(lambda lp, h, e0, bp, i=i: block(i, lp, h, None, e0, bp)[0])
+                    for i in range(len(blocks))] if remat else None
 
     def apply(params, tokens, state=None):
         if tokens.ndim != 2:
@@ -104,18 +121,23 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
         if cfg.embedding_multiplier != 1.0:
             h = h * cfg.embedding_multiplier
         valid = None if state is None else state.get("valid")  # (B,) real tokens per row, or None
+        e0 = h if calls else None
+        blocks_p = params.get("shared_blocks")
         new_layers = []
         for i in range(len(blocks)):
             lp = params["layers"][i]
             if remat_blocks is not None and state is None:
-                h = remat_blocks[i](lp, h)
+                h = remat_blocks[i](lp, h, e0, blocks_p)
                 new_layers.append({"mixer": None})
                 continue
             s_in = None if state is None else state["layers"][i]["mixer"]
+            s_sh = None if state is None or i not in calls else state["layers"][i]["shared"]
             if valid is not None and s_in:
                 s_in = {**s_in, "valid": valid}
-            h, s_out = block(i, lp, h, s_in)
-            new_layers.append({"mixer": s_out})
+            if valid is not None and s_sh:
+                s_sh = {**s_sh, "valid": valid}
+            h, s_out, sh_out = block(i, lp, h, s_in, e0, blocks_p, s_sh)
+            new_layers.append({"mixer": s_out} if i not in calls else {"mixer": s_out, "shared": sh_out})
         h = rms_norm(h, params["norm_f"]["weight"], eps)
         logits = dense(params["embed_tokens" if cfg.tie_embeddings else "lm_head"], h)
         if cfg.logits_scaling != 1.0:
