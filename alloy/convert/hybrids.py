@@ -956,3 +956,138 @@ register_converter(Converter(
                "use_mamba_kernels", "use_mem_eff_path", "num_logits_to_keep", "time_step_limit"}),
     _zamba2_to_hf, "Zamba2ForCausalLM", drop=(r"rotary_emb\.inv_freq$",),
     load_hook=_zamba2_load, save_hook=_zamba2_save))
+
+
+# -- Zamba (v1): multi-head Mamba-1 stack + one shared attention/MLP block -----------------------
+def _zamba_load(flat: dict, hf: dict) -> dict:
+    ids = [i for i, t in enumerate(_zamba_types(hf)) if t == "hybrid"]
+    out = {}
+    for k, v in flat.items():
+        m = re.match(r"^model\.layers\.(?P<i>\d+)\.shared_transf\.(?P<rest>.+)$", k)
+        if m:
+            if not ids or int(m["i"]) != ids[0]:
+                continue  # tied copies of the one shared block
+            rest = m["rest"]
+            rest = {"input_layernorm.weight": "norm.weight", "pre_ff_layernorm.weight": "ffn_norm.weight"}.get(rest, rest)
+            out["shared_blocks.0." + rest.replace("self_attn.", "attn.").replace("feed_forward.", "mlp.")] = v
+            continue
+        if k.endswith(".in_proj.weight") and ".mamba" in k:  # rows interleave [x_c, z_c] per channel
+            v = mx.concatenate([v[0::2], v[1::2]], axis=0)
+        elif k.endswith(("mamba.A_log", "mamba.D", "mamba.dt_proj_bias")):
+            v = v.reshape(-1, *v.shape[2:])  # (H, dh, ...) -> (H*dh, ...)
+        for a, b in (("x_proj_weight", "x_proj.weight"), ("dt_proj_weight", "dt_proj.weight"),
+                     ("dt_proj_bias", "dt_proj.bias")):
+            if k.endswith(a):
+                k = k[: -len(a)] + b
+        out[k] = v
+    return out
+
+
+def _zamba_save(flat: dict, cfg) -> dict:
+    m = cfg.mixers[0][2]
+    H, first = m.n_heads, cfg.shared.at[0]
+    out = {}
+    for k, v in flat.items():
+        s = re.match(r"^shared_blocks\.0\.(?P<rest>.+)$", k)
+        if s:
+            rest = {"norm.weight": "input_layernorm.weight", "ffn_norm.weight": "pre_ff_layernorm.weight"}.get(
+                s["rest"], s["rest"])
+            rest = rest.replace("attn.", "self_attn.", 1) if rest.startswith("attn.") else \
+                rest.replace("mlp.", "feed_forward.", 1) if rest.startswith("mlp.") else rest
+            out[f"model.layers.{first}.shared_transf.{rest}"] = v
+            continue
+        d = re.match(r"^model\.layers\.(?P<i>\d+)\.(?P<rest>input_layernorm\..+|mamba\..+)$", k)
+        if d and int(d["i"]) in cfg.shared.at:
+            k = f"model.layers.{d['i']}.mamba_decoder.{d['rest']}"
+        if k.endswith(".in_proj.weight"):
+            xr, zr = mx.split(v, 2, axis=0)
+            v = mx.stack([xr, zr], axis=1).reshape(v.shape)
+        elif k.endswith(("mamba.A_log", "mamba.D", "mamba.dt_proj.bias")):
+            v = v.reshape(H, -1, *v.shape[1:])
+        for b, a in (("x_proj.weight", "x_proj_weight"), ("dt_proj.weight", "dt_proj_weight"),
+                     ("dt_proj.bias", "dt_proj_bias")):
+            if k.endswith(b):
+                k = k[: -len(b)] + a
+        out[k] = v
+    return out
+
+
+def _zamba_types(hf: dict) -> list[str]:
+    L = hf["num_hidden_layers"]
+    types = hf.get("layers_block_type")
+    if types is None:
+        p, o = hf.get("attn_layer_period", 6), hf.get("attn_layer_offset", 4)
+        types = ["hybrid" if i % p == o else "mamba" for i in range(L)]
+    types = ["mamba" if t in ("mamba", "linear_attention") else t for t in types]
+    bad = sorted(set(types) - {"mamba", "hybrid"})
+    if bad or len(types) != L:
+        raise ValueError(f"zamba: layers_block_type must be {L} of mamba/hybrid, got {hf.get('layers_block_type')!r}")
+    return types
+
+
+def _zamba_config(hf: dict) -> dict:
+    types = _zamba_types(hf)
+    L, D = len(types), hf["hidden_size"]
+    _unsupported(hf, "hidden_mamba_act", lambda v: v == "silu")
+    act = hf.get("hidden_act", "gelu")
+    if act not in ("gelu", "silu"):
+        raise ValueError(f"zamba: hidden_act {act!r} is not supported")
+    heads = hf["num_attention_heads"]
+    att_hidden = hf.get("attention_hidden_size") or 2 * D
+    if att_hidden != 2 * D:
+        raise ValueError(f"zamba: attention_hidden_size {att_hidden} must be 2 * hidden_size")
+    hd = hf.get("attention_head_dim") or att_hidden // heads
+    rank = hf.get("mamba_dt_rank", "auto")
+    eps = hf.get("rms_norm_eps", 1e-5)
+    return {
+        "name": "zamba", "vocab_size": hf["vocab_size"], "d_model": D,
+        "layer_types": ["mamba1"] * L, "ffn_types": ["none"] * L,
+        "mixers": {"mamba1": {"d_state": hf.get("mamba_d_state", 16), "d_conv": hf.get("mamba_d_conv", 4),
+                              "expand": hf.get("mamba_expand", 2), "dt_rank": -(-D // 16) if rank == "auto" else int(rank),
+                              "conv_bias": bool(hf.get("mamba_conv_bias", True)),
+                              "bias": bool(hf.get("mamba_proj_bias", False)), "n_heads": hf.get("n_mamba_heads", 1)}},
+        "shared": {"n_blocks": 1, "at": [i for i, t in enumerate(types) if t == "hybrid"],
+                   "attention": {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+                                 "head_dim": hd, "rope": False, "scale": (hd / 2) ** -0.5},
+                   "mlp": {"d_ff": hf["intermediate_size"], "activation": act}, "adapter_rank": 0, "adapt": [],
+                   "norm_eps": eps},
+        "norm_eps": eps, "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+    }
+
+
+def _zamba_to_hf(cfg) -> dict | None:
+    sh = cfg.shared
+    if sh is None or sh.n_blocks != 1 or sh.adapter_rank or set(cfg.layer_types) != {"mamba1"} \
+            or set(cfg.ffn_types) != {"none"} or len(cfg.mixers) != 1 or not sh.at:
+        return None
+    m, a, f = cfg.mixers[0][2], sh.attention, sh.mlp
+    if (m.dt_bc_norm or a.rope or a.qk_norm or a.qkv_bias or a.o_bias or a.output_gate
+            or a.scale != (a.hd / 2) ** -0.5 or not f.gated or f.bias or f.activation not in ("gelu", "silu")):
+        return None
+    return {"model_type": "zamba", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers, "intermediate_size": f.ff, "hidden_act": f.activation,
+            "hidden_mamba_act": "silu", "rms_norm_eps": sh.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+            "layers_block_type": ["hybrid" if i in sh.at else "mamba" for i in range(cfg.n_layers)],
+            "num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads, "attention_head_dim": a.hd,
+            "attention_hidden_size": 2 * cfg.d_model, "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv,
+            "mamba_expand": m.expand, "mamba_dt_rank": m.rank, "mamba_conv_bias": m.conv_bias,
+            "mamba_proj_bias": m.bias, "n_mamba_heads": m.n_heads}
+
+
+register_converter(Converter(
+    ("zamba",), _zamba_config,
+    (("model.embed_tokens.", "embed_tokens."),
+     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
+     ("model.layers.{i}.mamba.", "layers.{i}.mixer."),
+     ("model.layers.{i}.mamba_decoder.input_layernorm.", "layers.{i}.norm."),
+     ("model.layers.{i}.mamba_decoder.mamba.", "layers.{i}.mixer."),
+     ("model.layers.{i}.linear.", "layers.{i}.shared.linear."),
+     ("shared_blocks.", "shared_blocks."),
+     ("model.final_layernorm.", "norm_f."),
+     ("lm_head.", "lm_head.")),
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "hidden_act", "hidden_mamba_act", "rms_norm_eps", "layers_block_type",
+               "attn_layer_period", "attn_layer_offset", "attention_head_dim", "attention_hidden_size",
+               "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_conv_bias", "mamba_proj_bias",
+               "n_mamba_heads", "use_mamba_kernels", "num_logits_to_keep"}),
+    _zamba_to_hf, "ZambaForCausalLM", load_hook=_zamba_load, save_hook=_zamba_save))

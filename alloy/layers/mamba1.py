@@ -42,6 +42,9 @@ class Mamba1Settings(LayerSettings):
     # Jamba: RMSNorm (with weights dt_layernorm / b_layernorm / c_layernorm) on dt, B and C
     dt_bc_norm: bool = False
     dt_bc_norm_eps: float = 1e-6
+    # Zamba: channels split into n_heads independent Mamba heads, each with its own x_proj / dt_proj
+    # (x_proj (H, rank+2N, d_inner/H), dt_proj (H, d_inner/H, rank)) and its own B, C
+    n_heads: int = 1
 
     @property
     def d_inner(self) -> int:
@@ -56,6 +59,10 @@ class Mamba1Settings(LayerSettings):
             v = getattr(self, f)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{f} must be a positive int, got {v!r}")
+        if not isinstance(self.n_heads, int) or self.n_heads < 1 or self.d_inner % self.n_heads:
+            raise ValueError(f"n_heads must be a positive int dividing d_inner {self.d_inner}, got {self.n_heads!r}")
+        if self.n_heads > 1 and self.dt_bc_norm:
+            raise ValueError("dt_bc_norm is not supported with n_heads > 1")
         if not isinstance(self.dt_rank, int) or self.dt_rank < 0:
             raise ValueError(f"dt_rank must be a non-negative int (0 = auto), got {self.dt_rank!r}")
 
@@ -67,8 +74,10 @@ def init(key, cfg: Mamba1Settings) -> dict:
     return {
         "in_proj": I.linear(k[0], cfg.d_model, 2 * cfg.d_inner, bias=cfg.bias),
         "conv1d": I.conv1d(k[1], cfg.d_inner, cfg.d_conv, bias=cfg.conv_bias),
-        "x_proj": I.linear(k[2], cfg.d_inner, r + 2 * n),
-        "dt_proj": {"weight": I.uniform(k[3], (cfg.d_inner, r), -dt_std, dt_std),
+        "x_proj": (I.linear(k[2], cfg.d_inner, r + 2 * n) if cfg.n_heads == 1 else
+                   {"weight": I.normal(k[2], (cfg.n_heads, r + 2 * n, cfg.d_inner // cfg.n_heads))}),
+        "dt_proj": {"weight": I.uniform(k[3], (cfg.d_inner, r) if cfg.n_heads == 1 else
+                                        (cfg.n_heads, cfg.d_inner // cfg.n_heads, r), -dt_std, dt_std),
                     "bias": I.dt_bias(k[4], cfg.d_inner, cfg.dt_min, cfg.dt_max)},
         "A_log": mx.log(mx.broadcast_to(mx.arange(1, n + 1, dtype=mx.float32), (cfg.d_inner, n))),
         "D": mx.ones((cfg.d_inner,)),
@@ -94,6 +103,8 @@ def apply(params, x, state, cfg: Mamba1Settings):
     xs_in = xs
     xs, conv_state = causal_conv1d(xs, params["conv1d"]["weight"], params["conv1d"].get("bias"),
                                    None if state is None else state["conv"], activation="silu")
+    if cfg.n_heads > 1:
+        return _apply_heads(params, xs, z, xs_in, conv_state, state, valid, cfg)
     dt_r, Bm, Cm = mx.split(dense(params["x_proj"], xs), [cfg.rank, cfg.rank + cfg.d_state], axis=-1)
     if cfg.dt_bc_norm:
         eps = cfg.dt_bc_norm_eps
@@ -107,7 +118,35 @@ def apply(params, x, state, cfg: Mamba1Settings):
     A = -mx.exp(params["A_log"].astype(mx.float32))
     y, ssm_state = selective_scan(xs, dt, A, Bm, Cm, params["D"], z,
                                   None if state is None else state["ssm"], chunk_size=cfg.chunk_size)
+    return _finish(params, y, conv_state, ssm_state, state)
+
+
+def _finish(params, y, conv_state, ssm_state, state):
     out = dense(params["out_proj"], y)
     if state is None:
         return out, None
     return out, {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}
+
+
+def _apply_heads(params, xs, z, xs_in, conv_state, state, valid, cfg: Mamba1Settings):
+    """Independent Mamba heads over channel blocks (Zamba): per-head x_proj / dt_proj / B / C.
+    A Python loop over the (few) heads, each a full selective scan."""
+    B_, T, _ = xs.shape
+    H, dh = cfg.n_heads, cfg.d_inner // cfg.n_heads
+    xh = xs.reshape(B_, T, H, dh)
+    dbl = mx.einsum("bthd,hkd->bthk", xh, params["x_proj"]["weight"])
+    dt_r, Bm, Cm = mx.split(dbl, [cfg.rank, cfg.rank + cfg.d_state], axis=-1)
+    dt = mx.einsum("bthr,hdr->bthd", dt_r, params["dt_proj"]["weight"]).reshape(B_, T, cfg.d_inner)
+    dt = nn.softplus((dt + params["dt_proj"]["bias"]).astype(mx.float32))
+    if valid is not None:
+        dt = mx.where(live_mask(valid, T)[..., None], dt, 0.0)
+        conv_state = conv_tail(state["conv"], xs_in, valid)
+    A = -mx.exp(params["A_log"].astype(mx.float32))
+    ys, states = [], []
+    for h in range(H):
+        c = slice(h * dh, (h + 1) * dh)
+        y, st = selective_scan(xs[..., c], dt[..., c], A[c], Bm[:, :, h], Cm[:, :, h], params["D"][c], z[..., c],
+                               None if state is None else state["ssm"][:, c], chunk_size=cfg.chunk_size)
+        ys.append(y)
+        states.append(st)
+    return _finish(params, mx.concatenate(ys, axis=-1), conv_state, mx.concatenate(states, axis=1), state)

@@ -72,6 +72,9 @@ def _configs():
                                  n_mamba_heads=4, chunk_size=4, num_mem_blocks=2, adapter_rank=4,
                                  layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba", "hybrid"],
                                  use_shared_attention_adapter=True, use_mem_rope=True),
+        "zamba": T.ZambaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
+                               num_attention_heads=4, num_key_value_heads=4, mamba_d_state=8, n_mamba_heads=2,
+                               attn_layer_period=3, attn_layer_offset=2),
         "bamba": T.BambaConfig(**{**dec, "num_hidden_layers": 3}, attn_layer_indices=[1], mamba_n_heads=4,
                                mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4),
     }
