@@ -1,0 +1,75 @@
+"""Tiny configurations of every supported Hugging Face family, for parity tests and fixtures (the
+live transformers tests and tests/parity/make_fixtures.py). Small widths, GQA where the family has
+it, several SSM chunks. Takes the transformers module as an argument: no import of it here."""
+V = 64
+
+GDN = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+
+
+def configs(T):
+    small = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2)
+    dec = dict(small, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
+    return {
+        "llama": T.LlamaConfig(**dec, attention_bias=True, tie_word_embeddings=False),
+        "mistral": T.MistralConfig(**{**dec, "num_key_value_heads": 1}, sliding_window=3),
+        "qwen2": T.Qwen2Config(**dec),
+        "qwen3": T.Qwen3Config(**dec, head_dim=16, tie_word_embeddings=True),
+        "mamba": T.MambaConfig(**small, state_size=8),
+        "mamba2": T.Mamba2Config(**small, num_heads=4, head_dim=16, state_size=8, n_groups=2, chunk_size=4),
+        "qwen3_next": T.Qwen3NextConfig(**{**dec, "num_hidden_layers": 3}, head_dim=8, linear_num_key_heads=2,
+                                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                                        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                        shared_expert_intermediate_size=24, mlp_only_layers=[1],
+                                        layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        "lfm2": T.Lfm2Config(**{**dec, "num_hidden_layers": 3}, layer_types=["conv", "full_attention", "conv"]),
+        "jamba": T.JambaConfig(**{**dec, "num_hidden_layers": 4}, num_experts=4, num_experts_per_tok=2,
+                               mamba_d_state=8, mamba_dt_rank=4, attn_layer_period=2, attn_layer_offset=1,
+                               expert_layer_period=2, expert_layer_offset=1),
+        "nemotron_h": T.NemotronHConfig(**{**dec, "num_hidden_layers": 5}, head_dim=8, mamba_num_heads=4,
+                                        mamba_head_dim=16, ssm_state_size=8, n_groups=2, chunk_size=4,
+                                        layers_block_type=["linear_attention", "mlp", "full_attention", "moe",
+                                                           "linear_attention"],
+                                        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                        moe_shared_expert_intermediate_size=24, routed_scaling_factor=1.5),
+        "qwen3_5_text": T.Qwen3_5TextConfig(**dec, head_dim=8, **GDN, layer_types=["linear_attention", "full_attention"]),
+        "qwen3_5_moe_text": T.Qwen3_5MoeTextConfig(**dec, head_dim=8, **GDN, num_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                                   layer_types=["full_attention", "linear_attention"]),
+        "granitemoehybrid": T.GraniteMoeHybridConfig(**{**dec, "num_hidden_layers": 3},
+                                                     layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4,
+                                                     mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4,
+                                                     num_local_experts=4, num_experts_per_tok=2,
+                                                     shared_intermediate_size=24, position_embedding_type="rope",
+                                                     embedding_multiplier=2.0, residual_multiplier=0.5,
+                                                     logits_scaling=3.0, attention_multiplier=0.3),
+        "falcon_h1": T.FalconH1Config(**dec, mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64, mamba_d_state=8,
+                                      mamba_n_groups=2, mamba_chunk_size=4, mamba_rms_norm=True,
+                                      attention_in_multiplier=0.7, attention_out_multiplier=1.3, key_multiplier=0.8,
+                                      ssm_in_multiplier=1.2, ssm_out_multiplier=0.9, embedding_multiplier=2.0,
+                                      lm_head_multiplier=0.5, mlp_multipliers=[0.6, 1.4],
+                                      ssm_multipliers=[0.5, 1.5, 0.8, 1.1, 0.9]),
+        "falcon_h1_nonorm": T.FalconH1Config(**dec, mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64,
+                                             mamba_d_state=8, mamba_chunk_size=4, mamba_rms_norm=False),
+        "zamba2": T.Zamba2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
+                                 num_attention_heads=4, num_key_value_heads=4, mamba_d_state=8, mamba_headdim=16,
+                                 n_mamba_heads=4, chunk_size=4, num_mem_blocks=2, adapter_rank=4,
+                                 layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba", "hybrid"],
+                                 use_shared_attention_adapter=True, use_mem_rope=True),
+        "zamba": T.ZambaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
+                               num_attention_heads=4, num_key_value_heads=4, mamba_d_state=8, n_mamba_heads=2,
+                               attn_layer_period=3, attn_layer_offset=2),
+        "bamba": T.BambaConfig(**{**dec, "num_hidden_layers": 3}, attn_layer_indices=[1], mamba_n_heads=4,
+                               mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4),
+    }
+
+
+
+
+def perturb(model, torch, seed: int = 0, scale: float = 0.1):
+    """Move every weight off its init value: zero out-projections, unit norms and zero LoRA B
+    matrices would hide mapping bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
