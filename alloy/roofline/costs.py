@@ -1,0 +1,402 @@
+"""Analytical per-layer costs, one cost function per registered layer kind.
+
+A cost function maps a layer's settings and a ``Workload`` (what one call processes) to a ``Cost``
+of element counts; dtypes turn counts into bytes later (``alloy.roofline.report``), so one cost
+function serves every precision. Registering is one decorator, keyed like the layer registry::
+
+    @register_cost("mamba2")              # role "mixer" (default) or register_cost("mlp", role="ffn")
+    def mamba2_cost(s: Mamba2Settings, w: Workload) -> Cost: ...
+
+Notation: B batch, T new tokens per row, C tokens already cached per row, N = B*T, D d_model.
+
+Counting rules (every cost function follows them; docs/roofline.md works examples by hand):
+
+* FLOPs, by category: ``matmul`` (projections, 2*N*d_in*d_out each), ``attention`` (QK^T and PV:
+  4*head_dim per visible (query, key) pair per query head; causal and sliding-window visibility
+  counted exactly), ``chunked`` (the batched-matmul terms of chunked scans: Mamba-2 SSD, the
+  Gated DeltaNet WY form), ``scan`` (elementwise recurrences, decode steps and depthwise
+  convolutions, run in fp32 SIMT).
+  Norms, activations, gates, softmax and RoPE are not counted (O(N*D), negligible).
+* Weights: ``params`` are the stored parameters; ``weight_reads`` what one call reads (equal for
+  layers; an embedding gathers only the rows it needs). Tags: ``matrix`` (projection and embedding
+  matrices; stored in the weight format, e.g. 4-bit), ``vector`` (norms, biases, conv kernels; in
+  the activation dtype), ``fp32`` (A_log, D, dt_bias and Mamba-1's A_log: kept in float32).
+* Activations (activation dtype): each matmul / scan / attention kernel reads its inputs and writes
+  its output once; elementwise ops are fused into a neighbour (the pre-norm into the next
+  projection, the gate into the output projection, the residual add into the output projection,
+  which therefore also reads the residual stream: + N*D per sub-block, counted by the stack).
+* State (per call): ``kv`` (attention K/V cache, KV dtype), ``ssm`` (recurrent state, float32),
+  ``conv`` (conv tail, activation dtype). State is read when the call continues a context (C > 0)
+  and written always (a prefill leaves the cache for decoding).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+FLOP_CATEGORIES = ("matmul", "attention", "chunked", "scan")
+WEIGHT_TAGS = ("matrix", "vector", "fp32")
+STATE_TAGS = ("kv", "ssm", "conv")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One call: ``batch`` rows, ``tokens`` new tokens per row, ``context`` cached tokens per row."""
+
+    batch: int
+    tokens: int
+    context: int = 0
+
+    def __post_init__(self):
+        for f in ("batch", "tokens"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"Workload.{f} must be a positive int, got {v!r}")
+        if not isinstance(self.context, int) or isinstance(self.context, bool) or self.context < 0:
+            raise ValueError(f"Workload.context must be a non-negative int, got {self.context!r}")
+
+    @property
+    def n(self) -> int:
+        """Tokens processed in the call, N = B*T."""
+        return self.batch * self.tokens
+
+
+def _add(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Element counts of one call of one layer (see the module docstring for the categories)."""
+
+    flops: dict = field(default_factory=dict)  # category -> FLOPs
+    params: dict = field(default_factory=dict)  # weight tag -> stored parameters
+    weight_reads: dict = field(default_factory=dict)  # weight tag -> parameters read
+    act_read: float = 0
+    act_write: float = 0
+    state_read: dict = field(default_factory=dict)  # state tag -> elements
+    state_write: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, allowed in (("flops", FLOP_CATEGORIES), ("params", WEIGHT_TAGS),
+                              ("weight_reads", WEIGHT_TAGS), ("state_read", STATE_TAGS),
+                              ("state_write", STATE_TAGS)):
+            bad = sorted(set(getattr(self, name)) - set(allowed))
+            if bad:
+                raise ValueError(f"Cost.{name}: unknown key(s) {bad}; allowed: {list(allowed)}")
+
+    def __add__(self, o: "Cost") -> "Cost":
+        return Cost(_add(self.flops, o.flops), _add(self.params, o.params),
+                    _add(self.weight_reads, o.weight_reads), self.act_read + o.act_read,
+                    self.act_write + o.act_write, _add(self.state_read, o.state_read),
+                    _add(self.state_write, o.state_write))
+
+    def scale(self, k: float) -> "Cost":
+        m = lambda d: {key: v * k for key, v in d.items()}  # noqa: E731
+        return Cost(m(self.flops), m(self.params), m(self.weight_reads), self.act_read * k,
+                    self.act_write * k, m(self.state_read), m(self.state_write))
+
+    @property
+    def total_flops(self) -> float:
+        return float(sum(self.flops.values()))
+
+    @property
+    def n_params(self) -> float:
+        return float(sum(self.params.values()))
+
+
+def weights(**tags) -> Cost:
+    """Parameters stored and read once per call (``matrix=``, ``vector=``, ``fp32=`` counts)."""
+    tags = {k: v for k, v in tags.items() if v}
+    return Cost(params=tags, weight_reads=dict(tags))
+
+
+def matmul(n: int, d_in: int, d_out: int, bias: bool = False) -> Cost:
+    """A projection x (n, d_in) @ W^T (d_out, d_in): FLOPs and weights only (traffic is per kind)."""
+    return Cost(flops={"matmul": 2 * n * d_in * d_out}) + weights(matrix=d_in * d_out, vector=d_out if bias else 0)
+
+
+def visible_pairs(tokens: int, context: int, window: int = 0) -> int:
+    """Visible (query, key) pairs of one row and head: sum_{i<T} min(W, C + i + 1).
+
+    Query i of the call sits at position C + i and sees every earlier key and itself (causal),
+    or only the last ``window`` of them (sliding window; 0 = unlimited).
+    """
+    lo, hi = context + 1, context + tokens  # keys visible to the first and to the last query
+    if not window or window >= hi:
+        return tokens * (lo + hi) // 2
+    if window <= lo:
+        return tokens * window
+    return (lo + window - 1) * (window - lo) // 2 + (hi - window + 1) * window
+
+
+def pairs_in_chunks(tokens: int, chunk: int) -> int:
+    """Causal (l >= s) pairs inside the chunks of a T-token row cut into chunks of ``chunk``."""
+    full, rest = divmod(tokens, chunk)
+    return full * chunk * (chunk + 1) // 2 + rest * (rest + 1) // 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry
+# ----------------------------------------------------------------------------------------------
+
+_COSTS: dict[str, dict[str, Callable]] = {"mixer": {}, "ffn": {}}
+
+
+def register_cost(kind: str, *, role: str = "mixer", replace: bool = False):
+    """Decorator registering ``fn(settings, workload) -> Cost`` for a layer kind."""
+    if role not in _COSTS:
+        raise ValueError(f"register_cost({kind!r}): role must be 'mixer' or 'ffn', got {role!r}")
+
+    def deco(fn):
+        if kind in _COSTS[role] and not replace:
+            raise ValueError(f"{role} cost for kind {kind!r} is already registered (pass replace=True)")
+        _COSTS[role][kind] = fn
+        return fn
+
+    return deco
+
+
+def get_cost(role: str, kind: str) -> Callable:
+    try:
+        return _COSTS[role][kind]
+    except KeyError:
+        raise ValueError(
+            f"no roofline cost registered for {role} kind {kind!r}; register one with "
+            f"@alloy.roofline.register_cost({kind!r}{'' if role == 'mixer' else ', role=' + repr(role)}) "
+            f"(registered: {sorted(_COSTS[role])})") from None
+
+
+def registered_costs(role: str) -> list[str]:
+    return sorted(_COSTS[role])
+
+
+# ----------------------------------------------------------------------------------------------
+# built-in kinds
+# ----------------------------------------------------------------------------------------------
+
+
+@register_cost("mlp", role="ffn")
+def mlp_cost(s, w: Workload) -> Cost:
+    """[gate;up] = x W (one fused read of x), h = act(gate) * up, out = h W_down.
+
+    matmul 2*N*D*F*(3 gated | 2 plain); reads N*D + N*F*(2|1); writes N*F*(2|1) + N*D."""
+    N, D, F = w.n, s.d_model, s.ff
+    k = 2 if s.gated else 1
+    c = matmul(N, D, F, s.bias).scale(k) + matmul(N, F, D, s.bias)
+    return c + Cost(act_read=N * D + k * N * F, act_write=k * N * F + N * D)
+
+
+def _ssd_flops(s, w: Workload) -> dict:
+    """Mamba-2 scan FLOPs. T == 1: one recurrent step (fp32 elementwise, ``scan``); T > 1: the
+    chunked SSD (``chunked``) with chunk Q = min(chunk_size, T), c = ceil(T / Q) chunks per row:
+
+        intra-chunk  B * pairs * (2*g*n + h + 2*h*p)   C B^T per group, decay mask, (L∘CB) X per head
+        chunk states 2 * N * h * p * n                  sum_s decay_s B_s ⊗ (Δx)_s
+        state pass   2 * B * c * h * p * n              h_k = decay_k h_{k-1} + s_k
+        state -> y   2 * N * h * p * n                  C_t · h_chunk (times the decay)
+        skip & Δx    3 * N * h * p
+    with pairs = causal pairs inside the chunks (``pairs_in_chunks``)."""
+    B, T, N = w.batch, w.tokens, w.n
+    h, p, n, g = s.n_heads, s.head_dim, s.d_state, s.n_groups
+    if T == 1:
+        return {"scan": B * (5 * h * p * n + 3 * h * p)}  # dA*h + Δx⊗B (3), C·h (2); skip, Δx
+    Q = min(s.chunk_size, T)
+    c = math.ceil(T / Q)
+    intra = B * pairs_in_chunks(T, Q) * (2 * g * n + h + 2 * h * p)
+    return {"chunked": intra + 4 * N * h * p * n + 2 * B * c * h * p * n + 3 * N * h * p}
+
+
+@register_cost("mamba2")
+def mamba2_cost(s, w: Workload) -> Cost:
+    """in_proj (D -> 2*di + 2*g*n + h), conv over xBC, SSD scan, gated norm, out_proj (di -> D).
+
+    Traffic: in_proj reads N*D, writes N*d_in_proj; the conv reads/writes N*conv_dim; the scan
+    reads x, B, C (N*conv_dim) and dt (N*h) and writes y (N*di); out_proj reads y and z (2*N*di)
+    and writes N*D. State: conv B*(d_conv-1)*conv_dim, ssm B*h*p*n (fp32)."""
+    N, D, di = w.n, s.d_model, s.d_inner
+    gn, h = s.n_groups * s.d_state, s.n_heads
+    d_in_proj = 2 * di + 2 * gn + h
+    conv_dim = s.conv_dim
+    c = matmul(N, D, d_in_proj, s.bias) + matmul(N, di, D, s.bias)
+    c += weights(vector=s.d_conv * conv_dim + (conv_dim if s.conv_bias else 0) + di, fp32=3 * h)
+    c += Cost(flops=_add({"scan": 2 * N * conv_dim * s.d_conv}, _ssd_flops(s, w)))
+    c += Cost(act_read=N * D + N * conv_dim + N * (conv_dim + h) + 2 * N * di,
+              act_write=N * d_in_proj + N * conv_dim + N * di + N * D)
+    conv_state = w.batch * (s.d_conv - 1) * conv_dim
+    ssm_state = w.batch * h * s.head_dim * s.d_state
+    read = {"conv": conv_state, "ssm": ssm_state} if w.context else {}
+    return c + Cost(state_read=read, state_write={"conv": conv_state, "ssm": ssm_state})
+
+
+@register_cost("mamba1")
+def mamba1_cost(s, w: Workload) -> Cost:
+    """in_proj (D -> 2*di), conv over x, x_proj (di -> r + 2n), dt_proj (r -> di), selective scan
+    (7 FLOPs per (token, channel, state) + 3 per (token, channel), fp32), out_proj (di -> D).
+
+    Traffic: in_proj N*D -> 2*N*di; conv N*di -> N*di; x_proj N*di -> N*(r+2n); dt_proj N*r -> N*di;
+    scan reads x, dt, z (3*N*di) and B, C (2*N*n), writes N*di; out_proj N*di -> N*D.
+    State: conv B*(d_conv-1)*di, ssm B*di*n (fp32)."""
+    N, D, di, r, n = w.n, s.d_model, s.d_inner, s.rank, s.d_state
+    c = (matmul(N, D, 2 * di, s.bias) + matmul(N, di, r + 2 * n) + matmul(N, r, di, bias=True)
+         + matmul(N, di, D, s.bias))
+    c += weights(vector=s.d_conv * di + (di if s.conv_bias else 0), fp32=di * n + di)
+    c += Cost(flops={"scan": 2 * N * di * s.d_conv + 7 * N * di * n + 3 * N * di})
+    c += Cost(act_read=N * D + N * di + N * di + N * r + (3 * N * di + 2 * N * n) + N * di,
+              act_write=2 * N * di + N * di + N * (r + 2 * n) + N * di + N * di + N * D)
+    conv_state = w.batch * (s.d_conv - 1) * di
+    ssm_state = w.batch * di * n
+    read = {"conv": conv_state, "ssm": ssm_state} if w.context else {}
+    return c + Cost(state_read=read, state_write={"conv": conv_state, "ssm": ssm_state})
+
+
+def _attention_cost(s, w: Workload) -> Cost:
+    """Fused q/k/v projection (D -> (Hq + 2*Hkv)*hd), attention core, o_proj (Hq*hd -> D).
+
+    attention FLOPs 4*hd*Hq*B*pairs with pairs = ``visible_pairs(T, C, window)``.
+    Traffic: qkv reads N*D, writes N*(Hq+2*Hkv)*hd; the core reads q and the new k, v and writes
+    N*Hq*hd; o_proj reads N*Hq*hd, writes N*D. KV state: reads the cached keys and values a query
+    can see, 2*B*Hkv*hd*min(C, window or C); writes the new ones, 2*B*Hkv*hd*min(T, window or T)
+    (a sliding-window cache is a ring of ``window`` slots: only the last ``window`` keys are kept)."""
+    N, D, hd, Hq, Hkv = w.n, s.d_model, s.hd, s.n_heads, s.kv_heads
+    qkv = (Hq + 2 * Hkv) * hd
+    c = matmul(N, D, qkv, s.qkv_bias) + matmul(N, Hq * hd, D, s.o_bias)
+    c += weights(vector=2 * hd if s.qk_norm else 0)
+    c += Cost(flops={"attention": 4 * hd * Hq * w.batch * visible_pairs(w.tokens, w.context, s.window)})
+    c += Cost(act_read=N * D + N * qkv + N * Hq * hd, act_write=N * qkv + N * Hq * hd + N * D)
+    cached = min(w.context, s.window) if s.window else w.context
+    read = {"kv": 2 * w.batch * Hkv * hd * cached} if cached else {}
+    kept = min(w.tokens, s.window) if s.window else w.tokens
+    return c + Cost(state_read=read, state_write={"kv": 2 * w.batch * Hkv * hd * kept})
+
+
+register_cost("attention")(_attention_cost)
+register_cost("sliding_attention")(_attention_cost)
+
+
+@register_cost("gated_deltanet")
+def gated_deltanet_cost(s, w: Workload) -> Cost:
+    """in_proj_qkv (D -> 2*Hk*K + H*V), in_proj_z (D -> H*V), in_proj_b, in_proj_a (D -> H), conv over
+    qkv, the gated delta rule, gated norm, out_proj (H*V -> D). H value heads of V, keys of K.
+
+    Delta rule, per row and value head. T == 1: one recurrent step (``scan``), 7*K*V + 2*V (decay,
+    S^T k, the correction, the rank-one write, the read). T > 1: the chunked WY form (``chunked``),
+    chunk Q = min(chunk_size, T):
+        intra-chunk  pairs * (2K [k k^T] + 2K [W = A (beta k)] + 2V [U = A (beta v)] + 2K [q k^T]
+                     + 2V [(q k^T) U])  with pairs = causal pairs inside the chunks
+        solve        sum over chunks of q(q-1)(q-2)/3  (inverting the unit lower-triangular q x q system)
+        state        6*T*K*V  (W S, q S, and the state update k^T U)
+    Traffic: the four input projections read N*D once and write N*(conv_dim + H*V + 2H); the conv
+    reads/writes N*conv_dim; the rule reads q, k, v (N*conv_dim) and g, beta (2*N*H), writes N*H*V;
+    out_proj reads o and z (2*N*H*V), writes N*D. State: conv B*(d_conv-1)*conv_dim, ssm B*H*K*V."""
+    B, T, N, D = w.batch, w.tokens, w.n, s.d_model
+    H, K, V = s.n_v_heads, s.head_k_dim, s.head_v_dim
+    vd, conv_dim = s.value_dim, s.conv_dim
+    c = (matmul(N, D, conv_dim) + matmul(N, D, vd) + matmul(N, D, H).scale(2) + matmul(N, vd, D))
+    c += weights(vector=s.d_conv * conv_dim + (conv_dim if s.conv_bias else 0) + V, fp32=2 * H)
+    if T == 1:
+        rule = {"scan": B * H * (7 * K * V + 2 * V)}
+    else:
+        Q = min(s.chunk_size, T)
+        full, rest = divmod(T, Q)
+        solve = full * Q * (Q - 1) * (Q - 2) // 3 + rest * (rest - 1) * max(rest - 2, 0) // 3
+        per_head = pairs_in_chunks(T, Q) * (6 * K + 4 * V) + solve + 6 * T * K * V
+        rule = {"chunked": B * H * per_head}
+    c += Cost(flops=_add({"scan": 2 * N * conv_dim * s.d_conv}, rule))
+    c += Cost(act_read=N * D + N * conv_dim + N * (conv_dim + 2 * H) + 2 * N * vd,
+              act_write=N * (conv_dim + vd + 2 * H) + N * conv_dim + N * vd + N * D)
+    conv_state = B * (s.d_conv - 1) * conv_dim
+    ssm_state = B * H * K * V
+    read = {"conv": conv_state, "ssm": ssm_state} if w.context else {}
+    return c + Cost(state_read=read, state_write={"conv": conv_state, "ssm": ssm_state})
+
+
+@register_cost("short_conv")
+def short_conv_cost(s, w: Workload) -> Cost:
+    """in_proj (D -> 3D: b, c, x), y = c * conv(b * x) depthwise with ``kernel`` taps, out_proj (D -> D).
+
+    Traffic: in_proj reads N*D, writes 3*N*D; the conv reads b and x (gate fused), writes N*D;
+    out_proj reads y and c (2*N*D), writes N*D. State: conv B*(kernel-1)*D."""
+    N, D, L = w.n, s.d_model, s.kernel
+    c = matmul(N, D, 3 * D, s.bias) + matmul(N, D, D, s.bias)
+    c += weights(vector=D * L + (D if s.bias else 0))
+    c += Cost(flops={"scan": 2 * N * D * L}, act_read=N * D + 2 * N * D + 2 * N * D,
+              act_write=3 * N * D + N * D + N * D)
+    conv_state = w.batch * (L - 1) * D
+    return c + Cost(state_read={"conv": conv_state} if w.context else {}, state_write={"conv": conv_state})
+
+
+@register_cost("parallel")
+def parallel_cost(s, w: Workload) -> Cost:
+    """Branches that read the same input and add their outputs (Falcon-H1): the sum of the branch
+    kinds' registered costs, plus the running sum read by each branch after the first ((n-1)*N*D;
+    the add is fused into that branch's output projection)."""
+    c = Cost(act_read=(len(s.branches) - 1) * w.n * s.d_model)
+    for _, kind, settings in s.branches:
+        c = c + get_cost("mixer", kind)(settings, w)
+    return c
+
+
+def experts_touched(n_experts: int, top_k: int, n_tokens: int) -> float:
+    """Expected number of distinct experts that N tokens routed to top_k of E experts each touch,
+    under uniform routing: E * (1 - (1 - k/E)^N)  (k for one token, -> E for many)."""
+    return n_experts * (1.0 - (1.0 - top_k / n_experts) ** n_tokens)
+
+
+@register_cost("moe", role="ffn")
+def moe_cost(s, w: Workload) -> Cost:
+    """Router (D -> E), k routed SwiGLU (or plain) experts of width F per token, optional shared
+    expert (width Fs) with an optional sigmoid gate (D -> 1).
+
+    matmul 2*N*D*E + 2*N*k*D*F*(3|2) + 2*N*D*Fs*(3|2) [+ 2*N*D]. Weights stored: all E experts; read:
+    the experts the call touches (``experts_touched``, uniform routing), router and shared expert.
+    Traffic: router reads N*D, writes N*E; experts read N*k*D, write N*k*F*(2|1); down reads
+    N*k*F*(2|1), writes N*k*D; the weighted sum reads N*k*D, writes N*D; the shared expert as an MLP."""
+    N, D, E, k, F = w.n, s.d_model, s.n_experts, s.top_k, s.ff
+    m = 3 if s.gated else 2
+    g = m - 1
+    c = matmul(N, D, E, s.router_bias)
+    c += Cost(flops={"matmul": 2 * N * k * D * F * m}, params={"matrix": E * F * D * m},
+              weight_reads={"matrix": experts_touched(E, k, N) * F * D * m})
+    c += Cost(act_read=N * D + N * k * D + g * N * k * F + N * k * D,
+              act_write=N * E + g * N * k * F + N * k * D + N * D)
+    if s.shared_d_ff:
+        Fs = s.shared_d_ff
+        c += matmul(N, D, Fs).scale(g) + matmul(N, Fs, D)
+        c += Cost(act_read=N * D + g * N * Fs, act_write=g * N * Fs + N * D)
+        if s.shared_gate:
+            c += matmul(N, D, 1)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# the stack around the layers
+# ----------------------------------------------------------------------------------------------
+
+
+def block_cost(d_model: int, has_ffn: bool, w: Workload) -> Cost:
+    """Pre-norm weights and the residual stream read by each sub-block's output projection."""
+    k = 2 if has_ffn else 1
+    return weights(vector=k * d_model) + Cost(act_read=k * w.n * d_model)
+
+
+def embed_cost(vocab: int, d_model: int, tied: bool, w: Workload) -> Cost:
+    """Gather N rows (min(N, V) distinct rows read) and write N*D. The table is stored here; a tied
+    head reads it again in full."""
+    rows = min(w.n, vocab)
+    return Cost(params={"matrix": vocab * d_model}, weight_reads={"matrix": rows * d_model},
+                act_write=w.n * d_model)
+
+
+def head_cost(vocab: int, d_model: int, tied: bool, w: Workload) -> Cost:
+    """Final norm then logits = h W^T for every position: 2*N*D*V FLOPs, reads the V*D table and
+    N*D, writes N*V logits (as ``model.apply`` does)."""
+    N = w.n
+    c = Cost(flops={"matmul": 2 * N * d_model * vocab}, weight_reads={"matrix": vocab * d_model})
+    if not tied:
+        c += Cost(params={"matrix": vocab * d_model})
+    return c + weights(vector=d_model) + Cost(act_read=N * d_model, act_write=N * vocab)

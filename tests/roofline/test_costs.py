@@ -1,0 +1,232 @@
+"""Per-kind costs against hand-computed counts, and the cost registry.
+
+Every registered mixer / FFN kind must have a cost function and a hand-computed case here; a new
+kind registered without them fails `test_every_registered_kind_has_a_cost` and
+`test_every_registered_kind_has_a_hand_computed_case`.
+"""
+import pytest
+from hypothesis import given, strategies as st
+
+import alloy
+from alloy.config import ModelConfig
+from alloy.layers.registry import _REGISTRY, get_layer, make_settings, registered
+from alloy.roofline import Workload, get_cost, registered_costs, roofline, visible_pairs
+from alloy.roofline.costs import pairs_in_chunks, register_cost
+
+
+def _settings(role, kind, d_model, **fields):
+    return make_settings(role, kind, kind, fields, d_model)
+
+
+def _cost(role, kind, d_model, w, **fields):
+    return get_cost(role, kind)(_settings(role, kind, d_model, **fields), w)
+
+
+# --- hand-computed cases: (role, kind) -> check function; numbers worked out in the comments ---
+
+def _mamba2():
+    # d_model 8, expand 2 -> d_inner 16; head_dim 4 -> h 4; d_state n 4; g 1; d_conv 4; chunk 4
+    # d_in_proj = 2*16 + 2*1*4 + 4 = 44; conv_dim = 16 + 2*4 = 24
+    kw = dict(d_state=4, head_dim=4, expand=2, n_groups=1, d_conv=4, chunk_size=4)
+    c = _cost("mixer", "mamba2", 8, Workload(batch=2, tokens=6), **kw)  # N = 12
+    assert c.flops["matmul"] == 2 * 12 * 8 * 44 + 2 * 12 * 16 * 8 == 11520
+    assert c.flops["scan"] == 2 * 12 * 24 * 4 == 2304  # the depthwise conv
+    # Q = 4, c = 2 chunks/row, causal pairs per row: 4*5/2 + 2*3/2 = 13
+    # intra 2*13*(2*1*4 + 4 + 2*4*4) = 1144; states 2*12*64 = 1536; state->y 1536;
+    # passing 2*2*2*64 = 512; skip+dt*x 3*12*16 = 576
+    assert c.flops["chunked"] == 1144 + 1536 + 1536 + 512 + 576 == 5304
+    # in_proj 44*8 + out_proj 16*8 = 480; conv 24*4 + bias 24 + norm 16 = 136; dt_bias, A_log, D: 12
+    assert c.params == {"matrix": 480, "vector": 136, "fp32": 12}
+    # reads: x 12*8, conv in 12*24, scan in 12*(24+4), out_proj in 2*12*16
+    assert c.act_read == 96 + 288 + 336 + 384 == 1104
+    # writes: in_proj 12*44, conv 12*24, scan 12*16, out_proj 12*8
+    assert c.act_write == 528 + 288 + 192 + 96 == 1104
+    assert c.state_read == {}  # prefill from nothing
+    assert c.state_write == {"conv": 2 * 3 * 24, "ssm": 2 * 4 * 4 * 4}
+    d = _cost("mixer", "mamba2", 8, Workload(batch=2, tokens=1, context=5), **kw)  # decode, N = 2
+    assert d.flops["matmul"] == 2 * 2 * 8 * 44 + 2 * 2 * 16 * 8 == 1920
+    # conv 2*2*24*4 = 384; one step per row 5*h*p*n + 3*h*p = 320 + 48
+    assert d.flops == {"matmul": 1920, "scan": 384 + 2 * 368}
+    assert d.state_read == {"conv": 144, "ssm": 128}
+
+
+def _mamba1():
+    # d_model 8, expand 2 -> d_inner 16, dt_rank 2, d_state 4, d_conv 4; batch 1, T 3 -> N 3
+    c = _cost("mixer", "mamba1", 8, Workload(batch=1, tokens=3), d_state=4, dt_rank=2, expand=2)
+    # in 2*3*8*32 = 1536, x_proj 2*3*16*10 = 960, dt_proj 2*3*2*16 = 192, out 2*3*16*8 = 768
+    assert c.flops["matmul"] == 3456
+    # conv 2*3*16*4 = 384; scan 7*3*16*4 = 1344 + 3*3*16 = 144
+    assert c.flops["scan"] == 384 + 1344 + 144
+    # matrices 256 + 160 + 32 + 128; vectors conv 64 + conv bias 16 + dt_proj bias 16; fp32 A_log 64 + D 16
+    assert c.params == {"matrix": 576, "vector": 96, "fp32": 80}
+    assert c.act_read == 24 + 48 + 48 + 6 + (144 + 24) + 48 == 342
+    assert c.act_write == 96 + 48 + 30 + 48 + 48 + 24 == 294
+    assert c.state_write == {"conv": 3 * 16, "ssm": 16 * 4}
+
+
+def _attention():
+    # d_model 16, 4 q heads, 2 kv heads, head_dim 4, qk_norm; a 3-token chunk after 5 cached
+    c = _cost("mixer", "attention", 16, Workload(batch=1, tokens=3, context=5), n_heads=4, n_kv_heads=2,
+              head_dim=4, qk_norm=True)
+    # qkv width (4 + 2*2)*4 = 32: 2*3*16*32 = 3072; o_proj 2*3*16*16 = 1536
+    assert c.flops["matmul"] == 4608
+    # queries at positions 5, 6, 7 see 6 + 7 + 8 = 21 keys; 4*hd*Hq*pairs = 4*4*4*21
+    assert c.flops["attention"] == 1344
+    assert c.params == {"matrix": 16 * 32 + 16 * 16, "vector": 8}
+    assert c.state_read == {"kv": 2 * 2 * 4 * 5} and c.state_write == {"kv": 2 * 3 * 2 * 4}
+    assert c.act_read == 48 + 96 + 48 and c.act_write == 96 + 48 + 48
+
+
+def _sliding_attention():
+    c = _cost("mixer", "sliding_attention", 16, Workload(batch=1, tokens=3, context=5), n_heads=4,
+              n_kv_heads=2, head_dim=4, window=4)
+    assert c.flops["attention"] == 4 * 4 * 4 * (4 + 4 + 4)  # every query sees exactly 4 keys
+    assert c.state_read == {"kv": 2 * 2 * 4 * 4}  # the window's worth of the cache
+    p = _cost("mixer", "sliding_attention", 16, Workload(batch=2, tokens=6), n_heads=4, window=3)
+    # prefill, window 3: keys seen 1, 2, 3, 3, 3, 3 = 15 per row and head; hd = 16/4 = 4
+    assert p.flops["attention"] == 4 * 4 * 4 * 2 * 15
+
+
+def _mlp():
+    c = _cost("ffn", "mlp", 8, Workload(batch=1, tokens=2), d_ff=12)  # gated (SwiGLU)
+    assert c.flops == {"matmul": 2 * 2 * 8 * 12 * 3}
+    assert c.params == {"matrix": 3 * 8 * 12}
+    assert c.act_read == 2 * 8 + 2 * 2 * 12 and c.act_write == 2 * 2 * 12 + 2 * 8
+    p = _cost("ffn", "mlp", 8, Workload(batch=1, tokens=2), d_ff=12, gated=False, bias=True)
+    assert p.flops == {"matmul": 2 * 2 * 8 * 12 * 2}
+    assert p.params == {"matrix": 2 * 8 * 12, "vector": 12 + 8}
+
+
+def _gated_deltanet():
+    # d_model 8; 1 key head, 2 value heads (H), K = V = 4; key_dim 4, value_dim 8, conv_dim 2*4 + 8 = 16
+    kw = dict(n_k_heads=1, n_v_heads=2, head_k_dim=4, head_v_dim=4, d_conv=4, chunk_size=4)
+    c = _cost("mixer", "gated_deltanet", 8, Workload(batch=1, tokens=6), **kw)  # N = 6
+    # qkv 2*6*8*16 = 1536, z 2*6*8*8 = 768, b and a 2 * 2*6*8*2 = 384, out 2*6*8*8 = 768
+    assert c.flops["matmul"] == 3456
+    assert c.flops["scan"] == 2 * 6 * 16 * 4 == 768  # conv
+    # per value head: pairs 4*5/2 + 2*3/2 = 13, times 6K + 4V = 40 -> 520; solve 4*3*2/3 = 8 (the
+    # 2-token chunk: 0); state 6*T*K*V = 576 -> 1104; times H = 2
+    assert c.flops["chunked"] == 2 * (520 + 8 + 576) == 2208
+    # matrices 8*16 + 8*8 + 8*2 + 8*2 + 8*8 = 288; conv 16*4 (no bias) + norm 4; dt_bias, A_log 2 + 2
+    assert c.params == {"matrix": 288, "vector": 68, "fp32": 4}
+    assert c.act_read == 48 + 96 + (96 + 24) + 96 == 360
+    assert c.act_write == 6 * (16 + 8 + 4) + 96 + 48 + 48 == 360
+    assert c.state_write == {"conv": 3 * 16, "ssm": 2 * 4 * 4}
+    d = _cost("mixer", "gated_deltanet", 8, Workload(batch=1, tokens=1, context=3), **kw)
+    assert d.flops["scan"] == 2 * 1 * 16 * 4 + 2 * (7 * 16 + 2 * 4) == 368  # conv + one step per head
+    assert d.state_read == {"conv": 48, "ssm": 32}
+
+
+def _moe():
+    # d_model 8, 4 experts, top 2, d_ff 6 (SwiGLU), shared expert 4 wide with a gate; N = 3 tokens
+    c = _cost("ffn", "moe", 8, Workload(batch=1, tokens=3), n_experts=4, top_k=2, d_ff=6, shared_d_ff=4,
+              shared_gate=True)
+    # router 2*3*8*4 = 192; routed 2*3*2*8*6*3 = 1728; shared 2*3*8*4*3 = 576; gate 2*3*8 = 48
+    assert c.flops == {"matmul": 192 + 1728 + 576 + 48}
+    # stored: router 32, experts 4*6*8*3 = 576, shared 96, gate 8
+    assert c.params == {"matrix": 32 + 576 + 96 + 8}
+    # read: 3 tokens x 2 of 4 experts touch 4 * (1 - (1/2)^3) = 3.5 experts on average
+    assert c.weight_reads == {"matrix": 32 + 3.5 * 144 + 96 + 8}
+    assert c.act_read == 24 + 48 + 72 + 48 + (24 + 24) == 240
+    assert c.act_write == 12 + 72 + 48 + 24 + (24 + 24) == 204
+    one = _cost("ffn", "moe", 8, Workload(batch=1, tokens=1), n_experts=4, top_k=2, d_ff=6)
+    assert one.weight_reads == {"matrix": 32 + 2 * 144}  # a single token reads exactly its k experts
+
+
+def _short_conv():
+    c = _cost("mixer", "short_conv", 8, Workload(batch=1, tokens=2, context=4), kernel=3)  # N = 2
+    assert c.flops == {"matmul": 2 * 2 * 8 * 24 + 2 * 2 * 8 * 8, "scan": 2 * 2 * 8 * 3}
+    assert c.params == {"matrix": 8 * 24 + 8 * 8, "vector": 8 * 3}
+    assert c.act_read == 16 + 32 + 32 and c.act_write == 48 + 16 + 16
+    assert c.state_read == c.state_write == {"conv": 2 * 8}
+
+
+def _parallel():
+    # Falcon-H1 style: a Mamba-2 and an attention branch on the same input; their costs (checked by
+    # hand above) add, plus one read of the running sum (N*D) for the second branch
+    w = Workload(batch=2, tokens=6)
+    m = dict(kind="mamba2", d_state=4, head_dim=4, chunk_size=4)
+    a = dict(kind="attention", n_heads=2)
+    c = _cost("mixer", "parallel", 8, w, branches={"mamba": m, "attn": a})
+    parts = [_cost("mixer", k.pop("kind"), 8, w, **k) for k in (dict(m), dict(a))]
+    total = parts[0] + parts[1]
+    assert c.flops == total.flops and c.flops["matmul"] == 11520 + 2 * 12 * 8 * 24 + 2 * 12 * 8 * 8
+    assert c.params == total.params and c.state_write == total.state_write
+    assert c.act_read == total.act_read + 12 * 8
+
+
+HAND = {("mixer", "mamba2"): _mamba2, ("mixer", "mamba1"): _mamba1, ("mixer", "attention"): _attention,
+        ("mixer", "sliding_attention"): _sliding_attention, ("mixer", "gated_deltanet"): _gated_deltanet,
+        ("mixer", "short_conv"): _short_conv, ("mixer", "parallel"): _parallel,
+        ("ffn", "mlp"): _mlp, ("ffn", "moe"): _moe}
+KINDS = [("mixer", k) for k in registered("mixer")] + [("ffn", k) for k in registered("ffn")]
+
+
+@pytest.mark.parametrize("role,kind", KINDS)
+def test_every_registered_kind_has_a_cost(role, kind):
+    assert kind in registered_costs(role), f"{role} kind {kind!r} has no roofline cost"
+
+
+@pytest.mark.parametrize("role,kind", KINDS)
+def test_every_registered_kind_has_a_hand_computed_case(role, kind):
+    assert (role, kind) in HAND, f"no hand-computed roofline test for {role} kind {kind!r}"
+    HAND[(role, kind)]()
+
+
+def test_params_counted_equal_the_initialised_tree_for_every_kind():
+    """Stored parameters of the report == alloy.params.count_params(model.init(...))."""
+    import mlx.core as mx
+    from alloy.params import count_params
+    cfg = {"vocab_size": 37, "d_model": 16,
+           "layer_types": ["mamba2", "mamba1", "attention", "sliding_attention", "gated_deltanet", "short_conv",
+                           "parallel"],
+           "ffn_types": ["mlp", "none", "wide", "mlp", "moe", "none", "mlp"],
+           "mixers": {"mamba2": {"d_state": 8, "head_dim": 8, "n_groups": 2, "bias": True},
+                      "mamba1": {"d_state": 4, "conv_bias": False},
+                      "attention": {"n_heads": 4, "n_kv_heads": 1, "qkv_bias": True, "o_bias": True,
+                                    "qk_norm": True},
+                      "sliding_attention": {"n_heads": 2, "window": 3},
+                      "gated_deltanet": {"n_k_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "head_v_dim": 4,
+                                         "conv_bias": True},
+                      "short_conv": {"kernel": 3, "bias": True},
+                      "parallel": {"branches": {"m": {"kind": "mamba2", "d_state": 8, "head_dim": 8},
+                                                "a": {"kind": "sliding_attention", "n_heads": 2, "window": 4}}}},
+           "ffns": {"mlp": {"d_ff": 24}, "wide": {"kind": "mlp", "d_ff": 40, "gated": False, "bias": True},
+                    "moe": {"n_experts": 4, "top_k": 2, "d_ff": 12, "router_bias": True, "shared_d_ff": 8,
+                            "shared_gate": True}}}
+    for tied in (True, False):
+        cfg["tie_embeddings"] = tied
+        model = alloy.build(cfg)
+        assert roofline(cfg, "H100", "prefill", seq_len=8).params == count_params(model.init(mx.random.key(0)))
+
+
+@given(T=st.integers(1, 40), C=st.integers(0, 40), W=st.integers(0, 50))
+def test_visible_pairs_equals_brute_force(T, C, W):
+    brute = sum(1 for i in range(T) for j in range(C + i + 1) if not W or (C + i) - j < W)
+    assert visible_pairs(T, C, W) == brute
+
+
+@given(T=st.integers(1, 60), Q=st.integers(1, 20))
+def test_pairs_in_chunks_equals_brute_force(T, Q):
+    assert pairs_in_chunks(T, Q) == sum(1 for l in range(T) for s in range(l + 1) if l // Q == s // Q)
+
+
+def test_unregistered_kind_names_itself_then_works_once_registered(monkeypatch):
+    spec = get_layer("mixer", "mamba2")
+    monkeypatch.setitem(_REGISTRY["mixer"], "my_mixer", spec.__class__(**{**spec.__dict__, "kind": "my_mixer"}))
+    cfg = ModelConfig(vocab_size=11, d_model=8, layer_types=("my_mixer",), ffn_types=("none",),
+                      mixers={"my_mixer": {"d_state": 4, "head_dim": 4}})
+    with pytest.raises(ValueError, match="no roofline cost registered for mixer kind 'my_mixer'"):
+        roofline(cfg)
+    from alloy.roofline import costs
+    monkeypatch.setitem(costs._COSTS["mixer"], "my_mixer", None)  # restored after the test
+    register_cost("my_mixer", replace=True)(costs.mamba2_cost)
+    r = roofline(cfg, "H100", "decode", context=10)
+    assert r.layer(0).mixer == "my_mixer" and r.total_flops > 0
+
+
+def test_register_cost_refuses_a_silent_replacement():
+    with pytest.raises(ValueError, match="already registered"):
+        register_cost("mamba2")(lambda s, w: None)
+    with pytest.raises(ValueError, match="role"):
+        register_cost("x", role="norm")
