@@ -55,3 +55,24 @@ def test_corrupted_safetensors_fails_cleanly(tmp_path):
     with pytest.raises((ValueError, OSError)) as e:
         alloy.load(dst)
     assert "model.safetensors" in str(e.value)
+
+
+def test_sharded_checkpoint_with_index_loads_identically(tmp_path):
+    import json
+    import shutil
+    from safetensors.numpy import load_file, save_file
+    src = next(p for p in FIXTURES if p.name == "jamba")
+    for f in ("config.json", "reference.npz"):
+        shutil.copy(src / f, tmp_path / f)
+    tensors = load_file(str(src / "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for fname, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(tmp_path / fname))
+        weight_map.update({k: fname for k in keys})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model, params = alloy.load(tmp_path)
+    ref = np.load(tmp_path / "reference.npz")
+    got, _ = model.apply(params, mx.array(ref["ids"]))
+    np.testing.assert_allclose(np.array(got), ref["logits"], atol=1e-3, rtol=0)
