@@ -3,6 +3,7 @@ pure SSM stacks (Mamba, Mamba2). Each maps config fields and tensor names exactl
 is either used, checked to be a value the math here supports, or listed as irrelevant."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from alloy.convert.registry import Converter, register_converter
@@ -208,11 +209,32 @@ def _mamba_to_hf(cfg) -> dict | None:
     if set(cfg.layer_types) != {"mamba1"} or set(cfg.ffn_types) != {"none"} or cfg.mixer_kind(0) != "mamba1":
         return None
     m = cfg.mixer(0)[1]
+    if m.dt_bc_norm or m.n_heads != 1:
+        return None
     return {"model_type": "mamba", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
             "num_hidden_layers": cfg.n_layers, "state_size": m.d_state, "conv_kernel": m.d_conv,
             "expand": m.expand, "intermediate_size": m.d_inner, "time_step_rank": m.rank,
             "use_conv_bias": m.conv_bias, "use_bias": m.bias, "layer_norm_epsilon": cfg.norm_eps,
             "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings}
+
+
+def _falcon_mamba_config(hf: dict) -> dict:
+    cfg = _mamba_config(hf)
+    cfg["name"] = "falcon_mamba"
+    cfg["mixers"]["mamba1"].update({"dt_bc_norm": True, "dt_bc_norm_weight": False,
+                                    "dt_bc_norm_eps": float(hf.get("mixer_rms_eps", 1e-6))})
+    return cfg
+
+
+def _falcon_mamba_to_hf(cfg) -> dict | None:
+    if set(cfg.layer_types) != {"mamba1"} or set(cfg.ffn_types) != {"none"}:
+        return None
+    m = cfg.mixers[0][2]
+    if not (m.dt_bc_norm and not m.dt_bc_norm_weight):
+        return None
+    hf = _mamba_to_hf(dataclasses.replace(cfg, mixers={"mamba1": dataclasses.replace(m, dt_bc_norm=False)}))
+    hf.update({"model_type": "falcon_mamba", "mixer_rms_eps": m.dt_bc_norm_eps})
+    return hf
 
 
 register_converter(Converter(
@@ -221,6 +243,12 @@ register_converter(Converter(
                "intermediate_size", "time_step_rank", "use_conv_bias", "use_bias", "layer_norm_epsilon",
                "hidden_act"}),
     _mamba_to_hf, "MambaForCausalLM"))
+register_converter(Converter(
+    ("falcon_mamba",), _falcon_mamba_config, _SSM_RENAME,
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel", "expand",
+               "intermediate_size", "time_step_rank", "use_conv_bias", "use_bias", "layer_norm_epsilon",
+               "hidden_act", "mixer_rms_eps"}),
+    _falcon_mamba_to_hf, "FalconMambaForCausalLM"))
 
 
 def _mamba2_config(hf: dict) -> dict:

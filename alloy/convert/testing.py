@@ -15,6 +15,7 @@ def configs(T):
         "qwen2": T.Qwen2Config(**dec),
         "qwen3": T.Qwen3Config(**dec, head_dim=16, tie_word_embeddings=True),
         "mamba": T.MambaConfig(**small, state_size=8),
+        "falcon_mamba": T.FalconMambaConfig(**small, state_size=8, mixer_rms_eps=1e-5),
         "mamba2": T.Mamba2Config(**small, num_heads=4, head_dim=16, state_size=8, n_groups=2, chunk_size=4),
         "qwen3_next": T.Qwen3NextConfig(**{**dec, "num_hidden_layers": 3}, head_dim=8, linear_num_key_heads=2,
                                         linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,

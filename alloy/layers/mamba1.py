@@ -42,6 +42,7 @@ class Mamba1Settings(LayerSettings):
     # Jamba: RMSNorm (with weights dt_layernorm / b_layernorm / c_layernorm) on dt, B and C
     dt_bc_norm: bool = False
     dt_bc_norm_eps: float = 1e-6
+    dt_bc_norm_weight: bool = True  # False: weightless RMSNorms (Falcon-Mamba)
     # Zamba: channels split into n_heads independent Mamba heads, each with its own x_proj / dt_proj
     # (x_proj (H, rank+2N, d_inner/H), dt_proj (H, d_inner/H, rank)) and its own B, C
     n_heads: int = 1
@@ -83,7 +84,7 @@ def init(key, cfg: Mamba1Settings) -> dict:
         "D": mx.ones((cfg.d_inner,)),
         "out_proj": I.linear(k[5], cfg.d_inner, cfg.d_model, bias=cfg.bias),
         **({"dt_layernorm": {"weight": mx.ones((r,))}, "b_layernorm": {"weight": mx.ones((n,))},
-            "c_layernorm": {"weight": mx.ones((n,))}} if cfg.dt_bc_norm else {}),
+            "c_layernorm": {"weight": mx.ones((n,))}} if cfg.dt_bc_norm and cfg.dt_bc_norm_weight else {}),
     }
 
 
@@ -108,9 +109,10 @@ def apply(params, x, state, cfg: Mamba1Settings):
     dt_r, Bm, Cm = mx.split(dense(params["x_proj"], xs), [cfg.rank, cfg.rank + cfg.d_state], axis=-1)
     if cfg.dt_bc_norm:
         eps = cfg.dt_bc_norm_eps
-        dt_r = rms_norm(dt_r, params["dt_layernorm"]["weight"], eps)
-        Bm = rms_norm(Bm, params["b_layernorm"]["weight"], eps)
-        Cm = rms_norm(Cm, params["c_layernorm"]["weight"], eps)
+        w = (lambda n: params[n]["weight"]) if cfg.dt_bc_norm_weight else (lambda n: None)
+        dt_r = rms_norm(dt_r, w("dt_layernorm"), eps)
+        Bm = rms_norm(Bm, w("b_layernorm"), eps)
+        Cm = rms_norm(Cm, w("c_layernorm"), eps)
     dt = nn.softplus(dense(params["dt_proj"], dt_r).astype(mx.float32))
     if valid is not None:
         dt = mx.where(live_mask(valid, x.shape[1])[..., None], dt, 0.0)
