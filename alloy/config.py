@@ -26,7 +26,7 @@ from alloy.layers.registry import LayerSettings, get_layer, make_settings
 DTYPES = ("float32", "bfloat16", "float16")
 _TOP_FIELDS = ("vocab_size", "d_model", "layer_types", "ffn_types", "mixers", "ffns", "norm_eps",
                "tie_embeddings", "init_std", "dtype", "name", "embedding_multiplier", "residual_multiplier",
-               "logits_scaling", "shared")
+               "logits_scaling", "logits_soft_cap", "shared")
 
 
 def _resolve(role: str, names: tuple[str, ...], given: Any, d_model: int) -> tuple:
@@ -84,6 +84,7 @@ class ModelConfig:
     embedding_multiplier: float = 1.0  # h0 = embed(tokens) * m
     residual_multiplier: float = 1.0  # h = h + m * block(h)
     logits_scaling: float = 1.0  # logits = head(h) / s
+    logits_soft_cap: float = 0.0  # logits = cap * tanh(logits / cap) (Gemma); 0: off
     # shared transformer blocks reused at several depths (Zamba2); see alloy.layers.shared
     shared: Any = None
 
@@ -118,6 +119,10 @@ class ModelConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"ModelConfig.{k} must be a positive number, got {v!r}")
             set_(k, float(v))
+        if isinstance(self.logits_soft_cap, bool) or not isinstance(self.logits_soft_cap, (int, float)) \
+                or self.logits_soft_cap < 0:
+            raise ValueError(f"ModelConfig.logits_soft_cap must be >= 0 (0 = off), got {self.logits_soft_cap!r}")
+        set_("logits_soft_cap", float(self.logits_soft_cap))
         if all(t == "none" for t in lt) and all(f == "none" for f in ft):
             raise ValueError("ModelConfig: every layer has layer_types 'none' and ffn_types 'none'")
         if not isinstance(self.tie_embeddings, bool):
@@ -187,6 +192,7 @@ class ModelConfig:
             "embedding_multiplier": self.embedding_multiplier,
             "residual_multiplier": self.residual_multiplier,
             "logits_scaling": self.logits_scaling,
+            "logits_soft_cap": self.logits_soft_cap,
             **({"shared": self.shared.to_dict()} if self.shared is not None else {}),
         }
 

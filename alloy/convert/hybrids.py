@@ -1091,3 +1091,102 @@ register_converter(Converter(
                "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_conv_bias", "mamba_proj_bias",
                "n_mamba_heads", "use_mamba_kernels", "num_logits_to_keep"}),
     _zamba_to_hf, "ZambaForCausalLM", load_hook=_zamba_load, save_hook=_zamba_save))
+
+
+# -- RecurrentGemma (Griffin): RG-LRU recurrent blocks + local MQA attention ---------------------
+_RG_NORMS = re.compile(r"(\.temporal_pre_norm|\.channel_pre_norm|^model\.final_norm)\.weight$")
+
+
+def _rg_shift(flat: dict, delta: float) -> dict:
+    return {k: (v.astype(mx.float32) + delta).astype(v.dtype) if _RG_NORMS.search(k) else v for k, v in flat.items()}
+
+
+def _bf16_round(x: float) -> float:
+    """RecurrentGemma keeps its embedding normaliser sqrt(d) as a bfloat16 buffer."""
+    return float(mx.array(x, dtype=mx.bfloat16).astype(mx.float32).item())
+
+
+def _recurrent_gemma_config(hf: dict) -> dict:
+    L, D = hf["num_hidden_layers"], hf["hidden_size"]
+    blocks = hf.get("block_types") or ["recurrent", "recurrent", "attention"]
+    types = [blocks[i % len(blocks)] for i in range(L)]
+    bad = sorted(set(types) - {"recurrent", "attention"})
+    if bad:
+        raise ValueError(f"recurrent_gemma: unsupported block_types {bad}")
+    act = hf.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"recurrent_gemma: hidden_activation {act!r} is not supported")
+    heads = hf["num_attention_heads"]
+    rp = hf.get("rope_parameters") or {}
+    mixers = {}
+    if "recurrent" in types:
+        mixers["rglru"] = {"width": hf.get("lru_width") or D, "n_heads": heads,
+                           "conv_width": hf.get("conv1d_width", 4)}
+    if "attention" in types:
+        mixers["sliding_attention"] = {
+            "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+            "head_dim": hf.get("head_dim") or D // heads, "window": hf["attention_window_size"],
+            "rope_theta": _rope_theta(hf),
+            "partial_rotary_factor": float(rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))),
+            "qkv_bias": bool(hf.get("attention_bias", False)), "o_bias": True}
+    return {"name": "recurrent_gemma", "vocab_size": hf["vocab_size"], "d_model": D,
+            "layer_types": ["rglru" if t == "recurrent" else "sliding_attention" for t in types],
+            "ffn_types": ["mlp"] * L, "mixers": mixers,
+            "ffns": {"mlp": {"d_ff": hf["intermediate_size"] // 2, "activation": "gelu_tanh", "bias": True}},
+            "norm_eps": hf.get("rms_norm_eps", 1e-6), "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+            "embedding_multiplier": _bf16_round(D ** 0.5),
+            "logits_soft_cap": float(hf.get("logits_soft_cap") or 0.0)}
+
+
+def _recurrent_gemma_to_hf(cfg) -> dict | None:
+    kinds = [cfg.mixer_kind(i) for i in range(cfg.n_layers)]
+    if set(kinds) - {"rglru", "sliding_attention"} or set(cfg.ffn_types) != {"mlp"} or len(cfg.ffns) != 1:
+        return None
+    if cfg.embedding_multiplier != _bf16_round(cfg.d_model ** 0.5) or cfg.residual_multiplier != 1.0:
+        return None
+    f = cfg.ffns[0][2]
+    if f.activation != "gelu_tanh" or not f.bias or not f.gated:
+        return None
+    period = next((p for p in range(1, cfg.n_layers + 1)
+                   if all(kinds[i] == kinds[i % p] for i in range(cfg.n_layers))), cfg.n_layers)
+    hf = {"model_type": "recurrent_gemma", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "num_hidden_layers": cfg.n_layers, "intermediate_size": 2 * f.ff, "hidden_activation": "gelu_pytorch_tanh",
+          "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+          "logits_soft_cap": cfg.logits_soft_cap or None,
+          "block_types": ["recurrent" if k == "rglru" else "attention" for k in kinds[:period]]}
+    for _, kind, s in cfg.mixers:
+        if kind == "rglru":
+            hf.update({"lru_width": s.w, "conv1d_width": s.conv_width})
+            heads = s.n_heads
+        else:
+            if s.qk_norm or s.output_gate or s.scale or not s.o_bias or not s.rope:
+                return None
+            hf.update({"num_attention_heads": s.n_heads, "num_key_value_heads": s.kv_heads, "head_dim": s.hd,
+                       "attention_window_size": s.window, "attention_bias": s.qkv_bias,
+                       "rope_parameters": {"rope_theta": s.rope_theta, "rope_type": "default",
+                                           "partial_rotary_factor": s.partial_rotary_factor}})
+            heads = s.n_heads
+    if hf.setdefault("num_attention_heads", heads) != heads:
+        return None
+    return hf
+
+
+register_converter(Converter(
+    ("recurrent_gemma",), _recurrent_gemma_config,
+    (("model.embed_tokens.", "embed_tokens."),
+     ("model.layers.{i}.temporal_pre_norm.", "layers.{i}.norm."),
+     *((f"model.layers.{{i}}.temporal_block.rg_lru.{n}", f"layers.{{i}}.mixer.{n}", ("rglru",))
+       for n in ("recurrent_param", "input_gate_weight", "input_gate_bias", "recurrent_gate_weight",
+                 "recurrent_gate_bias")),
+     ("model.layers.{i}.temporal_block.", "layers.{i}.mixer."),
+     ("model.layers.{i}.channel_pre_norm.", "layers.{i}.ffn_norm."),
+     ("model.layers.{i}.mlp_block.", "layers.{i}.ffn."),
+     ("model.final_norm.", "norm_f."),
+     ("lm_head.", "lm_head.")),
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "intermediate_size", "hidden_activation", "rms_norm_eps", "rope_parameters",
+               "rope_theta", "rope_scaling", "partial_rotary_factor", "attention_bias", "attention_window_size",
+               "block_types", "conv1d_width", "lru_width", "logits_soft_cap", "w_init_variance_scale",
+               "final_w_init_variance_scale", "embeddings_scale_by_sqrt_dim"}),
+    _recurrent_gemma_to_hf, "RecurrentGemmaForCausalLM", drop=(r"rotary_emb\.inv_freq$",),
+    load_hook=lambda flat, hf: _rg_shift(flat, 1.0), save_hook=lambda flat, cfg: _rg_shift(flat, -1.0)))

@@ -59,6 +59,9 @@ def configs(T):
         "zamba": T.ZambaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
                                num_attention_heads=4, num_key_value_heads=4, mamba_d_state=8, n_mamba_heads=2,
                                attn_layer_period=3, attn_layer_offset=2),
+        "recurrent_gemma": T.RecurrentGemmaConfig(**{**dec, "num_key_value_heads": 1, "num_hidden_layers": 3},
+                                                  lru_width=32, attention_window_size=5,
+                                                  block_types=["recurrent", "recurrent", "attention"]),
         "bamba": T.BambaConfig(**{**dec, "num_hidden_layers": 3}, attn_layer_indices=[1], mamba_n_heads=4,
                                mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4),
     }

@@ -1,2 +1,3 @@
 """Importing this module registers every built-in layer kind."""
-from alloy.layers import attention, gated_deltanet, mamba1, mamba2, mlp, moe, parallel, short_conv  # noqa: F401
+from alloy.layers import (  # noqa: F401
+    attention, gated_deltanet, mamba1, mamba2, mlp, moe, parallel, rglru, short_conv)

@@ -142,6 +142,9 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
         logits = dense(params["embed_tokens" if cfg.tie_embeddings else "lm_head"], h)
         if cfg.logits_scaling != 1.0:
             logits = logits / cfg.logits_scaling
+        if cfg.logits_soft_cap:
+            cap = cfg.logits_soft_cap
+            logits = (mx.tanh(logits.astype(mx.float32) / cap) * cap).astype(logits.dtype)
         if state is None:
             return logits, None
         if valid is None:

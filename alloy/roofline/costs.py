@@ -223,7 +223,8 @@ def mamba2_cost(s, w: Workload) -> Cost:
     d_in_proj = 2 * di + 2 * gn + h
     conv_dim = s.conv_dim
     c = matmul(N, D, d_in_proj, s.bias) + matmul(N, di, D, s.bias)
-    c += weights(vector=s.d_conv * conv_dim + (conv_dim if s.conv_bias else 0) + di, fp32=3 * h)
+    c += weights(vector=s.d_conv * conv_dim + (conv_dim if s.conv_bias else 0) + (di if s.rms_norm else 0),
+                 fp32=3 * h)
     c += Cost(flops=_add({"scan": 2 * N * conv_dim * s.d_conv}, _ssd_flops(s, w)))
     c += Cost(act_read=N * D + N * conv_dim + N * (conv_dim + h) + 2 * N * di,
               act_write=N * d_in_proj + N * conv_dim + N * di + N * D)
@@ -244,7 +245,9 @@ def mamba1_cost(s, w: Workload) -> Cost:
     N, D, di, r, n = w.n, s.d_model, s.d_inner, s.rank, s.d_state
     c = (matmul(N, D, 2 * di, s.bias) + matmul(N, di, r + 2 * n) + matmul(N, r, di, bias=True)
          + matmul(N, di, D, s.bias))
-    c += weights(vector=s.d_conv * di + (di if s.conv_bias else 0), fp32=di * n + di)
+    # Jamba's dt/B/C RMSNorm weights; Zamba's per-head x_proj / dt_proj have the same sizes and FLOPs
+    c += weights(vector=s.d_conv * di + (di if s.conv_bias else 0)
+                 + (r + 2 * n if s.dt_bc_norm and s.dt_bc_norm_weight else 0), fp32=di * n + di)
     c += Cost(flops={"scan": 2 * N * di * s.d_conv + 7 * N * di * n + 3 * N * di})
     c += Cost(act_read=N * D + N * di + N * di + N * r + (3 * N * di + 2 * N * n) + N * di,
               act_write=2 * N * di + N * di + N * (r + 2 * n) + N * di + N * di + N * D)
@@ -339,6 +342,26 @@ def parallel_cost(s, w: Workload) -> Cost:
     for _, kind, settings in s.branches:
         c = c + get_cost("mixer", kind)(settings, w)
     return c
+
+
+@register_cost("rglru")
+def rglru_cost(s, w: Workload) -> Cost:
+    """linear_y, linear_x (D -> W), block-diagonal input and recurrence gates (H blocks of bw = W/H:
+    2 * 2*N*W*bw), depthwise conv (K taps), the RG-LRU recurrence, linear_out (W -> D).
+
+    scan FLOPs: conv 2*N*W*K plus 10 per (token, channel) for the gate nonlinearities, a, sqrt(1 - a^2),
+    the gated input and the recurrence h = a h + x (fp32). Traffic: the two input projections read N*D
+    and write 2*N*W; the conv reads/writes N*W; gates and recurrence read x (N*W) and write h (N*W);
+    linear_out reads h and y (2*N*W) and writes N*D. State: conv B*(K-1)*W, h B*W (fp32)."""
+    N, D, W, K = w.n, s.d_model, s.w, s.conv_width
+    bw = W // s.n_heads
+    c = matmul(N, D, W, True).scale(2) + matmul(N, W, D, True)
+    c += Cost(flops={"matmul": 2 * 2 * N * W * bw}) + weights(matrix=2 * W * bw, vector=2 * W + W * K + W + W)
+    c += Cost(flops={"scan": 2 * N * W * K + 10 * N * W})
+    c += Cost(act_read=N * D + N * W + N * W + 2 * N * W, act_write=2 * N * W + N * W + N * W + N * D)
+    conv_state, h_state = w.batch * (K - 1) * W, w.batch * W
+    read = {"conv": conv_state, "ssm": h_state} if w.context else {}
+    return c + Cost(state_read=read, state_write={"conv": conv_state, "ssm": h_state})
 
 
 def experts_touched(n_experts: int, top_k: int, n_tokens: int) -> float:

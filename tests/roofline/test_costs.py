@@ -155,7 +155,19 @@ def _parallel():
     assert c.act_read == total.act_read + 12 * 8
 
 
-HAND = {("mixer", "mamba2"): _mamba2, ("mixer", "mamba1"): _mamba1, ("mixer", "attention"): _attention,
+def _rglru():
+    # d_model 8, width 12 in 3 blocks of 4, conv 4 taps; N = 2 tokens after 5 cached
+    c = _cost("mixer", "rglru", 8, Workload(batch=1, tokens=2, context=5), width=12, n_heads=3, conv_width=4)
+    # linear_y, linear_x 2 * 2*2*8*12 = 768, linear_out 2*2*12*8 = 384, gates 2 * 2*2*12*4 = 384
+    assert c.flops == {"matmul": 768 + 384 + 384, "scan": 2 * 2 * 12 * 4 + 10 * 2 * 12}
+    # matrices 8*12*2 + 12*8 + gates 2*3*4*4; vectors: biases 12+12+8, conv 12*4 + 12, gate biases 24,
+    # recurrent_param 12
+    assert c.params == {"matrix": 192 + 96 + 96, "vector": 32 + 60 + 24 + 12}
+    assert c.act_read == 16 + 24 + 24 + 48 and c.act_write == 48 + 24 + 24 + 16
+    assert c.state_read == c.state_write == {"conv": 3 * 12, "ssm": 12}
+
+
+HAND = {("mixer", "rglru"): _rglru, ("mixer", "mamba2"): _mamba2, ("mixer", "mamba1"): _mamba1, ("mixer", "attention"): _attention,
         ("mixer", "sliding_attention"): _sliding_attention, ("mixer", "gated_deltanet"): _gated_deltanet,
         ("mixer", "short_conv"): _short_conv, ("mixer", "parallel"): _parallel,
         ("ffn", "mlp"): _mlp, ("ffn", "moe"): _moe}
@@ -179,8 +191,8 @@ def test_params_counted_equal_the_initialised_tree_for_every_kind():
     from alloy.params import count_params
     cfg = {"vocab_size": 37, "d_model": 16,
            "layer_types": ["mamba2", "mamba1", "attention", "sliding_attention", "gated_deltanet", "short_conv",
-                           "parallel"],
-           "ffn_types": ["mlp", "none", "wide", "mlp", "moe", "none", "mlp"],
+                           "parallel", "rglru"],
+           "ffn_types": ["mlp", "none", "wide", "mlp", "moe", "none", "mlp", "mlp"],
            "mixers": {"mamba2": {"d_state": 8, "head_dim": 8, "n_groups": 2, "bias": True},
                       "mamba1": {"d_state": 4, "conv_bias": False},
                       "attention": {"n_heads": 4, "n_kv_heads": 1, "qkv_bias": True, "o_bias": True,
@@ -189,6 +201,7 @@ def test_params_counted_equal_the_initialised_tree_for_every_kind():
                       "gated_deltanet": {"n_k_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "head_v_dim": 4,
                                          "conv_bias": True},
                       "short_conv": {"kernel": 3, "bias": True},
+                      "rglru": {"width": 24, "n_heads": 4},
                       "parallel": {"branches": {"m": {"kind": "mamba2", "d_state": 8, "head_dim": 8},
                                                 "a": {"kind": "sliding_attention", "n_heads": 2, "window": 4}}}},
            "ffns": {"mlp": {"d_ff": 24}, "wide": {"kind": "mlp", "d_ff": 40, "gated": False, "bias": True},
