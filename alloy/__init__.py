@@ -20,6 +20,7 @@ _EXPORTS = {
     "load": "alloy.checkpoint", "save": "alloy.checkpoint",
     "LayerSettings": "alloy.layers.registry", "register_mixer": "alloy.layers.registry",
     "register_ffn": "alloy.layers.registry", "registered": "alloy.layers.registry",
+    "generate": "alloy.inference",
 }
 __all__ = sorted(_EXPORTS)
 

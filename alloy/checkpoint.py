@@ -1,7 +1,9 @@
 """Alloy checkpoints: a directory with ``config.json`` and ``model.safetensors``.
 
-``config.json`` is ``{"alloy_format": 1, "model": ModelConfig.to_dict()}``; tensors are stored
-under their dotted tree keys (``layers.3.mixer.in_proj.weight``) in the params' own dtypes.
+``config.json`` is ``{"alloy_format": 1, "model": ModelConfig.to_dict()}``, plus an optional
+``"quantization": {"modules": {path: [bits, group_size]}}`` when params are quantized
+(``alloy.params.quantize``); tensors are stored under their dotted tree keys
+(``layers.3.mixer.in_proj.weight``, ``....scales``, ``....biases``) in the params' own dtypes.
 Loading is strict: every missing, unexpected or mis-shaped tensor is reported in one error, and the
 tree is rebuilt in the config's canonical key order. Every file is written atomically.
 """
@@ -15,6 +17,7 @@ import mlx.core as mx
 
 from alloy.model import Model, build
 from alloy.params.io import load_into, load_json, load_safetensors, save_json, save_safetensors
+from alloy.params.quantize import apply_spec, quantization_spec
 from alloy.params.tree import flatten
 
 FORMAT_VERSION = 1
@@ -36,7 +39,11 @@ def save(path, model: Model, params, format: str = "alloy") -> Path:
     path.mkdir(parents=True, exist_ok=True)
     flat = flatten(params)
     save_safetensors(path / WEIGHTS_FILE, flat, metadata={"format": "mlx", "alloy_format": str(FORMAT_VERSION)})
-    save_json(path / CONFIG_FILE, {"alloy_format": FORMAT_VERSION, "model": model.config.to_dict()})
+    meta = {"alloy_format": FORMAT_VERSION, "model": model.config.to_dict()}
+    spec = quantization_spec(model, params)
+    if spec is not None:
+        meta["quantization"] = spec
+    save_json(path / CONFIG_FILE, meta)
     return path
 
 
@@ -76,6 +83,8 @@ def load(path, strict: bool = True):
         raise ValueError(f"load: {cfg_path} has alloy_format {meta['alloy_format']!r}; this Alloy reads {FORMAT_VERSION}")
     model = build(meta["model"])
     template = model.init(mx.random.key(0))  # lazy: only shapes are read, nothing is computed
+    if meta.get("quantization") is not None:
+        template = apply_spec(template, meta["quantization"])
     flat = load_safetensors(path / WEIGHTS_FILE)
     params = load_into(template, flat, strict=strict)
     return model, params

@@ -1,0 +1,120 @@
+"""``alloy bench`` and ``alloy generate`` subcommands.
+
+    alloy bench --config hybrid-tiny --prompt-len 512 --gen-len 128 --batch 1 [--quantize 4]
+    alloy generate --config hybrid-tiny --prompt "Hello" --max-tokens 64 --temperature 0.8
+
+``--config`` takes a bundled config name (``alloy/configs/<name>.json``), a JSON file or JSON text
+(random weights from ``--seed``); ``--checkpoint`` an Alloy checkpoint directory instead.
+``generate`` streams over byte-level tokens (ids 0..255 are UTF-8 bytes), so it needs a model with
+vocab_size >= 256.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+import mlx.core as mx
+
+
+def _config_source(text: str):
+    if text.lstrip().startswith("{") or Path(text).is_file():
+        return text
+    path = resources.files("alloy") / "configs" / f"{text}.json"
+    if not path.is_file():
+        names = sorted(p.name[:-5] for p in (resources.files("alloy") / "configs").iterdir()
+                       if p.name.endswith(".json"))
+        raise ValueError(f"--config {text!r} is not a JSON file, JSON text or bundled config {names}")
+    return str(path)
+
+
+def load_model(args):
+    """(model, params) from --checkpoint or --config (+ --dtype, --seed, --quantize)."""
+    import dataclasses
+
+    from alloy.checkpoint import load
+    from alloy.model import as_config, build
+    from alloy.params.quantize import quantize
+
+    if args.checkpoint:
+        model, params = load(args.checkpoint)
+    else:
+        cfg = as_config(_config_source(args.config or "hybrid-tiny"))
+        if args.dtype:
+            cfg = dataclasses.replace(cfg, dtype=args.dtype)
+        model = build(cfg)
+        params = model.init(mx.random.key(args.seed))
+    if args.quantize:
+        params = quantize(params, bits=args.quantize, group_size=args.group_size,
+                          embeddings=args.quantize_embeddings)
+    mx.eval(params)
+    return model, params
+
+
+def _model_flags(p):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", default=None, help="bundled config name, JSON file or JSON text "
+                                                  "(default: hybrid-tiny)")
+    g.add_argument("--checkpoint", default=None, help="Alloy checkpoint directory")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="override the config's dtype (random weights only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="affine group quantization")
+    p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
+    p.add_argument("--quantize-embeddings", action="store_true")
+
+
+def _bench(args):
+    from alloy.inference.bench import format_result, run
+    model, params = load_model(args)
+    r = run(model, params, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
+            prefill_chunk=args.chunk, seed=args.seed, repeats=args.repeats)
+    if args.quantize:
+        r["quantize"] = {"bits": args.quantize, "group_size": args.group_size}
+    print(json.dumps(r) if args.json else format_result(r))
+
+
+def _generate(args):
+    from alloy.inference.generate import ByteTokenizer, generate
+    model, params = load_model(args)
+    if model.config.vocab_size < 256:
+        raise ValueError(f"generate: byte-level prompts need vocab_size >= 256, the model has "
+                         f"{model.config.vocab_size}")
+    ev = None
+    for ev in generate(model, params, args.prompt, max_tokens=args.max_tokens, tokenizer=ByteTokenizer(),
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                       stop_strings=tuple(args.stop), seed=args.seed, prefill_chunk=args.chunk):
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+    if ev is not None:
+        n = ev.index + 1
+        rate = (n - 1) / (ev.elapsed - ev.ttft) if n > 1 and ev.elapsed > ev.ttft else float("nan")
+        print(f"\n[{n} tokens, TTFT {ev.ttft * 1e3:.1f} ms, {rate:.1f} tok/s decode, "
+              f"finish: {ev.finish_reason}]", file=sys.stderr)
+
+
+def register(sub) -> None:
+    b = sub.add_parser("bench", help="time prefill, decode and TTFT on random-token prompts")
+    _model_flags(b)
+    b.add_argument("--prompt-len", type=int, default=512)
+    b.add_argument("--gen-len", type=int, default=128)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
+    b.add_argument("--repeats", type=int, default=1, help="timed runs (the best is reported)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(fn=_bench)
+
+    g = sub.add_parser("generate", help="stream a completion over byte-level tokens")
+    _model_flags(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
+    g.set_defaults(fn=_generate)
