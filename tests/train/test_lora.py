@@ -23,6 +23,10 @@ _SMALL = {
     "attention": {"n_heads": 4, "n_kv_heads": 2, "qk_norm": True},
     "sliding_attention": {"n_heads": 4, "n_kv_heads": 1, "window": 3},
     "mlp": {"d_ff": 48},
+    "parallel": {"branches": {"ssm": {"kind": "mamba2", "d_state": 8, "head_dim": 16, "chunk_size": 4},
+                              "attn": {"kind": "attention", "n_heads": 4}}},
+    "rglru": {"width": 32, "n_heads": 4},
+    "gated_deltanet": {"n_k_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "head_v_dim": 8, "chunk_size": 4},
 }
 V = 61
 
