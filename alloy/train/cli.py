@@ -1,0 +1,55 @@
+"""``alloy train``: train a model from a training config (YAML/JSON or a bundled name).
+
+    alloy train                                   # bundled tiny config on the stdlib corpus
+    alloy train --config toy --data data.jsonl --max-steps 2000 --dtype bfloat16
+    alloy train --resume runs/tiny                # continue a run from its latest checkpoint
+"""
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["register", "run"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model (default: the tiny hybrid on the stdlib corpus)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="tiny",
+                   help="training config: a YAML/JSON file or a bundled name (tiny, toy, small, medium, mqar)")
+    p.add_argument("--data", help="stdlib | mqar | copy | PATH.jsonl (or a directory of .jsonl files)")
+    p.add_argument("--max-steps", type=int, help="total optimizer steps (train.steps)")
+    p.add_argument("--resume", metavar="DIR", help="checkpoint or run directory to continue from")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=run)
+
+
+_OVERRIDES = {"data": "data", "max_steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len",
+              "lr": "lr", "seed": "seed", "eval_every": "eval_every", "dtype": "dtype"}
+
+
+def run(args) -> dict:
+    from pathlib import Path
+
+    from alloy.params.io import load_tree_msgpack
+    from alloy.train.checkpoint import TRAINER_FILE, resolve_checkpoint
+    from alloy.train.loop import TrainConfig, load_train_config, train
+
+    model_cfg, tcfg = load_train_config(args.config)
+    if args.resume:
+        # the stored run's train config is the base; flags given now still override it
+        stored = load_tree_msgpack(resolve_checkpoint(args.resume) / TRAINER_FILE).get("train_config")
+        if stored:
+            tcfg = TrainConfig.from_dict(stored)
+    changes = {field: getattr(args, a) for a, field in _OVERRIDES.items() if getattr(args, a, None) is not None}
+    if changes:
+        tcfg = dataclasses.replace(tcfg, **changes)
+    name = Path(args.config).stem if Path(args.config).suffix else args.config
+    out = args.out or (str(resolve_checkpoint(args.resume).parent) if args.resume else f"runs/{name}")
+    return train(model_cfg, tcfg, out, resume=args.resume, progress=not args.no_progress)

@@ -1,0 +1,125 @@
+"""Train-step throughput and model FLOPs utilisation (MFU) for the toy config (bf16 compute).
+
+    python bench/train_step.py                         # toy (~95M), B 16 x T 1024, bf16, on the default device
+    python bench/train_step.py --batch-size 32 --remat
+    python bench/train_step.py --small                 # a tiny model on CPU: checks the script runs
+
+It times the compiled ``alloy.train.make_train_step`` step (AdamW, fp32 master weights and moments,
+bf16 compute, global-norm clipping) on random tokens, after warm-up steps (the first traces and
+compiles). Reported: median step time, tokens/s, model TFLOP/s, MFU = model FLOP/s / peak.
+
+Model FLOPs per token (training = 3 x forward: one forward, two matmuls backward), counted from the
+config, not measured:
+    matmuls   6 * (matmul weights + V * d for the LM head)           every Linear / head weight, once
+    attention 6 * T_eff * (n_heads * head_dim) per attention layer    QK^T and AV, causal (T_eff = T/2)
+    SSD       3 * H * (Q/2 * 2 * (N + P) + 4 * N * P) per Mamba-2 layer
+              (in-chunk C B^T and its product with x, causal within the chunk of Q; state update and
+              read-out of N x P per head)
+Embedding lookups, norms, convolutions and elementwise work are not counted (standard practice),
+and remat recomputation is not credited. Peak: ``--peak-tflops`` (default 989.4: H100 SXM dense
+bf16; use 756 for H100 PCIe).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import alloy  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+
+from alloy.model import build
+from alloy.params import count_params, flatten
+from alloy.train import adamw, make_train_step, warmup_cosine
+from alloy.train.loop import load_train_config
+
+SMALL = {"name": "bench-small", "vocab_size": 256, "d_model": 64, "layer_types": ["mamba2", "attention"],
+         "mixers": {"mamba2": {"d_state": 16, "head_dim": 16, "chunk_size": 32}, "attention": {"n_heads": 4}},
+         "ffns": {"mlp": {"d_ff": 128}}}
+
+
+def model_flops_per_token(cfg, T: int) -> float:
+    params = build(cfg).init(mx.random.key(0))  # lazy: shapes only
+    mat = sum(v.size for k, v in flatten(params).items()
+              if v.ndim == 2 and not k.startswith("embed_tokens") and not k.endswith("A_log"))
+    head = cfg.vocab_size * cfg.d_model  # tied or not, the head is one V x d matmul per token
+    flops = 6.0 * (mat + head)
+    for i in range(cfg.n_layers):
+        kind, s = cfg.mixer(i)
+        if kind in ("attention", "sliding_attention"):
+            t_eff = min(T, s.window) if s.window else T / 2
+            flops += 6.0 * t_eff * s.n_heads * s.hd
+        elif kind == "mamba2":
+            Q = min(s.chunk_size, T)
+            flops += 3.0 * s.n_heads * (Q / 2 * 2 * (s.d_state + s.head_dim) + 4 * s.d_state * s.head_dim)
+    return flops
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="toy")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (trace + compile)")
+    p.add_argument("--peak-tflops", type=float, default=989.4)
+    p.add_argument("--small", action="store_true", help="tiny model, B 4 x T 64, 3 steps: a CPU smoke run")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    a = p.parse_args(argv)
+    if a.small:
+        cfg = alloy.ModelConfig.from_dict(SMALL)
+        a.batch_size, a.seq_len, a.steps, a.warmup = 4, 64, 3, 1
+    else:
+        cfg, _ = load_train_config(a.config)
+    model = build(cfg)
+    params = model.init(mx.random.key(0))
+    params = alloy.params.cast(params, mx.float32, keep=None)
+    opt = adamw(weight_decay=0.1)
+    opt_state = opt.init(params)
+    mx.eval(params, opt_state)
+    compute = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": None}[a.dtype]
+    step = make_train_step(model, opt, warmup_cosine(1e-3, 1000, 10), compute_dtype=compute, remat=a.remat)
+    B, T = a.batch_size, a.seq_len
+    tokens = mx.random.randint(0, cfg.vocab_size, (B, T + 1), key=mx.random.key(1)).astype(mx.int32)
+    batch = {"tokens": tokens}
+    key = mx.random.key(2)
+    device = mx.device_info().get("device_name", str(mx.default_device()))
+    n = count_params(params)
+    print(f"device: {device} ({mx.default_device()}); model {cfg.name}: {n / 1e6:.1f}M params; "
+          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}")
+    t0 = time.perf_counter()
+    for i in range(a.warmup):
+        params, opt_state, m = step(params, opt_state, batch, key)
+        mx.eval(params, opt_state, m)
+    print(f"warm-up ({a.warmup} steps incl. compile): {time.perf_counter() - t0:.1f} s; loss {float(m['loss']):.3f}")
+    if hasattr(mx, "reset_peak_memory"):
+        mx.reset_peak_memory()
+    times = []
+    for i in range(a.steps):
+        t = time.perf_counter()
+        params, opt_state, m = step(params, opt_state, batch, key)
+        mx.eval(params, opt_state, m)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    tok_s = B * T / med
+    fpt = model_flops_per_token(cfg, T)
+    tflops = fpt * tok_s / 1e12
+    res = {"device": device, "config": cfg.name, "params": n, "batch_size": B, "seq_len": T, "dtype": a.dtype,
+           "remat": a.remat, "step_s_median": med, "step_s_min": min(times), "tokens_per_s": tok_s,
+           "model_flops_per_token": fpt, "model_tflops": tflops, "peak_tflops": a.peak_tflops,
+           "mfu": tflops / a.peak_tflops, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+           "final_loss": float(m["loss"])}
+    print(f"step {med * 1e3:.1f} ms median (min {min(times) * 1e3:.1f}) over {a.steps}: {tok_s:,.0f} tokens/s, "
+          f"{fpt / 1e6:.1f} MFLOP/token -> {tflops:.2f} TFLOP/s = {100 * res['mfu']:.2f}% MFU of "
+          f"{a.peak_tflops:g} TFLOP/s; peak memory {res['peak_memory_gb']:.2f} GB")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return res
+
+
+if __name__ == "__main__":
+    main()
