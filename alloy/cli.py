@@ -12,7 +12,7 @@ import importlib
 # Each module contributes subcommands through ``register(subparsers)``; a module that is not part of
 # this build (its package is absent) is skipped, so areas can land independently.
 COMMAND_MODULES = ("alloy.demo", "alloy.train.cli", "alloy.inference.cli", "alloy.roofline.cli",
-                   "alloy.research.cli", "alloy.convert.cli", "alloy.serve.cli", "alloy.eval.cli")
+                   "alloy.research.cli", "alloy.convert.cli", "alloy.serve.cli", "alloy.eval.cli", "alloy.chat")
 
 
 def _load(name):
