@@ -72,7 +72,27 @@ def _bench(args):
             prefill_chunk=args.chunk, seed=args.seed, repeats=args.repeats)
     if args.quantize:
         r["quantize"] = {"bits": args.quantize, "group_size": args.group_size}
+    if args.hardware:
+        r["roofline"] = roofline_fraction(model, r, args.hardware, args.quantize, args.group_size)
     print(json.dumps(r) if args.json else format_result(r))
+    if args.hardware and not args.json:
+        f = r["roofline"]
+        print(f"roofline on {f['hardware']}: prefill {f['prefill_tok_s']:,.0f} tok/s "
+              f"({100 * f['prefill_fraction']:.1f}% reached), decode {f['decode_tok_s']:,.0f} tok/s "
+              f"({100 * f['decode_fraction']:.1f}% reached)")
+
+
+def roofline_fraction(model, r: dict, hardware: str, bits=None, group_size: int = 64) -> dict:
+    """The measured rates as fractions of the analytic roofline (``alloy.roofline``) for the same
+    shapes: prefill of the whole prompt, and decode at the midpoint context of the generation."""
+    from alloy.roofline import roofline
+    wd = f"int{bits}-g{group_size}" if bits else None
+    pre = roofline(model.config, hardware, "prefill", batch=r["batch"], seq_len=r["prompt_len"], weight_dtype=wd)
+    dec = roofline(model.config, hardware, "decode", batch=r["batch"],
+                   context=r["prompt_len"] + r["gen_len"] // 2, weight_dtype=wd)
+    p_tps, d_tps = r["batch"] * r["prompt_len"] / pre.time_s, r["batch"] / dec.time_s
+    return {"hardware": hardware, "prefill_tok_s": p_tps, "decode_tok_s": d_tps,
+            "prefill_fraction": r["prompt_tok_s"] / p_tps, "decode_fraction": r["decode_tok_s"] / d_tps}
 
 
 def _generate(args):
@@ -104,6 +124,8 @@ def register(sub) -> None:
     b.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
     b.add_argument("--repeats", type=int, default=1, help="timed runs (the best is reported)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--hardware", default=None,
+                   help="also print the fraction of this hardware's roofline reached (e.g. H100, M3-Max)")
     b.set_defaults(fn=_bench)
 
     g = sub.add_parser("generate", help="stream a completion over byte-level tokens")
