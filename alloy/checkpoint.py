@@ -10,7 +10,6 @@ tree is rebuilt in the config's canonical key order. Every file is written atomi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx

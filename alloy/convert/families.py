@@ -28,6 +28,29 @@ def _rope_theta(hf: dict) -> float:
     return float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
+def _check_time_step_limit(hf: dict) -> None:
+    """Mamba-2 dt clamp: only the default (0, inf) — no clamp — is read from time_step_limit."""
+    limit = hf.get("time_step_limit", (0.0, float("inf")))
+    if tuple(_num(v) for v in limit) != (0.0, float("inf")):
+        raise ValueError(f"{hf['model_type']}: time_step_limit {limit!r} is not supported (only (0, inf))")
+
+
+def _attention_from_hf(hf: dict, *, rope: bool = True, theta: float | None = None,
+                       default_partial: float = 1.0, **extra) -> dict:
+    """Attention settings from the usual HF fields (heads, KV heads, head_dim, RoPE), plus ``extra``."""
+    D, heads = hf["hidden_size"], hf["num_attention_heads"]
+    s = {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+         "head_dim": hf.get("head_dim") or D // heads}
+    if rope:
+        rp = hf.get("rope_parameters") or {}
+        s["rope_theta"] = _rope_theta(hf) if theta is None else theta
+        s["partial_rotary_factor"] = float(rp.get("partial_rotary_factor",
+                                                  hf.get("partial_rotary_factor", default_partial)))
+    else:
+        s["rope"] = False
+    return {**s, **extra}
+
+
 # -- attention baselines --------------------------------------------------------------------------
 def _decoder_config(hf: dict, *, qk_norm: bool, qkv_bias: bool, o_bias: bool) -> dict:
     L = hf["num_hidden_layers"]
@@ -253,10 +276,7 @@ register_converter(Converter(
 
 def _mamba2_config(hf: dict) -> dict:
     _unsupported(hf, "hidden_act", lambda v: v == "silu")
-    limit = hf.get("time_step_limit", (0.0, float("inf")))
-    lo, hi = (_num(v) for v in limit)
-    if lo != 0.0 or hi != float("inf"):
-        raise ValueError(f"mamba2: time_step_limit {limit!r} is not supported (only (0, inf))")
+    _check_time_step_limit(hf)
     D = hf["hidden_size"]
     expand = hf.get("expand", 2)
     heads, hd = hf["num_heads"], hf["head_dim"]
@@ -309,22 +329,18 @@ register_converter(Converter(
 # -- Mamba-2 + attention hybrids ------------------------------------------------------------------
 def _bamba_config(hf: dict) -> dict:
     _unsupported(hf, "hidden_act", lambda v: v == "silu")
-    limit = hf.get("time_step_limit", (0.0, float("inf")))
-    if tuple(_num(v) for v in limit) != (0.0, float("inf")):
-        raise ValueError(f"bamba: time_step_limit {limit!r} is not supported (only (0, inf))")
+    _check_time_step_limit(hf)
     if hf.get("mamba_n_groups", 1) != 1:
         # Bamba normalises the gated output over the full width, not per group.
         raise ValueError(f"bamba: mamba_n_groups={hf['mamba_n_groups']} is not supported (only 1)")
     D, L = hf["hidden_size"], hf["num_hidden_layers"]
-    heads = hf["num_attention_heads"]
     expand = hf.get("mamba_expand", 2)
     if hf["mamba_n_heads"] * hf["mamba_d_head"] != expand * D:
-        raise ValueError(f"bamba: mamba_n_heads*mamba_d_head must equal mamba_expand*hidden_size")
+        raise ValueError("bamba: mamba_n_heads*mamba_d_head must equal mamba_expand*hidden_size")
     attn_idx = set(hf.get("attn_layer_indices") or [])
     bad = sorted(i for i in attn_idx if not 0 <= i < L)
     if bad:
         raise ValueError(f"bamba: attn_layer_indices {bad} out of range for {L} layers")
-    rp = hf.get("rope_parameters") or {}
     eps = hf.get("rms_norm_eps", 1e-5)
     return {
         "name": "bamba", "vocab_size": hf["vocab_size"], "d_model": D,
@@ -337,12 +353,9 @@ def _bamba_config(hf: dict) -> dict:
                            "conv_bias": bool(hf.get("mamba_conv_bias", True)),
                            "bias": bool(hf.get("mamba_proj_bias", False)), "norm_eps": eps}}
                if len(attn_idx) < L else {}),
-            **({"attention": {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
-                              "head_dim": hf.get("head_dim") or D // heads, "rope_theta": _rope_theta(hf),
-                              "partial_rotary_factor": float(rp.get("partial_rotary_factor",
-                                                                    hf.get("partial_rotary_factor", 1.0))),
-                              "qkv_bias": bool(hf.get("attention_bias")), "o_bias": bool(hf.get("attention_bias")),
-                              "norm_eps": eps}} if attn_idx else {}),
+            **({"attention": _attention_from_hf(hf, qkv_bias=bool(hf.get("attention_bias")),
+                                                o_bias=bool(hf.get("attention_bias")), norm_eps=eps)}
+               if attn_idx else {}),
         },
         "ffns": {"mlp": {"d_ff": hf["intermediate_size"], "activation": "silu",
                          "bias": bool(hf.get("mlp_bias", False))}},
@@ -424,15 +437,12 @@ def _lfm2_config(hf: dict) -> dict:
     bad = sorted(set(types) - {"conv", "full_attention"})
     if bad:
         raise ValueError(f"lfm2: unsupported layer_types {bad}")
-    heads = hf["num_attention_heads"]
     eps = hf.get("norm_eps", 1e-5)
     mixers = {}
     if "conv" in types:
         mixers["short_conv"] = {"kernel": hf.get("conv_L_cache", 3), "bias": bool(hf.get("conv_bias", False))}
     if "full_attention" in types:
-        mixers["attention"] = {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
-                               "head_dim": hf.get("head_dim") or D // heads, "rope_theta": _rope_theta(hf),
-                               "qk_norm": True, "norm_eps": eps}
+        mixers["attention"] = _attention_from_hf(hf, qk_norm=True, norm_eps=eps)
     return {"name": "lfm2", "vocab_size": hf["vocab_size"], "d_model": D,
             "layer_types": ["attention" if t == "full_attention" else "short_conv" for t in types],
             "ffn_types": ["mlp"] * L, "mixers": mixers, "ffns": {"mlp": {"d_ff": _lfm2_ff(hf)}},

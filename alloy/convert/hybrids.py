@@ -5,7 +5,7 @@ import re
 
 import mlx.core as mx
 
-from alloy.convert.families import _rope_theta, _unsupported
+from alloy.convert.families import _attention_from_hf, _check_time_step_limit, _rope_theta, _unsupported
 from alloy.convert.registry import Converter, register_converter, stack_experts, split_fused_experts, unstack_experts
 
 # -- Qwen3-Next -----------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def _qwen3_next_save(flat: dict, cfg) -> dict:
     out = {}
     for key, w in flat.items():
         if gdn is not None and key.endswith(".in_proj_qkv.weight"):
-            nk, hk, r, hv = gdn.n_k_heads, gdn.head_k_dim, gdn.n_v_heads // gdn.n_k_heads, gdn.head_v_dim
+            nk, hk, r = gdn.n_k_heads, gdn.head_k_dim, gdn.n_v_heads // gdn.n_k_heads
             pre, D = key[: -len("in_proj_qkv.weight")], w.shape[-1]
             q, k, v = mx.split(w, [nk * hk, 2 * nk * hk], axis=0)
             z = flat[pre + "in_proj_z.weight"]
@@ -107,14 +107,9 @@ def _qwen3_next_config(hf: dict) -> dict:
         mixers["gated_deltanet"] = {"n_k_heads": nk, "n_v_heads": nv, "head_k_dim": hk, "head_v_dim": hv,
                                     "d_conv": hf.get("linear_conv_kernel_dim", 4), "norm_eps": eps}
     if "full_attention" in types:
-        heads = hf["num_attention_heads"]
-        rp = hf.get("rope_parameters") or {}
-        mixers["attention"] = {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
-                               "head_dim": hf.get("head_dim") or D // heads, "rope_theta": theta,
-                               "partial_rotary_factor": float(rp.get("partial_rotary_factor",
-                                                                     hf.get("partial_rotary_factor", 1.0))),
-                               "qkv_bias": bool(hf.get("attention_bias")), "o_bias": bool(hf.get("attention_bias")),
-                               "qk_norm": True, "output_gate": True, "norm_eps": eps}
+        mixers["attention"] = _attention_from_hf(
+            hf, theta=theta, qkv_bias=bool(hf.get("attention_bias")), o_bias=bool(hf.get("attention_bias")),
+            qk_norm=True, output_gate=True, norm_eps=eps)
     return {
         "name": hf["model_type"], "vocab_size": hf["vocab_size"], "d_model": D,
         "layer_types": ["gated_deltanet" if t == "linear_attention" else "attention" for t in types],
@@ -201,7 +196,6 @@ def _jamba_config(hf: dict) -> dict:
     _unsupported(hf, "hidden_act", lambda v: v == "silu")
     _unsupported(hf, "sliding_window", lambda v: v is None)
     L, D = hf["num_hidden_layers"], hf["hidden_size"]
-    heads = hf["num_attention_heads"]
     eps = hf.get("rms_norm_eps", 1e-6)
     kinds, ffn_kinds = _jamba_kinds(hf, L)
     rank = hf.get("mamba_dt_rank", "auto")
@@ -214,8 +208,7 @@ def _jamba_config(hf: dict) -> dict:
                             "bias": bool(hf.get("mamba_proj_bias", False)), "dt_bc_norm": True,
                             "dt_bc_norm_eps": eps}
     if "attention" in kinds:
-        mixers["attention"] = {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
-                               "head_dim": D // heads, "rope": False}
+        mixers["attention"] = _attention_from_hf({**hf, "head_dim": None}, rope=False)
     ffns = {}
     if "moe" in ffn_kinds:
         ffns["moe"] = {"n_experts": hf["num_experts"], "top_k": hf.get("num_experts_per_tok", 2),
@@ -306,10 +299,7 @@ def _nemotron_h_config(hf: dict) -> dict:
         raise ValueError(f"nemotron_h: unsupported layer types {bad}")
     _unsupported(hf, "mamba_hidden_act", lambda v: v == "silu")
     _unsupported(hf, "sliding_window", lambda v: v is None)
-    limit = hf.get("time_step_limit", (0.0, float("inf")))
-    from alloy.convert.families import _num
-    if tuple(_num(v) for v in limit) != (0.0, float("inf")):
-        raise ValueError(f"nemotron_h: time_step_limit {limit!r} is not supported (only (0, inf))")
+    _check_time_step_limit(hf)
     eps = hf.get("layer_norm_epsilon", 1e-5)
     act = hf.get("mlp_hidden_act", "relu2")
     mixers, ffns = {}, {}
@@ -323,10 +313,8 @@ def _nemotron_h_config(hf: dict) -> dict:
                             "conv_bias": bool(hf.get("use_conv_bias", True)), "bias": bool(hf.get("use_bias", False)),
                             "norm_eps": eps}
     if "full_attention" in types:
-        heads = hf["num_attention_heads"]
-        mixers["attention"] = {"n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
-                               "head_dim": hf.get("head_dim") or D // heads, "rope": False,
-                               "qkv_bias": bool(hf.get("attention_bias")), "o_bias": bool(hf.get("attention_bias"))}
+        mixers["attention"] = _attention_from_hf(hf, rope=False, qkv_bias=bool(hf.get("attention_bias")),
+                                                 o_bias=bool(hf.get("attention_bias")))
     if "mlp" in types:
         ffns["mlp"] = {"d_ff": hf["intermediate_size"], "activation": act, "gated": False,
                        "bias": bool(hf.get("mlp_bias", False))}
@@ -544,10 +532,7 @@ def _granite_save(flat: dict, cfg) -> dict:
 def _granite_config(hf: dict) -> dict:
     _unsupported(hf, "hidden_act", lambda v: v == "silu")
     _unsupported(hf, "position_embedding_type", lambda v: v in (None, "rope", "nope"))
-    limit = hf.get("time_step_limit", (0.0, float("inf")))
-    from alloy.convert.families import _num
-    if tuple(_num(v) for v in limit) != (0.0, float("inf")):
-        raise ValueError(f"granitemoehybrid: time_step_limit {limit!r} is not supported (only (0, inf))")
+    _check_time_step_limit(hf)
     D, L = hf["hidden_size"], hf["num_hidden_layers"]
     types = hf.get("layer_types") or hf.get("layers_block_type") or ["mamba"] * L
     types = ["mamba2" if t in ("mamba", "linear_attention") else "attention" if t in ("attention", "full_attention")
@@ -685,16 +670,12 @@ def _falcon_load(flat: dict, hf: dict) -> dict:
 
 def _falcon_h1_config(hf: dict) -> dict:
     _unsupported(hf, "hidden_act", lambda v: v == "silu")
-    limit = hf.get("time_step_limit", (0.0, float("inf")))
-    from alloy.convert.families import _num
-    if tuple(_num(v) for v in limit) != (0.0, float("inf")):
-        raise ValueError(f"falcon_h1: time_step_limit {limit!r} is not supported (only (0, inf))")
+    _check_time_step_limit(hf)
     D, d_ssm, gn, H = _falcon_dims(hf)
     expand = d_ssm // D
     if expand * D != d_ssm or H * hf["mamba_d_head"] != d_ssm:
         raise ValueError(f"falcon_h1: mamba_d_ssm {d_ssm} must be a multiple of hidden_size {D} and equal "
                          f"mamba_n_heads*mamba_d_head = {H * hf['mamba_d_head']}")
-    heads = hf["num_attention_heads"]
     L = hf["num_hidden_layers"]
     eps = hf.get("rms_norm_eps", 1e-5)
     proj_bias = bool(hf.get("projectors_bias", False))
@@ -708,8 +689,7 @@ def _falcon_h1_config(hf: dict) -> dict:
                   "chunk_size": hf.get("mamba_chunk_size", 256), "conv_bias": bool(hf.get("mamba_conv_bias", True)),
                   "bias": proj_bias, "norm_eps": eps, "rms_norm": bool(hf.get("mamba_rms_norm", False)),
                   "norm_before_gate": bool(hf.get("mamba_norm_before_gate", True))},
-        "self_attn": {"kind": "attention", "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
-                      "head_dim": hf.get("head_dim") or D // heads, "rope_theta": _rope_theta(hf)},
+        "self_attn": {"kind": "attention", **_attention_from_hf(hf)},
     }
     return {"name": "falcon_h1", "vocab_size": hf["vocab_size"], "d_model": D, "layer_types": ["hybrid"] * L,
             "ffn_types": ["mlp"] * L, "mixers": {"hybrid": {"kind": "parallel", "branches": branches}},
@@ -1117,18 +1097,14 @@ def _recurrent_gemma_config(hf: dict) -> dict:
     if act != "gelu_pytorch_tanh":
         raise ValueError(f"recurrent_gemma: hidden_activation {act!r} is not supported")
     heads = hf["num_attention_heads"]
-    rp = hf.get("rope_parameters") or {}
     mixers = {}
     if "recurrent" in types:
         mixers["rglru"] = {"width": hf.get("lru_width") or D, "n_heads": heads,
                            "conv_width": hf.get("conv1d_width", 4)}
     if "attention" in types:
-        mixers["sliding_attention"] = {
-            "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
-            "head_dim": hf.get("head_dim") or D // heads, "window": hf["attention_window_size"],
-            "rope_theta": _rope_theta(hf),
-            "partial_rotary_factor": float(rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))),
-            "qkv_bias": bool(hf.get("attention_bias", False)), "o_bias": True}
+        mixers["sliding_attention"] = _attention_from_hf(
+            hf, default_partial=0.5, window=hf["attention_window_size"],
+            qkv_bias=bool(hf.get("attention_bias", False)), o_bias=True)
     return {"name": "recurrent_gemma", "vocab_size": hf["vocab_size"], "d_model": D,
             "layer_types": ["rglru" if t == "recurrent" else "sliding_attention" for t in types],
             "ffn_types": ["mlp"] * L, "mixers": mixers,

@@ -13,7 +13,6 @@ state passes through) and the conv tail is taken at each row's true end.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import mlx.core as mx

@@ -17,7 +17,6 @@ fork of the stack.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 

@@ -15,7 +15,6 @@ returns it unchanged in the new state. Logits at padded positions are meaningles
 """
 from __future__ import annotations
 
-import math
 
 import mlx.core as mx
 

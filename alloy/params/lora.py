@@ -416,7 +416,7 @@ def load_adapters(path) -> tuple[Any, LoraConfig]:
         raise ValueError(f"{cpath}: {e}") from None
     flat = load_safetensors(wpath)
 
-    missing, mismatched, used, other = [], [], set(), []
+    missing, used, other = [], set(), []
 
     def take(p, mark):
         if mark != _TARGET_MARK:
