@@ -1,0 +1,43 @@
+"""Hand-written GPU kernels: one portable body per kernel, rendered to CUDA (`mx.fast.cuda_kernel`)
+or Metal (`mx.fast.metal_kernel`) by `alloy.metal.prelude`.
+
+Kernels (each an inference kernel; the public ops in `alloy.ops` attach VJPs through their
+differentiable MLX paths with `differentiable`):
+
+    conv1d               fused causal depthwise conv1d + SiLU, state in/out (prefill and step)
+    ssd_step             Mamba-2 decode step: state update + readout + D skip
+    selective_scan_step  Mamba-1 decode step: state update + readout + D skip + gate
+    selective_scan       Mamba-1 forward scan (prefill), state in registers
+    ssd_chunked          Mamba-2 chunked SSD forward: prep / state-passing / chunk-output kernels
+                         around tensor-core matmuls
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+
+from alloy.metal import conv1d, selective_scan, selective_scan_step, ssd_chunked, ssd_step
+from alloy.metal.prelude import DIALECTS, Kernel, backend  # noqa: F401
+
+KERNELS = {
+    k.name: k
+    for k in (conv1d.KERNEL, ssd_step.KERNEL, selective_scan_step.KERNEL, selective_scan.KERNEL,
+              ssd_chunked.PREP, ssd_chunked.PASS, ssd_chunked.OUT)
+}
+
+
+def differentiable(fast, slow):
+    """`fast` with the gradient of `slow`: an `mx.custom_function` whose forward runs `fast` and
+    whose VJP differentiates `slow` (the same math as a differentiable MLX composition).
+
+    Both take the same positional arrays and return a tuple of arrays."""
+
+    @mx.custom_function
+    def f(*args):
+        return tuple(fast(*args))
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        _, grads = mx.vjp(lambda *a: list(slow(*a)), list(primals), list(cotangents))
+        return tuple(grads)
+
+    return f

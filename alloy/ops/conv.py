@@ -6,11 +6,23 @@
 
 Shapes: x (B, T, C); weight (C, K) (the HF (C, 1, K) layout squeezed); bias (C,) or None;
 state (B, K-1, C) or None (zeros). ``activation`` is None or "silu".
+
+`causal_conv1d(impl="auto")` runs the fused GPU kernel (`alloy.metal.conv1d`, one launch for
+prefill and for the single-step update) on a CUDA or Metal default device when K >= 2 and x is
+a float type, and `causal_conv1d_ref` otherwise. The kernel's gradient is the reference's (VJP
+through `causal_conv1d_ref`), so training may use either path.
 """
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
+
+from alloy import metal
+from alloy.metal import conv1d as _conv_kernel
+
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
 
 def _activate(y, activation):
@@ -42,8 +54,48 @@ def causal_conv1d_ref(x, weight, bias=None, state=None, activation=None):
     return _activate(y, activation).astype(x.dtype), new_state
 
 
+@functools.lru_cache(maxsize=None)
+def _fused(activation):
+    """The kernel with the reference's VJP, for one activation (all four arguments arrays)."""
+    return metal.differentiable(
+        lambda x, w, b, s: _conv_kernel.causal_conv1d(x, w, b, s, activation == "silu"),
+        lambda x, w, b, s: causal_conv1d_ref(x, w, b, s, activation),
+    )
+
+
+def kernel_applies(x, weight) -> bool:
+    """Static facts under which `impl="auto"` takes the fused kernel."""
+    return (metal.backend() is not None and x.ndim == 3 and x.shape[1] > 0
+            and weight.shape[-1] >= 2 and x.dtype in _FLOATS)
+
+
 def causal_conv1d(x, weight, bias=None, state=None, activation=None, impl: str = "auto"):
-    """Public causal depthwise conv1d (see module docstring)."""
-    if impl not in ("auto", "ref"):
-        raise ValueError(f"causal_conv1d: impl must be 'auto' or 'ref', got {impl!r}")
-    return causal_conv1d_ref(x, weight, bias, state, activation)
+    """Public causal depthwise conv1d (see module docstring).
+
+    impl: "ref" (MLX ops), "kernel" (the fused GPU kernel; needs a GPU default device) or
+    "auto" (the kernel where `kernel_applies`, else the reference)."""
+    if impl not in ("auto", "ref", "kernel"):
+        raise ValueError(f"causal_conv1d: impl must be 'auto', 'ref' or 'kernel', got {impl!r}")
+    if impl == "ref" or (impl == "auto" and not kernel_applies(x, weight)) or (x.ndim == 3 and x.shape[1] == 0):
+        # (an empty x has nothing to launch: the reference returns the carried state)
+        return causal_conv1d_ref(x, weight, bias, state, activation)
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
+    if metal.backend() is None:
+        raise ValueError("causal_conv1d: impl='kernel' needs a CUDA or Metal default device")
+    B, T, C = x.shape
+    if weight.ndim == 3:
+        weight = weight.reshape(weight.shape[0], weight.shape[-1])
+    if weight.shape[0] != C:
+        raise ValueError(f"causal_conv1d: weight has {weight.shape[0]} channels, x has {C}")
+    K = weight.shape[1]
+    if K < 2:
+        raise ValueError(f"causal_conv1d: impl='kernel' needs kernel width >= 2, got {K}")
+    if state is None:
+        state = mx.zeros((B, K - 1, C), dtype=x.dtype)
+    elif state.shape != (B, K - 1, C):
+        raise ValueError(f"causal_conv1d: state must have shape {(B, K - 1, C)}, got {state.shape}")
+    if bias is None:
+        bias = mx.zeros((C,), dtype=weight.dtype)
+    y, new_state = _fused(activation)(x, weight, bias, state)
+    return y, new_state

@@ -14,10 +14,23 @@ state (b, d, n) float32.
 log-depth parallel scan of (log decay, input) pairs; `selective_scan_step` is one decode step;
 `selective_scan` dispatches on static facts. All recurrence math runs in float32; `y` comes
 back in `x.dtype`, states are always float32.
+
+On a CUDA or Metal default device with float inputs, `selective_scan(impl="auto")` runs the GPU
+kernels: `alloy.metal.selective_scan_step` for T == 1 and `alloy.metal.selective_scan` (one
+sequential sweep, state in registers) otherwise. Their gradients are those of
+`selective_scan_step` / `selective_scan_chunked` (custom VJPs), so training may use either path.
 """
+import functools
 import math
 
 import mlx.core as mx
+
+from alloy import metal
+from alloy.metal import selective_scan as _scan_kernel
+from alloy.metal import selective_scan_step as _step_kernel
+
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+_MAX_KERNEL_STATE = 256  # state entries per channel the scan kernel keeps in registers
 
 _F32 = mx.float32
 
@@ -173,15 +186,53 @@ def _balanced_chunk(T, chunk_size):
     return min(chunk_size, -(-math.ceil(T / n_chunks) // 8) * 8)
 
 
+@functools.lru_cache(maxsize=None)
+def _fused(step: bool, gated: bool):
+    """Kernel with the VJP of the differentiable path; arguments (x, dt, A, B, C, D, [z,] state)."""
+    kern = _step_kernel.selective_scan_step if step else _scan_kernel.selective_scan
+    slow = selective_scan_step if step else selective_scan_chunked
+    if gated:
+        return metal.differentiable(
+            lambda x, dt, A, B, C, D, z, s: kern(x, dt, A, B, C, D, z, s),
+            lambda x, dt, A, B, C, D, z, s: slow(x, dt, A, B, C, D, z, s))
+    return metal.differentiable(
+        lambda x, dt, A, B, C, D, s: kern(x, dt, A, B, C, D, None, s),
+        lambda x, dt, A, B, C, D, s: slow(x, dt, A, B, C, D, None, s))
+
+
+def kernel_applies(x, A) -> bool:
+    """Static facts under which `impl="auto"` takes the GPU kernels."""
+    return (metal.backend() is not None and x.dtype in _FLOATS
+            and A.shape[-1] <= _MAX_KERNEL_STATE)
+
+
+def _scan_kernel_path(x, dt, A, B, C, D, z, initial_state):
+    if metal.backend() is None:
+        raise ValueError("selective_scan: impl='kernel' needs a CUDA or Metal default device")
+    b, T, d = x.shape
+    D = mx.zeros((d,), mx.float32) if D is None else D
+    if initial_state is None:
+        initial_state = mx.zeros((b, d, A.shape[1]), mx.float32)
+    step = T == 1
+    if step:
+        x, dt, B, C, z = x[:, 0], dt[:, 0], B[:, 0], C[:, 0], None if z is None else z[:, 0]
+    f = _fused(step, z is not None)
+    args = (x, dt, A, B, C, D) + (() if z is None else (z,)) + (initial_state,)
+    y, state = f(*args)
+    return (y[:, None] if step else y), state
+
+
 def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_size=64, impl="auto"):
     """Mamba-1 selective scan. Arguments as `selective_scan_ref`;
     returns (y (b, l, d), state (b, d, n) f32).
 
-    impl: "ref" (sequential), "chunked", or "auto" (T == 1 -> one decode step,
-    otherwise chunked with a balanced chunk length <= chunk_size).
+    impl: "ref" (sequential), "chunked", "kernel" (GPU kernels: a fused decode step for
+    T == 1, else the fused forward scan), or "auto" (the kernels where `kernel_applies`;
+    otherwise T == 1 -> one decode step, else chunked with a balanced chunk length <= chunk_size).
     """
-    if impl not in ("auto", "ref", "chunked"):
-        raise ValueError(f"unknown selective_scan impl {impl!r}; expected 'auto', 'ref' or 'chunked'")
+    if impl not in ("auto", "ref", "chunked", "kernel"):
+        raise ValueError(f"unknown selective_scan impl {impl!r}; "
+                         "expected 'auto', 'ref', 'chunked' or 'kernel'")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if impl == "ref":
@@ -189,6 +240,8 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_siz
     if impl == "chunked":
         return selective_scan_chunked(x, dt, A, B, C, D, z, initial_state, chunk_size)
     _check(x, dt, A, B, C, D, z, initial_state)
+    if impl == "kernel" or kernel_applies(x, A):
+        return _scan_kernel_path(x, dt, A, B, C, D, z, initial_state)
     T = x.shape[1]
     if T == 1:
         zt = None if z is None else z[:, 0]

@@ -14,10 +14,21 @@ state (b, h, p, n) float32.
 block decomposition (quadratic inside a chunk, linear across chunks); `ssd_step` is one
 decode step; `ssd` dispatches on static facts. All recurrence math runs in float32; `y`
 comes back in `x.dtype`, states are always float32.
+
+On a CUDA or Metal default device with float inputs, `ssd(impl="auto")` runs the GPU kernels:
+`alloy.metal.ssd_step` for T == 1 and `alloy.metal.ssd_chunked` otherwise. Their gradients
+are those of `ssd_step` / `ssd_chunked` (custom VJPs), so training may use either path.
 """
+import functools
 import math
 
 import mlx.core as mx
+
+from alloy import metal
+from alloy.metal import ssd_chunked as _chunk_kernels
+from alloy.metal import ssd_step as _step_kernel
+
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
 _F32 = mx.float32
 
@@ -175,14 +186,60 @@ def _balanced_chunk(T, chunk_size):
     return min(chunk_size, -(-math.ceil(T / n_chunks) // 8) * 8)
 
 
+_KERNEL_MAX_CHUNK = 128  # fastest of 64 / 128 / 256 on an H100 at L = 4096 and 16384 (docs/kernels.md)
+
+
+def _kernel_chunk(T, chunk_size):
+    """Chunk length of the kernel path (a multiple of 16, the output kernel's tiling): for long
+    inputs min(chunk_size, 128) rounded down to a multiple of 16 (at least 16); for short ones
+    the power of two >= T, so short prompts compile at most a few kernel variants. The chunk
+    length only changes the order of float operations, never the result's math."""
+    k = 16
+    while k < T:
+        k *= 2
+    return min(k, max(16, min(chunk_size, _KERNEL_MAX_CHUNK) // 16 * 16))
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_chunked(chunk):
+    return metal.differentiable(
+        lambda *a: _chunk_kernels.ssd_chunked(*a, chunk),
+        lambda *a: ssd_chunked(*a, chunk),
+    )
+
+
+_fused_step = metal.differentiable(_step_kernel.ssd_step, lambda *a: ssd_step(*a))
+
+
+def kernel_applies(x) -> bool:
+    """Static facts under which `impl="auto"` takes the GPU kernels."""
+    return metal.backend() is not None and x.dtype in _FLOATS
+
+
+def _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size):
+    if metal.backend() is None:
+        raise ValueError("ssd: impl='kernel' needs a CUDA or Metal default device")
+    b, T, h, p = x.shape
+    D = mx.zeros((h,), mx.float32) if D is None else D
+    if initial_state is None:
+        initial_state = mx.zeros((b, h, p, B.shape[-1]), mx.float32)
+    if T == 1:
+        y, state = _fused_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, initial_state)
+        return y[:, None], state
+    y, state = _fused_chunked(_kernel_chunk(T, chunk_size))(x, dt, A, B, C, D, initial_state)
+    return y, state
+
+
 def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size=256, impl="auto"):
     """Mamba-2 SSD scan. Arguments as `ssd_ref`; returns (y (b, l, h, p), state (b, h, p, n) f32).
 
-    impl: "ref" (sequential), "chunked", or "auto" (T == 1 -> one decode step,
-    otherwise chunked with a balanced chunk length <= chunk_size).
+    impl: "ref" (sequential), "chunked", "kernel" (GPU kernels: one fused decode step for
+    T == 1, else the chunked kernel path with chunks of `_kernel_chunk(T, chunk_size)`), or
+    "auto" (the kernels where `kernel_applies`; otherwise T == 1 -> one decode step, else
+    chunked with a balanced chunk length <= chunk_size).
     """
-    if impl not in ("auto", "ref", "chunked"):
-        raise ValueError(f"unknown ssd impl {impl!r}; expected 'auto', 'ref' or 'chunked'")
+    if impl not in ("auto", "ref", "chunked", "kernel"):
+        raise ValueError(f"unknown ssd impl {impl!r}; expected 'auto', 'ref', 'chunked' or 'kernel'")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if impl == "ref":
@@ -190,6 +247,8 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size=256, impl="auto")
     if impl == "chunked":
         return ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size)
     _check(x, dt, A, B, C, D, initial_state)
+    if impl == "kernel" or kernel_applies(x):
+        return _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size)
     T = x.shape[1]
     if T == 1:
         y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, initial_state)

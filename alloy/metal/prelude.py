@@ -1,0 +1,175 @@
+"""One kernel body, two dialects: the portable layer under every GPU kernel in `alloy.metal`.
+
+A kernel body is written once in the common subset of CUDA C++ and the Metal Shading Language
+(both are C++: `int`, `float`, `static_cast`, loops, arrays) plus a few portable names that this
+prelude maps onto each dialect:
+
+    index names (read-only, 1-D thread groups, up to 3-D grids of groups)
+        tid        thread index inside its group        threadIdx.x   | thread_position_in_threadgroup.x
+        bid_x/y/z  group index in the grid              blockIdx.x/y/z| threadgroup_position_in_grid.x/y/z
+        nthreads   threads per group                    blockDim.x    | threads_per_threadgroup.x
+        lane       index inside the 32-wide warp/simd   threadIdx.x&31| thread_index_in_simdgroup
+        warp       warp/simdgroup index in the group    threadIdx.x>>5| simdgroup_index_in_threadgroup
+    qualifiers and calls
+        SHARED float buf[N];    group-shared memory     __shared__    | threadgroup
+        BARRIER();              group barrier           __syncthreads | threadgroup_barrier
+        DEVICE_FN               helper qualifier        __device__ __forceinline__ | inline
+        warp_sum(v)             sum over the 32 lanes   __shfl_xor_sync butterfly | simd_sum
+        shfl_xor(v, m)          value of lane ^ m       __shfl_xor_sync | simd_shuffle_xor
+        fexp(v), fsilu(v)       float exp, x*sigmoid(x)
+        f4(a, b, c, d)          a float4 (members .x .y .z .w in both dialects)
+
+Inputs arrive as `const <T>*` pointers named after `input_names`, outputs as `<T>*` (MLX writes the
+signatures); template arguments are compile-time constants (`int`/`bool`) or type aliases in both
+dialects. Convert with `static_cast<float>(v)` and `static_cast<T>(f)`, which work for `bfloat16`
+in both. Index with `int` / `unsigned int` (CUDA has no `uint`).
+
+MLX launches `grid` *threads* (not groups) in both backends; CUDA rounds the grid up to whole
+groups, Metal may launch a partial last group, so `launch` always passes a grid that is a whole
+number of groups and bodies bounds-check their own work items.
+
+`Kernel.source(dialect)` returns the (header, body) pair handed to `mx.fast.cuda_kernel` or
+`mx.fast.metal_kernel`; `Kernel.__call__` picks the dialect of the running backend, builds the
+MLX kernel once and launches it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Sequence
+
+import mlx.core as mx
+
+DIALECTS = ("cuda", "metal")
+
+# portable index name -> (CUDA expression, Metal expression); emitted only when a body uses it,
+# because MLX adds a Metal attribute to the signature whenever its name appears in the source.
+_INDEX = {
+    "tid": ("threadIdx.x", "thread_position_in_threadgroup.x"),
+    "bid_x": ("blockIdx.x", "threadgroup_position_in_grid.x"),
+    "bid_y": ("blockIdx.y", "threadgroup_position_in_grid.y"),
+    "bid_z": ("blockIdx.z", "threadgroup_position_in_grid.z"),
+    "nthreads": ("blockDim.x", "threads_per_threadgroup.x"),
+    "lane": ("(threadIdx.x & 31u)", "thread_index_in_simdgroup"),
+    "warp": ("(threadIdx.x >> 5)", "simdgroup_index_in_threadgroup"),
+}
+
+_CUDA_HEADER = """\
+#define SHARED __shared__
+#define BARRIER() __syncthreads()
+#define DEVICE_FN __device__ __forceinline__
+DEVICE_FN float fexp(float v) { return expf(v); }
+DEVICE_FN float fsilu(float v) { return v / (1.0f + expf(-v)); }
+DEVICE_FN float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+DEVICE_FN float warp_sum(float v) {
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+DEVICE_FN float4 f4(float a, float b, float c, float d) { return make_float4(a, b, c, d); }
+"""
+
+_METAL_HEADER = """\
+#define SHARED threadgroup
+#define BARRIER() metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup)
+#define DEVICE_FN inline
+DEVICE_FN float fexp(float v) { return metal::exp(v); }
+DEVICE_FN float fsilu(float v) { return v / (1.0f + metal::exp(-v)); }
+DEVICE_FN float shfl_xor(float v, int m) { return metal::simd_shuffle_xor(v, ushort(m)); }
+DEVICE_FN float warp_sum(float v) { return metal::simd_sum(v); }
+DEVICE_FN float4 f4(float a, float b, float c, float d) { return float4(a, b, c, d); }
+"""
+
+# tokens that must never appear in a portable body (they belong to one dialect only)
+DIALECT_TOKENS = {
+    "cuda": ("threadIdx", "blockIdx", "blockDim", "__syncthreads", "__shared__", "__shfl",
+             "__device__", "expf("),
+    "metal": ("thread_position_in", "threadgroup_position_in", "threads_per_threadgroup",
+              "simdgroup_index", "thread_index_in_simdgroup", "threadgroup_barrier",
+              "simd_sum", "simd_shuffle", "metal::", "device ", "constant "),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A portable kernel: `body` and `helpers` are written once, in the portable dialect.
+
+    name: kernel name (MLX appends template values); inputs / outputs: parameter names;
+    helpers: DEVICE_FN functions placed in the header after the prelude macros.
+    """
+
+    name: str
+    inputs: tuple
+    outputs: tuple
+    body: str
+    helpers: str = ""
+
+    def __post_init__(self):
+        for d, toks in DIALECT_TOKENS.items():
+            for tok in toks:
+                if tok in self.body or tok in self.helpers:
+                    raise ValueError(f"kernel {self.name}: portable body uses {d}-only token {tok!r}")
+        if re.search(r"\buint\b", self.body + self.helpers):
+            raise ValueError(f"kernel {self.name}: use 'unsigned int', not 'uint' (CUDA has no uint)")
+
+    def source(self, dialect: str) -> tuple[str, str]:
+        """(header, body) for `dialect` ("cuda" or "metal"): prelude + the shared body."""
+        if dialect not in DIALECTS:
+            raise ValueError(f"dialect must be one of {DIALECTS}, got {dialect!r}")
+        col = DIALECTS.index(dialect)
+        used = [k for k in _INDEX if re.search(rf"\b{k}\b", self.body)]
+        index_lines = "".join(f"  const unsigned int {k} = {_INDEX[k][col]};\n" for k in used)
+        header = (_CUDA_HEADER if dialect == "cuda" else _METAL_HEADER) + self.helpers
+        return header, index_lines + self.body
+
+    def build(self, dialect: str):
+        """The MLX kernel object for `dialect` (cached per kernel and dialect)."""
+        return _build(self, dialect)
+
+    def __call__(self, inputs: Sequence[mx.array], *, template, grid, threadgroup,
+                 output_shapes, output_dtypes, init_value=None):
+        """Launch on the running GPU backend. grid: groups per axis (x, y, z);
+        threadgroup: threads per group along x (1-D groups)."""
+        kern = self.build(backend())
+        gx, gy, gz = grid
+        return kern(
+            inputs=list(inputs),
+            template=list(template),
+            grid=(gx * threadgroup, gy, gz),
+            threadgroup=(threadgroup, 1, 1),
+            output_shapes=list(output_shapes),
+            output_dtypes=list(output_dtypes),
+            init_value=init_value,
+        )
+
+
+_CACHE: dict = {}
+
+
+def _build(kernel: Kernel, dialect: str):
+    key = (kernel, dialect)
+    if key not in _CACHE:
+        header, body = kernel.source(dialect)
+        make = mx.fast.cuda_kernel if dialect == "cuda" else mx.fast.metal_kernel
+        _CACHE[key] = make(name=kernel.name, input_names=list(kernel.inputs),
+                           output_names=list(kernel.outputs), source=body, header=header)
+    return _CACHE[key]
+
+
+def backend() -> str | None:
+    """"cuda" or "metal" when the default device is a GPU of that backend, else None.
+
+    A static fact (no array is read): the dispatchers use it to pick the kernel path.
+    ALLOY_NO_KERNELS=1 in the environment switches every kernel path off (A/B checks)."""
+    if os.environ.get("ALLOY_NO_KERNELS") == "1" or mx.default_device() != mx.gpu:
+        return None
+    if mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return None
+
+
+def groups(n: int, size: int) -> int:
+    """Number of groups of `size` covering `n` work items."""
+    return max(1, -(-n // size))

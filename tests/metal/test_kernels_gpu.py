@@ -1,0 +1,210 @@
+"""GPU kernels against their references (`pytest -m gpu`; skipped where no CUDA/Metal device).
+
+Every kernel: outputs and final states vs the `_ref` (or the op it replaces) over random shapes
+with T = 1, T not a multiple of the chunk, batch > 1, groups > 1, fp32 and bf16; gradients of
+the fast path vs the reference's. Tolerances (max |fast - ref| / max(|ref|, 1)):
+fp32 2e-4 (SSD chunked 2e-3: matmuls may run in TF32), bf16 3e-2 (one bf16 rounding of
+operands and outputs; SSD chunked 6e-2: bf16 matmul operands, as the Triton kernels).
+"""
+import importlib
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from alloy import metal
+from alloy.ops import (causal_conv1d, causal_conv1d_ref, selective_scan, selective_scan_ref,
+                       selective_scan_step, ssd, ssd_chunked, ssd_ref, ssd_step)
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(metal.backend() is None, reason="no CUDA or Metal GPU backend")]
+
+DTYPES = {"f32": mx.float32, "bf16": mx.bfloat16}
+TOL = {"f32": 2e-4, "bf16": 3e-2}
+TOL_SSD = {"f32": 2e-3, "bf16": 6e-2}
+
+
+def rel_err(a, b):
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert np.isfinite(a).all()
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1.0)) if a.size else 0.0
+
+
+def arr(rng, shape, dtype=mx.float32, scale=1.0):
+    return mx.array((scale * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
+
+
+def pos(rng, shape, lo, hi):
+    return mx.array(rng.uniform(lo, hi, shape).astype(np.float32))
+
+
+# ---------------------------------------------------------------- conv1d + SiLU
+@given(b=st.integers(1, 3), T=st.sampled_from([1, 2, 3, 15, 16, 17, 40]), C=st.integers(1, 70),
+       K=st.sampled_from([2, 3, 4]), dt=st.sampled_from(["f32", "bf16"]), bias=st.booleans(),
+       state=st.booleans(), silu=st.booleans(), seed=st.integers(0, 2**16))
+def test_conv1d_kernel_matches_ref(b, T, C, K, dt, bias, state, silu, seed):
+    rng = np.random.default_rng(seed)
+    dtype, act = DTYPES[dt], ("silu" if silu else None)
+    x = arr(rng, (b, T, C), dtype)
+    w = arr(rng, (C, K), dtype, 0.5)
+    bv = arr(rng, (C,), dtype) if bias else None
+    s = arr(rng, (b, K - 1, C), dtype) if state else None
+    y, ns = causal_conv1d(x, w, bv, s, act, impl="kernel")
+    yr, nsr = causal_conv1d_ref(x, w, bv, s, act)
+    assert y.dtype == yr.dtype and ns.dtype == nsr.dtype
+    assert rel_err(y, yr) <= TOL[dt]
+    assert rel_err(ns, nsr) == 0.0  # the new state is a copy of inputs
+
+
+def test_conv1d_empty_input_returns_the_carried_state():
+    """T = 0 (an empty split of a prompt) launches nothing; the state passes through unchanged."""
+    rng = np.random.default_rng(4)
+    x, w, s = arr(rng, (2, 0, 5)), arr(rng, (5, 4)), arr(rng, (2, 3, 5))
+    for impl in ("auto", "kernel"):
+        y, ns = causal_conv1d(x, w, None, s, "silu", impl=impl)
+        assert y.shape == (2, 0, 5) and rel_err(ns, s) == 0.0
+
+
+def test_conv1d_kernel_gradients_and_3d_weight():
+    rng = np.random.default_rng(0)
+    x, w, bv, s = arr(rng, (2, 19, 24)), arr(rng, (24, 1, 4)), arr(rng, (24,)), arr(rng, (2, 3, 24))
+    ct = arr(rng, (2, 19, 24))
+
+    def loss(impl):
+        return lambda x, w, bv, s: (causal_conv1d(x, w, bv, s, "silu", impl=impl)[0] * ct).sum()
+    gk = mx.grad(loss("kernel"), argnums=(0, 1, 2, 3))(x, w, bv, s)
+    gr = mx.grad(loss("ref"), argnums=(0, 1, 2, 3))(x, w, bv, s)
+    for a, b in zip(gk, gr):
+        assert rel_err(a, b) <= 1e-5
+
+
+# ---------------------------------------------------------------- Mamba-2 SSD
+def ssd_inputs(rng, b, l, g, r, p, n, dtype, state=True):
+    h = g * r
+    x = arr(rng, (b, l, h, p), dtype)
+    dt = pos(rng, (b, l, h), 0.01, 0.6)
+    A = -pos(rng, (h,), 0.3, 3.0)
+    B = arr(rng, (b, l, g, n), dtype, 0.5)
+    C = arr(rng, (b, l, g, n), dtype, 0.5)
+    D = arr(rng, (h,))
+    h0 = arr(rng, (b, h, p, n)) if state else None
+    return x, dt, A, B, C, D, h0
+
+
+@given(b=st.integers(1, 3), g=st.sampled_from([1, 2]), r=st.sampled_from([1, 3]),
+       p=st.sampled_from([1, 5, 16]), n=st.sampled_from([1, 7, 33, 128]),
+       dt=st.sampled_from(["f32", "bf16"]), seed=st.integers(0, 2**16))
+def test_ssd_step_kernel_matches_ops(b, g, r, p, n, dt, seed):
+    rng = np.random.default_rng(seed)
+    x, dtv, A, B, C, D, h0 = ssd_inputs(rng, b, 1, g, r, p, n, DTYPES[dt])
+    y, s = ssd(x, dtv, A, B, C, D, h0, impl="kernel")
+    yr, sr = ssd_step(x[:, 0], dtv[:, 0], A, B[:, 0], C[:, 0], D, h0)
+    assert s.dtype == mx.float32 and y.dtype == x.dtype
+    assert rel_err(y[:, 0], yr) <= TOL[dt]
+    assert rel_err(s, sr) <= 2e-5
+
+
+@given(b=st.integers(1, 2), l=st.sampled_from([1, 2, 15, 16, 33, 70]), g=st.sampled_from([1, 2]),
+       r=st.sampled_from([1, 2]), p=st.sampled_from([3, 8]), n=st.sampled_from([4, 16]),
+       chunk=st.sampled_from([16, 32]), dt=st.sampled_from(["f32", "bf16"]),
+       state=st.booleans(), seed=st.integers(0, 2**16))
+def test_ssd_chunked_kernel_matches_ref(b, l, g, r, p, n, chunk, dt, state, seed):
+    rng = np.random.default_rng(seed)
+    x, dtv, A, B, C, D, h0 = ssd_inputs(rng, b, l, g, r, p, n, DTYPES[dt], state)
+    y, s = ssd(x, dtv, A, B, C, D, h0, chunk_size=chunk, impl="kernel")
+    yr, sr = ssd_ref(x, dtv, A, B, C, D, h0)
+    assert y.dtype == x.dtype and s.dtype == mx.float32
+    assert rel_err(y, yr) <= TOL_SSD[dt]
+    assert rel_err(s, sr) <= TOL_SSD[dt]
+
+
+def test_ssd_kernel_at_model_shape_and_under_compile():
+    rng = np.random.default_rng(1)
+    x, dtv, A, B, C, D, h0 = ssd_inputs(rng, 1, 300, 1, 8, 64, 128, mx.bfloat16)
+    f = mx.compile(lambda *a: ssd(*a, chunk_size=256, impl="kernel"))
+    y, s = f(x, dtv, A, B, C, D, h0)
+    yr, sr = ssd_ref(x, dtv, A, B, C, D, h0)
+    assert rel_err(y, yr) <= TOL_SSD["bf16"] and rel_err(s, sr) <= TOL_SSD["bf16"]
+
+
+def test_ssd_kernel_gradients_match_ref():
+    rng = np.random.default_rng(2)
+    args = ssd_inputs(rng, 2, 37, 2, 2, 4, 8, mx.float32)
+    ct = arr(rng, (2, 37, 4, 4))
+    cs = arr(rng, (2, 4, 4, 8))
+
+    def loss(impl):
+        def f(*a):
+            y, s = ssd(*a, chunk_size=16, impl=impl)
+            return (y * ct).sum() + (s * cs).sum()
+        return f
+    gk = mx.grad(loss("kernel"), argnums=tuple(range(7)))(*args)
+    gr = mx.grad(loss("ref"), argnums=tuple(range(7)))(*args)
+    for a, b in zip(gk, gr):
+        assert rel_err(a, b) <= 1e-3
+
+
+# ---------------------------------------------------------------- Mamba-1 selective scan
+def ss_inputs(rng, b, l, d, n, dtype, gate, state):
+    x = arr(rng, (b, l, d), dtype)
+    dt = pos(rng, (b, l, d), 0.01, 0.6)
+    A = -pos(rng, (d, n), 0.3, 3.0)
+    B = arr(rng, (b, l, n), dtype, 0.5)
+    C = arr(rng, (b, l, n), dtype, 0.5)
+    D = arr(rng, (d,))
+    z = arr(rng, (b, l, d), dtype) if gate else None
+    h0 = arr(rng, (b, d, n)) if state else None
+    return x, dt, A, B, C, D, z, h0
+
+
+@given(b=st.integers(1, 3), d=st.integers(1, 40), n=st.sampled_from([1, 5, 16, 40]),
+       dt=st.sampled_from(["f32", "bf16"]), gate=st.booleans(), state=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_selective_scan_step_kernel_matches_ops(b, d, n, dt, gate, state, seed):
+    rng = np.random.default_rng(seed)
+    x, dtv, A, B, C, D, z, h0 = ss_inputs(rng, b, 1, d, n, DTYPES[dt], gate, state)
+    y, s = selective_scan(x, dtv, A, B, C, D, z, h0, impl="kernel")
+    yr, sr = selective_scan_step(x[:, 0], dtv[:, 0], A, B[:, 0], C[:, 0], D,
+                                 None if z is None else z[:, 0], h0)
+    assert rel_err(y[:, 0], yr) <= TOL[dt]
+    assert rel_err(s, sr) <= 2e-5
+
+
+@given(b=st.integers(1, 2), l=st.sampled_from([2, 3, 17, 64, 65]), d=st.integers(1, 40),
+       n=st.sampled_from([1, 5, 16, 40]), dt=st.sampled_from(["f32", "bf16"]), gate=st.booleans(),
+       state=st.booleans(), seed=st.integers(0, 2**16))
+def test_selective_scan_kernel_matches_ref(b, l, d, n, dt, gate, state, seed):
+    rng = np.random.default_rng(seed)
+    x, dtv, A, B, C, D, z, h0 = ss_inputs(rng, b, l, d, n, DTYPES[dt], gate, state)
+    y, s = selective_scan(x, dtv, A, B, C, D, z, h0, impl="kernel")
+    yr, sr = selective_scan_ref(x, dtv, A, B, C, D, z, h0)
+    assert y.dtype == x.dtype and s.dtype == mx.float32
+    assert rel_err(y, yr) <= TOL[dt]
+    assert rel_err(s, sr) <= 1e-4
+
+
+def test_selective_scan_kernel_gradients_match_ref():
+    rng = np.random.default_rng(3)
+    args = ss_inputs(rng, 2, 21, 6, 5, mx.float32, True, True)
+    ct = arr(rng, (2, 21, 6))
+    cs = arr(rng, (2, 6, 5))
+
+    def loss(impl):
+        def f(*a):
+            y, s = selective_scan(*a, impl=impl)
+            return (y * ct).sum() + (s * cs).sum()
+        return f
+    gk = mx.grad(loss("kernel"), argnums=tuple(range(8)))(*args)
+    gr = mx.grad(loss("ref"), argnums=tuple(range(8)))(*args)
+    for a, b in zip(gk, gr):
+        assert rel_err(a, b) <= 1e-3
+
+
+def test_auto_dispatch_takes_the_kernels_on_gpu():
+    # the package re-exports functions named like these modules: import the modules themselves
+    assert importlib.import_module("alloy.ops.conv").kernel_applies(mx.ones((1, 4, 8)), mx.ones((8, 4)))
+    assert importlib.import_module("alloy.ops.ssd").kernel_applies(mx.ones((1, 4, 2, 8)))
+    assert importlib.import_module("alloy.ops.selective_scan").kernel_applies(mx.ones((1, 4, 8)), mx.ones((8, 16)))

@@ -1,0 +1,123 @@
+"""CPU-side checks of the portable kernel layer: every kernel's CUDA and Metal sources come from
+the same body, each dialect's source carries no token of the other, dispatch stays on the
+reference paths where no GPU backend exists."""
+import importlib
+import os
+import re
+import shutil
+import subprocess
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import alloy.metal as metal
+from alloy.metal.prelude import DIALECT_TOKENS, Kernel
+from alloy.ops import causal_conv1d, causal_conv1d_ref, selective_scan, ssd
+
+# the package re-exports functions named like these modules: import the modules themselves
+conv_ops = importlib.import_module("alloy.ops.conv")
+sscan_ops = importlib.import_module("alloy.ops.selective_scan")
+ssd_ops = importlib.import_module("alloy.ops.ssd")
+
+KERNELS = sorted(metal.KERNELS.values(), key=lambda k: k.name)
+IDS = [k.name for k in KERNELS]
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=IDS)
+def test_both_dialects_render_the_same_body(kernel):
+    (ch, cb), (mh, mb) = kernel.source("cuda"), kernel.source("metal")
+    assert kernel.body in cb and kernel.body in mb  # the body itself, verbatim, in both
+    other = {"cuda": "metal", "metal": "cuda"}
+    for dialect, text in (("cuda", ch + cb), ("metal", mh + mb)):
+        for tok in DIALECT_TOKENS[other[dialect]]:
+            if tok in ("device ", "constant "):
+                continue  # plain words that also occur in CUDA comments / names
+            assert tok not in text, f"{kernel.name} {dialect} source contains {tok!r}"
+    assert re.search(r"\buint\b", ch + cb) is None  # CUDA kernels index with unsigned int
+    assert "__syncthreads" in ch and "threadgroup_barrier" in mh  # the prelude of each dialect
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=IDS)
+def test_index_names_map_to_each_dialect(kernel):
+    _, cb = kernel.source("cuda")
+    _, mb = kernel.source("metal")
+    if re.search(r"\btid\b", kernel.body):
+        assert "const unsigned int tid = threadIdx.x;" in cb
+        assert "const unsigned int tid = thread_position_in_threadgroup.x;" in mb
+    # Metal attributes are added to the signature when their names appear: only used ones may
+    assert ("simdgroup_index_in_threadgroup" in mb) == bool(re.search(r"\bwarp\b", kernel.body))
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=IDS)
+def test_mlx_builds_both_kernel_objects(kernel):
+    """MLX accepts each dialect's source (compilation happens at first launch on the device;
+    the CUDA object can only be made where the CUDA back-end is built in)."""
+    assert kernel.build("metal") is not None
+    if mx.cuda.is_available():
+        assert kernel.build("cuda") is not None
+
+
+def test_dialect_specific_bodies_are_refused():
+    with pytest.raises(ValueError, match="threadIdx"):
+        Kernel("bad", ("x",), ("y",), "y[threadIdx.x] = x[0];")
+    with pytest.raises(ValueError, match="simd_sum"):
+        Kernel("bad", ("x",), ("y",), "y[0] = simd_sum(x[0]);")
+    with pytest.raises(ValueError, match="unsigned int"):
+        Kernel("bad", ("x",), ("y",), "uint i = tid; y[i] = x[i];")
+    with pytest.raises(ValueError, match="dialect"):
+        metal.KERNELS["alloy_ssd_step"].source("hip")
+
+
+def test_no_kernels_switch(monkeypatch):
+    monkeypatch.setenv("ALLOY_NO_KERNELS", "1")
+    assert metal.backend() is None
+
+
+def test_cpu_dispatch_keeps_reference_paths():
+    assert metal.backend() is None
+    x = mx.ones((1, 5, 8))
+    assert not conv_ops.kernel_applies(x, mx.ones((8, 4)))
+    assert not ssd_ops.kernel_applies(x)
+    assert not sscan_ops.kernel_applies(x, mx.ones((8, 4)))
+    with pytest.raises(ValueError, match="CUDA or Metal"):
+        causal_conv1d(x, mx.ones((8, 4)), impl="kernel")
+    with pytest.raises(ValueError, match="CUDA or Metal"):
+        ssd(mx.ones((1, 5, 2, 4)), mx.ones((1, 5, 2)), -mx.ones((2,)), mx.ones((1, 5, 1, 3)),
+            mx.ones((1, 5, 1, 3)), impl="kernel")
+    with pytest.raises(ValueError, match="CUDA or Metal"):
+        selective_scan(x, x, -mx.ones((8, 3)), mx.ones((1, 5, 3)), mx.ones((1, 5, 3)), impl="kernel")
+    rng = np.random.default_rng(0)
+    xr = mx.array(rng.standard_normal((2, 7, 6)).astype(np.float32))
+    w = mx.array(rng.standard_normal((6, 4)).astype(np.float32))
+    y, s = causal_conv1d(xr, w, activation="silu")
+    yr, sr = causal_conv1d_ref(xr, w, activation="silu")
+    assert mx.array_equal(y, yr) and mx.array_equal(s, sr)
+
+
+@pytest.mark.skipif(not (shutil.which("nvcc") and os.environ.get("ALLOY_MLX_CUDA_INCLUDE")),
+                    reason="set ALLOY_MLX_CUDA_INCLUDE to an MLX source tree and have nvcc")
+@pytest.mark.parametrize("kernel", KERNELS, ids=IDS)
+def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
+    """Compiles the CUDA dialect as MLX would wrap it (header, namespace, signature), bf16 inputs."""
+    header, body = kernel.source("cuda")
+    tmpl = "  using T = __nv_bfloat16;\n" + "".join(
+        f"  constexpr int {n} = {v};\n" for n, v in (("K", 4), ("TILE", 16), ("LANES", 16),
+                                                    ("NJ", 1), ("KC", 64), ("TB", 8), ("CBLK", 8),
+                                                    ("CG", 1), ("PC", 64), ("SB", 32))
+        if re.search(rf"\b{n}\b", body)) + "".join(
+        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z") if n in body)
+    args = []
+    for n in kernel.inputs:  # MLX adds `<name>_shape` when the body reads it
+        args.append(f"const __nv_bfloat16* {n}")
+        if f"{n}_shape" in body:
+            args.append(f"const __grid_constant__ Shape {n}_shape")
+    args += [f"float* {n}" if "state" in n else f"__nv_bfloat16* {n}" for n in kernel.outputs]
+    src = ('#include "mlx/backend/cuda/device/utils.cuh"\n' + header
+           + "namespace mlx::core::cu {\n__global__ void k(" + ", ".join(args) + ") {\n"
+           + tmpl + body + "\n}\n}\n")
+    path = tmp_path / "k.cu"
+    path.write_text(src)
+    res = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-I", os.environ["ALLOY_MLX_CUDA_INCLUDE"],
+                          "-c", str(path), "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
