@@ -33,12 +33,13 @@ def load_model(args):
     """(model, params) from --checkpoint or --config (+ --dtype, --seed, --quantize)."""
     import dataclasses
 
-    from alloy.checkpoint import load
     from alloy.model import as_config, build
     from alloy.params.quantize import quantize
 
-    if args.checkpoint:
-        model, params = load(args.checkpoint)
+    args.tokenizer = None
+    if args.checkpoint:  # an Alloy / HF checkpoint or an `alloy train` run directory, with its tokenizer
+        from alloy.tokenizer import load_model_and_tokenizer
+        model, params, args.tokenizer = load_model_and_tokenizer(args.checkpoint)
     else:
         cfg = as_config(_config_source(args.config or "hybrid-tiny"))
         if args.dtype:
@@ -98,11 +99,15 @@ def roofline_fraction(model, r: dict, hardware: str, bits=None, group_size: int 
 def _generate(args):
     from alloy.inference.generate import ByteTokenizer, generate
     model, params = load_model(args)
-    if model.config.vocab_size < 256:
-        raise ValueError(f"generate: byte-level prompts need vocab_size >= 256, the model has "
-                         f"{model.config.vocab_size}")
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        if model.config.vocab_size < 256:
+            raise ValueError(f"generate: byte-level prompts need vocab_size >= 256, the model has "
+                             f"{model.config.vocab_size}")
+        tokenizer = ByteTokenizer()
     ev = None
-    for ev in generate(model, params, args.prompt, max_tokens=args.max_tokens, tokenizer=ByteTokenizer(),
+    for ev in generate(model, params, args.prompt, max_tokens=args.max_tokens, tokenizer=tokenizer,
+                       stop_tokens=tuple(getattr(tokenizer, "eos_token_ids", ())),
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                        stop_strings=tuple(args.stop), seed=args.seed, prefill_chunk=args.chunk):
