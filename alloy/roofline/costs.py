@@ -266,8 +266,8 @@ def _attention_cost(s, w: Workload) -> Cost:
     can see, 2*B*Hkv*hd*min(C, window or C); writes the new ones, 2*B*Hkv*hd*min(T, window or T)
     (a sliding-window cache is a ring of ``window`` slots: only the last ``window`` keys are kept)."""
     N, D, hd, Hq, Hkv = w.n, s.d_model, s.hd, s.n_heads, s.kv_heads
-    qkv = (Hq + 2 * Hkv) * hd
-    c = matmul(N, D, qkv, s.qkv_bias) + matmul(N, Hq * hd, D, s.o_bias)
+    qkv = (Hq * (2 if s.output_gate else 1) + 2 * Hkv) * hd  # an output gate doubles q_proj's rows
+    c = matmul(N, D, qkv, s.qkv_bias) + matmul(N, Hq * hd, s.d_out or D, s.o_bias)
     c += weights(vector=2 * hd if s.qk_norm else 0)
     c += Cost(flops={"attention": 4 * hd * Hq * w.batch * visible_pairs(w.tokens, w.context, s.window)})
     c += Cost(act_read=N * D + N * qkv + N * Hq * hd, act_write=N * qkv + N * Hq * hd + N * D)
@@ -405,6 +405,28 @@ def block_cost(d_model: int, has_ffn: bool, w: Workload) -> Cost:
     """Pre-norm weights and the residual stream read by each sub-block's output projection."""
     k = 2 if has_ffn else 1
     return weights(vector=k * d_model) + Cost(act_read=k * w.n * d_model)
+
+
+def shared_cost(sh, w: Workload) -> Cost:
+    """One call of a Zamba-style shared block (the report counts it once per call site): the block's
+    attention on [h, e0] (2D wide in, D out, its own KV state), its MLP, the per-call low-rank
+    adapters (r*(in + out) per target) and the per-call D x D linear. Weights read: the block's at
+    every call. Stored parameters: the adapters and linear per call, plus the blocks' own
+    parameters spread evenly over the calls (n_blocks / n_calls of one block each), so the total
+    over the calls is exact."""
+    D = sh.mlp.d_model
+    block = get_cost("mixer", "attention")(sh.attention, w) + get_cost("ffn", "mlp")(sh.mlp, w) \
+        + weights(vector=3 * D) + Cost(act_read=2 * w.n * D)
+    own = matmul(w.n, D, D)
+    for name in sh.adapt if sh.adapter_rank else ():
+        a = sh.attention
+        d_in, d_out = ((a.d_model, (a.n_heads if name == "q_proj" else a.kv_heads) * a.hd)
+                       if name in ("q_proj", "k_proj", "v_proj") else (D, sh.mlp.ff))
+        own = own + matmul(w.n, d_in, sh.adapter_rank) + matmul(w.n, sh.adapter_rank, d_out)
+    share = sh.n_blocks / len(sh.at)
+    c = block + own
+    return Cost(c.flops, _add({k: v * share for k, v in block.params.items()}, own.params), c.weight_reads,
+                c.act_read, c.act_write, c.state_read, c.state_write)
 
 
 def embed_cost(vocab: int, d_model: int, tied: bool, w: Workload) -> Cost:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alloy.config import ModelConfig
-from alloy.roofline.costs import (Cost, Workload, block_cost, embed_cost, get_cost, head_cost)
+from alloy.roofline.costs import (Cost, Workload, block_cost, embed_cost, get_cost, head_cost,
+                                  shared_cost)
 from alloy.roofline.hardware import Hardware, canonical_dtype, get_hardware
 
 MODES = ("prefill", "mini-prefill", "decode")
@@ -348,14 +349,19 @@ def roofline(config: Any, hardware: str | Hardware = "H100", mode: str = "decode
     V, D, tied = cfg.vocab_size, cfg.d_model, cfg.tie_embeddings
     rows = [_row("embed", (), "", "", embed_cost(V, D, tied, w), hw, prec)]
     for (mname, fname), idx in groups.items():
-        mkind, ms = cfg.mixer(idx[0])
-        c = get_cost("mixer", mkind)(ms, w)
-        f = cfg.ffn(idx[0])
+        m, f = cfg.mixer(idx[0]), cfg.ffn(idx[0])
+        mkind = "none" if m is None else m[0]
+        c = Cost() if m is None else get_cost("mixer", mkind)(m[1], w)
         if f is not None:
             c = c + get_cost("ffn", f[0])(f[1], w)
         c = c + block_cost(D, f is not None, w)
+        if m is None:  # an FFN-only layer has no mixer pre-norm or residual read
+            c = c + block_cost(D, False, w).scale(-1)
         label = mname if mname == mkind else f"{mname} ({mkind})"
         flabel = "none" if f is None else (fname if fname == f[0] else f"{fname} ({f[0]})")
         rows.append(_row(f"{label} + {flabel}", idx, mkind, "none" if f is None else f[0], c, hw, prec))
+    if cfg.shared is not None:
+        rows.append(_row("shared blocks (per call x calls)", tuple(cfg.shared.at), "shared", "mlp",
+                         shared_cost(cfg.shared, w), hw, prec))
     rows.append(_row("head", (), "", "", head_cost(V, D, tied, w), hw, prec))
     return RooflineReport(cfg.name, hw, mode, w, prec, tuple(rows))

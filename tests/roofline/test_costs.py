@@ -243,3 +243,22 @@ def test_register_cost_refuses_a_silent_replacement():
         register_cost("mamba2")(lambda s, w: None)
     with pytest.raises(ValueError, match="role"):
         register_cost("x", role="norm")
+
+
+def test_params_counted_for_shared_blocks_and_ffn_only_layers():
+    """Zamba2-style shared blocks (stored once per block, adapters and linears per call) and
+    FFN-only layers are counted exactly like the initialised tree."""
+    import mlx.core as mx
+    from alloy.params import count_params
+    cfg = {"vocab_size": 37, "d_model": 16, "layer_types": ["mamba2", "mamba2", "none", "mamba2", "mamba2"],
+           "ffn_types": ["none", "none", "mlp", "none", "none"],
+           "mixers": {"mamba2": {"d_state": 8, "head_dim": 8}}, "ffns": {"mlp": {"d_ff": 24}},
+           "shared": {"n_blocks": 2, "at": [0, 1, 3], "attention": {"n_heads": 4, "n_kv_heads": 2, "output_gate": True},
+                      "mlp": {"d_ff": 20, "activation": "gelu"}, "adapter_rank": 3}}
+    model = alloy.build(cfg)
+    rep = roofline(cfg, "H100", "prefill", seq_len=8)
+    assert rep.params == count_params(model.init(mx.random.key(0)))
+    shared = next(r for r in rep.rows if r.mixer == "shared")
+    assert shared.layers == (0, 1, 3) and shared.flops["matmul"] > 0
+    none_rows = [r for r in rep.rows if r.mixer == "none"]
+    assert len(none_rows) == 1 and none_rows[0].layers == (2,)
