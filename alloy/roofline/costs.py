@@ -420,7 +420,8 @@ def shared_cost(sh, w: Workload) -> Cost:
     own = matmul(w.n, D, D)
     for name in sh.adapt if sh.adapter_rank else ():
         a = sh.attention
-        d_in, d_out = ((a.d_model, (a.n_heads if name == "q_proj" else a.kv_heads) * a.hd)
+        q_rows = a.n_heads * a.hd * (2 if a.output_gate else 1)
+        d_in, d_out = ((a.d_model, q_rows if name == "q_proj" else a.kv_heads * a.hd)
                        if name in ("q_proj", "k_proj", "v_proj") else (D, sh.mlp.ff))
         own = own + matmul(w.n, d_in, sh.adapter_rank) + matmul(w.n, sh.adapter_rank, d_out)
     share = sh.n_blocks / len(sh.at)
