@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from alloy.convert.registry import Converter, register_converter
+from alloy.convert.registry import Converter, decoder_rules, register_converter
 
 
 def _unsupported(hf: dict, field: str, ok) -> None:
@@ -104,15 +104,7 @@ def _decoder_config(hf: dict, *, qk_norm: bool, qkv_bias: bool, o_bias: bool) ->
     }
 
 
-_DECODER_RENAME = (
-    ("model.embed_tokens.", "embed_tokens."),
-    ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
-    ("model.layers.{i}.self_attn.", "layers.{i}.mixer."),
-    ("model.layers.{i}.post_attention_layernorm.", "layers.{i}.ffn_norm."),
-    ("model.layers.{i}.mlp.", "layers.{i}.ffn."),
-    ("model.norm.", "norm_f."),
-    ("lm_head.", "lm_head."),
-)
+_DECODER_RENAME = decoder_rules({"self_attn": None})
 _DECODER_FIELDS = frozenset({
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta",
@@ -396,14 +388,8 @@ def _bamba_to_hf(cfg) -> dict | None:
 
 register_converter(Converter(
     ("bamba",), _bamba_config,
-    (("model.embed_tokens.", "embed_tokens."),
-     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
-     ("model.layers.{i}.mamba.", "layers.{i}.mixer.", ("mamba2",)),
-     ("model.layers.{i}.self_attn.", "layers.{i}.mixer.", ("attention",)),
-     ("model.layers.{i}.pre_ff_layernorm.", "layers.{i}.ffn_norm."),
-     ("model.layers.{i}.feed_forward.", "layers.{i}.ffn."),
-     ("model.final_layernorm.", "norm_f."),
-     ("lm_head.", "lm_head.")),
+    decoder_rules({"mamba": ("mamba2",), "self_attn": ("attention",)}, ffn_norm="pre_ff_layernorm",
+                  ffn="feed_forward", final="final_layernorm"),
     frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "head_dim", "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta",
                "rope_scaling", "partial_rotary_factor", "attention_bias", "mlp_bias", "attn_layer_indices",

@@ -6,7 +6,7 @@ import re
 import mlx.core as mx
 
 from alloy.convert.families import _attention_from_hf, _check_time_step_limit, _rope_theta, _unsupported
-from alloy.convert.registry import Converter, register_converter, stack_experts, split_fused_experts, unstack_experts
+from alloy.convert.registry import Converter, decoder_rules, register_converter, stack_experts, split_fused_experts, unstack_experts
 
 # -- Qwen3-Next -----------------------------------------------------------------------------------
 # Zero-centred RMSNorms: HF stores w and multiplies by (1 + w); Alloy stores (1 + w).
@@ -119,6 +119,10 @@ def _qwen3_next_config(hf: dict) -> dict:
     }
 
 
+_QWEN_RENAME = decoder_rules({"linear_attn": ("gated_deltanet",), "self_attn": ("attention",)},
+                             extra=(("model.layers.{i}.mlp.gate.", "layers.{i}.ffn.router."),))
+
+
 def _qwen3_next_to_hf(cfg) -> dict | None:
     kinds = [cfg.mixer_kind(i) for i in range(cfg.n_layers)]
     if set(kinds) - {"gated_deltanet", "attention"} or "gated_deltanet" not in kinds or len(cfg.mixers) > 2:
@@ -163,15 +167,7 @@ def _qwen3_next_to_hf(cfg) -> dict | None:
 
 register_converter(Converter(
     ("qwen3_next",), _qwen3_next_config,
-    (("model.embed_tokens.", "embed_tokens."),
-     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
-     ("model.layers.{i}.linear_attn.", "layers.{i}.mixer.", ("gated_deltanet",)),
-     ("model.layers.{i}.self_attn.", "layers.{i}.mixer.", ("attention",)),
-     ("model.layers.{i}.post_attention_layernorm.", "layers.{i}.ffn_norm."),
-     ("model.layers.{i}.mlp.gate.", "layers.{i}.ffn.router."),
-     ("model.layers.{i}.mlp.", "layers.{i}.ffn."),
-     ("model.norm.", "norm_f."),
-     ("lm_head.", "lm_head.")),
+    _QWEN_RENAME,
     frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "head_dim", "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta",
                "rope_scaling", "partial_rotary_factor", "attention_bias", "layer_types", "full_attention_interval",
@@ -262,14 +258,8 @@ def _jamba_to_hf(cfg) -> dict | None:
 
 register_converter(Converter(
     ("jamba",), _jamba_config,
-    (("model.embed_tokens.", "embed_tokens."),
-     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
-     ("model.layers.{i}.mamba.", "layers.{i}.mixer.", ("mamba1",)),
-     ("model.layers.{i}.self_attn.", "layers.{i}.mixer.", ("attention",)),
-     ("model.layers.{i}.pre_ff_layernorm.", "layers.{i}.ffn_norm."),
-     ("model.layers.{i}.feed_forward.", "layers.{i}.ffn."),
-     ("model.final_layernorm.", "norm_f."),
-     ("lm_head.", "lm_head.")),
+    decoder_rules({"mamba": ("mamba1",), "self_attn": ("attention",)}, ffn_norm="pre_ff_layernorm",
+                  ffn="feed_forward", final="final_layernorm"),
     frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size", "hidden_act", "rms_norm_eps", "attn_layer_period", "attn_layer_offset",
                "expert_layer_period", "expert_layer_offset", "num_experts", "num_experts_per_tok",
@@ -410,16 +400,6 @@ _QWEN35_TEXT_FIELDS = frozenset({
     "linear_key_head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_value_head_dim",
     "moe_intermediate_size", "norm_topk_prob", "num_experts", "num_experts_per_tok", "shared_expert_intermediate_size",
     "router_aux_loss_coef", "output_router_logits", "decoder_sparse_step", "mlp_only_layers"})
-_QWEN_RENAME = (
-    ("model.embed_tokens.", "embed_tokens."),
-    ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
-    ("model.layers.{i}.linear_attn.", "layers.{i}.mixer.", ("gated_deltanet",)),
-    ("model.layers.{i}.self_attn.", "layers.{i}.mixer.", ("attention",)),
-    ("model.layers.{i}.post_attention_layernorm.", "layers.{i}.ffn_norm."),
-    ("model.layers.{i}.mlp.gate.", "layers.{i}.ffn.router."),
-    ("model.layers.{i}.mlp.", "layers.{i}.ffn."),
-    ("model.norm.", "norm_f."),
-    ("lm_head.", "lm_head."))
 
 
 def _qwen35_load(flat: dict, hf: dict) -> dict:
@@ -613,14 +593,7 @@ def _granite_to_hf(cfg) -> dict | None:
 
 register_converter(Converter(
     ("granitemoehybrid",), _granite_config,
-    (("model.embed_tokens.", "embed_tokens."),
-     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
-     ("model.layers.{i}.mamba.", "layers.{i}.mixer.", ("mamba2",)),
-     ("model.layers.{i}.self_attn.", "layers.{i}.mixer.", ("attention",)),
-     ("model.layers.{i}.post_attention_layernorm.", "layers.{i}.ffn_norm."),
-     ("model.layers.{i}.block_sparse_moe.", "layers.{i}.ffn."),
-     ("model.norm.", "norm_f."),
-     ("lm_head.", "lm_head.")),
+    decoder_rules({"mamba": ("mamba2",), "self_attn": ("attention",)}, ffn="block_sparse_moe"),
     frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling",
                "attention_bias", "attention_multiplier", "embedding_multiplier", "residual_multiplier",
@@ -724,14 +697,9 @@ def _falcon_h1_to_hf(cfg) -> dict | None:
 
 register_converter(Converter(
     ("falcon_h1",), _falcon_h1_config,
-    (("model.embed_tokens.", "embed_tokens."),
-     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
-     ("model.layers.{i}.mamba.", "layers.{i}.mixer.mamba."),
-     ("model.layers.{i}.self_attn.", "layers.{i}.mixer.self_attn."),
-     ("model.layers.{i}.pre_ff_layernorm.", "layers.{i}.ffn_norm."),
-     ("model.layers.{i}.feed_forward.", "layers.{i}.ffn."),
-     ("model.final_layernorm.", "norm_f."),
-     ("lm_head.", "lm_head.")),
+    decoder_rules({}, ffn_norm="pre_ff_layernorm", ffn="feed_forward", final="final_layernorm",
+                  extra=(("model.layers.{i}.mamba.", "layers.{i}.mixer.mamba."),
+                         ("model.layers.{i}.self_attn.", "layers.{i}.mixer.self_attn."))),
     frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "head_dim", "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta",
                "rope_scaling", "attention_bias", "mlp_bias", "projectors_bias", "attention_in_multiplier",

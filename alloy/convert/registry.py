@@ -104,6 +104,23 @@ def rename_key(key: str, rules, reverse: bool = False, kind_of=None) -> str | No
     return best[1] + key[best[0]:]
 
 
+def decoder_rules(mixers: dict, *, norm: str = "input_layernorm", ffn_norm: str = "post_attention_layernorm",
+                  ffn: str = "mlp", final: str = "norm", extra: tuple = ()) -> tuple:
+    """Rename rules for the common ``model.layers.{i}.<module>`` decoder layout.
+
+    ``mixers`` maps an HF module name to the Alloy mixer kinds it holds (None: any kind), e.g.
+    ``{"mamba": ("mamba2",), "self_attn": ("attention",)}``; ``extra`` adds family-specific rules
+    (longest prefix wins, so ``mlp.gate.`` -> ``ffn.router.`` beats ``mlp.`` -> ``ffn.``)."""
+    rules = [("model.embed_tokens.", "embed_tokens."), ("model.layers.{i}." + norm + ".", "layers.{i}.norm.")]
+    for module, kinds in mixers.items():
+        rule = ("model.layers.{i}." + module + ".", "layers.{i}.mixer.")
+        rules.append(rule if kinds is None else (*rule, tuple(kinds)))
+    rules += [("model.layers.{i}." + ffn_norm + ".", "layers.{i}.ffn_norm."), *extra,
+              ("model.layers.{i}." + ffn + ".", "layers.{i}.ffn."), ("model." + final + ".", "norm_f."),
+              ("lm_head.", "lm_head.")]
+    return tuple(rules)
+
+
 # -- tensor surgery shared by families ----------------------------------------------------------
 _EXPERT = re.compile(r"^(?P<pre>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
 
