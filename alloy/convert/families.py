@@ -15,17 +15,49 @@ def _unsupported(hf: dict, field: str, ok) -> None:
         raise ValueError(f"{hf.get('model_type')}: config field {field}={v!r} is not supported")
 
 
-def _rope_theta(hf: dict) -> float:
-    rp = hf.get("rope_parameters") or {}
-    rs = hf.get("rope_scaling")
-    rtype = (rp.get("rope_type") or rp.get("type") or (rs or {}).get("rope_type") or (rs or {}).get("type")
-             or "default")
-    if rtype != "default":
-        raise ValueError(f"{hf.get('model_type')}: rope_type {rtype!r} is not supported (only 'default')")
-    extra = sorted(set(rp) - {"rope_theta", "rope_type", "type", "partial_rotary_factor"})
+_ROPE_SCALING_KEYS = {"linear": {"factor"},
+                      "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
+
+
+def _rope_fields(hf: dict, scaled: bool = True) -> dict:
+    """RoPE settings from ``rope_parameters`` (transformers 5) or ``rope_theta`` / ``rope_scaling``
+    (older configs): the base, and for ``linear`` / ``llama3`` scaling its parameters. Any other
+    scaling type, or an unknown key, is refused (``scaled=False``: only the default is accepted)."""
+    rp = dict(hf.get("rope_parameters") or {})
+    rs = dict(hf.get("rope_scaling") or {})
+    merged = {**rs, **rp}
+    rtype = merged.get("rope_type") or merged.get("type") or "default"
+    allowed = {"default"} | (set(_ROPE_SCALING_KEYS) if scaled else set())
+    if rtype not in allowed:
+        raise ValueError(f"{hf.get('model_type')}: rope_type {rtype!r} is not supported (supported: {sorted(allowed)})")
+    extra = sorted(set(merged) - {"rope_theta", "rope_type", "type", "partial_rotary_factor"}
+                   - _ROPE_SCALING_KEYS.get(rtype, set()))
     if extra:
-        raise ValueError(f"{hf.get('model_type')}: unknown rope_parameters field(s) {extra}")
-    return float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        raise ValueError(f"{hf.get('model_type')}: unknown rope_parameters field(s) {extra} for rope_type {rtype!r}")
+    out = {"rope_theta": float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if rtype != "default":
+        out.update({"rope_type": rtype, "rope_factor": float(merged["factor"])})
+    if rtype == "llama3":
+        out.update({"rope_low_freq_factor": float(merged["low_freq_factor"]),
+                    "rope_high_freq_factor": float(merged["high_freq_factor"]),
+                    "rope_original_max_position": int(merged["original_max_position_embeddings"])})
+    return out
+
+
+def _rope_theta(hf: dict) -> float:
+    """The RoPE base of a family whose converter supports only the default RoPE."""
+    return _rope_fields(hf, scaled=False)["rope_theta"]
+
+
+def _rope_parameters(a) -> dict:
+    """HF ``rope_parameters`` for an Alloy attention settings object (export)."""
+    rp = {"rope_theta": a.rope_theta, "rope_type": a.rope_type}
+    if a.rope_type != "default":
+        rp["factor"] = a.rope_factor
+    if a.rope_type == "llama3":
+        rp.update({"low_freq_factor": a.rope_low_freq_factor, "high_freq_factor": a.rope_high_freq_factor,
+                   "original_max_position_embeddings": a.rope_original_max_position})
+    return rp
 
 
 def _check_time_step_limit(hf: dict) -> None:
@@ -43,7 +75,7 @@ def _attention_from_hf(hf: dict, *, rope: bool = True, theta: float | None = Non
          "head_dim": hf.get("head_dim") or D // heads}
     if rope:
         rp = hf.get("rope_parameters") or {}
-        s["rope_theta"] = _rope_theta(hf) if theta is None else theta
+        s.update(_rope_fields(hf) if theta is None else {"rope_theta": theta})
         s["partial_rotary_factor"] = float(rp.get("partial_rotary_factor",
                                                   hf.get("partial_rotary_factor", default_partial)))
     else:
@@ -62,7 +94,7 @@ def _decoder_config(hf: dict, *, qk_norm: bool, qkv_bias: bool, o_bias: bool) ->
         "n_heads": heads,
         "n_kv_heads": hf.get("num_key_value_heads") or heads,
         "head_dim": hf.get("head_dim") or D // heads,
-        "rope_theta": _rope_theta(hf),
+        **_rope_fields(hf),
         "partial_rotary_factor": float((hf.get("rope_parameters") or {}).get(
             "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
         "qkv_bias": qkv_bias, "o_bias": o_bias, "qk_norm": qk_norm,
@@ -121,9 +153,9 @@ def _decoder_to_hf(model_type: str, qk_norm: bool, qkv_bias: bool | None):
         settings = [cfg.mixer(i)[1] for i in range(cfg.n_layers)]
         a = settings[0]
         mlp = cfg.ffns[0][2]
-        if any((s.n_heads, s.kv_heads, s.hd, s.rope_theta, s.qk_norm, s.qkv_bias, s.o_bias, s.rope,
-                s.partial_rotary_factor, s.rope_traditional)
-               != (a.n_heads, a.kv_heads, a.hd, a.rope_theta, a.qk_norm, a.qkv_bias, a.o_bias, a.rope,
+        if any(_rope_parameters(s) != _rope_parameters(a) or (s.n_heads, s.kv_heads, s.hd, s.qk_norm, s.qkv_bias,
+               s.o_bias, s.rope, s.partial_rotary_factor, s.rope_traditional)
+               != (a.n_heads, a.kv_heads, a.hd, a.qk_norm, a.qkv_bias, a.o_bias, a.rope,
                    a.partial_rotary_factor, a.rope_traditional) for s in settings):
             return None
         if (a.qk_norm != qk_norm or not a.rope or a.rope_traditional or a.partial_rotary_factor != 1.0
@@ -143,7 +175,7 @@ def _decoder_to_hf(model_type: str, qk_norm: bool, qkv_bias: bool | None):
             "num_hidden_layers": cfg.n_layers, "num_attention_heads": a.n_heads,
             "num_key_value_heads": a.kv_heads, "head_dim": a.hd, "intermediate_size": mlp.ff,
             "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-            "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default"},
+            "rope_parameters": _rope_parameters(a),
             "tie_word_embeddings": cfg.tie_embeddings, "mlp_bias": mlp.bias,
         }
         if model_type == "llama":
@@ -381,7 +413,7 @@ def _bamba_to_hf(cfg) -> dict | None:
     if a is not None:
         hf.update({"num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.hd,
                    "attention_bias": a.qkv_bias,
-                   "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default",
+                   "rope_parameters": {**_rope_parameters(a),
                                        "partial_rotary_factor": a.partial_rotary_factor}})
     return hf
 
@@ -456,7 +488,7 @@ def _lfm2_to_hf(cfg) -> dict | None:
           "tie_word_embeddings": cfg.tie_embeddings}
     if a is not None:
         hf.update({"num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.hd,
-                   "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default"}})
+                   "rope_parameters": _rope_parameters(a)})
     return hf
 
 

@@ -5,7 +5,8 @@ import re
 
 import mlx.core as mx
 
-from alloy.convert.families import _attention_from_hf, _check_time_step_limit, _rope_theta, _unsupported
+from alloy.convert.families import (_attention_from_hf, _check_time_step_limit, _rope_parameters, _rope_theta,
+                                    _unsupported)
 from alloy.convert.registry import Converter, decoder_rules, register_converter, stack_experts, split_fused_experts, unstack_experts
 
 # -- Qwen3-Next -----------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def _qwen3_next_to_hf(cfg) -> dict | None:
     if a is not None:
         hf.update({"num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.hd,
                    "attention_bias": a.qkv_bias,
-                   "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default",
+                   "rope_parameters": {**_rope_parameters(a),
                                        "partial_rotary_factor": a.partial_rotary_factor}})
     if moe is not None:
         if (moe.scoring != "softmax" or moe.router_bias or moe.routed_scaling_factor != 1.0 or not moe.gated
@@ -587,7 +588,7 @@ def _granite_to_hf(cfg) -> dict | None:
             hf.update({"num_attention_heads": s.n_heads, "num_key_value_heads": s.kv_heads,
                        "attention_bias": s.qkv_bias, "attention_multiplier": s.scale or s.hd ** -0.5,
                        "position_embedding_type": "rope" if s.rope else None,
-                       "rope_parameters": {"rope_theta": s.rope_theta, "rope_type": "default"}})
+                       "rope_parameters": _rope_parameters(s)})
     return hf
 
 
@@ -687,7 +688,7 @@ def _falcon_h1_to_hf(cfg) -> dict | None:
             "num_hidden_layers": cfg.n_layers, "intermediate_size": f.ff, "mlp_bias": f.bias, "hidden_act": "silu",
             "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
             "num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.hd,
-            "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default"},
+            "rope_parameters": _rope_parameters(a),
             "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand, "mamba_d_ssm": m.d_inner,
             "mamba_n_heads": m.n_heads, "mamba_d_head": m.head_dim, "mamba_n_groups": m.n_groups,
             "mamba_chunk_size": m.chunk_size, "mamba_conv_bias": m.conv_bias, "mamba_proj_bias": m.bias,
@@ -876,7 +877,7 @@ def _zamba2_to_hf(cfg) -> dict | None:
             "hybrid_layer_ids": list(sh.at), "num_mem_blocks": sh.n_blocks, "adapter_rank": sh.adapter_rank,
             "use_shared_attention_adapter": "q_proj" in sh.adapt, "num_attention_heads": a.n_heads,
             "num_key_value_heads": a.kv_heads, "attention_head_dim": a.hd, "attention_hidden_size": 2 * cfg.d_model,
-            "use_mem_rope": a.rope, "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default"},
+            "use_mem_rope": a.rope, "rope_parameters": _rope_parameters(a),
             "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand,
             "mamba_headdim": m.head_dim, "n_mamba_heads": m.n_heads, "mamba_ngroups": m.n_groups,
             "chunk_size": m.chunk_size, "use_conv_bias": m.conv_bias, "add_bias_linear": m.bias,
@@ -1107,7 +1108,7 @@ def _recurrent_gemma_to_hf(cfg) -> dict | None:
                 return None
             hf.update({"num_attention_heads": s.n_heads, "num_key_value_heads": s.kv_heads, "head_dim": s.hd,
                        "attention_window_size": s.window, "attention_bias": s.qkv_bias,
-                       "rope_parameters": {"rope_theta": s.rope_theta, "rope_type": "default",
+                       "rope_parameters": {**_rope_parameters(s),
                                            "partial_rotary_factor": s.partial_rotary_factor}})
             heads = s.n_heads
     if hf.setdefault("num_attention_heads", heads) != heads:

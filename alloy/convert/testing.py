@@ -11,6 +11,11 @@ def configs(T):
     dec = dict(small, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
     return {
         "llama": T.LlamaConfig(**dec, attention_bias=True, tie_word_embeddings=False),
+        "llama3_rope": T.LlamaConfig(**dec, rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 10000.0,
+                                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                              "original_max_position_embeddings": 64}),
+        "qwen2_linear_rope": T.Qwen2Config(**dec, rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                                   "rope_theta": 10000.0}),
         "mistral": T.MistralConfig(**{**dec, "num_key_value_heads": 1}, sliding_window=3),
         "qwen2": T.Qwen2Config(**dec),
         "qwen3": T.Qwen3Config(**dec, head_dim=16, tie_word_embeddings=True),

@@ -32,7 +32,7 @@ from alloy.layers.common import dense, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
 from alloy.ops.attention import attention, causal_mask, visibility_mask
 from alloy.ops.norm import rms_norm
-from alloy.ops.rope import rope
+from alloy.ops.rope import rope, rope_inv_freq
 from alloy.params import init as I
 
 
@@ -46,6 +46,11 @@ class AttentionSettings(LayerSettings):
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 1.0
     rope_traditional: bool = False
+    rope_type: str = "default"  # "default" | "linear" | "llama3" (long-context frequency rescaling)
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
@@ -77,6 +82,10 @@ class AttentionSettings(LayerSettings):
             raise ValueError(f"n_heads {self.n_heads} must divide d_model {self.d_model} (or set head_dim)")
         if not isinstance(self.d_out, int) or self.d_out < 0:
             raise ValueError(f"d_out must be a non-negative int (0 = d_model), got {self.d_out!r}")
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_type must be 'default', 'linear' or 'llama3', got {self.rope_type!r}")
+        if self.rope_type != "default" and not self.rope_factor > 0:
+            raise ValueError(f"rope_factor must be > 0, got {self.rope_factor!r}")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale < 0:
             raise ValueError(f"scale must be a non-negative number (0 = head_dim ** -0.5), got {self.scale!r}")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
@@ -189,8 +198,11 @@ def apply(params, x, state, cfg: AttentionSettings):
         k = rms_norm(k, params["k_norm"]["weight"], cfg.norm_eps)
     offset = 0 if state is None else state["pos"]
     if cfg.rope:
-        q = rope(q, offset, cfg.rope_dims, cfg.rope_theta, cfg.rope_traditional)
-        k = rope(k, offset, cfg.rope_dims, cfg.rope_theta, cfg.rope_traditional)
+        inv = None if cfg.rope_type == "default" else rope_inv_freq(
+            cfg.rope_dims, cfg.rope_theta, cfg.rope_type, cfg.rope_factor, cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor, cfg.rope_original_max_position)
+        q = rope(q, offset, cfg.rope_dims, cfg.rope_theta, cfg.rope_traditional, inv_freq=inv)
+        k = rope(k, offset, cfg.rope_dims, cfg.rope_theta, cfg.rope_traditional, inv_freq=inv)
     window = cfg.window or None
     scale = cfg.scale or None
     if state is None:

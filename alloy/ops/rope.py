@@ -8,12 +8,41 @@ Positions are arrays: an ``offset`` of shape () or (B,) gives each row's first p
 """
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 
+def rope_inv_freq(dims: int, base: float = 10000.0, rope_type: str = "default", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_position: int = 8192) -> mx.array:
+    """Inverse frequencies base^(-2i/dims), i < dims/2, optionally rescaled for long context:
+
+    linear   every frequency / factor (positions interpolated)
+    llama3   wavelengths 2*pi/f longer than original/low_freq_factor: f / factor; shorter than
+             original/high_freq_factor: unchanged; in between: a smooth blend of the two
+    """
+    inv = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    if rope_type == "default":
+        return inv
+    if rope_type == "linear":
+        return inv / factor
+    if rope_type != "llama3":
+        raise ValueError(f"rope: rope_type must be 'default', 'linear' or 'llama3', got {rope_type!r}")
+    wavelen = 2 * math.pi / inv
+    low_wavelen = original_max_position / low_freq_factor
+    high_wavelen = original_max_position / high_freq_factor
+    scaled = mx.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return mx.where(medium, blended, scaled)
+
+
 def rope_ref(x: mx.array, offset: mx.array | int, dims: int, base: float = 10000.0,
-             traditional: bool = False, scale: float = 1.0) -> mx.array:
-    """x: (B, H, T, D); offset: int, () or (B,) int32. Returns x rotated, same dtype."""
+             traditional: bool = False, scale: float = 1.0, inv_freq: mx.array | None = None) -> mx.array:
+    """x: (B, H, T, D); offset: int, () or (B,) int32; inv_freq (dims/2,) overrides ``base``.
+    Returns x rotated, same dtype."""
     B, _, T, D = x.shape
     if dims > D or dims % 2:
         raise ValueError(f"rope: dims must be even and <= head dim {D}, got {dims}")
@@ -21,7 +50,8 @@ def rope_ref(x: mx.array, offset: mx.array | int, dims: int, base: float = 10000
     off = mx.broadcast_to(off.reshape(-1), (B,)).astype(mx.float32)
     # 1. positions (B, T) and angles (B, T, dims/2)
     pos = (off[:, None] + mx.arange(T, dtype=mx.float32)[None, :]) * scale
-    inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    if inv_freq is None:
+        inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
     ang = pos[:, :, None] * inv_freq[None, None, :]
     cos, sin = mx.cos(ang)[:, None], mx.sin(ang)[:, None]  # (B, 1, T, dims/2)
     xr, rest = x[..., :dims].astype(mx.float32), x[..., dims:]
@@ -36,12 +66,17 @@ def rope_ref(x: mx.array, offset: mx.array | int, dims: int, base: float = 10000
 
 
 def rope(x: mx.array, offset: mx.array | int, dims: int, base: float = 10000.0,
-         traditional: bool = False, scale: float = 1.0, impl: str = "auto") -> mx.array:
-    """Public RoPE: ``mx.fast.rope`` (per-row offsets supported) or the reference."""
+         traditional: bool = False, scale: float = 1.0, impl: str = "auto",
+         inv_freq: mx.array | None = None) -> mx.array:
+    """Public RoPE: ``mx.fast.rope`` (per-row offsets supported) or the reference. ``inv_freq``
+    (from ``rope_inv_freq``) replaces the plain ``base`` frequencies."""
     if impl == "ref":
-        return rope_ref(x, offset, dims, base, traditional, scale)
+        return rope_ref(x, offset, dims, base, traditional, scale, inv_freq)
     if impl not in ("auto", "fast"):
         raise ValueError(f"rope: impl must be 'auto', 'fast' or 'ref', got {impl!r}")
     if isinstance(offset, mx.array):
         offset = offset.astype(mx.int32)
+    if inv_freq is not None:  # mx.fast.rope takes the reciprocal frequencies
+        return mx.fast.rope(x, dims, traditional=traditional, base=None, scale=scale, offset=offset,
+                            freqs=1.0 / inv_freq)
     return mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)

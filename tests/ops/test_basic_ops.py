@@ -152,3 +152,34 @@ def test_cross_entropy_with_mask_matches_numpy():
     per = lse - np.take_along_axis(ln, tn[..., None], -1)[..., 0]
     close(cross_entropy(logits, tgt, mask), (per * mn).sum() / max(mn.sum(), 1), 1e-5)
     close(cross_entropy(logits, tgt), per.mean(), 1e-5)
+
+
+def _llama3_inv_freq_numpy(dims, base, factor, low, high, orig):
+    """Llama 3's published frequency rescaling, written out independently in numpy."""
+    inv = base ** (-np.arange(0, dims, 2) / dims)
+    out = []
+    for f in inv:
+        wavelen = 2 * np.pi / f
+        if wavelen < orig / high:
+            out.append(f)
+        elif wavelen > orig / low:
+            out.append(f / factor)
+        else:
+            smooth = (orig / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return np.array(out)
+
+
+def test_rope_scaling_frequencies_and_fast_path():
+    from alloy.ops.rope import rope_inv_freq
+    for dims in (8, 16, 64):
+        got = np.array(rope_inv_freq(dims, 10000.0, "llama3", 8.0, 1.0, 4.0, 64))
+        np.testing.assert_allclose(got, _llama3_inv_freq_numpy(dims, 10000.0, 8.0, 1.0, 4.0, 64), rtol=1e-5)
+    np.testing.assert_allclose(np.array(rope_inv_freq(8, 100.0, "linear", 4.0)),
+                               100.0 ** (-np.arange(0, 8, 2) / 8) / 4.0, rtol=1e-6)
+    x = randn(2, 3, 5, 16)
+    inv = rope_inv_freq(16, 10000.0, "llama3", 8.0, 1.0, 4.0, 64)
+    off = mx.array([3, 40], dtype=mx.int32)
+    close(rope(x, off, 16, inv_freq=inv), rope_ref(x, off, 16, inv_freq=inv), 1e-4)
+    with pytest.raises(ValueError, match="rope_type must be"):
+        rope_inv_freq(8, 1e4, "yarn")
