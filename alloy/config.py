@@ -26,7 +26,7 @@ from alloy.layers.registry import LayerSettings, get_layer, make_settings
 DTYPES = ("float32", "bfloat16", "float16")
 _TOP_FIELDS = ("vocab_size", "d_model", "layer_types", "ffn_types", "mixers", "ffns", "norm_eps",
                "tie_embeddings", "init_std", "dtype", "name", "embedding_multiplier", "residual_multiplier",
-               "logits_scaling", "logits_soft_cap", "shared")
+               "logits_scaling", "logits_soft_cap", "shared", "block_style", "residual_scales")
 
 
 def _resolve(role: str, names: tuple[str, ...], given: Any, d_model: int) -> tuple:
@@ -87,6 +87,10 @@ class ModelConfig:
     logits_soft_cap: float = 0.0  # logits = cap * tanh(logits / cap) (Gemma); 0: off
     # shared transformer blocks reused at several depths (Zamba2); see alloy.layers.shared
     shared: Any = None
+    # "pre_norm": h + r * f(norm(h)).  "norm_residual" (MiniMax): x = norm(h); h = alpha * x + beta * f(x),
+    # with (alpha, beta) per mixer name and for "ffn" in residual_scales
+    block_style: str = "pre_norm"
+    residual_scales: Any = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -123,6 +127,25 @@ class ModelConfig:
                 or self.logits_soft_cap < 0:
             raise ValueError(f"ModelConfig.logits_soft_cap must be >= 0 (0 = off), got {self.logits_soft_cap!r}")
         set_("logits_soft_cap", float(self.logits_soft_cap))
+        if self.block_style not in ("pre_norm", "norm_residual"):
+            raise ValueError(f"ModelConfig.block_style must be 'pre_norm' or 'norm_residual', got {self.block_style!r}")
+        if self.block_style == "norm_residual":
+            rs = self.residual_scales
+            if not isinstance(rs, (dict, tuple)):
+                raise ValueError("ModelConfig.residual_scales: norm_residual needs {name: [alpha, beta], 'ffn': [...]}")
+            rs = dict(rs)
+            need = sorted((set(lt) - {"none"}) | ({"ffn"} if set(ft) - {"none"} else set()))
+            missing = [n for n in need if n not in rs]
+            extra = sorted(set(rs) - set(need))
+            if missing or extra:
+                raise ValueError(f"ModelConfig.residual_scales: missing {missing}, unexpected {extra}")
+            for n, ab in rs.items():
+                if not (isinstance(ab, (list, tuple)) and len(ab) == 2
+                        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ab)):
+                    raise ValueError(f"ModelConfig.residual_scales.{n} must be [alpha, beta], got {ab!r}")
+            set_("residual_scales", tuple((n, (float(a), float(b))) for n, (a, b) in sorted(rs.items())))
+        elif self.residual_scales is not None:
+            raise ValueError("ModelConfig.residual_scales is only used with block_style 'norm_residual'")
         if all(t == "none" for t in lt) and all(f == "none" for f in ft):
             raise ValueError("ModelConfig: every layer has layer_types 'none' and ffn_types 'none'")
         if not isinstance(self.tie_embeddings, bool):
@@ -194,6 +217,9 @@ class ModelConfig:
             "logits_scaling": self.logits_scaling,
             "logits_soft_cap": self.logits_soft_cap,
             **({"shared": self.shared.to_dict()} if self.shared is not None else {}),
+            **({"block_style": self.block_style,
+                "residual_scales": {n: list(ab) for n, ab in self.residual_scales}}
+               if self.block_style != "pre_norm" else {}),
         }
 
     def to_json(self) -> str:

@@ -1135,3 +1135,106 @@ register_converter(Converter(
                "final_w_init_variance_scale", "embeddings_scale_by_sqrt_dim"}),
     _recurrent_gemma_to_hf, "RecurrentGemmaForCausalLM", drop=(r"rotary_emb\.inv_freq$",),
     load_hook=lambda flat, hf: _rg_shift(flat, 1.0), save_hook=lambda flat, cfg: _rg_shift(flat, -1.0)))
+
+
+# -- MiniMax (MiniMax-Text-01 style): lightning attention + softmax attention, MoE, scaled residuals -
+def _minimax_config(hf: dict) -> dict:
+    _unsupported(hf, "hidden_act", lambda v: v == "silu")
+    _unsupported(hf, "sliding_window", lambda v: v is None)
+    L, D = hf["num_hidden_layers"], hf["hidden_size"]
+    types = hf.get("layer_types") or ["full_attention"] * L
+    bad = sorted(set(types) - {"linear_attention", "full_attention"})
+    if bad or len(types) != L:
+        raise ValueError(f"minimax: layer_types must be {L} of linear_attention/full_attention, got {types!r}")
+    heads = hf["num_attention_heads"]
+    hd = hf.get("head_dim") or D // heads
+    mixers, scales = {}, {}
+    for i, t in enumerate(types):
+        if t == "linear_attention":  # each lightning layer has its own decays: one name per depth
+            mixers[f"lightning_{i}"] = {"kind": "lightning", "n_heads": heads, "head_dim": hd,
+                                        "chunk_size": hf.get("block_size", 256)}
+            scales[f"lightning_{i}"] = [hf.get("linear_attn_alpha_factor", 1), hf.get("linear_attn_beta_factor", 1)]
+    if "full_attention" in types:
+        mixers["attention"] = _attention_from_hf(hf)
+        scales["attention"] = [hf.get("full_attn_alpha_factor", 1), hf.get("full_attn_beta_factor", 1)]
+    scales["ffn"] = [hf.get("mlp_alpha_factor", 1), hf.get("mlp_beta_factor", 1)]
+    return {"name": "minimax", "vocab_size": hf["vocab_size"], "d_model": D,
+            "layer_types": [f"lightning_{i}" if t == "linear_attention" else "attention" for i, t in enumerate(types)],
+            "ffn_types": ["moe"] * L, "mixers": mixers,
+            "ffns": {"moe": {"n_experts": hf["num_local_experts"], "top_k": hf["num_experts_per_tok"],
+                             "d_ff": hf["intermediate_size"], "norm_topk_prob": True}},
+            "norm_eps": hf.get("rms_norm_eps", 1e-5), "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "block_style": "norm_residual", "residual_scales": scales}
+
+
+def _minimax_load(flat: dict, hf: dict) -> dict:
+    out = {}
+    for k, v in stack_experts(flat).items():
+        if re.search(r"\.self_attn\.(query_decay|key_decay|diagonal_decay)$", k):
+            continue  # derived from slope_rate
+        if k.endswith(".self_attn.slope_rate"):
+            v = v.reshape(-1).astype(mx.float32)
+        out[k] = v
+    return out
+
+
+def _minimax_save(flat: dict, cfg) -> dict:
+    out = {}
+    for k, v in flat.items():
+        if k.endswith(".slope_rate"):
+            v = v.reshape(-1, 1, 1)
+        out[k] = v
+    return unstack_experts(out)
+
+
+def _minimax_to_hf(cfg) -> dict | None:
+    if cfg.block_style != "norm_residual" or set(cfg.ffn_types) != {"moe"} or len(cfg.ffns) != 1:
+        return None
+    kinds = [cfg.mixer_kind(i) for i in range(cfg.n_layers)]
+    if set(kinds) - {"lightning", "attention"}:
+        return None
+    scales = dict(cfg.residual_scales)
+    moe = cfg.ffns[0][2]
+    if not moe.norm_topk_prob or moe.scoring != "softmax" or moe.shared_d_ff or moe.router_bias or not moe.gated:
+        return None
+    light = [cfg.mixer(i)[1] for i in range(cfg.n_layers) if kinds[i] == "lightning"]
+    lsc = {tuple(scales[cfg.layer_types[i]]) for i in range(cfg.n_layers) if kinds[i] == "lightning"}
+    if len(lsc) > 1 or len({(s.n_heads, s.hd, s.chunk_size) for s in light}) > 1:
+        return None
+    a = next((s for _, k, s in cfg.mixers if k == "attention"), None)
+    if a is not None and (a.qk_norm or a.qkv_bias or a.o_bias or a.output_gate or a.scale or not a.rope
+                          or a.partial_rotary_factor != 1.0):
+        return None
+    ref = light[0] if light else a
+    hf = {"model_type": "minimax", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "num_hidden_layers": cfg.n_layers, "intermediate_size": moe.ff, "hidden_act": "silu",
+          "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+          "layer_types": ["linear_attention" if k == "lightning" else "full_attention" for k in kinds],
+          "num_local_experts": moe.n_experts, "num_experts_per_tok": moe.top_k,
+          "num_attention_heads": ref.n_heads, "head_dim": ref.hd,
+          "mlp_alpha_factor": scales["ffn"][0], "mlp_beta_factor": scales["ffn"][1]}
+    if light:
+        (la, lb), = lsc
+        hf.update({"block_size": light[0].chunk_size, "linear_attn_alpha_factor": la, "linear_attn_beta_factor": lb})
+    if a is not None:
+        if a.n_heads != ref.n_heads or a.hd != ref.hd:
+            return None
+        hf.update({"num_key_value_heads": a.kv_heads, "rope_parameters": _rope_parameters(a),
+                   "full_attn_alpha_factor": scales["attention"][0], "full_attn_beta_factor": scales["attention"][1]})
+    return hf
+
+
+register_converter(Converter(
+    ("minimax",), _minimax_config,
+    decoder_rules({"self_attn": None}, ffn="block_sparse_moe",
+                  extra=(("model.layers.{i}.block_sparse_moe.gate.", "layers.{i}.ffn.router."),
+                         *((f"model.layers.{{i}}.block_sparse_moe.experts.{a}.", f"layers.{{i}}.ffn.experts.{b}.")
+                           for a, b in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))))),
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta",
+               "rope_scaling", "partial_rotary_factor", "layer_types", "block_size", "sliding_window",
+               "full_attn_alpha_factor", "full_attn_beta_factor", "linear_attn_alpha_factor",
+               "linear_attn_beta_factor", "mlp_alpha_factor", "mlp_beta_factor", "num_local_experts",
+               "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise", "output_router_logits"}),
+    _minimax_to_hf, "MiniMaxForCausalLM", drop=(r"rotary_emb\.inv_freq$",),
+    load_hook=_minimax_load, save_hook=_minimax_save))

@@ -67,6 +67,12 @@ def configs(T):
         "recurrent_gemma": T.RecurrentGemmaConfig(**{**dec, "num_key_value_heads": 1, "num_hidden_layers": 3},
                                                   lru_width=32, attention_window_size=5,
                                                   block_types=["recurrent", "recurrent", "attention"]),
+        "minimax": T.MiniMaxConfig(**{**dec, "num_hidden_layers": 3}, head_dim=8, num_local_experts=4,
+                                   num_experts_per_tok=2, block_size=4,
+                                   layer_types=["linear_attention", "full_attention", "linear_attention"],
+                                   linear_attn_alpha_factor=1.3, linear_attn_beta_factor=0.7,
+                                   full_attn_alpha_factor=0.9, full_attn_beta_factor=1.2,
+                                   mlp_alpha_factor=1.1, mlp_beta_factor=0.8),
         "bamba": T.BambaConfig(**{**dec, "num_hidden_layers": 3}, attn_layer_indices=[1], mamba_n_heads=4,
                                mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4),
     }

@@ -92,9 +92,19 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
 
     calls = {} if cfg.shared is None else cfg.shared.calls()
 
+    scales = dict(cfg.residual_scales or ())
+    post = cfg.block_style == "norm_residual"
+
+    def add(h, x, y, name):
+        """The residual update of one half-block (pre-norm or MiniMax's scaled normed residual)."""
+        if post:
+            a, b = scales[name]
+            return a * x + b * y
+        return h + (y if res == 1.0 else y * res)
+
     def block(i, lp, h, s_in, e0=None, blocks_p=None, s_sh=None):
-        """One pre-norm residual block: h + r * mixer(norm(h [+ shared call])), then the FFN.
-        Returns (h, mixer state, shared-call state)."""
+        """One residual block: the mixer half (its input may add a shared call's output), then the
+        FFN half. Returns (h, mixer state, shared-call state)."""
         mspec, ms, fspec, fs = blocks[i]
         s_out, sh_out = {}, None
         if mspec is not None:
@@ -102,11 +112,13 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
             if i in calls:
                 t, sh_out = shared.apply_call(blocks_p[calls[i][1]], lp["shared"], h, e0, s_sh, cfg.shared)
                 x = h + t
-            y, s_out = mspec.apply(lp["mixer"], rms_norm(x, lp["norm"]["weight"], eps), s_in, ms)
-            h = h + (y if res == 1.0 else y * res)
+            x = rms_norm(x, lp["norm"]["weight"], eps)
+            y, s_out = mspec.apply(lp["mixer"], x, s_in, ms)
+            h = add(h, x, y, cfg.layer_types[i])
         if fspec is not None:
-            y, _ = fspec.apply(lp["ffn"], rms_norm(h, lp["ffn_norm"]["weight"], eps), None, fs)
-            h = h + (y if res == 1.0 else y * res)
+            x = rms_norm(h, lp["ffn_norm"]["weight"], eps)
+            y, _ = fspec.apply(lp["ffn"], x, None, fs)
+            h = add(h, x, y, "ffn")
         return h, s_out, sh_out
 
     remat_blocks = [mx.checkpoint(lambda lp, h, e0, bp, i=i: block(i, lp, h, None, e0, bp)[0])

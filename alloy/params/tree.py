@@ -45,7 +45,7 @@ __all__ = [
 
 # Leaf names kept in float32 by ``cast``: SSM decay / skip / step-bias parameters lose too much
 # precision in 16-bit floats (exp(A_log) and softplus(dt + dt_bias) feed long recurrences).
-KEEP_FP32 = ("A_log", "D", "dt_bias")
+KEEP_FP32 = ("A_log", "D", "dt_bias", "slope_rate")
 
 
 def is_container(x) -> bool:

@@ -364,6 +364,24 @@ def rglru_cost(s, w: Workload) -> Cost:
     return c + Cost(state_read=read, state_write={"conv": conv_state, "ssm": h_state})
 
 
+@register_cost("lightning")
+def lightning_cost(s, w: Workload) -> Cost:
+    """qkv_proj (D -> 3*H*hd), output_gate (D -> H*hd), the decayed linear attention (the SSD
+    recurrence with one group per head, n = p = hd: ``_ssd_flops``), norm and gate, out_proj
+    (H*hd -> D). Traffic: projections read N*D and write 4*N*H*hd; the core reads q, k, v and writes
+    o (4*N*H*hd); norm + gate read o and the gate (2*N*H*hd); out_proj writes N*D.
+    State: ssm B*H*hd*hd (fp32)."""
+    from types import SimpleNamespace
+    N, D, H, hd = w.n, s.d_model, s.n_heads, s.hd
+    c = matmul(N, D, 3 * H * hd) + matmul(N, D, H * hd) + matmul(N, H * hd, D)
+    c += weights(vector=H * hd, fp32=H)
+    core = SimpleNamespace(n_heads=H, head_dim=hd, d_state=hd, n_groups=H, chunk_size=s.chunk_size)
+    c += Cost(flops=_ssd_flops(core, w))
+    c += Cost(act_read=N * D + 3 * N * H * hd + 2 * N * H * hd, act_write=4 * N * H * hd + N * H * hd + N * D)
+    ssm = w.batch * H * hd * hd
+    return c + Cost(state_read={"ssm": ssm} if w.context else {}, state_write={"ssm": ssm})
+
+
 def experts_touched(n_experts: int, top_k: int, n_tokens: int) -> float:
     """Expected number of distinct experts that N tokens routed to top_k of E experts each touch,
     under uniform routing: E * (1 - (1 - k/E)^N)  (k for one token, -> E for many)."""

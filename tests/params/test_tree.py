@@ -323,7 +323,7 @@ def test_cast_keeps_ssm_leaves_fp32_and_leaves_ints_alone():
     }
     out = cast(t, mx.bfloat16)
     m = out["layers"][0]["mixer"]
-    assert KEEP_FP32 == ("A_log", "D", "dt_bias")
+    assert KEEP_FP32 == ("A_log", "D", "dt_bias", "slope_rate")  # slope_rate: lightning-attention decays
     assert m["A_log"].dtype == mx.float32
     assert m["D"].dtype == mx.float32 and m["dt_bias"].dtype == mx.float32
     assert m["in_proj"]["weight"].dtype == mx.bfloat16

@@ -167,7 +167,19 @@ def _rglru():
     assert c.state_read == c.state_write == {"conv": 3 * 12, "ssm": 12}
 
 
-HAND = {("mixer", "rglru"): _rglru, ("mixer", "mamba2"): _mamba2, ("mixer", "mamba1"): _mamba1, ("mixer", "attention"): _attention,
+def _lightning():
+    # d_model 8, 2 heads of 4; N = 6 tokens in chunks of 4 (one of 4, one of 2)
+    c = _cost("mixer", "lightning", 8, Workload(batch=1, tokens=6), n_heads=2, chunk_size=4)
+    # qkv 2*6*8*24 = 2304, gate 2*6*8*8 = 768, out 2*6*8*8 = 768
+    assert c.flops["matmul"] == 2304 + 768 + 768
+    # SSD form with h = g = 2, p = n = 4: pairs 10 + 3 = 13 -> 13 * (2*2*4 + 2 + 2*2*4) = 442;
+    # states + outputs 4*6*2*4*4 = 768; passing 2*1*2*2*4*4 = 128; skip 3*6*2*4 = 144
+    assert c.flops["chunked"] == 442 + 768 + 128 + 144
+    assert c.params == {"matrix": 8 * 24 + 8 * 8 + 8 * 8, "vector": 8, "fp32": 2}
+    assert c.state_write == {"ssm": 2 * 4 * 4} and c.state_read == {}
+
+
+HAND = {("mixer", "lightning"): _lightning, ("mixer", "rglru"): _rglru, ("mixer", "mamba2"): _mamba2, ("mixer", "mamba1"): _mamba1, ("mixer", "attention"): _attention,
         ("mixer", "sliding_attention"): _sliding_attention, ("mixer", "gated_deltanet"): _gated_deltanet,
         ("mixer", "short_conv"): _short_conv, ("mixer", "parallel"): _parallel,
         ("ffn", "mlp"): _mlp, ("ffn", "moe"): _moe}
