@@ -8,7 +8,9 @@ Per head, with a (K, V) state S, unit-norm keys and a query scale of K^-1/2:
     o_t = S_t^T q_t                                          4. read
 
 Shapes: q, k (B, T, Hk, K); v (B, T, H, V) with Hk | H (each q/k head serves H/Hk consecutive
-value heads); g, beta (B, T, H); state (B, H, K, V) float32. ``l2norm`` normalises q and k
+value heads); beta (B, T, H); g (B, T, H) — one decay per head (Gated DeltaNet) — or (B, T, H, K) —
+one decay per key channel (Kimi Delta Attention: S_t = diag(exp(g_t)) S_{t-1}); state (B, H, K, V)
+float32. ``l2norm`` normalises q and k
 (eps 1e-6, the FLA convention) before the rule; q is then scaled by K^-1/2.
 
 The chunked form (WY / UT transform) processes C tokens at a time: inside a chunk the writes
@@ -30,9 +32,10 @@ def _prepare(q, k, v, g, beta, l2norm: bool):
         raise ValueError(f"gated_delta: k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)}")
     if v.shape[:2] != (B, T) or H % Hk:
         raise ValueError(f"gated_delta: v shape {tuple(v.shape)} needs (B, T) = {(B, T)} and heads divisible by {Hk}")
-    for name, a in (("g", g), ("beta", beta)):
-        if a.shape != (B, T, H):
-            raise ValueError(f"gated_delta: {name} shape {tuple(a.shape)}, expected {(B, T, H)}")
+    if beta.shape != (B, T, H):
+        raise ValueError(f"gated_delta: beta shape {tuple(beta.shape)}, expected {(B, T, H)}")
+    if g.shape not in ((B, T, H), (B, T, H, K)):
+        raise ValueError(f"gated_delta: g shape {tuple(g.shape)}, expected {(B, T, H)} or {(B, T, H, K)}")
     f32 = mx.float32
     q, k, v, g, beta = (a.astype(f32) for a in (q, k, v, g, beta))
     if l2norm:
@@ -52,8 +55,10 @@ def gated_delta_ref(q, k, v, g, beta, initial_state=None, l2norm: bool = True):
     V = v.shape[-1]
     S = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
     outs = []
+    per_channel = g.ndim == 4
     for t in range(T):
-        S = S * mx.exp(g[:, t])[..., None, None]                               # 1.
+        decay = mx.exp(g[:, t])
+        S = S * (decay[..., :, None] if per_channel else decay[..., None, None])  # 1.
         pred = (S * k[:, t, :, :, None]).sum(-2)                               # S^T k   (B, H, V)
         u = beta[:, t, :, None] * (v[:, t] - pred)                              # 2.
         S = S + k[:, t, :, :, None] * u[:, :, None, :]                          # 3.
@@ -94,28 +99,42 @@ def gated_delta_chunked(q, k, v, g, beta, initial_state=None, l2norm: bool = Tru
         zpad = lambda a: mx.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
         q, k, v, g, beta = (zpad(a) for a in (q, k, v, g, beta))
     n = (T + pad) // C
+    per_channel = g.ndim == 4
     # (B, H, n, C, ...) layout
     r = lambda a: a.reshape(B, n, C, H, *a.shape[3:]).transpose(0, 3, 1, 2, *range(4, a.ndim + 1))  # noqa: E731
     q, k, v = r(q), r(k), r(v)
     g, beta = r(g), r(beta)
-    cum = mx.cumsum(g, axis=-1)                                        # log decay from chunk start, (B,H,n,C)
-    diff = cum[..., :, None] - cum[..., None, :]
+    cum = mx.cumsum(g, axis=3)                         # log decay from chunk start: (B,H,n,C) or (B,H,n,C,K)
     causal = mx.tril(mx.ones((C, C), dtype=mx.bool_))
-    decay = mx.where(causal, mx.exp(mx.where(causal, diff, 0.0)), 0.0)   # exp(cum_i - cum_j), j <= i
+    strict = mx.tril(mx.ones((C, C), dtype=mx.bool_), -1)
     kb = k * beta[..., None]
-    # intra-chunk UT system: (I + L) W = beta * [v | k exp(cum)],  L = strict_lower(beta k k^T * decay)
-    Lm = mx.where(mx.tril(mx.ones((C, C), dtype=mx.bool_), -1), (kb @ k.swapaxes(-1, -2)) * decay, 0.0)
+    if per_channel:  # decays exp(cum_i - cum_j) per key channel: (B,H,n,C,C,K)
+        diff = cum[..., :, None, :] - cum[..., None, :, :]
+        dk = mx.where(causal[..., None], mx.exp(mx.where(causal[..., None], diff, 0.0)), 0.0)
+        Lm = mx.where(strict, mx.einsum("bhnik,bhnjk,bhnijk->bhnij", kb, k, dk), 0.0)
+        attn = mx.where(causal, mx.einsum("bhnik,bhnjk,bhnijk->bhnij", q, k, dk), 0.0)
+        ecum = mx.exp(cum)
+        last = cum[..., -1:, :]                        # (B,H,n,1,K)
+        k_dec = k * mx.exp(last - cum)
+        M_decay = mx.exp(last[..., 0, :])[..., :, None] * mx.eye(K, dtype=mx.float32)
+    else:
+        diff = cum[..., :, None] - cum[..., None, :]
+        decay = mx.where(causal, mx.exp(mx.where(causal, diff, 0.0)), 0.0)   # exp(cum_i - cum_j), j <= i
+        # intra-chunk UT system: (I + L) W = beta * [v | k exp(cum)],  L = strict_lower(beta k k^T * decay)
+        Lm = mx.where(strict, (kb @ k.swapaxes(-1, -2)) * decay, 0.0)
+        attn = mx.where(causal, (q @ k.swapaxes(-1, -2)) * decay, 0.0)   # intra-chunk q.k with decay
+        ecum = mx.exp(cum)[..., None]
+        last = cum[..., -1:]                           # (B,H,n,1)
+        k_dec = k * mx.exp(last - cum)[..., None]      # keys decayed to the chunk end
+        M_decay = mx.exp(last)[..., None] * mx.eye(K, dtype=mx.float32)
     inv = _unit_lower_inverse(Lm)
-    u = inv @ (v * beta[..., None])                                    # new values, (B,H,n,C,V)
-    w = inv @ (kb * mx.exp(cum)[..., None])                            # decayed keys reading S, (B,H,n,C,K)
-    attn = mx.where(causal, (q @ k.swapaxes(-1, -2)) * decay, 0.0)     # intra-chunk q.k with decay
-    q_dec = q * mx.exp(cum)[..., None]
-    last = cum[..., -1:]                                               # (B,H,n,1)
-    k_dec = k * mx.exp(last - cum)[..., None]                          # keys decayed to the chunk end
-    # state map per chunk: S' = exp(last) S + k_dec^T (u - w S) = M S + Nc
+    u = inv @ (v * beta[..., None])                    # new values, (B,H,n,C,V)
+    w = inv @ (kb * ecum)                              # decayed keys reading S, (B,H,n,C,K)
+    q_dec = q * ecum
+    # state map per chunk: S' = diag(exp(last)) S + k_dec^T (u - w S) = M S + Nc
     eyeK = mx.eye(K, dtype=mx.float32)
-    M = mx.exp(last)[..., None] * eyeK - k_dec.swapaxes(-1, -2) @ w    # (B,H,n,K,K)
-    Nc = k_dec.swapaxes(-1, -2) @ u                                    # (B,H,n,K,V)
+    M = M_decay - k_dec.swapaxes(-1, -2) @ w           # (B,H,n,K,K)
+    Nc = k_dec.swapaxes(-1, -2) @ u                    # (B,H,n,K,V)
     S0 = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
     # inclusive scan of affine maps (M, N) over chunks, log depth: (M2, N2) o (M1, N1) = (M2 M1, M2 N1 + N2)
     s = 1
@@ -125,9 +144,9 @@ def gated_delta_chunked(q, k, v, g, beta, initial_state=None, l2norm: bool = Tru
         Nc = M @ Np + Nc
         M = M @ Mp
         s *= 2
-    after = M @ S0[:, :, None] + Nc                                    # state after each chunk
+    after = M @ S0[:, :, None] + Nc                    # state after each chunk
     before = mx.concatenate([S0[:, :, None], after[:, :, :-1]], axis=2)  # state entering each chunk
-    o = q_dec @ before + attn @ (u - w @ before)                       # (B,H,n,C,V)
+    o = q_dec @ before + attn @ (u - w @ before)       # (B,H,n,C,V)
     o = o.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
     return o.astype(dtype), after[:, :, -1]
 

@@ -98,3 +98,36 @@ def test_bad_shapes_and_impl():
         gated_delta(q, k, v, g[:, :2], beta)
     with pytest.raises(ValueError, match="impl must be"):
         gated_delta(q, k, v, g, beta, impl="fast")
+
+
+@settings(max_examples=12)
+@given(B=st.integers(1, 2), T=st.integers(1, 30), H=st.sampled_from([1, 2]), K=st.sampled_from([4, 8]),
+       C=st.integers(1, 9), init=st.booleans(), seed=st.integers(0, 99))
+def test_per_channel_decay_chunked_equals_sequential(B, T, H, K, C, init, seed):
+    """Kimi Delta Attention: one decay per key channel, g (B, T, H, K)."""
+    q, k, v, _, beta, s0 = _inputs(seed, B, T, H, H, K, 6)
+    g = mx.array(-np.random.default_rng(seed + 7).uniform(0.001, 1.0, (B, T, H, K)).astype(np.float32))
+    s0 = s0 if init else None
+    o1, s1 = gated_delta_ref(q, k, v, g, beta, s0)
+    o2, s2 = gated_delta_chunked(q, k, v, g, beta, s0, chunk_size=C)
+    close(o2, o1, 1e-4)
+    close(s2, s1, 1e-4)
+    # a per-channel decay equal across channels is the per-head rule
+    gh = g[..., :1]
+    close(gated_delta_chunked(q, k, v, mx.broadcast_to(gh, g.shape), beta, s0, chunk_size=C)[0],
+          gated_delta_ref(q, k, v, gh[..., 0], beta, s0)[0], 1e-4)
+
+
+def test_per_channel_gradients_equal_sequential():
+    q, k, v, _, beta, s0 = _inputs(3, 1, 9, 2, 2, 4, 4)
+    g = mx.array(-np.random.default_rng(5).uniform(0.01, 1.0, (1, 9, 2, 4)).astype(np.float32))
+    w_o = mx.array(np.random.default_rng(6).standard_normal((1, 9, 2, 4)).astype(np.float32))
+
+    def loss(fn):
+        return lambda *a: (fn(*a)[0] * w_o).sum() + (fn(*a)[1] ** 2).sum() * 0.1
+
+    args = (q, k, v, g, beta, s0)
+    ref = mx.grad(loss(gated_delta_ref), argnums=tuple(range(6)))(*args)
+    got = mx.grad(loss(lambda *b: gated_delta_chunked(*b, chunk_size=4)), argnums=tuple(range(6)))(*args)
+    for a, b in zip(got, ref):
+        close(a, b, 2e-3)
