@@ -310,15 +310,16 @@ def _nemotron_h_config(hf: dict) -> dict:
         ffns["mlp"] = {"d_ff": hf["intermediate_size"], "activation": act, "gated": False,
                        "bias": bool(hf.get("mlp_bias", False))}
     if "moe" in types:
-        if hf.get("n_group", 1) != 1 or hf.get("moe_latent_size") is not None:
-            raise ValueError("nemotron_h: group-limited routing (n_group > 1) and moe_latent_size are not supported")
+        if hf.get("moe_latent_size") is not None:
+            raise ValueError("nemotron_h: moe_latent_size (latent expert projections) is not supported")
         if bool(hf.get("mlp_bias", False)):
             raise ValueError("nemotron_h: mlp_bias with MoE layers is not supported")
         ffns["moe"] = {"n_experts": hf["n_routed_experts"], "top_k": hf["num_experts_per_tok"],
                        "d_ff": hf["moe_intermediate_size"], "activation": act, "gated": False, "scoring": "sigmoid",
                        "norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
                        "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)), "router_bias": True,
-                       "shared_d_ff": hf.get("moe_shared_expert_intermediate_size", 0) if hf.get("n_shared_experts", 1) else 0}
+                       "shared_d_ff": hf.get("moe_shared_expert_intermediate_size", 0) if hf.get("n_shared_experts", 1) else 0,
+                       "n_group": hf.get("n_group", 1), "topk_group": hf.get("topk_group", 1)}
     return {"name": "nemotron_h", "vocab_size": hf["vocab_size"], "d_model": D,
             "layer_types": [_NEMOTRON_KINDS[t][0] for t in types],
             "ffn_types": [_NEMOTRON_KINDS[t][1] for t in types], "mixers": mixers, "ffns": ffns, "norm_eps": eps,
@@ -359,7 +360,8 @@ def _nemotron_h_to_hf(cfg) -> dict | None:
                 return None
             hf.update({"n_routed_experts": s.n_experts, "num_experts_per_tok": s.top_k,
                        "moe_intermediate_size": s.ff, "norm_topk_prob": s.norm_topk_prob,
-                       "routed_scaling_factor": s.routed_scaling_factor, "n_group": 1, "topk_group": 1,
+                       "routed_scaling_factor": s.routed_scaling_factor, "n_group": s.n_group,
+                       "topk_group": s.topk_group,
                        "moe_shared_expert_intermediate_size": s.shared_d_ff, "n_shared_experts": int(bool(s.shared_d_ff))})
     if len(acts) > 1:
         return None
@@ -1238,3 +1240,126 @@ register_converter(Converter(
                "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise", "output_router_logits"}),
     _minimax_to_hf, "MiniMaxForCausalLM", drop=(r"rotary_emb\.inv_freq$",),
     load_hook=_minimax_load, save_hook=_minimax_save))
+
+
+# -- Kimi-Linear: Kimi Delta Attention layers + DeepSeek-style MoE (MLA layers not yet) ----------
+_KDA_MOVED = ("A_log", "dt_bias", "f_a_proj.weight", "f_b_proj.weight")
+
+
+def _kimi_load(flat: dict, hf: dict) -> dict:
+    out = {}
+    for k, v in stack_experts(flat).items():
+        m = re.match(r"^(?P<pre>model\.layers\.\d+\.self_attn\.)(?P<rest>.+)$", k)
+        if not m:
+            out[k] = v
+            continue
+        pre, rest = m["pre"], m["rest"]
+        if rest in ("k_conv1d.weight", "v_conv1d.weight"):
+            continue  # joined with q_conv1d below
+        if rest == "q_conv1d.weight":
+            out[pre + "conv1d.weight"] = mx.concatenate(
+                [v, flat[pre + "k_conv1d.weight"], flat[pre + "v_conv1d.weight"]], axis=0)
+        elif rest in _KDA_MOVED:
+            out[pre + "forget_gate." + rest] = v.reshape(-1) if rest == "A_log" else v
+        else:
+            out[k] = v
+    return out
+
+
+def _kimi_save(flat: dict, cfg) -> dict:
+    out = {}
+    for k, v in flat.items():
+        m = re.match(r"^(?P<pre>model\.layers\.\d+\.self_attn\.)(?P<rest>.+)$", k)
+        if m and m["rest"] == "conv1d.weight":
+            for name, part in zip(("q", "k", "v"), mx.split(v, 3, axis=0)):
+                out[m["pre"] + f"{name}_conv1d.weight"] = part
+        elif m and m["rest"].startswith("forget_gate."):
+            rest = m["rest"][len("forget_gate."):]
+            out[m["pre"] + rest] = v.reshape(1, 1, -1, 1) if rest == "A_log" else v
+        else:
+            out[k] = v
+    return unstack_experts(out)
+
+
+def _kimi_config(hf: dict) -> dict:
+    _unsupported(hf, "hidden_act", lambda v: v == "silu")
+    L, D = hf["num_hidden_layers"], hf["hidden_size"]
+    types = hf.get("layer_types") or ["linear_attention"] * L
+    if "full_attention" in types:
+        raise ValueError("kimi_linear: full_attention layers use multi-head latent attention (MLA), "
+                         "which this build does not support yet")
+    if set(types) != {"linear_attention"} or len(types) != L:
+        raise ValueError(f"kimi_linear: layer_types must be {L} of linear_attention here, got {types!r}")
+    mlp_types = hf.get("mlp_layer_types") or ["dense"] * L
+    if set(mlp_types) - {"dense", "sparse"} or len(mlp_types) != L:
+        raise ValueError(f"kimi_linear: mlp_layer_types must be {L} of dense/sparse, got {mlp_types!r}")
+    ffns = {}
+    if "dense" in mlp_types:
+        ffns["mlp"] = {"d_ff": hf["intermediate_size"]}
+    if "sparse" in mlp_types:
+        ffns["moe"] = {"n_experts": hf["num_experts"], "top_k": hf["num_experts_per_token"],
+                       "d_ff": hf["moe_intermediate_size"], "scoring": "sigmoid", "router_bias": True,
+                       "norm_topk_prob": bool(hf.get("moe_renormalize", True)),
+                       "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
+                       "shared_d_ff": hf["moe_intermediate_size"] * hf.get("num_shared_experts", 0),
+                       "n_group": hf.get("num_expert_group", 1), "topk_group": hf.get("topk_group", 1)}
+    return {"name": "kimi_linear", "vocab_size": hf["vocab_size"], "d_model": D, "layer_types": ["kda"] * L,
+            "ffn_types": ["moe" if t == "sparse" else "mlp" for t in mlp_types],
+            "mixers": {"kda": {"n_heads": hf["linear_num_heads"], "head_dim": hf["linear_head_dim"],
+                               "d_conv": hf.get("linear_conv_kernel_dim", 4), "norm_eps": hf.get("rms_norm_eps", 1e-5)}},
+            "ffns": ffns, "norm_eps": hf.get("rms_norm_eps", 1e-5),
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
+
+
+def _kimi_to_hf(cfg) -> dict | None:
+    if set(cfg.layer_types) != {"kda"} or len(cfg.mixers) != 1:
+        return None
+    k = cfg.mixers[0][2]
+    if k.norm_eps != cfg.norm_eps:
+        return None
+    fk = [cfg.ffn_kind(i) for i in range(cfg.n_layers)]
+    if set(fk) - {"mlp", "moe"}:
+        return None
+    hf = {"model_type": "kimi_linear", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "num_hidden_layers": cfg.n_layers, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+          "tie_word_embeddings": cfg.tie_embeddings, "layer_types": ["linear_attention"] * cfg.n_layers,
+          "mlp_layer_types": ["sparse" if f == "moe" else "dense" for f in fk],
+          "linear_num_heads": k.n_heads, "linear_head_dim": k.head_dim, "linear_conv_kernel_dim": k.d_conv,
+          # the class defaults name Kimi's 163k-token vocabulary; Alloy keeps no special-token ids
+          "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+    for _, kind, s in cfg.ffns:
+        if kind == "mlp":
+            if not s.gated or s.activation != "silu" or s.bias:
+                return None
+            hf["intermediate_size"] = s.ff
+        else:
+            if (s.scoring != "sigmoid" or not s.router_bias or s.shared_gate or not s.gated
+                    or (s.shared_d_ff and s.shared_d_ff % s.ff)):
+                return None
+            hf.update({"num_experts": s.n_experts, "num_experts_per_token": s.top_k, "moe_intermediate_size": s.ff,
+                       "moe_renormalize": s.norm_topk_prob, "routed_scaling_factor": s.routed_scaling_factor,
+                       "num_shared_experts": s.shared_d_ff // s.ff, "num_expert_group": s.n_group,
+                       "topk_group": s.topk_group})
+    hf.setdefault("intermediate_size", cfg.d_model)
+    return hf
+
+
+register_converter(Converter(
+    ("kimi_linear",), _kimi_config,
+    decoder_rules({"self_attn": ("kda",)}, ffn="block_sparse_moe",
+                  extra=(("model.layers.{i}.mlp.", "layers.{i}.ffn."),
+                         ("model.layers.{i}.block_sparse_moe.gate.e_score_correction_bias", "layers.{i}.ffn.router.bias"),
+                         ("model.layers.{i}.block_sparse_moe.gate.", "layers.{i}.ffn.router."),
+                         ("model.layers.{i}.block_sparse_moe.shared_experts.", "layers.{i}.ffn.shared_expert."),
+                         *((f"model.layers.{{i}}.block_sparse_moe.experts.{a}.", f"layers.{{i}}.ffn.experts.{b}.")
+                           for a, b in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))))),
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "hidden_act", "rms_norm_eps",
+               "layer_types", "mlp_layer_types", "linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim",
+               "num_experts", "num_experts_per_token", "moe_intermediate_size", "moe_renormalize",
+               "routed_scaling_factor", "num_shared_experts", "num_expert_group", "topk_group",
+               "output_router_logits", "model_max_length", "pretraining_tp",
+               # attention (MLA) fields: used only by full_attention layers, which are refused above
+               "num_attention_heads", "num_key_value_heads", "head_dim", "kv_lora_rank", "q_lora_rank",
+               "qk_head_dim", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "attention_bias",
+               "rope_parameters", "rope_theta", "rope_scaling"}),
+    _kimi_to_hf, "KimiLinearForCausalLM", load_hook=_kimi_load, save_hook=_kimi_save))

@@ -34,6 +34,8 @@ class MoESettings(LayerSettings):
     router_bias: bool = False  # a learned/corrected bias used only to select experts (DeepSeek-V3 style)
     shared_d_ff: int = 0  # 0: no shared expert
     shared_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE / Qwen3-Next)
+    n_group: int = 1  # group-limited routing (DeepSeek-V3 style): experts in n_group groups, a group
+    topk_group: int = 1  # scores by its top-2 experts, and only the best topk_group groups are eligible
 
     @property
     def ff(self) -> int:
@@ -54,6 +56,10 @@ class MoESettings(LayerSettings):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{f} must be a non-negative int, got {v!r}")
+        if not isinstance(self.n_group, int) or self.n_group < 1 or self.n_experts % self.n_group:
+            raise ValueError(f"n_group must be a positive int dividing n_experts {self.n_experts}, got {self.n_group!r}")
+        if not isinstance(self.topk_group, int) or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group!r}")
         if self.shared_gate and not self.shared_d_ff:
             raise ValueError("shared_gate needs a shared expert (shared_d_ff > 0)")
 
@@ -87,6 +93,13 @@ def route(params, x, cfg: MoESettings):
     logits = (x @ params["router"]["weight"].T).astype(mx.float32)
     scores = mx.softmax(logits, axis=-1) if cfg.scoring == "softmax" else mx.sigmoid(logits)
     sel = scores + params["router"]["bias"].astype(mx.float32) if cfg.router_bias else scores
+    if cfg.n_group > 1:  # keep the topk_group groups with the best top-2 sums
+        N, G = sel.shape[0], cfg.n_group
+        grouped = sel.reshape(N, G, cfg.n_experts // G)
+        group_score = mx.sort(grouped, axis=-1)[..., -2:].sum(-1)  # (N, G)
+        kth = mx.sort(group_score, axis=-1)[:, G - cfg.topk_group][:, None]
+        keep = mx.stop_gradient(group_score >= kth)  # ties at the threshold may keep an extra group
+        sel = mx.where(mx.repeat(keep, cfg.n_experts // G, axis=1), sel, -mx.inf)
     idx = mx.stop_gradient(mx.argpartition(-sel, kth=cfg.top_k - 1, axis=-1)[:, : cfg.top_k])
     w = mx.take_along_axis(scores, idx, axis=-1)
     if cfg.norm_topk_prob:

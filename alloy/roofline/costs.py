@@ -364,6 +364,28 @@ def rglru_cost(s, w: Workload) -> Cost:
     return c + Cost(state_read=read, state_write={"conv": conv_state, "ssm": h_state})
 
 
+@register_cost("kda")
+def kda_cost(s, w: Workload) -> Cost:
+    """Kimi Delta Attention: q/k/v projections (D -> H*hd each), conv over the three, the low-rank
+    forget gate (D -> hd -> H*hd) and output gate (same shape), b_proj (D -> H), the per-channel
+    delta rule, gated norm, o_proj (H*hd -> D). Delta rule FLOPs as Gated DeltaNet's with K = V = hd
+    (per-channel decays add one exp per (pair, channel) inside the chunk: counted as ``chunked``
+    2*pairs*K). Traffic: like gated_deltanet. State: conv B*(K-1)*3*H*hd, ssm B*H*hd*hd."""
+    from types import SimpleNamespace
+    N, D, H, hd = w.n, s.d_model, s.n_heads, s.head_dim
+    Q = H * hd
+    c = matmul(N, D, Q).scale(3) + matmul(N, D, hd).scale(2) + matmul(N, hd, Q).scale(2) + matmul(N, D, H) \
+        + matmul(N, Q, D)
+    c += weights(vector=s.d_conv * 3 * Q + hd, fp32=Q + H)
+    core = SimpleNamespace(d_model=D, n_v_heads=H, n_k_heads=H, head_k_dim=hd, head_v_dim=hd, value_dim=Q,
+                           conv_dim=3 * Q, d_conv=s.d_conv, chunk_size=s.chunk_size, conv_bias=False)
+    rule = gated_deltanet_cost(core, w)
+    extra = 0 if w.tokens == 1 else 2 * w.batch * H * pairs_in_chunks(w.tokens, min(s.chunk_size, w.tokens)) * hd
+    c += Cost(flops=_add({k: v for k, v in rule.flops.items() if k != "matmul"}, {"chunked": extra} if extra else {}))
+    c += Cost(act_read=rule.act_read, act_write=rule.act_write)
+    return c + Cost(state_read=rule.state_read, state_write=rule.state_write)
+
+
 @register_cost("lightning")
 def lightning_cost(s, w: Workload) -> Cost:
     """qkv_proj (D -> 3*H*hd), output_gate (D -> H*hd), the decayed linear attention (the SSD

@@ -179,7 +179,21 @@ def _lightning():
     assert c.state_write == {"ssm": 2 * 4 * 4} and c.state_read == {}
 
 
-HAND = {("mixer", "lightning"): _lightning, ("mixer", "rglru"): _rglru, ("mixer", "mamba2"): _mamba2, ("mixer", "mamba1"): _mamba1, ("mixer", "attention"): _attention,
+def _kda():
+    # d_model 8, 2 heads of 4 (Q = 8), conv 4 taps; N = 6 tokens in chunks of 4
+    c = _cost("mixer", "kda", 8, Workload(batch=1, tokens=6), n_heads=2, head_dim=4, chunk_size=4)
+    # q, k, v 3 * 2*6*8*8 = 2304; f_a, g_a 2 * 2*6*8*4 = 768; f_b, g_b 2 * 2*6*4*8 = 768; b 2*6*8*2 = 192;
+    # o 2*6*8*8 = 768
+    assert c.flops["matmul"] == 2304 + 768 + 768 + 192 + 768
+    # the delta rule as gated_deltanet with K = V = 4, H = 2: pairs 13 * (6*4 + 4*4) = 520, solve 8, state
+    # 6*6*16 = 576 -> 1104 per head; per-channel decays 2 * 13 * 4 = 104 per head
+    assert c.flops["chunked"] == 2 * 1104 + 2 * 104
+    assert c.flops["scan"] == 2 * 6 * 24 * 4  # conv
+    assert c.params == {"matrix": 3 * 64 + 2 * 32 + 2 * 32 + 16 + 64, "vector": 4 * 24 + 4, "fp32": 8 + 2}
+    assert c.state_write == {"conv": 3 * 24, "ssm": 2 * 4 * 4}
+
+
+HAND = {("mixer", "kda"): _kda, ("mixer", "lightning"): _lightning, ("mixer", "rglru"): _rglru, ("mixer", "mamba2"): _mamba2, ("mixer", "mamba1"): _mamba1, ("mixer", "attention"): _attention,
         ("mixer", "sliding_attention"): _sliding_attention, ("mixer", "gated_deltanet"): _gated_deltanet,
         ("mixer", "short_conv"): _short_conv, ("mixer", "parallel"): _parallel,
         ("ffn", "mlp"): _mlp, ("ffn", "moe"): _moe}

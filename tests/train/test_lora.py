@@ -27,6 +27,7 @@ _SMALL = {
                               "attn": {"kind": "attention", "n_heads": 4}}},
     "rglru": {"width": 32, "n_heads": 4},
     "lightning": {"n_heads": 4, "chunk_size": 4},
+    "kda": {"n_heads": 2, "head_dim": 8, "chunk_size": 4},
     "gated_deltanet": {"n_k_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "head_v_dim": 8, "chunk_size": 4},
 }
 V = 61
