@@ -19,6 +19,9 @@ KNOWN = {
     "gated_deltanet": {"n_k_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "head_v_dim": 8, "chunk_size": 8},
     "parallel": {"branches": {"ssm": {"kind": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 8},
                               "attn": {"kind": "sliding_attention", "n_heads": 4, "window": 6}}},
+    "kda": {"n_heads": 2, "head_dim": 8, "chunk_size": 4},
+    "lightning": {"n_heads": 4, "chunk_size": 4},
+    "rglru": {"width": 32, "n_heads": 4},
 }
 
 

@@ -111,7 +111,8 @@ def test_generation_runs_on_a_quantized_model(model_params):
 def test_gates_and_decay_projections_stay_full_precision():
     from alloy.params.quantize import keep_full_precision
     for path in ("layers.0.ffn.shared_expert_gate", "layers.1.mixer.in_proj_a", "layers.1.mixer.in_proj_b",
-                 "layers.2.mixer.dt_proj", "layers.3.ffn.router", "layers.4.mixer.conv_1d"):
+                 "layers.2.mixer.dt_proj", "layers.3.ffn.router", "layers.4.mixer.conv_1d",
+                 "layers.5.mixer.forget_gate.f_b_proj", "layers.5.mixer.b_proj"):
         assert keep_full_precision(path), path
     for path in ("layers.1.mixer.in_proj_qkv", "layers.0.ffn.shared_expert.up_proj", "layers.2.mixer.x_proj"):
         assert not keep_full_precision(path), path
