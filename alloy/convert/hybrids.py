@@ -1285,11 +1285,8 @@ def _kimi_config(hf: dict) -> dict:
     _unsupported(hf, "hidden_act", lambda v: v == "silu")
     L, D = hf["num_hidden_layers"], hf["hidden_size"]
     types = hf.get("layer_types") or ["linear_attention"] * L
-    if "full_attention" in types:
-        raise ValueError("kimi_linear: full_attention layers use multi-head latent attention (MLA), "
-                         "which this build does not support yet")
-    if set(types) != {"linear_attention"} or len(types) != L:
-        raise ValueError(f"kimi_linear: layer_types must be {L} of linear_attention here, got {types!r}")
+    if set(types) - {"linear_attention", "full_attention"} or len(types) != L:
+        raise ValueError(f"kimi_linear: layer_types must be {L} of linear_attention/full_attention, got {types!r}")
     mlp_types = hf.get("mlp_layer_types") or ["dense"] * L
     if set(mlp_types) - {"dense", "sparse"} or len(mlp_types) != L:
         raise ValueError(f"kimi_linear: mlp_layer_types must be {L} of dense/sparse, got {mlp_types!r}")
@@ -1303,30 +1300,48 @@ def _kimi_config(hf: dict) -> dict:
                        "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
                        "shared_d_ff": hf["moe_intermediate_size"] * hf.get("num_shared_experts", 0),
                        "n_group": hf.get("num_expert_group", 1), "topk_group": hf.get("topk_group", 1)}
-    return {"name": "kimi_linear", "vocab_size": hf["vocab_size"], "d_model": D, "layer_types": ["kda"] * L,
+    mixers = {}
+    if "linear_attention" in types:
+        mixers["kda"] = {"n_heads": hf["linear_num_heads"], "head_dim": hf["linear_head_dim"],
+                         "d_conv": hf.get("linear_conv_kernel_dim", 4), "norm_eps": hf.get("rms_norm_eps", 1e-5)}
+    if "full_attention" in types:  # multi-head latent attention without positions (NoPE)
+        _rope_theta(hf)
+        mixers["mla"] = {"n_heads": hf["num_attention_heads"], "q_lora_rank": hf.get("q_lora_rank") or 0,
+                         "kv_lora_rank": hf["kv_lora_rank"], "qk_nope_head_dim": hf["qk_nope_head_dim"],
+                         "qk_rope_head_dim": hf["qk_rope_head_dim"], "v_head_dim": hf["v_head_dim"],
+                         "rope": False, "bias": bool(hf.get("attention_bias", False))}
+    return {"name": "kimi_linear", "vocab_size": hf["vocab_size"], "d_model": D,
+            "layer_types": ["kda" if t == "linear_attention" else "mla" for t in types],
             "ffn_types": ["moe" if t == "sparse" else "mlp" for t in mlp_types],
-            "mixers": {"kda": {"n_heads": hf["linear_num_heads"], "head_dim": hf["linear_head_dim"],
-                               "d_conv": hf.get("linear_conv_kernel_dim", 4), "norm_eps": hf.get("rms_norm_eps", 1e-5)}},
+            "mixers": mixers,
             "ffns": ffns, "norm_eps": hf.get("rms_norm_eps", 1e-5),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
 
 
 def _kimi_to_hf(cfg) -> dict | None:
-    if set(cfg.layer_types) != {"kda"} or len(cfg.mixers) != 1:
+    kinds = [cfg.mixer_kind(i) for i in range(cfg.n_layers)]
+    if set(kinds) - {"kda", "mla"} or "kda" not in kinds or len(cfg.mixers) > 2:
         return None
-    k = cfg.mixers[0][2]
-    if k.norm_eps != cfg.norm_eps:
+    k = next(s for _, kind, s in cfg.mixers if kind == "kda")
+    a = next((s for _, kind, s in cfg.mixers if kind == "mla"), None)
+    if k.norm_eps != cfg.norm_eps or (a is not None and (a.rope or a.norm_eps != 1e-6)):
         return None
     fk = [cfg.ffn_kind(i) for i in range(cfg.n_layers)]
     if set(fk) - {"mlp", "moe"}:
         return None
     hf = {"model_type": "kimi_linear", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
           "num_hidden_layers": cfg.n_layers, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-          "tie_word_embeddings": cfg.tie_embeddings, "layer_types": ["linear_attention"] * cfg.n_layers,
+          "tie_word_embeddings": cfg.tie_embeddings,
+          "layer_types": ["linear_attention" if t == "kda" else "full_attention" for t in kinds],
           "mlp_layer_types": ["sparse" if f == "moe" else "dense" for f in fk],
           "linear_num_heads": k.n_heads, "linear_head_dim": k.head_dim, "linear_conv_kernel_dim": k.d_conv,
           # the class defaults name Kimi's 163k-token vocabulary; Alloy keeps no special-token ids
           "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+    if a is not None:
+        hf.update({"num_attention_heads": a.n_heads, "num_key_value_heads": a.n_heads,
+                   "q_lora_rank": a.q_lora_rank or None, "kv_lora_rank": a.kv_lora_rank,
+                   "qk_nope_head_dim": a.qk_nope_head_dim, "qk_rope_head_dim": a.qk_rope_head_dim,
+                   "qk_head_dim": a.qk_head_dim, "v_head_dim": a.v_head_dim, "attention_bias": a.bias})
     for _, kind, s in cfg.ffns:
         if kind == "mlp":
             if not s.gated or s.activation != "silu" or s.bias:
@@ -1346,7 +1361,7 @@ def _kimi_to_hf(cfg) -> dict | None:
 
 register_converter(Converter(
     ("kimi_linear",), _kimi_config,
-    decoder_rules({"self_attn": ("kda",)}, ffn="block_sparse_moe",
+    decoder_rules({"self_attn": None}, ffn="block_sparse_moe",
                   extra=(("model.layers.{i}.mlp.", "layers.{i}.ffn."),
                          ("model.layers.{i}.block_sparse_moe.gate.e_score_correction_bias", "layers.{i}.ffn.router.bias"),
                          ("model.layers.{i}.block_sparse_moe.gate.", "layers.{i}.ffn.router."),
@@ -1358,7 +1373,6 @@ register_converter(Converter(
                "num_experts", "num_experts_per_token", "moe_intermediate_size", "moe_renormalize",
                "routed_scaling_factor", "num_shared_experts", "num_expert_group", "topk_group",
                "output_router_logits", "model_max_length", "pretraining_tp",
-               # attention (MLA) fields: used only by full_attention layers, which are refused above
                "num_attention_heads", "num_key_value_heads", "head_dim", "kv_lora_rank", "q_lora_rank",
                "qk_head_dim", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "attention_bias",
                "rope_parameters", "rope_theta", "rope_scaling"}),

@@ -364,6 +364,29 @@ def rglru_cost(s, w: Workload) -> Cost:
     return c + Cost(state_read=read, state_write={"conv": conv_state, "ssm": h_state})
 
 
+@register_cost("mla")
+def mla_cost(s, w: Workload) -> Cost:
+    """Multi-head latent attention: q (D -> H*(nope+rope), or through a q_lora_rank bottleneck),
+    kv_a (D -> r + rope), kv_b expanding every visible latent (r -> H*(nope+v); the cached context
+    is re-expanded each call), attention core (2*(nope+rope) + 2*v per visible pair and head),
+    o_proj (H*v -> D). State: the latent cache B*(r + rope) per token (read: the context; write: the
+    new tokens). Traffic: projections read N*D; the core reads q and the expanded keys/values."""
+    N, D, H = w.n, s.d_model, s.n_heads
+    qk, v, r, rd = s.qk_head_dim, s.v_head_dim, s.kv_lora_rank, s.qk_rope_head_dim
+    c = (matmul(N, D, s.q_lora_rank, s.bias) + matmul(N, s.q_lora_rank, H * qk)) if s.q_lora_rank \
+        else matmul(N, D, H * qk)
+    c += matmul(N, D, r + rd, s.bias) + matmul(N, H * v, D, s.bias)
+    keys = w.batch * (w.context + w.tokens)
+    c += Cost(flops={"matmul": 2 * keys * r * H * (s.qk_nope_head_dim + v)},
+              params={"matrix": r * H * (s.qk_nope_head_dim + v)},
+              weight_reads={"matrix": r * H * (s.qk_nope_head_dim + v)})
+    c += weights(vector=r + (s.q_lora_rank or 0))
+    c += Cost(flops={"attention": 2 * (qk + v) * H * w.batch * visible_pairs(w.tokens, w.context)})
+    c += Cost(act_read=N * D + N * H * qk + keys * H * (qk + v), act_write=N * H * qk + N * (r + rd) + N * H * v + N * D)
+    read = {"kv": w.batch * w.context * (r + rd)} if w.context else {}
+    return c + Cost(state_read=read, state_write={"kv": w.batch * w.tokens * (r + rd)})
+
+
 @register_cost("kda")
 def kda_cost(s, w: Workload) -> Cost:
     """Kimi Delta Attention: q/k/v projections (D -> H*hd each), conv over the three, the low-rank

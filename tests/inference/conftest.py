@@ -20,6 +20,7 @@ KNOWN = {
     "parallel": {"branches": {"ssm": {"kind": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 8},
                               "attn": {"kind": "sliding_attention", "n_heads": 4, "window": 6}}},
     "kda": {"n_heads": 2, "head_dim": 8, "chunk_size": 4},
+    "mla": {"n_heads": 2, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "rope": True},
     "lightning": {"n_heads": 4, "chunk_size": 4},
     "rglru": {"width": 32, "n_heads": 4},
 }

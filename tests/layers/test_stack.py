@@ -16,8 +16,8 @@ EVERY_MIXER_CFG = {
     "vocab_size": 97,
     "d_model": 64,
     "layer_types": ["mamba2", "attention", "mamba1", "sliding_attention", "gated_deltanet", "short_conv", "parallel",
-                    "rglru", "lightning", "kda", "mamba2", "attention"],
-    "ffn_types": ["mlp", "none", "moe", "mlp", "moe", "mlp", "mlp", "mlp", "moe", "mlp", "none", "mlp"],
+                    "rglru", "lightning", "kda", "mla", "mamba2", "attention"],
+    "ffn_types": ["mlp", "none", "moe", "mlp", "moe", "mlp", "mlp", "mlp", "moe", "mlp", "moe", "none", "mlp"],
     "mixers": {
         "mamba2": {"d_state": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 8},
         "mamba1": {"d_state": 8, "chunk_size": 4},
@@ -28,6 +28,7 @@ EVERY_MIXER_CFG = {
         "rglru": {"width": 48, "n_heads": 4},
         "lightning": {"n_heads": 4, "chunk_size": 4},
         "kda": {"n_heads": 2, "head_dim": 8, "chunk_size": 4},
+        "mla": {"n_heads": 2, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "rope": True},
         "parallel": {"branches": {"ssm": {"kind": "mamba2", "head_dim": 16, "d_state": 8, "chunk_size": 4,
                                           "rms_norm": False},
                                   "attn": {"kind": "sliding_attention", "n_heads": 2, "window": 3}}},

@@ -193,7 +193,19 @@ def _kda():
     assert c.state_write == {"conv": 3 * 24, "ssm": 2 * 4 * 4}
 
 
-HAND = {("mixer", "kda"): _kda, ("mixer", "lightning"): _lightning, ("mixer", "rglru"): _rglru, ("mixer", "mamba2"): _mamba2, ("mixer", "mamba1"): _mamba1, ("mixer", "attention"): _attention,
+def _mla():
+    # d_model 8, 2 heads, latent 6, nope 4 + rope 2, v 3, no q bottleneck; 2 new tokens after 3 cached
+    c = _cost("mixer", "mla", 8, Workload(batch=1, tokens=2, context=3), n_heads=2, kv_lora_rank=6,
+              qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=3)
+    # q 2*2*8*12 = 384, kv_a 2*2*8*8 = 256, o 2*2*6*8 = 192, kv_b over 5 keys 2*5*6*2*7 = 840
+    assert c.flops["matmul"] == 384 + 256 + 192 + 840
+    # visible pairs for queries at 3 and 4: 4 + 5 = 9; per pair and head 2*6 + 2*3 = 18
+    assert c.flops["attention"] == 18 * 2 * 9
+    assert c.params == {"matrix": 96 + 64 + 48 + 84, "vector": 6}
+    assert c.state_read == {"kv": 3 * 8} and c.state_write == {"kv": 2 * 8}
+
+
+HAND = {("mixer", "mla"): _mla, ("mixer", "kda"): _kda, ("mixer", "lightning"): _lightning, ("mixer", "rglru"): _rglru, ("mixer", "mamba2"): _mamba2, ("mixer", "mamba1"): _mamba1, ("mixer", "attention"): _attention,
         ("mixer", "sliding_attention"): _sliding_attention, ("mixer", "gated_deltanet"): _gated_deltanet,
         ("mixer", "short_conv"): _short_conv, ("mixer", "parallel"): _parallel,
         ("ffn", "mlp"): _mlp, ("ffn", "moe"): _moe}

@@ -28,6 +28,7 @@ _SMALL = {
     "rglru": {"width": 32, "n_heads": 4},
     "lightning": {"n_heads": 4, "chunk_size": 4},
     "kda": {"n_heads": 2, "head_dim": 8, "chunk_size": 4},
+    "mla": {"n_heads": 2, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "rope": True},
     "gated_deltanet": {"n_k_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "head_v_dim": 8, "chunk_size": 4},
 }
 V = 61
