@@ -3,6 +3,7 @@
     alloy train                                   # bundled tiny config on the stdlib corpus
     alloy train --config toy --data data.jsonl --max-steps 2000 --dtype bfloat16
     alloy train --resume runs/tiny                # continue a run from its latest checkpoint
+    alloy train --lora runs/tiny --data chat.jsonl --lora-rank 8   # LoRA adapters on a frozen base
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def register(sub) -> None:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--lora", metavar="BASE", help="train LoRA adapters on this frozen base checkpoint / run dir")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
     p.set_defaults(fn=run)
 
 
@@ -41,6 +46,8 @@ def run(args) -> dict:
     from alloy.train.checkpoint import TRAINER_FILE, resolve_checkpoint
     from alloy.train.loop import TrainConfig, load_train_config, train
 
+    if args.lora and args.resume:
+        raise ValueError("train: --lora and --resume cannot be combined (LoRA runs start from the base)")
     model_cfg, tcfg = load_train_config(args.config)
     if args.resume:
         # the stored run's train config is the base; flags given now still override it
@@ -51,5 +58,10 @@ def run(args) -> dict:
     if changes:
         tcfg = dataclasses.replace(tcfg, **changes)
     name = Path(args.config).stem if Path(args.config).suffix else args.config
+    if args.lora:
+        from alloy.params.lora import LoraConfig
+        from alloy.train.lora_loop import finetune_lora
+        lcfg = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
+        return finetune_lora(args.lora, lcfg, tcfg, args.out or f"runs/{name}-lora")
     out = args.out or (str(resolve_checkpoint(args.resume).parent) if args.resume else f"runs/{name}")
     return train(model_cfg, tcfg, out, resume=args.resume, progress=not args.no_progress)
