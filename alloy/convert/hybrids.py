@@ -774,6 +774,21 @@ def _zamba2_load(flat: dict, hf: dict) -> dict:
     return out
 
 
+# Zamba / Zamba2 tensor names: hybrid depths nest the Mamba layer under ``mamba_decoder``; the
+# load hooks have already moved the shared blocks (and Zamba2's adapters) to their Alloy names.
+_ZAMBA_RENAME = (
+    ("model.embed_tokens.", "embed_tokens."),
+    ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
+    ("model.layers.{i}.mamba.", "layers.{i}.mixer."),
+    ("model.layers.{i}.mamba_decoder.input_layernorm.", "layers.{i}.norm."),
+    ("model.layers.{i}.mamba_decoder.mamba.", "layers.{i}.mixer."),
+    ("model.layers.{i}.linear.", "layers.{i}.shared.linear."),
+    ("shared_blocks.", "shared_blocks."),
+    ("model.final_layernorm.", "norm_f."),
+    ("lm_head.", "lm_head."),
+)
+
+
 def _zamba2_save(flat: dict, cfg) -> dict:
     sh = cfg.shared
     calls = sh.calls()
@@ -888,16 +903,7 @@ def _zamba2_to_hf(cfg) -> dict | None:
 
 register_converter(Converter(
     ("zamba2",), _zamba2_config,
-    (("model.embed_tokens.", "embed_tokens."),
-     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
-     ("model.layers.{i}.mamba.", "layers.{i}.mixer."),
-     ("model.layers.{i}.mamba_decoder.input_layernorm.", "layers.{i}.norm."),
-     ("model.layers.{i}.mamba_decoder.mamba.", "layers.{i}.mixer."),
-     ("model.layers.{i}.linear.", "layers.{i}.shared.linear."),
-     ("layers.{i}.shared.adapters.", "layers.{i}.shared.adapters."),
-     ("shared_blocks.", "shared_blocks."),
-     ("model.final_layernorm.", "norm_f."),
-     ("lm_head.", "lm_head.")),
+    _ZAMBA_RENAME + (("layers.{i}.shared.adapters.", "layers.{i}.shared.adapters."),),
     frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size", "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling",
                "layers_block_type", "hybrid_layer_ids", "num_mem_blocks", "adapter_rank", "use_shared_attention_adapter",
@@ -1027,15 +1033,7 @@ def _zamba_to_hf(cfg) -> dict | None:
 
 register_converter(Converter(
     ("zamba",), _zamba_config,
-    (("model.embed_tokens.", "embed_tokens."),
-     ("model.layers.{i}.input_layernorm.", "layers.{i}.norm."),
-     ("model.layers.{i}.mamba.", "layers.{i}.mixer."),
-     ("model.layers.{i}.mamba_decoder.input_layernorm.", "layers.{i}.norm."),
-     ("model.layers.{i}.mamba_decoder.mamba.", "layers.{i}.mixer."),
-     ("model.layers.{i}.linear.", "layers.{i}.shared.linear."),
-     ("shared_blocks.", "shared_blocks."),
-     ("model.final_layernorm.", "norm_f."),
-     ("lm_head.", "lm_head.")),
+    _ZAMBA_RENAME,
     frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "intermediate_size", "hidden_act", "hidden_mamba_act", "rms_norm_eps", "layers_block_type",
                "attn_layer_period", "attn_layer_offset", "attention_head_dim", "attention_hidden_size",

@@ -23,15 +23,14 @@ byte length (``acc_norm``, as lm-evaluation-harness does with characters).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from alloy.eval.scoring import continuation_logprobs, sequence_logprobs
+from alloy.train.data import iter_jsonl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,15 +64,9 @@ def perplexity(model, params, tokenizer, texts: Iterable[str], seq_len: int = 51
 def read_text_jsonl(path) -> list[str]:
     """The "text" field of every line of a JSONL file (errors name the file and line)."""
     out = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: invalid JSON ({e})") from None
+    for where, _, obj in iter_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ValueError(f"{path}:{i}: expected an object with a string 'text'")
+            raise ValueError(f"{where}: expected an object with a string 'text'")
         out.append(obj["text"])
     if not out:
         raise ValueError(f"{path}: no documents")
@@ -141,14 +134,8 @@ def parse_choice_item(obj, where: str = "item") -> ChoiceItem:
 
 def read_choice_jsonl(path) -> list[ChoiceItem]:
     items = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: invalid JSON ({e})") from None
-        items.append(parse_choice_item(obj, f"{path}:{i}"))
+    for where, _, obj in iter_jsonl(path):
+        items.append(parse_choice_item(obj, where))
     if not items:
         raise ValueError(f"{path}: no items")
     return items

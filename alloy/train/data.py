@@ -57,6 +57,20 @@ class ByteTokenizer:
         return arr.tobytes().decode("utf-8", errors="replace")
 
 
+def iter_jsonl(path) -> Iterator[tuple[str, int, object]]:
+    """``(where, line number, object)`` for every non-blank line of a JSONL file; ``where`` is
+    ``"file:line"``. Invalid JSON or UTF-8 raises ``ValueError`` naming the file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, lineno, json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: invalid JSON ({e})") from None
+
+
 def read_jsonl(path, tokenizer: ByteTokenizer, vocab_size: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Stream ``(name, tokens)`` per document of a JSONL file; ``name`` is ``"file:line"``.
 
@@ -67,34 +81,26 @@ def read_jsonl(path, tokenizer: ByteTokenizer, vocab_size: int | None = None) ->
     path = Path(path)
     vocab = tokenizer.vocab_size if vocab_size is None else vocab_size
     n_docs = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{where}: invalid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object with 'text' or 'tokens', got {type(obj).__name__}")
-            has = [k for k in ("text", "tokens") if k in obj]
-            if len(has) != 1:
-                raise ValueError(f"{where}: expected exactly one of 'text' or 'tokens', got keys {sorted(obj)}")
-            if has[0] == "text":
-                if not isinstance(obj["text"], str):
-                    raise ValueError(f"{where}: 'text' must be a string, got {type(obj['text']).__name__}")
-                toks = tokenizer.encode(obj["text"])
-            else:
-                t = obj["tokens"]
-                if not isinstance(t, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in t):
-                    raise ValueError(f"{where}: 'tokens' must be a list of ints")
-                toks = np.asarray(t, dtype=np.int64)
-                bad = (toks < 0) | (toks >= vocab)
-                if bad.any():
-                    raise ValueError(f"{where}: token {int(toks[bad][0])} out of range [0, {vocab})")
-            n_docs += 1
-            yield f"{path.name}:{lineno}", toks
+    for where, lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object with 'text' or 'tokens', got {type(obj).__name__}")
+        has = [k for k in ("text", "tokens") if k in obj]
+        if len(has) != 1:
+            raise ValueError(f"{where}: expected exactly one of 'text' or 'tokens', got keys {sorted(obj)}")
+        if has[0] == "text":
+            if not isinstance(obj["text"], str):
+                raise ValueError(f"{where}: 'text' must be a string, got {type(obj['text']).__name__}")
+            toks = tokenizer.encode(obj["text"])
+        else:
+            t = obj["tokens"]
+            if not isinstance(t, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in t):
+                raise ValueError(f"{where}: 'tokens' must be a list of ints")
+            toks = np.asarray(t, dtype=np.int64)
+            bad = (toks < 0) | (toks >= vocab)
+            if bad.any():
+                raise ValueError(f"{where}: token {int(toks[bad][0])} out of range [0, {vocab})")
+        n_docs += 1
+        yield f"{path.name}:{lineno}", toks
     if n_docs == 0:
         raise ValueError(f"{path}: empty file (no JSONL documents)")
 
