@@ -254,3 +254,66 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size=256, impl="auto")
         y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, initial_state)
         return y[:, None], state
     return ssd_chunked(x, dt, A, B, C, D, initial_state, _balanced_chunk(T, chunk_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# The Mamba-2 mixer between its projections for one decode token (conv step + dt + SSD step +
+# gate), fused into one GPU launch by `alloy.metal.mamba2_step`. Batch-1 decode is launch-bound;
+# this replaces ~60 small ops per layer with one.
+
+
+def mamba2_step_ref(zxbcdt, conv_w, conv_b, conv_state, dt_bias, A_log, D, dt_lim, ssm_state):
+    """zxbcdt (b, 2*DI + 2*G*N + H) — one token's in_proj output; conv_w (CD, K) or (CD, 1, K); conv_b (CD,) | None;
+    conv_state (b, K-1, CD); dt_bias, A_log, D (H,); dt_lim (lo, hi) floats; ssm_state (b, H, P, N)
+    f32  ->  (y * silu(z) (b, DI) in zxbcdt.dtype, new conv state, new ssm state f32).
+
+    The same math as the Mamba-2 layer's T = 1 path (causal_conv1d_ref, softplus, clip, ssd_step)
+    with the gate applied before the norm (the layer normalises afterwards)."""
+    from alloy.ops.conv import causal_conv1d_ref
+
+    b, _ = zxbcdt.shape
+    _, H, P, N = ssm_state.shape
+    CD = conv_w.shape[0]
+    DI = H * P
+    G = (CD - DI) // (2 * N)
+    z, xBC, dt = mx.split(zxbcdt, [DI, DI + CD], axis=-1)
+    xBC, new_conv = causal_conv1d_ref(xBC[:, None], conv_w, conv_b, conv_state, activation="silu")
+    xs, Bm, Cm = mx.split(xBC[:, 0], [DI, DI + G * N], axis=-1)
+    dtf = mx.logaddexp(dt.astype(_F32) + dt_bias.astype(_F32), 0.0)
+    dtf = mx.clip(dtf, dt_lim[0], dt_lim[1])
+    A = -mx.exp(A_log.astype(_F32))
+    y, new_ssm = ssd_step(xs.reshape(b, H, P), dtf, A, Bm.reshape(b, G, N), Cm.reshape(b, G, N), D,
+                          ssm_state)
+    zf = z.astype(_F32)
+    out = (y.reshape(b, DI).astype(_F32) * (zf * mx.sigmoid(zf))).astype(zxbcdt.dtype)
+    return out, new_conv.astype(conv_state.dtype), new_ssm
+
+
+def mamba2_step_kernel_applies(zxbcdt, conv_w) -> bool:
+    return metal.backend() is not None and zxbcdt.dtype in _FLOATS and conv_w.shape[-1] >= 2
+
+
+def mamba2_step(zxbcdt, conv_w, conv_b, conv_state, dt_bias, A_log, D, dt_lim, ssm_state,
+                impl="auto"):
+    """Public fused decode step (arguments as `mamba2_step_ref`). impl: "auto" (the kernel where
+    `mamba2_step_kernel_applies`, else the reference), "ref" or "kernel"."""
+    if impl not in ("auto", "ref", "kernel"):
+        raise ValueError(f"mamba2_step: impl must be 'auto', 'ref' or 'kernel', got {impl!r}")
+    b, dp = zxbcdt.shape if zxbcdt.ndim == 2 else (None, None)
+    if b is None:
+        raise ValueError(f"mamba2_step: zxbcdt must be (b, d_in_proj), got shape {zxbcdt.shape}")
+    _, H, P, N = ssm_state.shape
+    conv_w = conv_w.reshape(conv_w.shape[0], conv_w.shape[-1])  # (CD, K) or HF's (CD, 1, K)
+    CD, K = conv_w.shape
+    if dp != H * P + CD + H:
+        raise ValueError(f"mamba2_step: zxbcdt width {dp} != DI + conv_dim + heads = {H * P + CD + H}")
+    if conv_state.shape != (b, K - 1, CD):
+        raise ValueError(f"mamba2_step: conv_state must be {(b, K - 1, CD)}, got {conv_state.shape}")
+    if impl == "ref" or (impl == "auto" and not mamba2_step_kernel_applies(zxbcdt, conv_w)):
+        return mamba2_step_ref(zxbcdt, conv_w, conv_b, conv_state, dt_bias, A_log, D, dt_lim, ssm_state)
+    if metal.backend() is None:
+        raise ValueError("mamba2_step: impl='kernel' needs a CUDA or Metal default device")
+    from alloy.metal.mamba2_step import mamba2_step as kernel
+
+    lim = mx.array([float(dt_lim[0]), float(dt_lim[1])], dtype=_F32)
+    return kernel(zxbcdt, conv_w, conv_b, conv_state, dt_bias, A_log, D, lim, ssm_state)

@@ -104,15 +104,19 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
     tmpl = "  using T = __nv_bfloat16;\n" + "".join(
         f"  constexpr int {n} = {v};\n" for n, v in (("K", 4), ("TILE", 16), ("LANES", 16),
                                                     ("NJ", 1), ("KC", 64), ("TB", 8), ("CBLK", 8),
-                                                    ("CG", 1), ("PC", 64), ("SB", 32))
+                                                    ("CG", 1), ("PC", 64), ("SB", 32),
+                                                    ("HD", 64), ("DS", 128))
         if re.search(rf"\b{n}\b", body)) + "".join(
-        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z") if n in body)
+        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS") if n in body)
+    if re.search(r"\bS\b", body):
+        tmpl = "  using S = __nv_bfloat16;\n" + tmpl
+    f32_in, f32_out = ("ssm_state", "dt_lim"), ("new_ssm",)
     args = []
     for n in kernel.inputs:  # MLX adds `<name>_shape` when the body reads it
-        args.append(f"const __nv_bfloat16* {n}")
+        args.append(f"const float* {n}" if n in f32_in else f"const __nv_bfloat16* {n}")
         if f"{n}_shape" in body:
             args.append(f"const __grid_constant__ Shape {n}_shape")
-    args += [f"float* {n}" if "state" in n else f"__nv_bfloat16* {n}" for n in kernel.outputs]
+    args += [f"float* {n}" if "state" in n or n in f32_out else f"__nv_bfloat16* {n}" for n in kernel.outputs]
     src = ('#include "mlx/backend/cuda/device/utils.cuh"\n' + header
            + "namespace mlx::core::cu {\n__global__ void k(" + ", ".join(args) + ") {\n"
            + tmpl + body + "\n}\n}\n")

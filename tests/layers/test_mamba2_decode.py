@@ -1,0 +1,55 @@
+"""The Mamba-2 fused decode path (`ops.ssd.mamba2_step` + norm + out_proj, taken on GPUs at T = 1)
+against the layer's general path, which is the specification. On the CPU the fused op runs its
+reference composition; `tests/metal/test_kernels_gpu.py` checks the kernel against that reference."""
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alloy.layers import mamba2
+from alloy.ops.ssd import mamba2_step
+
+
+def setup(seed, b, d_model, head_dim, d_state, n_groups, d_conv, conv_bias, rms_norm, clamp):
+    cfg = mamba2.Mamba2Settings(d_model=d_model, head_dim=head_dim, d_state=d_state, n_groups=n_groups,
+                                d_conv=d_conv, conv_bias=conv_bias, rms_norm=rms_norm,
+                                dt_clamp_min=clamp[0], dt_clamp_max=clamp[1])
+    params = mamba2.init(mx.random.key(seed), cfg)
+    rng = np.random.default_rng(seed)
+    state = mamba2.init_state(cfg, b, 8)
+    state = {"conv": mx.array(rng.standard_normal(state["conv"].shape).astype(np.float32)),
+             "ssm": mx.array(rng.standard_normal(state["ssm"].shape).astype(np.float32))}
+    x = mx.array(rng.standard_normal((b, 1, d_model)).astype(np.float32))
+    return cfg, params, state, x
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), heads_per_group=st.sampled_from([1, 2, 3]), n_groups=st.sampled_from([1, 2]),
+       head_dim=st.sampled_from([4, 8]), d_state=st.sampled_from([4, 16]), d_conv=st.sampled_from([2, 4]),
+       conv_bias=st.booleans(), rms_norm=st.booleans(),
+       clamp=st.sampled_from([(0.0, 0.0), (1e-3, 0.0), (0.05, 0.2)]), seed=st.integers(0, 999))
+def test_fused_decode_equals_general_path(b, heads_per_group, n_groups, head_dim, d_state, d_conv, conv_bias,
+                                          rms_norm, clamp, seed):
+    d_model = heads_per_group * n_groups * head_dim // 2  # expand 2: heads = d_inner / head_dim
+    cfg, params, state, x = setup(seed, b, d_model, head_dim, d_state, n_groups, d_conv, conv_bias,
+                                  rms_norm, clamp)
+    ref, ref_state = mamba2.apply(params, x, state, cfg)  # CPU: the general path
+    zxbcdt = mamba2.dense(params["in_proj"], x)
+    out, new_state = mamba2._fused_decode(params, zxbcdt, state, cfg)
+    np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-4, atol=1e-4)
+    for k in ("conv", "ssm"):
+        np.testing.assert_allclose(np.array(new_state[k]), np.array(ref_state[k]), rtol=1e-5, atol=1e-5)
+
+
+def test_mamba2_step_names_bad_shapes():
+    cfg, params, state, x = setup(0, 1, 8, 4, 4, 1, 4, True, True, (0.0, 0.0))
+    zx = mamba2.dense(params["in_proj"], x)[:, 0]
+    args = (params["conv1d"]["weight"], params["conv1d"]["bias"], state["conv"], params["dt_bias"],
+            params["A_log"], params["D"], (0.0, float("inf")), state["ssm"])
+    with pytest.raises(ValueError, match="zxbcdt width"):
+        mamba2_step(zx[:, :-1], *args)
+    with pytest.raises(ValueError, match="conv_state"):
+        mamba2_step(zx, args[0], args[1], state["conv"][:, 1:], *args[3:])
+    with pytest.raises(ValueError, match="impl"):
+        mamba2_step(zx, *args, impl="fast")
