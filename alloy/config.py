@@ -26,7 +26,9 @@ from alloy.layers.registry import LayerSettings, get_layer, make_settings
 DTYPES = ("float32", "bfloat16", "float16")
 _TOP_FIELDS = ("vocab_size", "d_model", "layer_types", "ffn_types", "mixers", "ffns", "norm_eps",
                "tie_embeddings", "init_std", "dtype", "name", "embedding_multiplier", "residual_multiplier",
-               "logits_scaling", "logits_soft_cap", "shared", "block_style", "residual_scales")
+               "logits_scaling", "logits_soft_cap", "shared", "block_style", "residual_scales", "hyper")
+BLOCK_STYLES = ("pre_norm", "norm_residual", "hyper")
+_HYPER_DEFAULTS = {"streams": 4, "sinkhorn_iters": 20, "eps": 1e-6}
 
 
 def _resolve(role: str, names: tuple[str, ...], given: Any, d_model: int) -> tuple:
@@ -67,6 +69,36 @@ def _kind_of(role: str, name: str, settings: LayerSettings) -> str:
     return name if name in kinds else kinds[0]
 
 
+def _with_vocab(where: str, settings, vocab: int):
+    """Settings carrying a ``vocab_size`` (a token-indexed table, e.g. hash_moe's tid2eid): 0 takes
+    the model's; any other value must equal it."""
+    v = getattr(settings, "vocab_size", None)
+    if v is None or v == vocab:
+        return settings
+    if v == 0:
+        return dataclasses.replace(settings, vocab_size=vocab)
+    raise ValueError(f"{where}.vocab_size {v} differs from the model's vocab_size {vocab}")
+
+
+def _hyper_settings(h) -> tuple:
+    """Validated hyper-connection settings as a sorted tuple of (key, value) (hashable)."""
+    if h is None:
+        h = {}
+    if not isinstance(h, (Mapping, tuple)):
+        raise ValueError(f"ModelConfig.hyper must be a mapping {sorted(_HYPER_DEFAULTS)}, got {type(h).__name__}")
+    h = dict(h)
+    unknown = sorted(set(h) - set(_HYPER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"ModelConfig.hyper: unknown field(s) {unknown}; allowed: {sorted(_HYPER_DEFAULTS)}")
+    h = {**_HYPER_DEFAULTS, **h}
+    for k in ("streams", "sinkhorn_iters"):
+        if not isinstance(h[k], int) or isinstance(h[k], bool) or h[k] < 1:
+            raise ValueError(f"ModelConfig.hyper.{k} must be a positive int, got {h[k]!r}")
+    if isinstance(h["eps"], bool) or not isinstance(h["eps"], (int, float)) or not 0 <= h["eps"] < 1:
+        raise ValueError(f"ModelConfig.hyper.eps must be in [0, 1), got {h['eps']!r}")
+    return tuple(sorted((k, float(v) if k == "eps" else v) for k, v in h.items()))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -88,9 +120,12 @@ class ModelConfig:
     # shared transformer blocks reused at several depths (Zamba2); see alloy.layers.shared
     shared: Any = None
     # "pre_norm": h + r * f(norm(h)).  "norm_residual" (MiniMax): x = norm(h); h = alpha * x + beta * f(x),
-    # with (alpha, beta) per mixer name and for "ffn" in residual_scales
+    # with (alpha, beta) per mixer name and for "ffn" in residual_scales.
+    # "hyper" (DeepSeek-V4's manifold-constrained hyper-connections): `streams` residual streams mixed
+    # by Sinkhorn-normalised weights; hyper = {"streams", "sinkhorn_iters", "eps"} (alloy.layers.hyper)
     block_style: str = "pre_norm"
     residual_scales: Any = None
+    hyper: Any = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -127,8 +162,15 @@ class ModelConfig:
                 or self.logits_soft_cap < 0:
             raise ValueError(f"ModelConfig.logits_soft_cap must be >= 0 (0 = off), got {self.logits_soft_cap!r}")
         set_("logits_soft_cap", float(self.logits_soft_cap))
-        if self.block_style not in ("pre_norm", "norm_residual"):
-            raise ValueError(f"ModelConfig.block_style must be 'pre_norm' or 'norm_residual', got {self.block_style!r}")
+        if self.block_style not in BLOCK_STYLES:
+            raise ValueError(f"ModelConfig.block_style must be one of {BLOCK_STYLES}, got {self.block_style!r}")
+        if self.block_style == "hyper":
+            set_("hyper", _hyper_settings(self.hyper))
+            if self.shared is not None or self.residual_multiplier != 1.0:
+                raise ValueError("ModelConfig: block_style 'hyper' does not combine with shared blocks or a "
+                                 "residual_multiplier")
+        elif self.hyper is not None:
+            raise ValueError("ModelConfig.hyper is only used with block_style 'hyper'")
         if self.block_style == "norm_residual":
             rs = self.residual_scales
             if not isinstance(rs, (dict, tuple)):
@@ -159,6 +201,7 @@ class ModelConfig:
             if bad:
                 raise ValueError(f"ModelConfig.shared.at: depths {bad} have no mixer to feed")
         set_("ffns", _resolve("ffn", self.ffn_types, self.ffns, self.d_model))
+        set_("ffns", tuple((n, k, _with_vocab(f"ffns.{n}", s, self.vocab_size)) for n, k, s in self.ffns))
 
     # -- lookups -----------------------------------------------------------------------------
     @property
@@ -219,7 +262,8 @@ class ModelConfig:
             **({"shared": self.shared.to_dict()} if self.shared is not None else {}),
             **({"block_style": self.block_style,
                 "residual_scales": {n: list(ab) for n, ab in self.residual_scales}}
-               if self.block_style != "pre_norm" else {}),
+               if self.block_style == "norm_residual" else {}),
+            **({"block_style": self.block_style, "hyper": dict(self.hyper)} if self.block_style == "hyper" else {}),
         }
 
     def to_json(self) -> str:

@@ -1,9 +1,14 @@
 """Mixture-of-experts FFN: a router picks top-k experts per token; a shared expert may add in.
 
-    s = softmax(x Wr^T)  or  sigmoid(x Wr^T)                     router scores (float32)
+    s = softmax | sigmoid | sqrt(softplus) (x Wr^T)              router scores (float32)
     idx = top_k(s + b)                                           b: optional selection-only bias
     w = s[idx];  w = w / sum(w) if norm_topk_prob;  w = w * routed_scaling_factor
     y = sum_j w_j E_idx_j(x)  (+ sigmoid(x Wg^T) * E_shared(x))  experts: SwiGLU or relu^2 / plain
+
+``swiglu_limit`` L > 0 (DeepSeek-V4) clips a gated expert's pre-activations, routed and shared:
+gate <= L, -L <= up <= L. ``hash_moe`` (DeepSeek-V4's first layers) selects by a frozen table
+instead, idx = tid2eid[token id] ((vocab, top_k) int32, stored in the params, never trained: the
+optimizers leave integer leaves alone), and weights the chosen experts by the router's scores.
 
 Experts are stored stacked, ``experts.{gate,up,down}_proj.weight`` of shape (E, F, D) / (E, D, F),
 and run with ``mx.gather_mm`` so each token touches only its k experts. ``moe_ref`` computes every
@@ -28,7 +33,7 @@ class MoESettings(LayerSettings):
     d_ff: int = 0  # per expert; 0: d_model
     activation: str = "silu"
     gated: bool = True
-    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    scoring: str = "softmax"  # "softmax" | "sigmoid" | "sqrtsoftplus"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     router_bias: bool = False  # a learned/corrected bias used only to select experts (DeepSeek-V3 style)
@@ -36,6 +41,7 @@ class MoESettings(LayerSettings):
     shared_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE / Qwen3-Next)
     n_group: int = 1  # group-limited routing (DeepSeek-V3 style): experts in n_group groups, a group
     topk_group: int = 1  # scores by its top-2 experts, and only the best topk_group groups are eligible
+    swiglu_limit: float = 0.0  # > 0: clip gated experts' gate (above) and up (both sides) at this value
 
     @property
     def ff(self) -> int:
@@ -48,8 +54,13 @@ class MoESettings(LayerSettings):
                 raise ValueError(f"{f} must be a positive int, got {v!r}")
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k {self.top_k} exceeds n_experts {self.n_experts}")
-        if self.scoring not in ("softmax", "sigmoid"):
-            raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {self.scoring!r}")
+        if self.scoring not in SCORING:
+            raise ValueError(f"scoring must be one of {sorted(SCORING)}, got {self.scoring!r}")
+        if isinstance(self.swiglu_limit, bool) or not isinstance(self.swiglu_limit, (int, float)) \
+                or self.swiglu_limit < 0:
+            raise ValueError(f"swiglu_limit must be a number >= 0 (0 = off), got {self.swiglu_limit!r}")
+        if self.swiglu_limit and not self.gated:
+            raise ValueError("swiglu_limit clips gated experts only (gated must be true)")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         for f in ("d_ff", "shared_d_ff"):
@@ -62,6 +73,22 @@ class MoESettings(LayerSettings):
             raise ValueError(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group!r}")
         if self.shared_gate and not self.shared_d_ff:
             raise ValueError("shared_gate needs a shared expert (shared_d_ff > 0)")
+
+
+@dataclass(frozen=True)
+class HashMoESettings(MoESettings):
+    vocab_size: int = 0  # the tid2eid table's rows; 0: filled in with the model's vocab_size
+
+    def validate(self):
+        super().validate()
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
+            raise ValueError(f"vocab_size must be a non-negative int (0 = the model's), got {self.vocab_size!r}")
+        if self.router_bias or self.n_group != 1:
+            raise ValueError("hash_moe selects experts by token id: router_bias and n_group do not apply")
+
+
+SCORING = {"softmax": lambda a: mx.softmax(a, axis=-1), "sigmoid": mx.sigmoid,
+           "sqrtsoftplus": lambda a: mx.sqrt(mx.logaddexp(a, 0.0))}
 
 
 def init(key, cfg: MoESettings) -> dict:
@@ -88,10 +115,24 @@ def init(key, cfg: MoESettings) -> dict:
     return p
 
 
-def route(params, x, cfg: MoESettings):
-    """x (N, D) -> (idx (N, k) int32, weights (N, k) float32)."""
+def init_hash(key, cfg: HashMoESettings) -> dict:
+    """``init`` plus ``tid2eid``: top_k distinct random experts per token id."""
+    k1, k2 = I.split(key, 2)
+    p = init(k1, cfg)
+    order = mx.argsort(mx.random.uniform(shape=(cfg.vocab_size or 1, cfg.n_experts), key=k2), axis=-1)
+    p["tid2eid"] = order[:, : cfg.top_k].astype(mx.int32)
+    return p
+
+
+def route(params, x, cfg: MoESettings, tokens=None):
+    """x (N, D) -> (idx (N, k) int32, weights (N, k) float32); ``tokens`` (N,) for hash_moe."""
     logits = (x @ params["router"]["weight"].T).astype(mx.float32)
-    scores = mx.softmax(logits, axis=-1) if cfg.scoring == "softmax" else mx.sigmoid(logits)
+    scores = SCORING[cfg.scoring](logits)
+    if "tid2eid" in params:
+        if tokens is None:
+            raise ValueError("hash_moe routes by token id: apply needs tokens=")
+        idx = mx.stop_gradient(params["tid2eid"])[tokens.reshape(-1)].astype(mx.int32)
+        return idx, _weights(scores, idx, cfg)
     sel = scores + params["router"]["bias"].astype(mx.float32) if cfg.router_bias else scores
     if cfg.n_group > 1:  # keep the topk_group groups with the best top-2 sums
         N, G = sel.shape[0], cfg.n_group
@@ -100,33 +141,45 @@ def route(params, x, cfg: MoESettings):
         kth = mx.sort(group_score, axis=-1)[:, G - cfg.topk_group][:, None]
         keep = mx.stop_gradient(group_score >= kth)  # ties at the threshold may keep an extra group
         sel = mx.where(mx.repeat(keep, cfg.n_experts // G, axis=1), sel, -mx.inf)
-    idx = mx.stop_gradient(mx.argpartition(-sel, kth=cfg.top_k - 1, axis=-1)[:, : cfg.top_k])
+    idx = mx.stop_gradient(mx.argpartition(-sel, kth=cfg.top_k - 1, axis=-1)[:, : cfg.top_k]).astype(mx.int32)
+    return idx, _weights(scores, idx, cfg)
+
+
+def _weights(scores, idx, cfg):
     w = mx.take_along_axis(scores, idx, axis=-1)
     if cfg.norm_topk_prob:
         w = w / w.sum(-1, keepdims=True)
-    return idx.astype(mx.int32), w * cfg.routed_scaling_factor
+    return w * cfg.routed_scaling_factor
+
+
+def _glu(act, gate, up, cfg):
+    """act(gate) * up, with DeepSeek-V4's clipping when swiglu_limit is set."""
+    if cfg.swiglu_limit:
+        L = cfg.swiglu_limit
+        gate, up = mx.minimum(gate, L), mx.clip(up, -L, L)
+    return act(gate) * up
 
 
 def _shared(params, x, cfg):
     sh = params["shared_expert"]
     act = activation(cfg.activation)
     h = dense(sh["up_proj"], x)
-    h = act(dense(sh["gate_proj"], x)) * h if cfg.gated else act(h)
+    h = _glu(act, dense(sh["gate_proj"], x), h, cfg) if cfg.gated else act(h)
     y = dense(sh["down_proj"], h)
     if cfg.shared_gate:
         y = mx.sigmoid(dense(params["shared_expert_gate"], x)) * y
     return y
 
 
-def moe_ref(params, x, cfg: MoESettings):
+def moe_ref(params, x, cfg: MoESettings, tokens=None):
     """Dense specification: every expert on every token, weighted by the routing. x (N, D)."""
-    idx, w = route(params, x, cfg)
+    idx, w = route(params, x, cfg, tokens)
     dense_w = (mx.arange(cfg.n_experts)[None, None, :] == idx[..., None]).astype(mx.float32)
     dense_w = (dense_w * w[..., None]).sum(1)  # (N, E)
     ex = params["experts"]
     act = activation(cfg.activation)
     up = mx.einsum("nd,efd->nef", x, ex["up_proj"]["weight"])
-    h = act(mx.einsum("nd,efd->nef", x, ex["gate_proj"]["weight"])) * up if cfg.gated else act(up)
+    h = _glu(act, mx.einsum("nd,efd->nef", x, ex["gate_proj"]["weight"]), up, cfg) if cfg.gated else act(up)
     y = mx.einsum("nef,edf->ned", h, ex["down_proj"]["weight"])
     y = (y * dense_w[..., None].astype(y.dtype)).sum(1)
     if cfg.shared_d_ff:
@@ -143,18 +196,21 @@ def _gather_mm(a, w, idx):
     return mx.gather_mm(a, w.swapaxes(-1, -2), rhs_indices=idx)
 
 
-@register_ffn("moe", settings=MoESettings, init=init)
-def apply(params, x, state, cfg: MoESettings):
+def apply(params, x, state, cfg: MoESettings, tokens=None):
     shape = x.shape
     xf = x.reshape(-1, shape[-1])
-    idx, w = route(params, xf, cfg)
+    idx, w = route(params, xf, cfg, tokens)
     ex = params["experts"]
     act = activation(cfg.activation)
     xe = xf[:, None, None, :]  # (N, 1, 1, D): gathered against each token's k experts
     up = _gather_mm(xe, ex["up_proj"]["weight"], idx)
-    h = act(_gather_mm(xe, ex["gate_proj"]["weight"], idx)) * up if cfg.gated else act(up)
+    h = _glu(act, _gather_mm(xe, ex["gate_proj"]["weight"], idx), up, cfg) if cfg.gated else act(up)
     y = _gather_mm(h, ex["down_proj"]["weight"], idx)[:, :, 0]  # (N, k, D)
     y = (y * w[..., None].astype(y.dtype)).sum(1)
     if cfg.shared_d_ff:
         y = y + _shared(params, xf, cfg)
     return y.reshape(shape), state
+
+
+register_ffn("moe", settings=MoESettings, init=init)(apply)
+register_ffn("hash_moe", settings=HashMoESettings, init=init_hash, tokens=True)(apply)

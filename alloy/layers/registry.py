@@ -13,7 +13,9 @@ Registering is one decorator on ``apply``::
 
 ``state`` declares what the layer carries between calls ("none", "kv", "ssm": a fixed-size
 recurrent state with a conv tail); ``mask`` declares how it sees the past ("causal",
-"sliding", "none"). The stack never names mixer kinds: it looks them up here.
+"sliding", "none"). A layer registered with ``tokens=True`` also reads the call's token ids: the
+stack calls ``apply(params, x, state, cfg, tokens=ids)`` (DeepSeek-V4's hash-routed MoE). The stack
+never names mixer kinds: it looks them up here.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class LayerSpec:
     apply: Callable
     state: str = "none"
     mask: str = "none"
+    tokens: bool = False  # apply also takes tokens=(B, T) int ids
 
 
 _REGISTRY: dict[str, dict[str, LayerSpec]] = {"mixer": {}, "ffn": {}}
@@ -72,7 +75,7 @@ def _no_state(cfg, batch, max_len, dtype):
 
 
 def _register(role: str, kind: str, *, settings, init, init_state=None, state="none", mask="none",
-              replace=False):
+              replace=False, tokens=False):
     if state not in STATE_KINDS:
         raise ValueError(f"register_{role}({kind!r}): state must be one of {STATE_KINDS}, got {state!r}")
     if mask not in MASK_KINDS:
@@ -86,7 +89,7 @@ def _register(role: str, kind: str, *, settings, init, init_state=None, state="n
         if kind in _REGISTRY[role] and not replace:
             raise ValueError(f"{role} kind {kind!r} is already registered (pass replace=True to override)")
         _REGISTRY[role][kind] = LayerSpec(kind, role, settings, init, init_state or _no_state, apply,
-                                          state, mask)
+                                          state, mask, bool(tokens))
         return apply
 
     return deco
@@ -99,9 +102,11 @@ def register_mixer(kind: str, *, settings, init, init_state=None, state="none", 
                      mask=mask, replace=replace)
 
 
-def register_ffn(kind: str, *, settings, init, init_state=None, replace=False):
-    """Decorator registering a position-wise FFN's ``apply`` (FFNs carry no state)."""
-    return _register("ffn", kind, settings=settings, init=init, init_state=init_state, replace=replace)
+def register_ffn(kind: str, *, settings, init, init_state=None, replace=False, tokens=False):
+    """Decorator registering a position-wise FFN's ``apply`` (FFNs carry no state); ``tokens=True``:
+    apply also receives the token ids (``tokens=``)."""
+    return _register("ffn", kind, settings=settings, init=init, init_state=init_state, replace=replace,
+                     tokens=tokens)
 
 
 def _ensure_builtins():

@@ -8,6 +8,12 @@ Mixers and FFNs come from the registry by the kinds named in the config; the sta
 kind. Params: {"embed_tokens", "layers": [{"norm", "mixer", "ffn_norm"?, "ffn"?}], "norm_f",
 "lm_head"?}. State: {"pos": (B,) int32, "layers": [{"mixer": ...}]}.
 
+``block_style: "hyper"`` (DeepSeek-V4) keeps ``streams`` residual streams (B, T, n, D) instead of h:
+each half-block collapses them into its input and expands its output back with Sinkhorn-mixed
+weights (``alloy.layers.hyper``); params gain "mixer_hc" / "ffn_hc" per layer and "hc_head", which
+collapses the streams before the final norm. FFNs registered with ``tokens=True`` (hash_moe) get
+the call's token ids.
+
 Right-padded batches: a state may carry ``valid`` (B,) int32, the number of real tokens of this
 call per row. The stack hands it to every stateful mixer (as ``state["valid"]``, which mixers honour:
 no KV write, dt = 0, conv tail at the row's end), advances ``pos`` by ``valid`` instead of T and
@@ -20,7 +26,7 @@ import mlx.core as mx
 
 from alloy.config import ModelConfig
 from alloy.layers.common import dense, dtype_of, embed
-from alloy.layers import shared
+from alloy.layers import hyper, shared
 from alloy.layers.registry import get_ffn, get_mixer
 from alloy.ops.norm import rms_norm
 from alloy.params import init as I
@@ -41,6 +47,8 @@ def init(key, cfg: ModelConfig) -> dict:
     blocks = resolve(cfg)
     keys = I.split(key, 2 * cfg.n_layers + 2)
     D = cfg.d_model
+    n_hc = dict(cfg.hyper)["streams"] if cfg.block_style == "hyper" else 0
+    hc_keys = I.split(mx.random.split(keys[1])[0], 2 * cfg.n_layers + 1) if n_hc else None
     params = {"embed_tokens": {"weight": I.normal(keys[0], (cfg.vocab_size, D), cfg.init_std)}}
     layers = []
     for i, (mspec, ms, fspec, fs) in enumerate(blocks):
@@ -48,11 +56,17 @@ def init(key, cfg: ModelConfig) -> dict:
         if mspec is not None:
             lp["norm"] = {"weight": mx.ones((D,))}
             lp["mixer"] = mspec.init(keys[2 + 2 * i], ms)
+            if n_hc:
+                lp["mixer_hc"] = hyper.init(hc_keys[2 * i], n_hc, D, cfg.init_std)
         if fspec is not None:
             lp["ffn_norm"] = {"weight": mx.ones((D,))}
             lp["ffn"] = fspec.init(keys[3 + 2 * i], fs)
+            if n_hc:
+                lp["ffn_hc"] = hyper.init(hc_keys[2 * i + 1], n_hc, D, cfg.init_std)
         layers.append(lp)
     params["layers"] = layers
+    if n_hc:
+        params["hc_head"] = hyper.init_head(hc_keys[-1], n_hc, D, cfg.init_std)
     sh = cfg.shared
     if sh is not None:
         bkeys = I.split(keys[1], sh.n_blocks + len(sh.at) + 1)
@@ -94,6 +108,7 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
 
     scales = dict(cfg.residual_scales or ())
     post = cfg.block_style == "norm_residual"
+    hc = dict(cfg.hyper) if cfg.block_style == "hyper" else None
 
     def add(h, x, y, name):
         """The residual update of one half-block (pre-norm or MiniMax's scaled normed residual)."""
@@ -102,7 +117,18 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
             return a * x + b * y
         return h + (y if res == 1.0 else y * res)
 
-    def block(i, lp, h, s_in, e0=None, blocks_p=None, s_sh=None):
+    def half(h, p_norm, p_hc, f, name, x_in=None):
+        """One half-block around f: pre-norm / norm-residual on h (f reads norm(x_in), x_in defaults
+        to h), or hyper-connections on the streams h."""
+        if hc is None:
+            x = rms_norm(h if x_in is None else x_in, p_norm["weight"], eps)
+            y, out = f(x)
+            return add(h, x, y, name), out
+        pre, post_w, M = hyper.weights(p_hc, h, hc["sinkhorn_iters"], hc["eps"], eps)
+        y, out = f(rms_norm(hyper.collapse(pre, h), p_norm["weight"], eps))
+        return hyper.expand(post_w, M, h, y), out
+
+    def block(i, lp, h, s_in, e0=None, blocks_p=None, s_sh=None, tokens=None):
         """One residual block: the mixer half (its input may add a shared call's output), then the
         FFN half. Returns (h, mixer state, shared-call state)."""
         mspec, ms, fspec, fs = blocks[i]
@@ -112,16 +138,15 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
             if i in calls:
                 t, sh_out = shared.apply_call(blocks_p[calls[i][1]], lp["shared"], h, e0, s_sh, cfg.shared)
                 x = h + t
-            x = rms_norm(x, lp["norm"]["weight"], eps)
-            y, s_out = mspec.apply(lp["mixer"], x, s_in, ms)
-            h = add(h, x, y, cfg.layer_types[i])
+            h, s_out = half(h, lp["norm"], lp.get("mixer_hc"), lambda a: mspec.apply(lp["mixer"], a, s_in, ms),
+                            cfg.layer_types[i], x)
         if fspec is not None:
-            x = rms_norm(h, lp["ffn_norm"]["weight"], eps)
-            y, _ = fspec.apply(lp["ffn"], x, None, fs)
-            h = add(h, x, y, "ffn")
+            kw = {"tokens": tokens} if fspec.tokens else {}
+            h, _ = half(h, lp["ffn_norm"], lp.get("ffn_hc"), lambda a: fspec.apply(lp["ffn"], a, None, fs, **kw),
+                        "ffn")
         return h, s_out, sh_out
 
-    remat_blocks = [mx.checkpoint(lambda lp, h, e0, bp, i=i: block(i, lp, h, None, e0, bp)[0])
+    remat_blocks = [mx.checkpoint(lambda lp, h, e0, bp, tok, i=i: block(i, lp, h, None, e0, bp, tokens=tok)[0])
                     for i in range(len(blocks))] if remat else None
 
     def apply(params, tokens, state=None):
@@ -133,12 +158,14 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
             h = h * cfg.embedding_multiplier
         valid = None if state is None else state.get("valid")  # (B,) real tokens per row, or None
         e0 = h if calls else None
+        if hc is not None:
+            h = mx.broadcast_to(h[:, :, None, :], (h.shape[0], T, hc["streams"], cfg.d_model))
         blocks_p = params.get("shared_blocks")
         new_layers = []
         for i in range(len(blocks)):
             lp = params["layers"][i]
             if remat_blocks is not None and state is None:
-                h = remat_blocks[i](lp, h, e0, blocks_p)
+                h = remat_blocks[i](lp, h, e0, blocks_p, tokens)
                 new_layers.append({"mixer": None})
                 continue
             s_in = None if state is None else state["layers"][i]["mixer"]
@@ -147,8 +174,10 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
                 s_in = {**s_in, "valid": valid}
             if valid is not None and s_sh:
                 s_sh = {**s_sh, "valid": valid}
-            h, s_out, sh_out = block(i, lp, h, s_in, e0, blocks_p, s_sh)
+            h, s_out, sh_out = block(i, lp, h, s_in, e0, blocks_p, s_sh, tokens)
             new_layers.append({"mixer": s_out} if i not in calls else {"mixer": s_out, "shared": sh_out})
+        if hc is not None:
+            h = hyper.head(params["hc_head"], h, hc["eps"], eps)
         h = rms_norm(h, params["norm_f"]["weight"], eps)
         logits = dense(params["embed_tokens" if cfg.tie_embeddings else "lm_head"], h)
         if cfg.logits_scaling != 1.0:

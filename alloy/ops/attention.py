@@ -9,6 +9,10 @@ Queries carry absolute positions ``q_pos`` and keys ``k_pos``; key j is visible 
 and, with a KV state, only slots that have been written (k_pos >= 0) count. Hkv divides Hq: query
 head h reads KV head h // (Hq // Hkv) (GQA; Hkv == 1 is MQA).
 
+Attention sinks (gpt-oss, DeepSeek-V4): a learned logit s_h per query head joins every row's softmax
+as one extra column that carries no value, O = softmax([S, s_h])[:, :-1] V — a row may then put
+weight "nowhere", and a row whose keys are all masked returns 0.
+
 Shapes: q (B, Hq, T, D); k, v (B, Hkv, S, D); q_pos (B, T) int; k_pos (B, S) or (S,) int.
 """
 from __future__ import annotations
@@ -30,8 +34,10 @@ def visibility_mask(q_pos: mx.array, k_pos: mx.array, window: int | None = None)
     return m
 
 
-def attention_ref(q, k, v, *, scale: float | None = None, mask: mx.array | None = None) -> mx.array:
-    """Reference attention. mask: None, or boolean / additive, broadcastable to (B, Hq, T, S)."""
+def attention_ref(q, k, v, *, scale: float | None = None, mask: mx.array | None = None,
+                  sinks: mx.array | None = None) -> mx.array:
+    """Reference attention. mask: None, or boolean / additive, broadcastable to (B, Hq, T, S);
+    sinks: None or (Hq,) sink logits."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     if Hq % Hkv:
@@ -47,8 +53,12 @@ def attention_ref(q, k, v, *, scale: float | None = None, mask: mx.array | None 
             s = mx.where(mask, s, -mx.inf)
         else:
             s = s + mask.astype(mx.float32)
-    # 3. softmax and weighted values
-    p = mx.softmax(s, axis=-1)
+    # 3. softmax (over the keys and the sink column, which is then dropped) and weighted values
+    if sinks is not None:
+        sink = mx.broadcast_to(sinks.astype(mx.float32).reshape(1, Hq, 1, 1), (*s.shape[:-1], 1))
+        p = mx.softmax(mx.concatenate([s, sink], axis=-1), axis=-1)[..., :-1]
+    else:
+        p = mx.softmax(s, axis=-1)
     return (p @ v.astype(mx.float32)).astype(q.dtype)
 
 
@@ -63,8 +73,9 @@ def causal_mask(T: int, S: int | None = None, window: int | None = None) -> mx.a
     return m
 
 
-def attention(q, k, v, *, scale: float | None = None, mask=None, impl: str = "auto") -> mx.array:
-    """Public attention. ``mask``: None, "causal", or a boolean/additive array.
+def attention(q, k, v, *, scale: float | None = None, mask=None, sinks: mx.array | None = None,
+              impl: str = "auto") -> mx.array:
+    """Public attention. ``mask``: None, "causal", or a boolean/additive array; ``sinks``: (Hq,).
 
     "auto" uses ``mx.fast.scaled_dot_product_attention`` (native GQA, fp32 softmax).
     """
@@ -74,9 +85,11 @@ def attention(q, k, v, *, scale: float | None = None, mask=None, impl: str = "au
             if mask != "causal":
                 raise ValueError(f"attention: string mask must be 'causal', got {mask!r}")
             mask = causal_mask(q.shape[2], k.shape[2])
-        return attention_ref(q, k, v, scale=scale, mask=mask)
+        return attention_ref(q, k, v, scale=scale, mask=mask, sinks=sinks)
     if impl not in ("auto", "fast"):
         raise ValueError(f"attention: impl must be 'auto', 'fast' or 'ref', got {impl!r}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
+    if sinks is not None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks.astype(q.dtype))
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

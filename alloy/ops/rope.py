@@ -4,7 +4,8 @@ For a head vector x (D,) at position t, the first ``dims`` features are rotated 
 angles t * base^(-2i/dims), i < dims/2; the remaining D - dims features pass unchanged.
 Pairs are (i, i + dims/2) ("rotate half", the Hugging Face / GPT-NeoX layout) or
 (2i, 2i + 1) when ``traditional`` (the original GPT-J layout).
-Positions are arrays: an ``offset`` of shape () or (B,) gives each row's first position.
+Positions are arrays: an ``offset`` of shape () or (B,) gives each row's first position;
+``rope_at`` takes any (B, T) positions and may rotate the *last* features instead (DeepSeek-V4).
 """
 from __future__ import annotations
 
@@ -15,20 +16,31 @@ import mlx.core as mx
 
 def rope_inv_freq(dims: int, base: float = 10000.0, rope_type: str = "default", factor: float = 1.0,
                   low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
-                  original_max_position: int = 8192) -> mx.array:
+                  original_max_position: int = 8192, beta_fast: float = 32.0,
+                  beta_slow: float = 1.0) -> mx.array:
     """Inverse frequencies base^(-2i/dims), i < dims/2, optionally rescaled for long context:
 
     linear   every frequency / factor (positions interpolated)
     llama3   wavelengths 2*pi/f longer than original/low_freq_factor: f / factor; shorter than
              original/high_freq_factor: unchanged; in between: a smooth blend of the two
+    yarn     (frequencies only; no attention temperature) pair i keeps f for i below the pair that
+             turns beta_fast times over the original context, takes f / factor above the pair that
+             turns beta_slow times, and a linear ramp in between (bounds floored / ceiled)
     """
     inv = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
     if rope_type == "default":
         return inv
     if rope_type == "linear":
         return inv / factor
+    if rope_type == "yarn":
+        def pair_turning(turns):  # the (fractional) pair index that turns `turns` times over the context
+            return dims * math.log(original_max_position / (turns * 2 * math.pi)) / (2 * math.log(base))
+        lo = max(math.floor(pair_turning(beta_fast)), 0)
+        hi = min(math.ceil(pair_turning(beta_slow)), dims - 1)
+        ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - lo) / ((hi - lo) or 0.001), 0.0, 1.0)
+        return inv / factor * ramp + inv * (1 - ramp)
     if rope_type != "llama3":
-        raise ValueError(f"rope: rope_type must be 'default', 'linear' or 'llama3', got {rope_type!r}")
+        raise ValueError(f"rope: rope_type must be 'default', 'linear', 'llama3' or 'yarn', got {rope_type!r}")
     wavelen = 2 * math.pi / inv
     low_wavelen = original_max_position / low_freq_factor
     high_wavelen = original_max_position / high_freq_factor
@@ -80,3 +92,28 @@ def rope(x: mx.array, offset: mx.array | int, dims: int, base: float = 10000.0,
         return mx.fast.rope(x, dims, traditional=traditional, base=None, scale=scale, offset=offset,
                             freqs=1.0 / inv_freq)
     return mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)
+
+
+def rope_at(x: mx.array, positions: mx.array, inv_freq: mx.array, traditional: bool = False,
+            tail: bool = False) -> mx.array:
+    """Rotate x (B, H, T, D) at explicit positions (B, T) (any integers, negative included: a
+    rotation by -p undoes one by p). The rotated features are the first 2*len(inv_freq), or the
+    last ones with ``tail``; pairs as in ``rope_ref``. Computed in float32, returns x's dtype."""
+    dims = 2 * inv_freq.shape[0]
+    D = x.shape[-1]
+    if dims > D:
+        raise ValueError(f"rope_at: {dims} rotary dims exceed head dim {D}")
+    # 1. angles (B, 1, T, dims/2)
+    ang = (positions.astype(mx.float32)[..., None] * inv_freq.astype(mx.float32))[:, None]
+    cos, sin = mx.cos(ang), mx.sin(ang)
+    keep, xr = (x[..., :D - dims], x[..., D - dims:]) if tail else (x[..., dims:], x[..., :dims])
+    xr = xr.astype(mx.float32)
+    # 2. rotate each pair
+    if traditional:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        out = mx.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(xr.shape)
+    else:
+        a, b = xr[..., : dims // 2], xr[..., dims // 2:]
+        out = mx.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+    out = out.astype(x.dtype)
+    return mx.concatenate([keep, out] if tail else [out, keep], axis=-1)

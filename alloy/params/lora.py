@@ -40,8 +40,9 @@ trailing components, or ``"re:<regex>"`` over the whole path). ``DEFAULT_TARGETS
 linear projection of the built-in layers; embeddings, the LM head, norms, convolutions, the MoE
 router, ``A_log``, ``D``, ``dt_bias`` and biases are never matched by it. Whatever the patterns,
 the SSM dynamics (``A_log``, ``D``, ``dt_bias``: ``alloy.params.KEEP_FP32``; Mamba-1's ``A_log`` is
-2-D but not a linear map) and convolution kernels (a ``conv1d`` / ``conv`` path component) are never
-adapted, nor are leaves with fewer than 2 dimensions.
+2-D but not a linear map), convolution kernels (a ``conv1d`` / ``conv`` path component), the csa
+lightning indexer (an ``indexer`` component: it only selects, so the LM loss gives it no gradient)
+and integer tables are never adapted, nor are leaves with fewer than 2 dimensions.
 
 Files. ``save_adapters(dir, adapters, cfg)`` writes ``adapters.safetensors`` (the flat ``P.lora_A``
 / ``P.lora_B`` tensors) and ``adapter_config.json`` (the config and the tree skeleton, which keeps
@@ -95,7 +96,8 @@ DEFAULT_TARGETS: tuple[str, ...] = tuple(
 )
 # Never adapted, whatever the patterns: leaf names (SSM dynamics) and module names (conv kernels).
 NEVER_LEAVES = KEEP_FP32
-NEVER_MODULES = ("conv1d", "conv")
+# The lightning indexer (csa) only selects entries (a top-k): no gradient reaches it from the LM loss.
+NEVER_MODULES = ("conv1d", "conv", "indexer")
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -182,8 +184,8 @@ class LoraConfig:
 
 def _is_target(cfg: LoraConfig):
     def pred(path, leaf):
-        if (getattr(leaf, "ndim", 0) or 0) < 2:
-            return False
+        if (getattr(leaf, "ndim", 0) or 0) < 2 or not mx.issubdtype(leaf.dtype, mx.floating):
+            return False  # integer tables (hash_moe's tid2eid) are not linear maps
         parts = path.split(".")
         if parts[-1] in NEVER_LEAVES or any(c in NEVER_MODULES for c in parts[:-1]):
             return False

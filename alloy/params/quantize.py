@@ -23,7 +23,10 @@ import mlx.core as mx
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 # SSM dynamics, convs, routers and gates: small tensors whose errors move decays or routing
 SENSITIVE = ("A_log", "D", "dt_bias", "conv1d", "conv", "conv_1d", "router", "shared_gate", "shared_expert_gate",
-             "in_proj_a", "in_proj_b", "dt_proj", "forget_gate", "b_proj")
+             "in_proj_a", "in_proj_b", "dt_proj", "forget_gate", "b_proj",
+             # DeepSeek-V4: the grouped output projection is read as (groups, rank, in) blocks; the
+             # compressor's gates pool windows and its indexer selects entries
+             "o_a_proj", "compressor")
 
 
 def keep_full_precision(path: str, embeddings: bool = False) -> bool:

@@ -427,6 +427,66 @@ def lightning_cost(s, w: Workload) -> Cost:
     return c + Cost(state_read={"ssm": ssm} if w.context else {}, state_write={"ssm": ssm})
 
 
+def compressed_pairs(tokens: int, context: int, rate: int, topk: int = 0) -> int:
+    """Visible (query, compressed entry) pairs of one row: query at position p sees the
+    (p + 1) // rate complete windows, or at most ``topk`` of them (0 = all)."""
+    total = 0
+    for p in range(context, context + tokens):
+        n = (p + 1) // rate
+        total += min(n, topk) if topk else n
+    return total
+
+
+def _dsv4_cost(s, w: Workload) -> Cost:
+    """DeepSeek-V4 attention (dsv4_sliding / hca / csa). Projections: q_a (D -> q_lora_rank), q_b
+    (-> H*d), kv (D -> d), the grouped o_a (g groups of H*d/g -> o_lora_rank: 2*N*H*d*r) and o_b
+    (g*r -> D); vectors q_a_norm, kv_norm, sinks. Attention: 4*d*H per visible pair, window pairs
+    ``visible_pairs(T, C, window)`` plus compressed pairs ``compressed_pairs`` (csa: top-k).
+    Compressed kinds (c = 2 for csa's overlapping windows, 1 for hca): kv_proj and gate_proj
+    (D -> c*d), position_bias (m x c*d) and kv_norm (d); pooling 2*c*m*d ``scan`` FLOPs per entry
+    completed in the call. csa's indexer: kv/gate (D -> 2*di), q_b (q_lora_rank -> Hi*di),
+    weights_proj (D -> Hi), position_bias (m x 2*di), kv_norm (di); scores 2*Hi*di per (query, visible
+    entry) pair (``attention``), pooling as above. Traffic: projections read N*D and write the q
+    bottleneck, q, kv; the core reads q and writes o (N*H*d); o_a reads o, writes N*g*r; o_b writes N*D.
+    State (``kv``): the window ring B*d*min(T, window) written (read: B*d*min(C, window)); entries
+    B*(d + di) per completed window written (read: every entry so far); the raw-projection rings of
+    R = c*m tokens, 2*B*min(T, R)*(c*d + 2*di) written (read with min(C, R))."""
+    B, T, C, N, D = w.batch, w.tokens, w.context, w.n, s.d_model
+    H, d, ql, g, r = s.n_heads, s.head_dim, s.q_lora_rank, s.o_groups, s.o_lora_rank
+    c = matmul(N, D, ql) + matmul(N, ql, H * d) + matmul(N, D, d) + matmul(N, H * d // g, g * r) + matmul(N, g * r, D)
+    c += weights(vector=ql + d + H)
+    pairs = visible_pairs(T, C, s.window)
+    c += Cost(act_read=N * D + N * ql + N * H * d + N * H * d, act_write=N * ql + N * H * d + N * d + N * H * d
+              + N * g * r + N * D)
+    kv_read, kv_write = B * d * min(C, s.window), B * d * min(T, s.window)
+    if getattr(s, "compressed", False):
+        m, cw = s.compress_rate, (2 if s.overlap else 1)
+        di = s.index_head_dim if s.overlap else 0
+        new = (C + T) // m - C // m  # windows completed in the call, per row
+        c += matmul(N, D, cw * d).scale(2) + weights(vector=m * cw * d + d)
+        scan = B * new * 2 * cw * m * d
+        pairs_c = compressed_pairs(T, C, m, s.index_topk if s.overlap else 0)
+        attn = 4 * d * H * B * (pairs + pairs_c)
+        if s.overlap:
+            Hi = s.index_n_heads
+            c += matmul(N, D, 2 * di).scale(2) + matmul(N, ql, Hi * di) + matmul(N, D, Hi)
+            c += weights(vector=m * 2 * di + di)
+            scan += B * new * 2 * 2 * m * di
+            attn += 2 * Hi * di * B * compressed_pairs(T, C, m)
+        c += Cost(flops={"attention": attn, "scan": scan})
+        ring = cw * d + 2 * di
+        R = cw * m
+        kv_read += B * (C // m) * (d + di) + 2 * B * min(C, R) * ring
+        kv_write += B * new * (d + di) + 2 * B * min(T, R) * ring
+    else:
+        c += Cost(flops={"attention": 4 * d * H * B * pairs})
+    return c + Cost(state_read={"kv": kv_read} if C else {}, state_write={"kv": kv_write})
+
+
+for _kind in ("dsv4_sliding", "hca", "csa"):
+    register_cost(_kind)(_dsv4_cost)
+
+
 def experts_touched(n_experts: int, top_k: int, n_tokens: int) -> float:
     """Expected number of distinct experts that N tokens routed to top_k of E experts each touch,
     under uniform routing: E * (1 - (1 - k/E)^N)  (k for one token, -> E for many)."""
@@ -459,15 +519,40 @@ def moe_cost(s, w: Workload) -> Cost:
     return c
 
 
+@register_cost("hash_moe", role="ffn")
+def hash_moe_cost(s, w: Workload) -> Cost:
+    """As ``moe`` (the router still scores every expert: the chosen ones are weighted by their
+    scores), plus the (vocab, top_k) int32 table tid2eid (tagged ``fp32``: four bytes each), of which
+    a call reads the rows of its tokens (min(N, vocab))."""
+    rows = min(w.n, s.vocab_size)
+    return moe_cost(s, w) + Cost(params={"fp32": s.vocab_size * s.top_k}, weight_reads={"fp32": rows * s.top_k})
+
+
 # ----------------------------------------------------------------------------------------------
 # the stack around the layers
 # ----------------------------------------------------------------------------------------------
 
 
-def block_cost(d_model: int, has_ffn: bool, w: Workload) -> Cost:
-    """Pre-norm weights and the residual stream read by each sub-block's output projection."""
+def block_cost(d_model: int, has_ffn: bool, w: Workload, streams: int = 0) -> Cost:
+    """Pre-norm weights and the residual stream read by each sub-block's output projection.
+
+    With hyper-connections (``streams`` n > 0) each sub-block also projects the n*D streams to its
+    (2 + n)*n mixing logits (matmul; fn, base and 3 scales stored), reads the streams to collapse and
+    to mix them and writes the n new streams: act_read 2*N*n*D instead of N*D, act_write N*n*D."""
     k = 2 if has_ffn else 1
-    return weights(vector=k * d_model) + Cost(act_read=k * w.n * d_model)
+    if not streams:
+        return weights(vector=k * d_model) + Cost(act_read=k * w.n * d_model)
+    n, m = streams, (2 + streams) * streams
+    one = matmul(w.n, n * d_model, m) + weights(vector=d_model + m + 3) \
+        + Cost(act_read=2 * w.n * n * d_model, act_write=w.n * n * d_model)
+    return one.scale(k)
+
+
+def hyper_head_cost(d_model: int, streams: int, w: Workload) -> Cost:
+    """The final collapse of n streams: n*D -> n logits, base (n) and one scale; reads the streams."""
+    n = streams
+    return matmul(w.n, n * d_model, n) + weights(vector=n + 1) + Cost(act_read=w.n * n * d_model,
+                                                                       act_write=w.n * d_model)
 
 
 def shared_cost(sh, w: Workload) -> Cost:

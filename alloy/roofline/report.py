@@ -23,7 +23,7 @@ from typing import Any
 
 from alloy.config import ModelConfig
 from alloy.roofline.costs import (Cost, Workload, block_cost, embed_cost, get_cost, head_cost,
-                                  shared_cost)
+                                  hyper_head_cost, shared_cost)
 from alloy.roofline.hardware import Hardware, canonical_dtype, get_hardware
 
 MODES = ("prefill", "mini-prefill", "decode")
@@ -347,6 +347,7 @@ def roofline(config: Any, hardware: str | Hardware = "H100", mode: str = "decode
         groups.setdefault(key, []).append(i)
 
     V, D, tied = cfg.vocab_size, cfg.d_model, cfg.tie_embeddings
+    n_hc = dict(cfg.hyper)["streams"] if cfg.block_style == "hyper" else 0
     rows = [_row("embed", (), "", "", embed_cost(V, D, tied, w), hw, prec)]
     for (mname, fname), idx in groups.items():
         m, f = cfg.mixer(idx[0]), cfg.ffn(idx[0])
@@ -354,14 +355,15 @@ def roofline(config: Any, hardware: str | Hardware = "H100", mode: str = "decode
         c = Cost() if m is None else get_cost("mixer", mkind)(m[1], w)
         if f is not None:
             c = c + get_cost("ffn", f[0])(f[1], w)
-        c = c + block_cost(D, f is not None, w)
+        c = c + block_cost(D, f is not None, w, n_hc)
         if m is None:  # an FFN-only layer has no mixer pre-norm or residual read
-            c = c + block_cost(D, False, w).scale(-1)
+            c = c + block_cost(D, False, w, n_hc).scale(-1)
         label = mname if mname == mkind else f"{mname} ({mkind})"
         flabel = "none" if f is None else (fname if fname == f[0] else f"{fname} ({f[0]})")
         rows.append(_row(f"{label} + {flabel}", idx, mkind, "none" if f is None else f[0], c, hw, prec))
     if cfg.shared is not None:
         rows.append(_row("shared blocks (per call x calls)", tuple(cfg.shared.at), "shared", "mlp",
                          shared_cost(cfg.shared, w), hw, prec))
-    rows.append(_row("head", (), "", "", head_cost(V, D, tied, w), hw, prec))
+    head = head_cost(V, D, tied, w) + (hyper_head_cost(D, n_hc, w) if n_hc else Cost())
+    rows.append(_row("head", (), "", "", head, hw, prec))
     return RooflineReport(cfg.name, hw, mode, w, prec, tuple(rows))

@@ -17,6 +17,9 @@ Precision: moments are float32 and the update is computed on a float32 copy of t
 which is cast back to the parameter's own dtype. Keep the trained params in float32 (the master
 weights) and cast to bf16 inside the loss (``alloy.train.step``), never the other way round.
 
+Integer leaves (lookup tables such as hash_moe's ``tid2eid``) are frozen: both optimizers return
+them unchanged.
+
 Weight decay applies only where a rule says so: ``decay_rule`` is a predicate over ``(path, leaf)``
 (dotted paths from ``alloy.params``), evaluated at trace time, so it costs nothing per step.
 """
@@ -63,8 +66,9 @@ def decay_rule(decay_embeddings: bool = False) -> Callable[[str, object], bool]:
 
 
 def global_norm(tree) -> mx.array:
-    """sqrt(sum over leaves of sum(x^2)), in float32; 0 for a tree without leaves."""
-    sq = [mx.sum(mx.square(x.astype(mx.float32))) for x in leaves(tree)]
+    """sqrt(sum over floating leaves of sum(x^2)), in float32; 0 for a tree without leaves.
+    (Integer leaves are frozen tables: their "gradients" carry nothing.)"""
+    sq = [mx.sum(mx.square(x.astype(mx.float32))) for x in leaves(tree) if mx.issubdtype(x.dtype, mx.floating)]
     if not sq:
         return mx.array(0.0, dtype=mx.float32)
     return mx.sqrt(sum(sq[1:], sq[0]))
@@ -120,6 +124,8 @@ def adamw(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: fl
         lr = mx.array(lr, dtype=mx.float32) if not isinstance(lr, mx.array) else lr.astype(mx.float32)
 
         def leaf(path, p, g, m, v):
+            if not mx.issubdtype(p.dtype, mx.floating):
+                return _Leaf(p, m, v)
             g = g.astype(mx.float32)
             m = b1 * m + (1.0 - b1) * g
             v = b2 * v + (1.0 - b2) * mx.square(g)
@@ -152,6 +158,8 @@ def sgd(momentum: float = 0.0, weight_decay: float = 0.0,
         lr = mx.array(lr, dtype=mx.float32) if not isinstance(lr, mx.array) else lr.astype(mx.float32)
 
         def leaf(path, p, g, b):
+            if not mx.issubdtype(p.dtype, mx.floating):
+                return _Leaf(p, b)
             b = momentum * b + g.astype(mx.float32)
             p32 = p.astype(mx.float32)
             u = b + weight_decay * p32 if weight_decay and rule(path, p) else b

@@ -23,6 +23,10 @@ KNOWN = {
     "mla": {"n_heads": 2, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "rope": True},
     "lightning": {"n_heads": 4, "chunk_size": 4},
     "rglru": {"width": 32, "n_heads": 4},
+    **{k: {"n_heads": 2, "head_dim": 8, "q_lora_rank": 8, "rope_dims": 4, "window": 4, "o_groups": 2, "o_lora_rank": 4,
+           **extra} for k, extra in (("dsv4_sliding", {}), ("hca", {"compress_rate": 3}),
+                                     ("csa", {"compress_rate": 2, "index_n_heads": 2, "index_head_dim": 4,
+                                              "index_topk": 2}))},
 }
 
 
@@ -42,7 +46,8 @@ def perturbed(model, seed):
     """Params with random (not init-time) values everywhere, so every recurrence matters."""
     params = model.init(mx.random.key(seed))
     params = alloy.params.tree_map(
-        lambda a: a + 0.05 * mx.random.normal(a.shape, key=mx.random.key(seed * 7919 + a.size)), params)
+        lambda a: a + 0.05 * mx.random.normal(a.shape, key=mx.random.key(seed * 7919 + a.size))
+        if mx.issubdtype(a.dtype, mx.floating) else a, params)
     mx.eval(params)
     return params
 

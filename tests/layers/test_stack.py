@@ -16,8 +16,9 @@ EVERY_MIXER_CFG = {
     "vocab_size": 97,
     "d_model": 64,
     "layer_types": ["mamba2", "attention", "mamba1", "sliding_attention", "gated_deltanet", "short_conv", "parallel",
-                    "rglru", "lightning", "kda", "mla", "mamba2", "attention"],
-    "ffn_types": ["mlp", "none", "moe", "mlp", "moe", "mlp", "mlp", "mlp", "moe", "mlp", "moe", "none", "mlp"],
+                    "rglru", "lightning", "kda", "mla", "dsv4_sliding", "hca", "csa", "mamba2", "attention"],
+    "ffn_types": ["mlp", "none", "moe", "mlp", "moe", "mlp", "mlp", "mlp", "moe", "mlp", "moe", "hash_moe", "mlp",
+                  "hash_moe", "none", "mlp"],
     "mixers": {
         "mamba2": {"d_state": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 8},
         "mamba1": {"d_state": 8, "chunk_size": 4},
@@ -29,11 +30,19 @@ EVERY_MIXER_CFG = {
         "lightning": {"n_heads": 4, "chunk_size": 4},
         "kda": {"n_heads": 2, "head_dim": 8, "chunk_size": 4},
         "mla": {"n_heads": 2, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "rope": True},
+        "dsv4_sliding": {"n_heads": 4, "head_dim": 16, "q_lora_rank": 12, "rope_dims": 8, "window": 4, "o_groups": 2,
+                         "o_lora_rank": 8},
+        "hca": {"n_heads": 2, "head_dim": 16, "q_lora_rank": 12, "rope_dims": 8, "window": 3, "o_groups": 2,
+                "o_lora_rank": 8, "compress_rate": 3},
+        "csa": {"n_heads": 2, "head_dim": 16, "q_lora_rank": 12, "rope_dims": 8, "window": 3, "o_groups": 1,
+                "o_lora_rank": 8, "compress_rate": 2, "index_n_heads": 2, "index_head_dim": 8, "index_topk": 2},
         "parallel": {"branches": {"ssm": {"kind": "mamba2", "head_dim": 16, "d_state": 8, "chunk_size": 4,
                                           "rms_norm": False},
                                   "attn": {"kind": "sliding_attention", "n_heads": 2, "window": 3}}},
     },
-    "ffns": {"mlp": {"d_ff": 96}, "moe": {"n_experts": 4, "top_k": 2, "d_ff": 32, "shared_d_ff": 48, "shared_gate": True}},
+    "ffns": {"mlp": {"d_ff": 96}, "moe": {"n_experts": 4, "top_k": 2, "d_ff": 32, "shared_d_ff": 48, "shared_gate": True},
+             "hash_moe": {"n_experts": 4, "top_k": 2, "d_ff": 32, "shared_d_ff": 16, "scoring": "sqrtsoftplus",
+                          "swiglu_limit": 1.0}},
     "tie_embeddings": False,
 }
 
@@ -43,7 +52,8 @@ def hybrid():
     model = alloy.build(EVERY_MIXER_CFG)
     params = model.init(mx.random.key(1))
     # make the recurrences non-trivial: random (not init-time) values everywhere
-    params = alloy.params.tree_map(lambda a: a + 0.05 * mx.random.normal(a.shape, key=mx.random.key(a.size)), params)
+    params = alloy.params.tree_map(lambda a: a + 0.05 * mx.random.normal(a.shape, key=mx.random.key(a.size))
+                                   if mx.issubdtype(a.dtype, mx.floating) else a, params)
     mx.eval(params)
     return model, params
 

@@ -182,4 +182,4 @@ def test_rope_scaling_frequencies_and_fast_path():
     off = mx.array([3, 40], dtype=mx.int32)
     close(rope(x, off, 16, inv_freq=inv), rope_ref(x, off, 16, inv_freq=inv), 1e-4)
     with pytest.raises(ValueError, match="rope_type must be"):
-        rope_inv_freq(8, 1e4, "yarn")
+        rope_inv_freq(8, 1e4, "longrope")

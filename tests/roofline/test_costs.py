@@ -205,7 +205,62 @@ def _mla():
     assert c.state_read == {"kv": 3 * 8} and c.state_write == {"kv": 2 * 8}
 
 
-HAND = {("mixer", "mla"): _mla, ("mixer", "kda"): _kda, ("mixer", "lightning"): _lightning, ("mixer", "rglru"): _rglru, ("mixer", "mamba2"): _mamba2, ("mixer", "mamba1"): _mamba1, ("mixer", "attention"): _attention,
+_DSV4 = dict(n_heads=2, head_dim=4, q_lora_rank=6, rope_dims=2, window=3, o_groups=2, o_lora_rank=3)
+_W52 = Workload(batch=1, tokens=5, context=2)  # queries at positions 2..6
+
+
+def _dsv4_sliding():
+    c = _cost("mixer", "dsv4_sliding", 8, _W52, **_DSV4)
+    # q_a 2*5*8*6 = 480, q_b 2*5*6*8 = 480, kv 2*5*8*4 = 320, o_a 2 groups of 4 -> 3: 2*5*4*6 = 240,
+    # o_b 2*5*6*8 = 480
+    assert c.flops["matmul"] == 480 + 480 + 320 + 240 + 480
+    # every query sees min(3, p + 1) = 3 window keys: 15 pairs x 4*d*H = 32
+    assert c.flops["attention"] == 32 * 15
+    assert c.params == {"matrix": 48 + 48 + 32 + 24 + 48, "vector": 6 + 4 + 2}
+    assert c.state_read == {"kv": 4 * 2} and c.state_write == {"kv": 4 * 3}
+
+
+def _hca():
+    c = _cost("mixer", "hca", 8, _W52, compress_rate=3, **_DSV4)
+    # + compressor kv / gate 2 * 2*5*8*4 = 640
+    assert c.flops["matmul"] == 2000 + 640
+    # windows complete by positions 2..6: (p + 1) // 3 = 1, 1, 1, 2, 2 -> 7 entry pairs; 15 window pairs
+    assert c.flops["attention"] == 32 * (15 + 7)
+    # windows 0 and 1 complete in the call: 2 entries x 2*m*d pooling
+    assert c.flops["scan"] == 2 * 2 * 3 * 4
+    assert c.params == {"matrix": 200 + 64, "vector": 12 + 3 * 4 + 4}
+    # read: ring 8 + no entry yet + the raw ring (kv, gate) of min(2, 3) tokens x 4
+    assert c.state_read == {"kv": 8 + 0 + 2 * 2 * 4}
+    assert c.state_write == {"kv": 12 + 2 * 4 + 2 * 3 * 4}
+
+
+def _csa():
+    c = _cost("mixer", "csa", 8, _W52, compress_rate=2, index_n_heads=2, index_head_dim=4, index_topk=1, **_DSV4)
+    # + compressor kv / gate (D -> 2d) 2 * 2*5*8*8 = 1280; indexer kv / gate 1280, q_b 2*5*6*8 = 480,
+    # weights 2*5*8*2 = 160
+    assert c.flops["matmul"] == 2000 + 1280 + 1280 + 480 + 160
+    # entries visible to p = 2..6: 1, 2, 2, 3, 3 (11); top-1 keeps 5. Indexer scores 2*Hi*di = 16 per pair
+    assert c.flops["attention"] == 32 * (15 + 5) + 16 * 11
+    # windows 1 and 2 complete: 2 entries x 2*(2m)*d, twice (compressor and indexer, di = d = 4)
+    assert c.flops["scan"] == 2 * 2 * 4 * 4 * 2
+    assert c.params == {"matrix": 200 + 128 + 128 + 48 + 16, "vector": 12 + (16 + 4) + (16 + 4)}
+    # entries d + di = 8 each (one so far); raw rings (kv and gate) of 2d + 2di = 16 features per
+    # token over R = 4 tokens: the 2 cached ones read, 4 of the 5 new written
+    assert c.state_read == {"kv": 8 + 1 * 8 + 2 * 2 * 16}
+    assert c.state_write == {"kv": 12 + 2 * 8 + 2 * 4 * 16}
+
+
+def _hash_moe():
+    w = Workload(batch=1, tokens=3)
+    c = _cost("ffn", "hash_moe", 8, w, n_experts=4, top_k=2, d_ff=6, vocab_size=10)
+    plain = _cost("ffn", "moe", 8, w, n_experts=4, top_k=2, d_ff=6)
+    assert c.flops == plain.flops  # the router still scores every expert
+    # the int32 table: 10 x 2 stored, 3 tokens' rows read
+    assert c.params == {**plain.params, "fp32": 20} and c.weight_reads == {**plain.weight_reads, "fp32": 6}
+
+
+HAND = {("mixer", "dsv4_sliding"): _dsv4_sliding, ("mixer", "hca"): _hca, ("mixer", "csa"): _csa,
+        ("ffn", "hash_moe"): _hash_moe, ("mixer", "mla"): _mla, ("mixer", "kda"): _kda, ("mixer", "lightning"): _lightning, ("mixer", "rglru"): _rglru, ("mixer", "mamba2"): _mamba2, ("mixer", "mamba1"): _mamba1, ("mixer", "attention"): _attention,
         ("mixer", "sliding_attention"): _sliding_attention, ("mixer", "gated_deltanet"): _gated_deltanet,
         ("mixer", "short_conv"): _short_conv, ("mixer", "parallel"): _parallel,
         ("ffn", "mlp"): _mlp, ("ffn", "moe"): _moe}
@@ -300,3 +355,18 @@ def test_params_counted_for_shared_blocks_and_ffn_only_layers():
     assert shared.layers == (0, 1, 3) and shared.flops["matmul"] > 0
     none_rows = [r for r in rep.rows if r.mixer == "none"]
     assert len(none_rows) == 1 and none_rows[0].layers == (2,)
+
+
+def test_params_counted_for_hyper_connections_and_deepseek_v4_kinds():
+    """DeepSeek-V4 kinds, hash routing and hyper-connection streams are counted exactly."""
+    import mlx.core as mx
+    from alloy.params import count_params
+    cfg = {"vocab_size": 37, "d_model": 16, "layer_types": ["dsv4_sliding", "csa", "hca", "none"],
+           "ffn_types": ["hash_moe", "moe", "none", "moe"],
+           "mixers": {"dsv4_sliding": {**_DSV4, "head_dim": 8}, "hca": {**_DSV4, "compress_rate": 4},
+                      "csa": {**_DSV4, "compress_rate": 2, "index_n_heads": 2, "index_head_dim": 4}},
+           "ffns": {"hash_moe": {"n_experts": 4, "top_k": 2, "d_ff": 8, "shared_d_ff": 8},
+                    "moe": {"n_experts": 4, "top_k": 2, "d_ff": 8}},
+           "block_style": "hyper", "hyper": {"streams": 3}}
+    model = alloy.build(cfg)
+    assert roofline(cfg, "H100", "prefill", seq_len=8).params == count_params(model.init(mx.random.key(0)))

@@ -30,6 +30,11 @@ _SMALL = {
     "kda": {"n_heads": 2, "head_dim": 8, "chunk_size": 4},
     "mla": {"n_heads": 2, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "rope": True},
     "gated_deltanet": {"n_k_heads": 2, "n_v_heads": 4, "head_k_dim": 8, "head_v_dim": 8, "chunk_size": 4},
+    **{k: {"n_heads": 2, "head_dim": 16, "q_lora_rank": 8, "rope_dims": 4, "window": 3, "o_groups": 2, "o_lora_rank": 4,
+           **extra} for k, extra in (("dsv4_sliding", {}), ("hca", {"compress_rate": 3}),
+                                     ("csa", {"compress_rate": 2, "index_n_heads": 2, "index_head_dim": 8,
+                                              "index_topk": 2}))},
+    "hash_moe": {"n_experts": 4, "top_k": 2, "d_ff": 16},
 }
 V = 61
 
