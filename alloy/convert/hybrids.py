@@ -7,7 +7,8 @@ import mlx.core as mx
 
 from alloy.convert.families import (_attention_from_hf, _check_time_step_limit, _rope_parameters, _rope_theta,
                                     _unsupported)
-from alloy.convert.registry import Converter, decoder_rules, register_converter, stack_experts, split_fused_experts, unstack_experts
+from alloy.convert.registry import (Converter, decoder_rules, fuse_experts, register_converter, stack_experts,
+                                    split_fused_experts, unstack_experts)
 
 # -- Qwen3-Next -----------------------------------------------------------------------------------
 # Zero-centred RMSNorms: HF stores w and multiplies by (1 + w); Alloy stores (1 + w).
@@ -1375,3 +1376,225 @@ register_converter(Converter(
                "qk_head_dim", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "attention_bias",
                "rope_parameters", "rope_theta", "rope_scaling"}),
     _kimi_to_hf, "KimiLinearForCausalLM", load_hook=_kimi_load, save_hook=_kimi_save))
+
+
+# -- DeepSeek-V4: sliding / HCA / CSA attention, hash-routed and routed MoE, hyper-connections ------
+_DSV4_ATTN = {"sliding_attention": "dsv4_sliding", "heavily_compressed_attention": "hca",
+              "compressed_sparse_attention": "csa"}
+_DSV4_LEGACY_RATIO = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+_DSV4_ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
+                   "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"}
+
+
+def _dsv4_rope(hf: dict, label: str, theta: float) -> dict:
+    """Alloy rope settings from one of DeepSeek-V4's rope_parameters entries ("main" / "compress").
+    YaRN is supported as DeepSeek-V4 applies it (frequencies only: attention_factor 1)."""
+    rp = hf.get("rope_parameters") or {}
+    nested = isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict)
+    if nested:
+        sub = dict(rp[label])
+    else:  # a flat dict describes the compressed branches' scaling; the sliding layers use plain RoPE
+        sub = {k: v for k, v in rp.items() if k not in ("main", "compress")} if label == "compress" else {}
+    unknown = sorted(set(sub) - _DSV4_ROPE_KEYS)
+    if unknown:
+        raise ValueError(f"deepseek_v4: rope_parameters.{label} field(s) {unknown} are not understood")
+    rtype = sub.get("rope_type", sub.get("type", "default"))
+    out = {"rope_theta": float(sub.get("rope_theta", theta))}
+    if rtype == "default":
+        return out
+    if rtype != "yarn":
+        raise ValueError(f"deepseek_v4: rope_parameters.{label}.rope_type {rtype!r} is not supported "
+                         "(default and yarn are)")
+    af = sub.get("attention_factor", 1.0 if label == "compress" else None)
+    if af != 1.0:
+        raise ValueError(f"deepseek_v4: rope_parameters.{label}.attention_factor={af!r}: only 1.0 (no cos/sin "
+                         "scaling, as DeepSeek-V4's compressed branches use it) is supported")
+    factor = sub.get("factor")
+    if factor is None:
+        factor = hf.get("max_position_embeddings", 1048576) / sub["original_max_position_embeddings"]
+    return {**out, "rope_type": "yarn", "rope_factor": float(factor),
+            "rope_original_max_position": int(sub["original_max_position_embeddings"]),
+            "rope_beta_fast": float(sub.get("beta_fast") or 32), "rope_beta_slow": float(sub.get("beta_slow") or 1)}
+
+
+def _dsv4_config(hf: dict) -> dict:
+    _unsupported(hf, "hidden_act", lambda v: v == "silu")
+    _unsupported(hf, "num_key_value_heads", lambda v: v == 1)  # one shared key/value head
+    _unsupported(hf, "n_shared_experts", lambda v: v == 1)  # the reference builds exactly one
+    _unsupported(hf, "norm_topk_prob", lambda v: v is True)  # the reference always renormalises
+    _unsupported(hf, "mlp_bias", lambda v: v is False)
+    _unsupported(hf, "scoring_func", lambda v: v in ("sqrtsoftplus", "softmax", "sigmoid"))
+    _unsupported(hf, "quantization_config", lambda v: False)
+    L, D = hf["num_hidden_layers"], hf["hidden_size"]
+    types = hf.get("layer_types")
+    if types is None and hf.get("compress_ratios") is not None:
+        types = [_DSV4_LEGACY_RATIO.get(r, r) for r in hf["compress_ratios"]]
+    if types is None:
+        types = (["heavily_compressed_attention"] * min(L, 2)
+                 + ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(max(L - 2, 0))])
+    types = list(types)[:L]
+    if len(types) != L or set(types) - set(_DSV4_ATTN):
+        raise ValueError(f"deepseek_v4: layer_types must be {L} of {sorted(_DSV4_ATTN)}, got {types!r}")
+    mlp = hf.get("mlp_layer_types")
+    if mlp is None:
+        n_hash = hf.get("num_hash_layers", 3)
+        mlp = ["hash_moe"] * min(L, n_hash) + ["moe"] * max(0, L - n_hash)
+    mlp = list(mlp)[:L]
+    if len(mlp) != L or set(mlp) - {"hash_moe", "moe"}:
+        raise ValueError(f"deepseek_v4: mlp_layer_types must be {L} of hash_moe/moe, got {mlp!r}")
+    rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128, **(hf.get("compress_rates") or {})}
+    for legacy, t in (("compress_rate_csa", "compressed_sparse_attention"), ("compress_rate_hca", "heavily_compressed_attention")):
+        if hf.get(legacy) is not None:
+            rates[t] = hf[legacy]
+    bad = sorted(set(rates) - set(_DSV4_ATTN))
+    if bad:
+        raise ValueError(f"deepseek_v4: compress_rates has unknown layer type(s) {bad}")
+    hd = hf.get("head_dim", 512)
+    prf = hf.get("partial_rotary_factor")
+    rope_dims = int(hd * prf) if prf is not None else (hf.get("qk_rope_head_dim") or hd // 8)
+    eps = hf.get("rms_norm_eps", 1e-6)
+    common = {"n_heads": hf["num_attention_heads"], "head_dim": hd, "q_lora_rank": hf.get("q_lora_rank", 1024),
+              "rope_dims": rope_dims, "window": hf.get("sliding_window", 128), "o_groups": hf.get("o_groups", 8),
+              "o_lora_rank": hf.get("o_lora_rank", 1024), "norm_eps": eps}
+    main = _dsv4_rope(hf, "main", hf.get("rope_theta", 10000.0))
+    comp = _dsv4_rope(hf, "compress", hf.get("compress_rope_theta", 160000.0))
+    mixers = {}
+    for t in dict.fromkeys(types):
+        kind = _DSV4_ATTN[t]
+        if kind == "dsv4_sliding":
+            mixers[kind] = {**common, **main}
+        else:
+            mixers[kind] = {**common, **comp, "compress_rate": rates[t]}
+        if kind == "csa":
+            mixers[kind].update({"index_n_heads": hf.get("index_n_heads", 64), "index_head_dim": hf.get("index_head_dim", 128),
+                                 "index_topk": hf.get("index_topk", 512)})
+    E, F = hf.get("n_routed_experts", 256), hf.get("moe_intermediate_size", 2048)
+    moe = {"n_experts": E, "top_k": hf.get("num_experts_per_tok", 6), "d_ff": F, "shared_d_ff": F,
+           "scoring": hf.get("scoring_func", "sqrtsoftplus"), "norm_topk_prob": True,
+           "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.5)),
+           "swiglu_limit": float(hf.get("swiglu_limit", 10.0))}
+    ffns = {}
+    if "hash_moe" in mlp:
+        ffns["hash_moe"] = dict(moe)
+    if "moe" in mlp:
+        ffns["moe"] = {**moe, "router_bias": True}
+    return {"name": "deepseek_v4", "vocab_size": hf["vocab_size"], "d_model": D,
+            "layer_types": [_DSV4_ATTN[t] for t in types], "ffn_types": mlp, "mixers": mixers, "ffns": ffns,
+            "norm_eps": eps, "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "block_style": "hyper",
+            "hyper": {"streams": hf.get("hc_mult", 4), "sinkhorn_iters": hf.get("hc_sinkhorn_iters", 20),
+                      "eps": float(hf.get("hc_eps", 1e-6))}}
+
+
+# Tensor names: DeepSeek's own layout (what the Hub checkpoints and transformers' save_pretrained
+# write), without the leading "model." that transformers adds to some of them.
+_DSV4_INTERNAL = (("embed_tokens.", "embed."), ("lm_head.", "head."), ("hc_head.hc_", "hc_head_"))
+
+
+def _dsv4_load(flat: dict, hf: dict) -> dict:
+    out = {}
+    for k, v in flat.items():
+        k = k[len("model."):] if k.startswith("model.") else k
+        for a, b in _DSV4_INTERNAL:
+            k = b + k[len(a):] if k.startswith(a) else k
+        out[k] = v.astype(mx.int32) if k.endswith(".tid2eid") else v
+    return stack_experts(out)
+
+
+def _dsv4_save(flat: dict, cfg) -> dict:
+    return {k: v.astype(mx.int64) if k.endswith(".tid2eid") else v for k, v in unstack_experts(flat).items()}
+
+
+_DSV4_RENAME = (
+    ("embed.", "embed_tokens."), ("head.", "lm_head."), ("norm.", "norm_f."), ("hc_head_", "hc_head."),
+    ("layers.{i}.attn_norm.", "layers.{i}.norm."), ("layers.{i}.ffn_norm.", "layers.{i}.ffn_norm."),
+    ("layers.{i}.hc_attn_", "layers.{i}.mixer_hc."), ("layers.{i}.hc_ffn_", "layers.{i}.ffn_hc."),
+    ("layers.{i}.attn.attn_sink", "layers.{i}.mixer.sinks"),
+    *((f"layers.{{i}}.attn.{a}.", f"layers.{{i}}.mixer.{b}.") for a, b in (
+        ("wq_a", "q_a_proj"), ("q_norm", "q_a_norm"), ("wq_b", "q_b_proj"), ("wkv", "kv_proj"), ("norm", "kv_norm"),
+        ("wo_a", "o_a_proj"), ("wo_b", "o_b_proj"))),
+    *((f"layers.{{i}}.attn.{src}compressor.{a}", f"layers.{{i}}.mixer.compressor.{dst}{b}")
+      for src, dst in (("", ""), ("indexer.", "indexer.")) for a, b in (
+          ("wkv.", "kv_proj."), ("wgate.", "gate_proj."), ("ape", "position_bias"), ("norm.", "kv_norm."))),
+    ("layers.{i}.attn.indexer.wq_b.", "layers.{i}.mixer.compressor.indexer.q_b_proj."),
+    ("layers.{i}.attn.indexer.weights_proj.", "layers.{i}.mixer.compressor.indexer.weights_proj."),
+    ("layers.{i}.ffn.gate.tid2eid", "layers.{i}.ffn.tid2eid"), ("layers.{i}.ffn.gate.", "layers.{i}.ffn.router."),
+    *((f"layers.{{i}}.ffn.{grp}.{a}.", f"layers.{{i}}.ffn.{dst}.{b}.")
+      for grp, dst in (("experts", "experts"), ("shared_experts", "shared_expert"))
+      for a, b in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
+)
+
+
+def _dsv4_rope_out(s) -> dict:
+    rp = {"rope_type": s.rope_type, "rope_theta": s.rope_theta}
+    if s.rope_type == "yarn":
+        rp.update({"factor": s.rope_factor, "original_max_position_embeddings": s.rope_original_max_position,
+                   "beta_fast": s.rope_beta_fast, "beta_slow": s.rope_beta_slow, "attention_factor": 1.0})
+    return rp
+
+
+def _dsv4_to_hf(cfg) -> dict | None:
+    kinds = [cfg.mixer_kind(i) for i in range(cfg.n_layers)]
+    fk = [cfg.ffn_kind(i) for i in range(cfg.n_layers)]
+    if cfg.block_style != "hyper" or set(kinds) - set(_DSV4_ATTN.values()) or set(fk) - {"moe", "hash_moe"}:
+        return None
+    if len({n for n in cfg.layer_types}) != len(set(kinds)) or len(cfg.ffns) != len(set(fk)):
+        return None  # one settings entry per kind, as the HF config has
+    ms = {k: s for _, k, s in cfg.mixers}
+    shared_f = ("n_heads", "head_dim", "q_lora_rank", "rope_dims", "window", "o_groups", "o_lora_rank", "norm_eps")
+    ref = next(iter(ms.values()))
+    if any(getattr(s, f) != getattr(ref, f) for s in ms.values() for f in shared_f) or ref.norm_eps != cfg.norm_eps:
+        return None
+    comp = [s for k, s in ms.items() if k != "dsv4_sliding"]
+    if len({(s.rope_theta, s.rope_type, s.rope_factor, s.rope_original_max_position, s.rope_beta_fast,
+             s.rope_beta_slow) for s in comp}) > 1:
+        return None
+    fs = {k: s for _, k, s in cfg.ffns}
+    m0 = next(iter(fs.values()))
+    same = ("n_experts", "top_k", "ff", "scoring", "routed_scaling_factor", "swiglu_limit")
+    if any(getattr(s, f) != getattr(m0, f) for s in fs.values() for f in same):
+        return None
+    if any(not s.norm_topk_prob or s.shared_d_ff != s.ff or s.shared_gate or not s.gated or s.activation != "silu"
+           or s.n_group != 1 for s in fs.values()) or ("moe" in fs and not fs["moe"].router_bias):
+        return None
+    hc = dict(cfg.hyper)
+    names = {v: k for k, v in _DSV4_ATTN.items()}
+    main = _dsv4_rope_out(ms["dsv4_sliding"]) if "dsv4_sliding" in ms else {"rope_type": "default", "rope_theta": 10000.0}
+    compress = _dsv4_rope_out(comp[0]) if comp else {"rope_type": "default", "rope_theta": 160000.0}
+    prf = ref.rope_dims / ref.head_dim
+    hf = {"model_type": "deepseek_v4", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "num_hidden_layers": cfg.n_layers, "num_attention_heads": ref.n_heads, "num_key_value_heads": 1,
+          "head_dim": ref.head_dim, "q_lora_rank": ref.q_lora_rank, "partial_rotary_factor": prf,
+          "sliding_window": ref.window, "o_groups": ref.o_groups, "o_lora_rank": ref.o_lora_rank,
+          "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+          "layer_types": [names[k] for k in kinds], "mlp_layer_types": fk,
+          "compress_rates": {names[k]: s.compress_rate for k, s in ms.items() if k != "dsv4_sliding"},
+          "rope_theta": main["rope_theta"], "compress_rope_theta": compress["rope_theta"],
+          "rope_parameters": {"main": {**main, "partial_rotary_factor": prf},
+                              "compress": {**compress, "partial_rotary_factor": prf}},
+          "n_routed_experts": m0.n_experts, "num_experts_per_tok": m0.top_k, "moe_intermediate_size": m0.ff,
+          "n_shared_experts": 1, "scoring_func": m0.scoring, "norm_topk_prob": True,
+          "routed_scaling_factor": m0.routed_scaling_factor, "swiglu_limit": m0.swiglu_limit,
+          "hc_mult": hc["streams"], "hc_sinkhorn_iters": hc["sinkhorn_iters"], "hc_eps": hc["eps"]}
+    if "csa" in ms:
+        c = ms["csa"]
+        hf.update({"index_n_heads": c.index_n_heads, "index_head_dim": c.index_head_dim, "index_topk": c.index_topk})
+    return hf
+
+
+register_converter(Converter(
+    ("deepseek_v4",), _dsv4_config, _DSV4_RENAME,
+    frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "q_lora_rank", "partial_rotary_factor", "qk_rope_head_dim", "hidden_act", "rms_norm_eps",
+               "layer_types", "compress_ratios", "compress_rates", "compress_rate_csa", "compress_rate_hca",
+               "rope_theta", "compress_rope_theta", "rope_parameters", "rope_scaling", "sliding_window",
+               "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim", "index_topk",
+               "mlp_layer_types", "num_hash_layers", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
+               "moe_intermediate_size", "scoring_func", "norm_topk_prob", "routed_scaling_factor", "swiglu_limit",
+               "mlp_bias", "attention_bias", "hc_mult", "hc_sinkhorn_iters", "hc_eps",
+               # not part of the forward: the multi-token-prediction head (not instantiated by the
+               # reference either; its tensors are dropped), router training losses
+               "num_nextn_predict_layers", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
+               "quantization_config"}),
+    _dsv4_to_hf, "DeepseekV4ForCausalLM", drop=(r"rotary_emb\.", r"^mtp\."),
+    load_hook=_dsv4_load, save_hook=_dsv4_save))

@@ -172,3 +172,22 @@ def split_fused_experts(flat: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def fuse_experts(flat: dict) -> dict:
+    """Inverse of ``split_fused_experts``: ``experts.{gate,up}_proj.weight`` -> ``experts.gate_up_proj``
+    (E, 2F, D); ``experts.down_proj.weight`` -> ``experts.down_proj``."""
+    import mlx.core as mx
+
+    out = {}
+    for k, v in flat.items():
+        if k.endswith(".experts.gate_proj.weight"):
+            pre = k[: -len("gate_proj.weight")]
+            out[pre + "gate_up_proj"] = mx.concatenate([v, flat[pre + "up_proj.weight"]], axis=1)
+        elif k.endswith(".experts.up_proj.weight"):
+            continue
+        elif k.endswith(".experts.down_proj.weight"):
+            out[k[: -len(".weight")]] = v
+        else:
+            out[k] = v
+    return out

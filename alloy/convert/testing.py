@@ -81,6 +81,23 @@ def configs(T):
                                           num_experts=4, num_experts_per_token=2, moe_intermediate_size=16,
                                           num_expert_group=2, topk_group=1, pad_token_id=0, bos_token_id=1,
                                           eos_token_id=2),
+        # every attention kind (window 6; CSA windows of 4 with top-3 selection, HCA windows of 8: a
+        # 100-token prompt crosses 25 / 12 of them), hash-routed and routed MoE with clipping,
+        # 3 hyper-connection streams, YaRN on the compressed branches
+        "deepseek_v4": T.DeepseekV4Config(vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                          num_key_value_heads=1, head_dim=16, q_lora_rank=12, partial_rotary_factor=0.5,
+                                          o_groups=2, o_lora_rank=8, sliding_window=6,
+                                          layer_types=["sliding_attention", "compressed_sparse_attention",
+                                                       "heavily_compressed_attention", "compressed_sparse_attention"],
+                                          mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+                                          compress_rates={"compressed_sparse_attention": 4,
+                                                          "heavily_compressed_attention": 8},
+                                          index_n_heads=8, index_head_dim=8, index_topk=3, n_routed_experts=4,
+                                          num_experts_per_tok=2, moe_intermediate_size=16, hc_mult=3,
+                                          hc_sinkhorn_iters=5, swiglu_limit=0.5, routed_scaling_factor=1.5,
+                                          max_position_embeddings=256,
+                                          rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                           "original_max_position_embeddings": 32}),
         "bamba": T.BambaConfig(**{**dec, "num_hidden_layers": 3}, attn_layer_indices=[1], mamba_n_heads=4,
                                mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4),
     }
@@ -95,4 +112,10 @@ def perturb(model, torch, seed: int = 0, scale: float = 0.1):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
+        for name, b in model.named_buffers():  # DeepSeek-V4's routing buffers start as zeros
+            if name.endswith("tid2eid"):  # distinct random experts per token id
+                E = model.config.n_routed_experts
+                b.copy_(torch.argsort(torch.rand(b.shape[0], E, generator=g), dim=-1)[:, : b.shape[1]])
+            elif name.endswith("e_score_correction_bias") and model.config.model_type == "deepseek_v4":
+                b.add_(torch.randn(b.shape, generator=g) * scale)
     return model
