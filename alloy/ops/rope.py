@@ -60,21 +60,11 @@ def rope_ref(x: mx.array, offset: mx.array | int, dims: int, base: float = 10000
         raise ValueError(f"rope: dims must be even and <= head dim {D}, got {dims}")
     off = mx.array(offset, dtype=mx.int32) if not isinstance(offset, mx.array) else offset
     off = mx.broadcast_to(off.reshape(-1), (B,)).astype(mx.float32)
-    # 1. positions (B, T) and angles (B, T, dims/2)
+    # positions (B, T); the rotation itself is rope_at's
     pos = (off[:, None] + mx.arange(T, dtype=mx.float32)[None, :]) * scale
     if inv_freq is None:
         inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
-    ang = pos[:, :, None] * inv_freq[None, None, :]
-    cos, sin = mx.cos(ang)[:, None], mx.sin(ang)[:, None]  # (B, 1, T, dims/2)
-    xr, rest = x[..., :dims].astype(mx.float32), x[..., dims:]
-    # 2. pair up features and rotate each pair
-    if traditional:
-        a, b = xr[..., 0::2], xr[..., 1::2]
-        out = mx.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(xr.shape)
-    else:
-        a, b = xr[..., : dims // 2], xr[..., dims // 2:]
-        out = mx.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
-    return mx.concatenate([out.astype(x.dtype), rest], axis=-1)
+    return rope_at(x, pos, inv_freq, traditional)
 
 
 def rope(x: mx.array, offset: mx.array | int, dims: int, base: float = 10000.0,
@@ -96,7 +86,7 @@ def rope(x: mx.array, offset: mx.array | int, dims: int, base: float = 10000.0,
 
 def rope_at(x: mx.array, positions: mx.array, inv_freq: mx.array, traditional: bool = False,
             tail: bool = False) -> mx.array:
-    """Rotate x (B, H, T, D) at explicit positions (B, T) (any integers, negative included: a
+    """Rotate x (B, H, T, D) at explicit positions (B, T) (any numbers, negative included: a
     rotation by -p undoes one by p). The rotated features are the first 2*len(inv_freq), or the
     last ones with ``tail``; pairs as in ``rope_ref``. Computed in float32, returns x's dtype."""
     dims = 2 * inv_freq.shape[0]
