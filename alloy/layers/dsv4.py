@@ -259,7 +259,8 @@ def _index_select(p, x, c_q, q_pos, visible, cfg: CSASettings, inv_freq, state, 
     Hi, di = cfg.index_n_heads, cfg.index_head_dim
     keys, _, new = _entries(p, x, di, cfg.compress_rate, True, inv_freq, cfg.norm_eps, state, pos, end)
     q = dense(p["q_b_proj"], c_q).reshape(B, T, Hi, di).transpose(0, 2, 1, 3)
-    q = rope_at(q, q_pos, inv_freq, traditional=True, tail=True)
+    if inv_freq is not None:
+        q = rope_at(q, q_pos, inv_freq, traditional=True, tail=True)
     dots = mx.maximum(q.astype(mx.float32) @ keys.astype(mx.float32)[:, None].swapaxes(-1, -2), 0.0)  # (B,Hi,T,N)
     wts = dense(p["weights_proj"], x).astype(mx.float32) * Hi ** -0.5  # (B, T, Hi)
     score = (dots * (di ** -0.5) * wts.transpose(0, 2, 1)[..., None]).sum(axis=1)  # (B, T, N)
@@ -302,7 +303,7 @@ def apply(params, x, state, cfg: DSv4Settings):
 
     # 2. the sliding window: [ring, new] keys with a visibility mask
     if state is None:
-        keys, key_pos = kv, mx.broadcast_to(q_pos, (B, T))
+        keys, key_pos = kv, q_pos
         new_state = None
     else:
         ring = state["kv"]
@@ -321,9 +322,8 @@ def apply(params, x, state, cfg: DSv4Settings):
         if ents.shape[1]:
             visible = (idx[None, None] + 1) * m <= q_pos[..., None] + 1  # (B, T, N)
             if cfg.overlap:
-                chosen, new_i = _index_select(comp_p["indexer"], x, c_q, q_pos, visible, cfg, inv,
-                                              None if cs is None else cs["indexer"], pos, end)
-                visible = chosen
+                visible, new_i = _index_select(comp_p["indexer"], x, c_q, q_pos, visible, cfg, inv,
+                                               None if cs is None else cs["indexer"], pos, end)
                 if new_c is not None:
                     new_c["indexer"] = new_i
             keys = mx.concatenate([keys, ents], axis=1)

@@ -69,9 +69,10 @@ def test_chunked_prefill_then_steps_equals_full_forward(kind, cuts, steps):
     np.testing.assert_allclose(np.array(cached), np.array(full), rtol=1e-4, atol=1e-4)
 
 
-def test_long_decode_crosses_many_blocks_and_the_window():
+@pytest.mark.parametrize("rope_dims", [8, 0])
+def test_long_decode_crosses_many_blocks_and_the_window(rope_dims):
     for kind in KINDS:
-        spec, s, p = _layer(kind, window=3)
+        spec, s, p = _layer(kind, window=3, rope_dims=rope_dims)
         x = _x(1, 26)
         full, _ = spec.apply(p, x, None, s)
         cached, state = _run_chunks(spec, s, p, x, [1] * 26)
