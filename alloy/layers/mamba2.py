@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from alloy.layers.common import conv_tail, dense, live_mask
+from alloy.layers.common import conv_tail, decode_linear, dense, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
 from alloy.ops.conv import causal_conv1d
 from alloy.ops.norm import gated_rms_norm
@@ -98,10 +98,10 @@ def init_state(cfg: Mamba2Settings, batch: int, max_len: int, dtype=mx.float32) 
 def apply(params, x, state, cfg: Mamba2Settings):
     Bsz, T, _ = x.shape
     gn = cfg.n_groups * cfg.d_state
-    zxbcdt = dense(params["in_proj"], x)
     if (T == 1 and state is not None and "valid" not in state and not cfg.norm_before_gate
-            and mamba2_step_kernel_applies(zxbcdt, params["conv1d"]["weight"])):
-        return _fused_decode(params, zxbcdt, state, cfg)
+            and mamba2_step_kernel_applies(x, params["conv1d"]["weight"])):
+        return _fused_decode(params, x, state, cfg)
+    zxbcdt = dense(params["in_proj"], x)
     z, xBC, dt = mx.split(zxbcdt, [cfg.d_inner, 2 * cfg.d_inner + 2 * gn], axis=-1)
     valid = None if state is None else state.get("valid")
     xBC_in = xBC
@@ -132,20 +132,16 @@ def apply(params, x, state, cfg: Mamba2Settings):
     return out, {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}
 
 
-def _fused_decode(params, zxbcdt, state, cfg: Mamba2Settings):
-    """The GPU decode path: one launch for conv + dt + SSD step + gate (`ops.ssd.mamba2_step`),
-    then the group norm as `mx.fast.rms_norm` and out_proj — a handful of ops per layer instead of
-    ~60 (batch-1 decode is bound by launches). Same math as the general path above."""
-    Bsz = zxbcdt.shape[0]
+def _fused_decode(params, x, state, cfg: Mamba2Settings):
+    """The GPU decode path, three launches per layer: in_proj (`decode_linear`), conv + dt + SSD
+    step + gate (`ops.ssd.mamba2_step`), group norm + out_proj (`decode_linear`) — batch-1 decode is
+    bound by launches and graph nodes, not bytes. Same math as the general path above."""
+    Bsz = x.shape[0]
+    zxbcdt = decode_linear(params["in_proj"], x, out_shape=(Bsz, params["in_proj"]["weight"].shape[0]))
     lim = (cfg.dt_clamp_min, cfg.dt_clamp_max or float("inf"))
     y, conv_state, ssm_state = mamba2_step(
-        zxbcdt.reshape(Bsz, -1), params["conv1d"]["weight"], params["conv1d"].get("bias"), state["conv"],
+        zxbcdt, params["conv1d"]["weight"], params["conv1d"].get("bias"), state["conv"],
         params["dt_bias"], params["A_log"], params["D"], lim, state["ssm"])
-    if cfg.rms_norm:
-        w = params["norm"]["weight"].astype(y.dtype)
-        if cfg.n_groups == 1:
-            y = mx.fast.rms_norm(y, w, cfg.norm_eps)
-        else:
-            y = mx.fast.rms_norm(y.reshape(Bsz, cfg.n_groups, -1), None, cfg.norm_eps).reshape(Bsz, -1) * w
-    out = dense(params["out_proj"], y[:, None])
+    out = decode_linear(params["out_proj"], y, params["norm"]["weight"] if cfg.rms_norm else None,
+                        cfg.n_groups if cfg.rms_norm else 0, cfg.norm_eps, out_shape=(Bsz, 1, cfg.d_model))
     return out, {"conv": conv_state, "ssm": ssm_state}

@@ -17,7 +17,7 @@ prelude maps onto each dialect:
         warp_sum(v)             sum over the 32 lanes   __shfl_xor_sync butterfly | simd_sum
         shfl_xor(v, m)          value of lane ^ m       __shfl_xor_sync | simd_shuffle_xor
         fexp(v), fsilu(v)       float exp, x*sigmoid(x)
-        flog, fsoftplus, fsigmoid   float log, log(1 + e^v) (stable), 1 / (1 + e^-v)
+        flog, frsqrt, fsoftplus, fsigmoid   float log, 1/sqrt, log(1 + e^v) (stable), 1 / (1 + e^-v)
         f4(a, b, c, d)          a float4 (members .x .y .z .w in both dialects)
 
 Inputs arrive as `const <T>*` pointers named after `input_names`, outputs as `<T>*` (MLX writes the
@@ -63,6 +63,7 @@ _CUDA_HEADER = """\
 DEVICE_FN float fexp(float v) { return expf(v); }
 DEVICE_FN float fsilu(float v) { return v / (1.0f + expf(-v)); }
 DEVICE_FN float flog(float v) { return logf(v); }
+DEVICE_FN float frsqrt(float v) { return rsqrtf(v); }
 DEVICE_FN float fsoftplus(float v) { return fmaxf(v, 0.0f) + log1pf(expf(-fabsf(v))); }
 DEVICE_FN float fsigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 DEVICE_FN float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
@@ -80,6 +81,7 @@ _METAL_HEADER = """\
 DEVICE_FN float fexp(float v) { return metal::exp(v); }
 DEVICE_FN float fsilu(float v) { return v / (1.0f + metal::exp(-v)); }
 DEVICE_FN float flog(float v) { return metal::log(v); }
+DEVICE_FN float frsqrt(float v) { return metal::rsqrt(v); }
 DEVICE_FN float fsoftplus(float v) { return metal::max(v, 0.0f) + metal::log(1.0f + metal::exp(-metal::abs(v))); }
 DEVICE_FN float fsigmoid(float v) { return 1.0f / (1.0f + metal::exp(-v)); }
 DEVICE_FN float shfl_xor(float v, int m) { return metal::simd_shuffle_xor(v, ushort(m)); }

@@ -257,3 +257,25 @@ def test_mamba2_model_decode_on_gpu_matches_general_path():
                                          for s in general["layers"]]}
         assert rel_err(lf, lg) <= 3e-2
         tok = mx.argmax(lg[:, -1], -1)[:, None]
+
+
+# ---------------------------------------------------------------- decode gemv (+ grouped RMSNorm)
+@given(M=st.integers(1, 3), IN=st.sampled_from([8, 40, 256, 300, 2048]), OUT=st.sampled_from([1, 7, 64, 300]),
+       ng=st.sampled_from([0, 1, 2]), bias=st.booleans(), dt=st.sampled_from(["f32", "bf16"]),
+       seed=st.integers(0, 2**16))
+def test_gemv_kernel_matches_ref(M, IN, OUT, ng, bias, dt, seed):
+    from alloy.metal.gemv import gemv
+    if ng and IN % ng:
+        ng = 1
+    rng = np.random.default_rng(seed)
+    dtype = DTYPES[dt]
+    x, W = arr(rng, (M, 1, IN), dtype), arr(rng, (OUT, IN), dtype, IN ** -0.5)
+    nw, b = arr(rng, (IN,), dtype), (arr(rng, (OUT,), dtype) if bias else None)
+    y = gemv(x, W, b, nw if ng else None, ng, 1e-5)
+    xf = x.astype(mx.float32)
+    if ng:
+        g = xf.reshape(M, 1, ng, IN // ng)
+        xf = (g * mx.rsqrt((g * g).mean(-1, keepdims=True) + 1e-5)).reshape(M, 1, IN) * nw.astype(mx.float32)
+    want = xf @ W.astype(mx.float32).T + (0 if b is None else b.astype(mx.float32))
+    assert y.shape == (M, 1, OUT) and y.dtype == dtype
+    assert rel_err(y, want) <= TOL[dt]
