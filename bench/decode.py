@@ -78,6 +78,7 @@ def main(argv=None):
                 params = quantize(params, args.quantize, 64)
                 mx.eval(params)
                 mx.clear_cache()
+                mx.reset_peak_memory()
             r = run(model, params, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
                     prefill_chunk=args.chunk, repeats=args.repeats)
             r["variant"] = tag

@@ -11,6 +11,8 @@ Rows (ms per token, median of 3 runs of --tokens tokens):
   gemv_only        only the 2 projections per layer (x @ W^T, HF layout), chained through all layers
   gemv_pre_t       the same with weights stored transposed (x @ W)
   gemv_alloy_kernel  the same through `alloy.metal.gemv` (one node per projection)
+  host_graph_build / host_async_eval   host time per token to build the step's graph (the compiled
+                   call) and to encode it (async_eval's return), each token synchronised first
   bytes_roofline   weight + state bytes per token / 3.35 TB/s
 """
 from __future__ import annotations
@@ -63,6 +65,26 @@ def step_runner(model, params, pipelined):
     return run
 
 
+def host_split(model, params, tokens):
+    """(graph build ms, async_eval return ms) per token: the host's share of a pipelined step."""
+    step = compiled_step(model, SamplingParams())
+    state = model.init_state(1, 4096)
+    tok, key = mx.array([1]), mx.random.key(0)
+    mx.eval(state)
+    build_t, enc_t = [], []
+    for i in range(tokens + 4):
+        t0 = time.perf_counter()
+        tok, _, state, key, _ = step(params, tok, state, key, None)
+        t1 = time.perf_counter()
+        mx.async_eval(tok, state)
+        t2 = time.perf_counter()
+        if i >= 4:
+            build_t.append((t1 - t0) * 1e3)
+            enc_t.append((t2 - t1) * 1e3)
+        mx.synchronize()
+    return statistics.median(build_t), statistics.median(enc_t)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=48)
@@ -75,6 +97,7 @@ def main(argv=None):
     mx.eval(p)
     rows["step_pipelined"] = per_token(step_runner(m, p, True), a.tokens)
     rows["step_sync"] = per_token(step_runner(m, p, False), a.tokens)
+    rows["host_graph_build"], rows["host_async_eval"] = host_split(m, p, a.tokens)
     Ws = [(lp["mixer"]["in_proj"]["weight"], lp["mixer"]["out_proj"]["weight"]) for lp in p["layers"]]
     di = Ws[0][1].shape[1]
 
@@ -114,6 +137,7 @@ def main(argv=None):
     ps = ms.init(mx.random.key(0))
     mx.eval(ps)
     rows["step_small"] = per_token(step_runner(ms, ps, True), a.tokens)
+    rows["small_host_graph_build"], rows["small_host_async_eval"] = host_split(ms, ps, a.tokens)
     print(f"\n{a.layers} layers, d_model {a.d_model}, {mx.default_device()}")
     print("| row | ms / token | tok/s |\n|---|---|---|")
     for k, v in rows.items():

@@ -272,10 +272,11 @@ def test_gemv_kernel_matches_ref(M, IN, OUT, ng, bias, dt, seed):
     x, W = arr(rng, (M, 1, IN), dtype), arr(rng, (OUT, IN), dtype, IN ** -0.5)
     nw, b = arr(rng, (IN,), dtype), (arr(rng, (OUT,), dtype) if bias else None)
     y = gemv(x, W, b, nw if ng else None, ng, 1e-5)
-    xf = x.astype(mx.float32)
+    f64 = lambda a: np.array(a.astype(mx.float32)).astype(np.float64)  # noqa: E731  (GPU fp32 matmul is TF32)
+    xf = f64(x)
     if ng:
         g = xf.reshape(M, 1, ng, IN // ng)
-        xf = (g * mx.rsqrt((g * g).mean(-1, keepdims=True) + 1e-5)).reshape(M, 1, IN) * nw.astype(mx.float32)
-    want = xf @ W.astype(mx.float32).T + (0 if b is None else b.astype(mx.float32))
+        xf = (g / np.sqrt((g * g).mean(-1, keepdims=True) + 1e-5)).reshape(M, 1, IN) * f64(nw)
+    want = mx.array((xf @ f64(W).T + (0 if b is None else f64(b))).astype(np.float32))
     assert y.shape == (M, 1, OUT) and y.dtype == dtype
     assert rel_err(y, want) <= TOL[dt]
