@@ -93,8 +93,34 @@ def init_state(cfg: Mamba2Settings, batch: int, max_len: int, dtype=mx.float32) 
     }
 
 
+def decode_block(params, h, norm_weight, eps, state, cfg: Mamba2Settings):
+    """Fused inference residual block at T = 1 on a GPU: h + mixer(rms_norm(h)) in three launches —
+    RMSNorm + in_proj (`alloy.metal.gemv`), conv + dt + SSD step + gate (`ops.ssd.mamba2_step`),
+    group norm + out_proj + residual (`alloy.metal.gemv`). None (the stack runs the general path)
+    for prompts, padded rows, quantized or adapted projections, or without a GPU kernel backend."""
+    from alloy.metal import gemv
+
+    Bsz, T, _ = h.shape
+    w_in, w_out = params["in_proj"], params["out_proj"]
+    if (T != 1 or "valid" in state or cfg.norm_before_gate
+            or not mamba2_step_kernel_applies(h, params["conv1d"]["weight"])
+            or any(k in p for p in (w_in, w_out) for k in ("scales", "lora_A"))
+            or not gemv.applies(h, w_in["weight"])
+            or w_out["weight"].dtype != h.dtype or w_out["weight"].shape[1] > gemv.MAX_IN):
+        return None
+    zxbcdt = gemv.gemv(h, w_in["weight"], w_in.get("bias"), norm_weight, 1, eps,
+                       out_shape=(Bsz, w_in["weight"].shape[0]))
+    lim = (cfg.dt_clamp_min, cfg.dt_clamp_max or float("inf"))
+    y, conv_state, ssm_state = mamba2_step(
+        zxbcdt, params["conv1d"]["weight"], params["conv1d"].get("bias"), state["conv"],
+        params["dt_bias"], params["A_log"], params["D"], lim, state["ssm"])
+    out = gemv.gemv(y, w_out["weight"], w_out.get("bias"), params["norm"]["weight"] if cfg.rms_norm else None,
+                    cfg.n_groups if cfg.rms_norm else 0, cfg.norm_eps, out_shape=h.shape, residual=h)
+    return out, {"conv": conv_state, "ssm": ssm_state}
+
+
 @register_mixer("mamba2", settings=Mamba2Settings, init=init, init_state=init_state, state="ssm",
-                mask="none")
+                mask="none", residual_block=decode_block)
 def apply(params, x, state, cfg: Mamba2Settings):
     Bsz, T, _ = x.shape
     gn = cfg.n_groups * cfg.d_state

@@ -65,6 +65,10 @@ class LayerSpec:
     state: str = "none"
     mask: str = "none"
     tokens: bool = False  # apply also takes tokens=(B, T) int ids
+    # optional fused pre-norm residual half-block for inference (decode):
+    # residual_block(params, h, norm_weight, eps, state, settings) -> (h + mixer(rms_norm(h)), state),
+    # or None where it does not apply (the stack then runs norm, apply and the residual add)
+    residual_block: Callable | None = None
 
 
 _REGISTRY: dict[str, dict[str, LayerSpec]] = {"mixer": {}, "ffn": {}}
@@ -75,7 +79,7 @@ def _no_state(cfg, batch, max_len, dtype):
 
 
 def _register(role: str, kind: str, *, settings, init, init_state=None, state="none", mask="none",
-              replace=False, tokens=False):
+              replace=False, tokens=False, residual_block=None):
     if state not in STATE_KINDS:
         raise ValueError(f"register_{role}({kind!r}): state must be one of {STATE_KINDS}, got {state!r}")
     if mask not in MASK_KINDS:
@@ -89,17 +93,18 @@ def _register(role: str, kind: str, *, settings, init, init_state=None, state="n
         if kind in _REGISTRY[role] and not replace:
             raise ValueError(f"{role} kind {kind!r} is already registered (pass replace=True to override)")
         _REGISTRY[role][kind] = LayerSpec(kind, role, settings, init, init_state or _no_state, apply,
-                                          state, mask, bool(tokens))
+                                          state, mask, bool(tokens), residual_block)
         return apply
 
     return deco
 
 
 def register_mixer(kind: str, *, settings, init, init_state=None, state="none", mask="causal",
-                   replace=False):
-    """Decorator registering a token mixer's ``apply`` with its settings, init and init_state."""
+                   replace=False, residual_block=None):
+    """Decorator registering a token mixer's ``apply`` with its settings, init and init_state
+    (and optionally a fused inference ``residual_block``, see ``LayerSpec``)."""
     return _register("mixer", kind, settings=settings, init=init, init_state=init_state, state=state,
-                     mask=mask, replace=replace)
+                     mask=mask, replace=replace, residual_block=residual_block)
 
 
 def register_ffn(kind: str, *, settings, init, init_state=None, replace=False, tokens=False):

@@ -138,8 +138,15 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
             if i in calls:
                 t, sh_out = shared.apply_call(blocks_p[calls[i][1]], lp["shared"], h, e0, s_sh, cfg.shared)
                 x = h + t
-            h, s_out = half(h, lp["norm"], lp.get("mixer_hc"), lambda a: mspec.apply(lp["mixer"], a, s_in, ms),
-                            cfg.layer_types[i], x)
+            fused = None
+            if (mspec.residual_block is not None and s_in is not None and i not in calls and hc is None
+                    and not post and res == 1.0):
+                fused = mspec.residual_block(lp["mixer"], h, lp["norm"]["weight"], eps, s_in, ms)
+            if fused is not None:  # the layer's own fused inference block (e.g. Mamba-2 decode kernels)
+                h, s_out = fused
+            else:
+                h, s_out = half(h, lp["norm"], lp.get("mixer_hc"),
+                                lambda a: mspec.apply(lp["mixer"], a, s_in, ms), cfg.layer_types[i], x)
         if fspec is not None:
             kw = {"tokens": tokens} if fspec.tokens else {}
             h, _ = half(h, lp["ffn_norm"], lp.get("ffn_hc"), lambda a: fspec.apply(lp["ffn"], a, None, fs, **kw),

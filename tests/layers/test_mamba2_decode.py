@@ -52,3 +52,46 @@ def test_mamba2_step_names_bad_shapes():
         mamba2_step(zx, args[0], args[1], state["conv"][:, 1:], *args[3:])
     with pytest.raises(ValueError, match="impl"):
         mamba2_step(zx, *args, impl="fast")
+
+
+def test_stack_uses_a_registered_residual_block_and_falls_back_on_none():
+    """The stack's hook for fused inference blocks (Mamba-2's GPU decode block uses it): with state,
+    a mixer's residual_block replaces norm + apply + residual; returning None keeps the general path."""
+    from dataclasses import dataclass
+
+    from alloy.layers.registry import LayerSettings, register_mixer
+    from alloy.model import as_config, build
+
+    @dataclass(frozen=True)
+    class S(LayerSettings):
+        fuse: bool = True
+
+    calls = []
+
+    def block(params, h, norm_weight, eps, state, cfg):
+        calls.append(h.shape)
+        return (h * 0 + 7.0, {"n": state["n"] + 1}) if cfg.fuse else None
+
+    @register_mixer("_test_resblock", settings=S, init=lambda key, cfg: {}, state="ssm",
+                    init_state=lambda cfg, b, n, dtype: {"n": mx.zeros((b,))}, residual_block=block,
+                    replace=True)
+    def apply(params, x, state, cfg):
+        return x * 0, (None if state is None else {"n": state["n"] - 1})
+
+    try:
+        _check_resblock(build, as_config, calls)
+    finally:  # keep the global registry as the other tests expect it
+        from alloy.layers import registry
+        registry._REGISTRY["mixer"].pop("_test_resblock", None)
+
+
+def _check_resblock(build, as_config, calls):
+    for fuse in (True, False):
+        m = build(as_config({"vocab_size": 11, "d_model": 8, "layer_types": ["_test_resblock"],
+                             "ffn_types": ["none"], "mixers": {"_test_resblock": {"fuse": fuse}}}))
+        p = m.init(mx.random.key(0))
+        tok = mx.array([[1, 2]])
+        _, st = m.apply(p, tok, m.init_state(1, 4))
+        assert float(st["layers"][0]["mixer"]["n"][0]) == (1.0 if fuse else -1.0)
+        m.apply(p, tok)  # no state: never the fused block
+    assert len(calls) == 2  # asked once per stateful apply (the second time it declined), never without state
