@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 import alloy.metal as metal
 from alloy.metal import ssd_chunked as ssd_kernels
 from alloy.ops import causal_conv1d, causal_conv1d_ref, selective_scan, ssd
+from alloy.ops.gated_delta import gated_delta
 from alloy.ops import selective_scan_step as ss_step_ops
 from alloy.ops import ssd_step as ssd_step_ops
 
@@ -239,11 +240,45 @@ def bench_decode(quick):
     return out
 
 
+def gdn_args(B, T, Hk, H, K, V, seed=0):
+    q, k = rnd((B, T, Hk, K), seed=seed), rnd((B, T, Hk, K), seed=seed + 1)
+    v = rnd((B, T, H, V), seed=seed + 2)
+    g = -posu((B, T, H), 0.01, 0.5, seed=seed + 3)
+    beta = posu((B, T, H), 0.1, 0.9, seed=seed + 4)
+    return q, k, v, g, beta, mx.zeros((B, H, K, V), F32)
+
+
+def bench_gdn(quick):
+    """Gated delta rule (32 heads, K = V = 128, bf16, B = 1): the recurrent kernel for decode and
+    short prompts, and the long-prompt paths at the issue's anchor shapes."""
+    from alloy.ops.gated_delta import gated_delta_chunked, gated_delta_ref
+    H = K = V = 128
+    H = 32
+    for T in (1, 16, 64) + (() if quick else (4096, 16384)):
+        q, k, v, g, beta, s0 = gdn_args(1, T, H, H, K, V)
+        nbytes = 2 * T * H * (2 * K + V) + 8 * T * H + 2 * 4 * H * K * V + 2 * T * H * V
+        flops = T * H * K * V * 8
+        shape = f"B=1 T={T} H=32 K=V=128 bf16"
+        base = None
+        if T <= 64:
+            base = record("gated delta", shape, "MLX ops (ref, token loop)",
+                          timeit(lambda: gated_delta_ref(q, k, v, g, beta, s0), reps=10, batch=5), nbytes, flops)
+        if T > 1:
+            c = record("gated delta", shape, "MLX ops (chunked, chunk 64)",
+                       timeit(lambda: gated_delta_chunked(q, k, v, g, beta, s0), reps=5 if T > 64 else 10,
+                              batch=1 if T > 64 else 5), nbytes, flops, base)
+            base = base or c
+        if T <= 4096:
+            record("gated delta", shape, "recurrent kernel (alloy.metal.gated_delta_recurrent)",
+                   timeit(lambda: gated_delta(q, k, v, g, beta, s0, impl="kernel"), reps=10,
+                          batch=5 if T <= 64 else 1), nbytes, flops, base)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="conv,steps,ssd,stages,sscan,decode")
+    ap.add_argument("--only", default="conv,steps,ssd,stages,sscan,gdn,decode")
     a = ap.parse_args(argv)
     print(json.dumps({"device": str(mx.default_device()), "backend": metal.backend(), "mlx": mx.__version__}))
     if metal.backend() is None:
@@ -254,6 +289,7 @@ def main(argv=None):
     for name, fn in (("conv", lambda: bench_conv(a.quick)), ("steps", bench_steps),
                      ("ssd", lambda: bench_ssd(a.quick)),
                      ("stages", lambda: [bench_ssd_stages(16384, k) for k in (128, 64)]), ("sscan", lambda: bench_selective_scan(a.quick)),
+                     ("gdn", lambda: bench_gdn(a.quick)),
                      ("decode", lambda: decode.update(bench_decode(a.quick)))):
         if name in only:
             try:

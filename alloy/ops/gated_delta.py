@@ -151,15 +151,54 @@ def gated_delta_chunked(q, k, v, g, beta, initial_state=None, l2norm: bool = Tru
     return o.astype(dtype), after[:, :, -1]
 
 
+_RECURRENT_MAX_T = 64  # the recurrent kernel up to this many tokens; the chunked form beyond
+
+
+def _recurrent_kernel(l2norm):
+    from alloy import metal
+    from alloy.metal.gated_delta_recurrent import gated_delta_recurrent
+
+    return metal.differentiable(lambda q, k, v, g, beta, s: gated_delta_recurrent(q, k, v, g, beta, s, l2norm),
+                                lambda q, k, v, g, beta, s: gated_delta_ref(q, k, v, g, beta, s, l2norm))
+
+
+_FAST = {}
+
+
+def kernel_applies(q, v) -> bool:
+    """Static facts under which `impl="auto"` takes the GPU recurrent kernel."""
+    from alloy import metal
+    from alloy.metal.gated_delta_recurrent import applies
+
+    return metal.backend() is not None and applies(q, v)
+
+
 def gated_delta(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk_size: int = 64,
                 impl: str = "auto"):
-    """Public gated delta rule. "auto": the recurrent step for T == 1, else the chunked form."""
+    """Public gated delta rule. impl: "ref", "chunked", "kernel" (the GPU recurrent kernel,
+    `alloy.metal.gated_delta_recurrent`, gradient through the reference) or "auto": the kernel on a
+    GPU for T <= 64 tokens, else the recurrent reference for T == 1 and the chunked form."""
     if impl == "ref":
         return gated_delta_ref(q, k, v, g, beta, initial_state, l2norm)
     if impl == "chunked":
         return gated_delta_chunked(q, k, v, g, beta, initial_state, l2norm, chunk_size)
-    if impl != "auto":
-        raise ValueError(f"gated_delta: impl must be 'auto', 'ref' or 'chunked', got {impl!r}")
-    if q.shape[1] == 1:
+    if impl not in ("auto", "kernel"):
+        raise ValueError(f"gated_delta: impl must be 'auto', 'ref', 'chunked' or 'kernel', got {impl!r}")
+    T = q.shape[1]
+    if impl == "kernel" or (kernel_applies(q, v) and T <= _RECURRENT_MAX_T):
+        from alloy import metal
+
+        if metal.backend() is None:
+            raise ValueError("gated_delta: impl='kernel' needs a CUDA or Metal default device")
+        _prepare(q[:, :0], k[:, :0], v[:, :0], g[:, :0], beta[:, :0], False)  # shape checks only
+        B, _, _, K = q.shape
+        H, V = v.shape[2], v.shape[3]
+        s = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
+        key = bool(l2norm)
+        if key not in _FAST:
+            _FAST[key] = _recurrent_kernel(key)
+        o, state = _FAST[key](q, k, v, g, beta, s)
+        return o, state
+    if T == 1:
         return gated_delta_ref(q, k, v, g, beta, initial_state, l2norm)
-    return gated_delta_chunked(q, k, v, g, beta, initial_state, l2norm, min(chunk_size, max(8, q.shape[1])))
+    return gated_delta_chunked(q, k, v, g, beta, initial_state, l2norm, min(chunk_size, max(8, T)))

@@ -105,12 +105,12 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
         f"  constexpr int {n} = {v};\n" for n, v in (("K", 4), ("TILE", 16), ("LANES", 16),
                                                     ("NJ", 1), ("KC", 64), ("TB", 8), ("CBLK", 8),
                                                     ("CG", 1), ("PC", 64), ("SB", 32),
-                                                    ("HD", 64), ("DS", 128), ("IN", 2048), ("NG", 1), ("RB", 16), ("UNROLL", 16), ("RPB", 8))
+                                                    ("HD", 64), ("DS", 128), ("IN", 2048), ("NG", 1), ("RB", 16), ("UNROLL", 16), ("RPB", 8), ("KD", 128))
         if re.search(rf"\b{n}\b", body)) + "".join(
-        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES") if n in body)
+        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM") if n in body)
     if re.search(r"\bS\b", body):
         tmpl = "  using S = __nv_bfloat16;\n" + tmpl
-    f32_in, f32_out = ("ssm_state", "dt_lim", "eps"), ("new_ssm",)
+    f32_in, f32_out = ("ssm_state", "dt_lim", "eps", "state"), ("new_ssm",)
     args = []
     for n in kernel.inputs:  # MLX adds `<name>_shape` when the body reads it
         args.append(f"const float* {n}" if n in f32_in else f"const __nv_bfloat16* {n}")
