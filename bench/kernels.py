@@ -268,10 +268,18 @@ def bench_gdn(quick):
                        timeit(lambda: gated_delta_chunked(q, k, v, g, beta, s0), reps=5 if T > 64 else 10,
                               batch=1 if T > 64 else 5), nbytes, flops, base)
             base = base or c
-        if T <= 4096:
+        if T <= 64:
             record("gated delta", shape, "recurrent kernel (alloy.metal.gated_delta_recurrent)",
-                   timeit(lambda: gated_delta(q, k, v, g, beta, s0, impl="kernel"), reps=10,
-                          batch=5 if T <= 64 else 1), nbytes, flops, base)
+                   timeit(lambda: gated_delta(q, k, v, g, beta, s0, impl="kernel"), reps=10, batch=5),
+                   nbytes, flops, base)
+        else:
+            from alloy.metal.gated_delta_recurrent import gated_delta_recurrent
+            if T <= 4096:
+                record("gated delta", shape, "recurrent kernel (alloy.metal.gated_delta_recurrent)",
+                       timeit(lambda: gated_delta_recurrent(q, k, v, g, beta, s0, True), reps=5),
+                       nbytes, flops, base)
+            record("gated delta", shape, "chunked + pass kernel (gated_delta impl='kernel')",
+                   timeit(lambda: gated_delta(q, k, v, g, beta, s0, impl="kernel"), reps=10), nbytes, flops, base)
 
 
 def main(argv=None):

@@ -7,6 +7,7 @@ differentiable MLX paths with `differentiable`):
     conv1d               fused causal depthwise conv1d + SiLU, state in/out (prefill and step)
     ssd_step             Mamba-2 decode step: state update + readout + D skip
     gated_delta_recurrent  gated delta rule token by token, state in registers (decode, short prompts)
+    gated_delta_chunked  the chunked gated delta rule's sweep across chunks, state in registers
     gemv                 decode matrix-vector product, optionally behind a grouped RMSNorm
     mamba2_step          the whole Mamba-2 mixer between its projections for one decode token
                          (conv step + dt + SSD step + D + gate), one launch per layer
@@ -19,12 +20,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from alloy.metal import conv1d, gated_delta_recurrent, gemv, mamba2_step, selective_scan, selective_scan_step, ssd_chunked, ssd_step
+from alloy.metal import conv1d, gated_delta_chunked, gated_delta_recurrent, gemv, mamba2_step, selective_scan, selective_scan_step, ssd_chunked, ssd_step
 from alloy.metal.prelude import DIALECTS, Kernel, backend  # noqa: F401
 
 KERNELS = {
     k.name: k
-    for k in (conv1d.KERNEL, gemv.KERNEL, gated_delta_recurrent.KERNEL, ssd_step.KERNEL, mamba2_step.KERNEL, selective_scan_step.KERNEL, selective_scan.KERNEL,
+    for k in (conv1d.KERNEL, gemv.KERNEL, gated_delta_recurrent.KERNEL, gated_delta_chunked.KERNEL, ssd_step.KERNEL, mamba2_step.KERNEL, selective_scan_step.KERNEL, selective_scan.KERNEL,
               ssd_chunked.PREP, ssd_chunked.PASS, ssd_chunked.OUT)
 }
 

@@ -25,7 +25,8 @@ import math
 import mlx.core as mx
 
 
-def _prepare(q, k, v, g, beta, l2norm: bool):
+def _check(q, k, v, g, beta):
+    """Shape checks of the public ops (ValueError naming the argument)."""
     B, T, Hk, K = q.shape
     H = v.shape[2]
     if k.shape != q.shape:
@@ -36,6 +37,11 @@ def _prepare(q, k, v, g, beta, l2norm: bool):
         raise ValueError(f"gated_delta: beta shape {tuple(beta.shape)}, expected {(B, T, H)}")
     if g.shape not in ((B, T, H), (B, T, H, K)):
         raise ValueError(f"gated_delta: g shape {tuple(g.shape)}, expected {(B, T, H)} or {(B, T, H, K)}")
+
+
+def _prepare(q, k, v, g, beta, l2norm: bool):
+    _check(q, k, v, g, beta)
+    Hk, K, H = q.shape[2], q.shape[3], v.shape[2]
     f32 = mx.float32
     q, k, v, g, beta = (a.astype(f32) for a in (q, k, v, g, beta))
     if l2norm:
@@ -85,8 +91,11 @@ def _unit_lower_inverse(Lm):
     return inv
 
 
-def gated_delta_chunked(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk_size: int = 64):
-    """Chunked (WY/UT) gated delta rule; same contract as ``gated_delta_ref``."""
+def gated_delta_chunked(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk_size: int = 64,
+                        pass_kernel: bool = False):
+    """Chunked (WY/UT) gated delta rule; same contract as ``gated_delta_ref``. ``pass_kernel``: the
+    sweep across chunks runs in the GPU kernel `alloy.metal.gated_delta_chunked` (state in registers)
+    instead of the log-depth affine scan of (K, K) maps."""
     if chunk_size < 1:
         raise ValueError(f"gated_delta_chunked: chunk_size must be >= 1, got {chunk_size}")
     dtype = v.dtype
@@ -131,11 +140,18 @@ def gated_delta_chunked(q, k, v, g, beta, initial_state=None, l2norm: bool = Tru
     u = inv @ (v * beta[..., None])                    # new values, (B,H,n,C,V)
     w = inv @ (kb * ecum)                              # decayed keys reading S, (B,H,n,C,K)
     q_dec = q * ecum
+    S0 = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
+    if pass_kernel:  # the sequential sweep in one kernel; the intra-chunk term stays a batched matmul
+        from alloy.metal.gated_delta_chunked import chunk_pass
+        decay_last = mx.exp(last[..., 0, :] if per_channel else last[..., 0])
+        v_new, o_inter, S_final = chunk_pass(w, u, k_dec, q_dec, decay_last, S0)
+        o = o_inter + attn @ v_new
+        o = o.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
+        return o.astype(dtype), S_final
     # state map per chunk: S' = diag(exp(last)) S + k_dec^T (u - w S) = M S + Nc
     eyeK = mx.eye(K, dtype=mx.float32)
     M = M_decay - k_dec.swapaxes(-1, -2) @ w           # (B,H,n,K,K)
     Nc = k_dec.swapaxes(-1, -2) @ u                    # (B,H,n,K,V)
-    S0 = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
     # inclusive scan of affine maps (M, N) over chunks, log depth: (M2, N2) o (M1, N1) = (M2 M1, M2 N1 + N2)
     s = 1
     while s < n:
@@ -162,6 +178,14 @@ def _recurrent_kernel(l2norm):
                                 lambda q, k, v, g, beta, s: gated_delta_ref(q, k, v, g, beta, s, l2norm))
 
 
+def _chunk_kernel(l2norm, chunk):
+    from alloy import metal
+
+    return metal.differentiable(
+        lambda q, k, v, g, beta, s: gated_delta_chunked(q, k, v, g, beta, s, l2norm, chunk, pass_kernel=True),
+        lambda q, k, v, g, beta, s: gated_delta_chunked(q, k, v, g, beta, s, l2norm, chunk))
+
+
 _FAST = {}
 
 
@@ -175,9 +199,11 @@ def kernel_applies(q, v) -> bool:
 
 def gated_delta(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk_size: int = 64,
                 impl: str = "auto"):
-    """Public gated delta rule. impl: "ref", "chunked", "kernel" (the GPU recurrent kernel,
-    `alloy.metal.gated_delta_recurrent`, gradient through the reference) or "auto": the kernel on a
-    GPU for T <= 64 tokens, else the recurrent reference for T == 1 and the chunked form."""
+    """Public gated delta rule. impl: "ref", "chunked", "kernel" or "auto" (the kernels on a GPU,
+    else the recurrent reference for T == 1 and the chunked form). The kernel path: up to 64 tokens
+    the recurrent kernel (`alloy.metal.gated_delta_recurrent`, gradient through the reference),
+    beyond the chunked form with its sweep across chunks in `alloy.metal.gated_delta_chunked`
+    (gradient through the MLX chunked form)."""
     if impl == "ref":
         return gated_delta_ref(q, k, v, g, beta, initial_state, l2norm)
     if impl == "chunked":
@@ -185,20 +211,27 @@ def gated_delta(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk
     if impl not in ("auto", "kernel"):
         raise ValueError(f"gated_delta: impl must be 'auto', 'ref', 'chunked' or 'kernel', got {impl!r}")
     T = q.shape[1]
-    if impl == "kernel" or (kernel_applies(q, v) and T <= _RECURRENT_MAX_T):
+    if impl == "kernel" or kernel_applies(q, v):
         from alloy import metal
 
         if metal.backend() is None:
             raise ValueError("gated_delta: impl='kernel' needs a CUDA or Metal default device")
-        _prepare(q[:, :0], k[:, :0], v[:, :0], g[:, :0], beta[:, :0], False)  # shape checks only
+        _check(q, k, v, g, beta)
         B, _, _, K = q.shape
         H, V = v.shape[2], v.shape[3]
         s = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
-        key = bool(l2norm)
+        from alloy.metal.gated_delta_chunked import applies as pass_applies
+
+        chunk = 64
+        if T <= _RECURRENT_MAX_T or not pass_applies(K, chunk):
+            key = ("recurrent", bool(l2norm))
+            make = lambda: _recurrent_kernel(bool(l2norm))  # noqa: E731
+        else:
+            key = ("chunked", bool(l2norm), chunk)
+            make = lambda: _chunk_kernel(bool(l2norm), chunk)  # noqa: E731
         if key not in _FAST:
-            _FAST[key] = _recurrent_kernel(key)
-        o, state = _FAST[key](q, k, v, g, beta, s)
-        return o, state
+            _FAST[key] = make()
+        return _FAST[key](q, k, v, g, beta, s)
     if T == 1:
         return gated_delta_ref(q, k, v, g, beta, initial_state, l2norm)
     return gated_delta_chunked(q, k, v, g, beta, initial_state, l2norm, min(chunk_size, max(8, T)))

@@ -105,7 +105,7 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
         f"  constexpr int {n} = {v};\n" for n, v in (("K", 4), ("TILE", 16), ("LANES", 16),
                                                     ("NJ", 1), ("KC", 64), ("TB", 8), ("CBLK", 8),
                                                     ("CG", 1), ("PC", 64), ("SB", 32),
-                                                    ("HD", 64), ("DS", 128), ("IN", 2048), ("NG", 1), ("RB", 16), ("UNROLL", 16), ("RPB", 8), ("KD", 128))
+                                                    ("HD", 64), ("DS", 128), ("IN", 2048), ("NG", 1), ("RB", 16), ("UNROLL", 16), ("RPB", 8), ("KD", 128), ("CH", 64), ("NW", 8))
         if re.search(rf"\b{n}\b", body)) + "".join(
         f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM") if n in body)
     if re.search(r"\bS\b", body):
