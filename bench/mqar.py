@@ -1,4 +1,4 @@
-"""MQAR: a hybrid (Mamba-2 + attention) vs a pure Mamba-2 stack at equal width and budget (CPU).
+"""MQAR: a hybrid (Mamba-2 + attention) vs a pure Mamba-2 stack at equal width and budget (any device).
 
     python bench/mqar.py --kv 4                # one row of the table in docs/training.md
     python bench/mqar.py --kv 4 16 --steps 300 # a quicker look (too short for recall to emerge)
