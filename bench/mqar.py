@@ -1,7 +1,8 @@
 """MQAR: a hybrid (Mamba-2 + attention) vs a pure Mamba-2 stack at equal width and budget (any device).
 
-    python bench/mqar.py --kv 4                # one row of the table in docs/training.md
-    python bench/mqar.py --kv 4 16 --steps 300 # a quicker look (too short for recall to emerge)
+    python bench/mqar.py --kv 8 --models hybrid --steps 4000 --batch-size 128 --seq-len 127 --vocab 64 \
+        --lr 3e-3 --warmup 100          # one cell of the table in docs/training.md (H100: ~4 min)
+    python bench/mqar.py --kv 4 16 --steps 300  # a quicker look (too short for recall to emerge)
 
 For each number of key-value pairs, both models -- same d_model, same depth (2 layers, no FFN),
 same optimizer, schedule, batches and number of steps -- train on fresh MQAR batches
