@@ -219,6 +219,12 @@ def greedy_sample(model, params, prompt_ids, n_tokens: int) -> list[int]:
     return out
 
 
+def optimizer_and_schedule(tcfg: TrainConfig):
+    """The AdamW optimizer and LR schedule a TrainConfig describes (full training and LoRA runs)."""
+    opt = adamw(tcfg.b1, tcfg.b2, tcfg.eps, tcfg.weight_decay, decay_rule(tcfg.decay_embeddings))
+    return opt, make_schedule(tcfg.schedule, tcfg.lr, tcfg.steps, tcfg.warmup, tcfg.lr * tcfg.end_lr_frac)
+
+
 def _evaluate(eval_fn, params, batches) -> dict:
     if not batches:
         return {}
@@ -295,10 +301,9 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out_dir, *, resume=None,
     cfg = model.config
     data = make_data(tcfg, cfg.vocab_size)
     pos = data.loader.init_position() if pos is None else pos
-    opt = adamw(tcfg.b1, tcfg.b2, tcfg.eps, tcfg.weight_decay, decay_rule(tcfg.decay_embeddings))
+    opt, sched = optimizer_and_schedule(tcfg)
     if opt_state is None:
         opt_state = opt.init(params)
-    sched = make_schedule(tcfg.schedule, tcfg.lr, tcfg.steps, tcfg.warmup, tcfg.lr * tcfg.end_lr_frac)
     compute = COMPUTE_DTYPES[tcfg.dtype]
     step_fn = make_train_step(model, opt, sched, compute_dtype=compute, remat=tcfg.remat,
                               clip_norm=tcfg.clip or None, accum_steps=tcfg.accum_steps)

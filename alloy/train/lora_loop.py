@@ -20,9 +20,7 @@ import mlx.core as mx
 
 from alloy.params.lora import LoraConfig, init_lora, lora_param_count, merge_lora, apply_lora, save_adapters
 from alloy.params.tree import cast, count_params
-from alloy.train.loop import COMPUTE_DTYPES, TrainConfig, _evaluate, make_data
-from alloy.train.optim import adamw, decay_rule
-from alloy.train.schedule import make_schedule
+from alloy.train.loop import COMPUTE_DTYPES, TrainConfig, _evaluate, make_data, optimizer_and_schedule
 from alloy.train.step import make_eval_fn, make_lm_loss, make_step
 
 
@@ -46,9 +44,8 @@ def finetune_lora(base, lora_cfg: LoraConfig, tcfg: TrainConfig, out_dir, *, log
     adapters = init_lora(k_init, params, lora_cfg)
     data = make_data(tcfg, model.config.vocab_size)
     pos = data.loader.init_position()
-    opt = adamw(tcfg.b1, tcfg.b2, tcfg.eps, tcfg.weight_decay, decay_rule(tcfg.decay_embeddings))
+    opt, sched = optimizer_and_schedule(tcfg)
     opt_state = opt.init(adapters)
-    sched = make_schedule(tcfg.schedule, tcfg.lr, tcfg.steps, tcfg.warmup, tcfg.lr * tcfg.end_lr_frac)
     compute = COMPUTE_DTYPES[tcfg.dtype]
     loss_fn = make_lm_loss(model, compute_dtype=compute,
                            combine_fn=lambda a, frozen, k: apply_lora(frozen, a, lora_cfg, k))
