@@ -280,6 +280,15 @@ def bench_gdn(quick):
                        nbytes, flops, base)
             record("gated delta", shape, "chunked + pass kernel (gated_delta impl='kernel')",
                    timeit(lambda: gated_delta(q, k, v, g, beta, s0, impl="kernel"), reps=10), nbytes, flops, base)
+            from alloy.metal.gated_delta_chunked import chunk_pass
+            from alloy.ops.gated_delta import _compiled_pass_path
+            prep, _ = _compiled_pass_path(True, 64)
+            record("gated delta", shape, "  of which: chunk-local prep (compiled MLX)",
+                   timeit(lambda: prep(q, k, v, g, beta), reps=10), nbytes, flops)
+            parts = prep(q, k, v, g, beta)
+            mx.eval(parts)
+            record("gated delta", shape, "  of which: pass kernel alone",
+                   timeit(lambda: chunk_pass(*parts[:5], s0), reps=10), nbytes, flops)
 
 
 def main(argv=None):

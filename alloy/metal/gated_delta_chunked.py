@@ -12,7 +12,12 @@ of NW warps holds the (K, 32) float32 state slice in registers (lane = column, w
 Per chunk, in blocks of 16 tokens, each thread forms its rows' partial products of w and q_dec
 with its state column, the partials meet in group-shared memory, and the reduced v_new (kept in
 group-shared memory for the update) and o_inter are written out; then the state update reads
-k_dec rows and v_new. The intra-chunk output (causal q k^T times v_new) is one batched matmul in
+k_dec rows and v_new.
+
+Per token block of TB rows, the w / q_dec / k_dec rows are first staged into group-shared memory
+with coalesced loads by all threads (every column slice then reads them as broadcasts), and the
+state update k_dec^T v_new is accumulated in registers over the chunk's blocks and applied at the
+chunk's end (every v_new of a chunk reads the state entering it). The intra-chunk output (causal q k^T times v_new) is one batched matmul in
 MLX afterwards.
 
 Shapes (n chunks of C tokens): w, q_dec, k_dec (B, H, n, C, K) float32; u (B, H, n, C, V) float32;
@@ -26,7 +31,7 @@ import mlx.core as mx
 from alloy.metal.prelude import Kernel, groups
 
 NW = 8  # warps per group: K / NW state rows per thread
-TB = 16  # tokens per reduction block
+TB = 8  # tokens per staged block (shared memory: 3 x TB x K + 2 x NW x TB x 32 floats)
 
 KERNEL = Kernel(
     name="alloy_gated_delta_chunk_pass",
@@ -42,21 +47,32 @@ KERNEL = Kernel(
   const int R = KD / NW;
   const int r0 = warp * R;
   const bool live = j < V;
+  SHARED float sw[TB][KD];                   // this token block's rows of w, q_dec, k_dec
+  SHARED float sq[TB][KD];
+  SHARED float sk[TB][KD];
   SHARED float red[2][NW][TB][32];
-  SHARED float vn[CH][32];
+  SHARED float vn[TB][32];
   float st[KD / NW];
+  float ds[KD / NW];
   const int bh = b * H + h;
   for (int r = 0; r < R; ++r) st[r] = live ? static_cast<float>(state[(bh * KD + r0 + r) * V + j]) : 0.0f;
   for (int c = 0; c < n; ++c) {
-    const int ck = (bh * n + c) * CH;        // row of (t = 0) in the (.., C, K) / (.., C, V) arrays
+    const int ck = (bh * n + c) * CH;        // row of token 0 of this chunk in the (.., C, K|V) arrays
+    for (int r = 0; r < R; ++r) ds[r] = 0.0f;
     for (int t0 = 0; t0 < CH; t0 += TB) {
+      const int base = (ck + t0) * KD;
+      for (int e = tid; e < TB * KD; e += nthreads) {  // coalesced staging, shared by every column
+        sw[e / KD][e % KD] = static_cast<float>(w[base + e]);
+        sq[e / KD][e % KD] = static_cast<float>(qdec[base + e]);
+        sk[e / KD][e % KD] = static_cast<float>(kdec[base + e]);
+      }
+      BARRIER();
       for (int tt = 0; tt < TB; ++tt) {
-        const int row = (ck + t0 + tt) * KD + r0;
         float pw = 0.0f;
         float pq = 0.0f;
         for (int r = 0; r < R; ++r) {
-          pw += static_cast<float>(w[row + r]) * st[r];
-          pq += static_cast<float>(qdec[row + r]) * st[r];
+          pw += sw[tt][r0 + r] * st[r];
+          pq += sq[tt][r0 + r] * st[r];
         }
         red[0][warp][tt][lane] = pw;
         red[1][warp][tt][lane] = pq;
@@ -66,29 +82,30 @@ KERNEL = Kernel(
         const int tt = e / 32;
         const int jj = e % 32;
         const int col = bid_x * 32 + jj;
-        float sw = 0.0f;
-        float sq = 0.0f;
+        float sum_w = 0.0f;
+        float sum_q = 0.0f;
         for (int q = 0; q < NW; ++q) {
-          sw += red[0][q][tt][jj];
-          sq += red[1][q][tt][jj];
+          sum_w += red[0][q][tt][jj];
+          sum_q += red[1][q][tt][jj];
         }
         const int vo = (ck + t0 + tt) * V + col;
-        const float vv = col < V ? static_cast<float>(u[vo]) - sw : 0.0f;
-        vn[t0 + tt][jj] = vv;
+        const float vv = col < V ? static_cast<float>(u[vo]) - sum_w : 0.0f;
+        vn[tt][jj] = vv;
         if (col < V) {
           v_new[vo] = vv;
-          o_inter[vo] = sq;
+          o_inter[vo] = sum_q;
         }
       }
       BARRIER();
+      for (int tt = 0; tt < TB; ++tt) {
+        const float x = vn[tt][lane];
+        for (int r = 0; r < R; ++r) ds[r] += sk[tt][r0 + r] * x;
+      }
+      BARRIER();                              // before the next block overwrites the staging
     }
     const int dbase = bh * n + c;
-    for (int r = 0; r < R; ++r) {
-      float acc = st[r] * static_cast<float>(PER_CHANNEL ? decay[dbase * KD + r0 + r] : decay[dbase]);
-      for (int t = 0; t < CH; ++t) acc += static_cast<float>(kdec[(ck + t) * KD + r0 + r]) * vn[t][lane];
-      st[r] = acc;
-    }
-    BARRIER();
+    for (int r = 0; r < R; ++r)
+      st[r] = st[r] * static_cast<float>(PER_CHANNEL ? decay[dbase * KD + r0 + r] : decay[dbase]) + ds[r];
   }
   if (live)
     for (int r = 0; r < R; ++r) new_state[(bh * KD + r0 + r) * V + j] = st[r];
@@ -112,4 +129,4 @@ def chunk_pass(w, u, kdec, qdec, decay, state):
 
 
 def applies(K: int, C: int) -> bool:
-    return K % NW == 0 and K <= 256 and C % TB == 0 and C <= 64  # 48 KB of group-shared memory
+    return K % NW == 0 and K <= 256 and C % TB == 0  # <= 42 KB of group-shared memory

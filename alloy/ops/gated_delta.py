@@ -20,6 +20,7 @@ so no Python loop runs over time or chunks.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import mlx.core as mx
@@ -91,18 +92,12 @@ def _unit_lower_inverse(Lm):
     return inv
 
 
-def gated_delta_chunked(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk_size: int = 64,
-                        pass_kernel: bool = False):
-    """Chunked (WY/UT) gated delta rule; same contract as ``gated_delta_ref``. ``pass_kernel``: the
-    sweep across chunks runs in the GPU kernel `alloy.metal.gated_delta_chunked` (state in registers)
-    instead of the log-depth affine scan of (K, K) maps."""
-    if chunk_size < 1:
-        raise ValueError(f"gated_delta_chunked: chunk_size must be >= 1, got {chunk_size}")
-    dtype = v.dtype
+def _chunk_local(q, k, v, g, beta, l2norm: bool, C: int):
+    """Everything of the chunked form that is local to a chunk (batched over all chunks at once):
+    q_dec, k_dec, w, u (B, H, n, C, K|V), the intra-chunk causal scores attn (B, H, n, C, C) and the
+    log decay to each chunk's end, last (B, H, n, 1) or (B, H, n, 1, K) for per-channel decays."""
     q, k, v, g, beta = _prepare(q, k, v, g, beta, l2norm)
     B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = chunk_size
     pad = (-T) % C
     if pad:  # padded tokens: no decay (g = 0) and no write (beta = 0), so the final state is exact
         zpad = lambda a: mx.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
@@ -125,7 +120,6 @@ def gated_delta_chunked(q, k, v, g, beta, initial_state=None, l2norm: bool = Tru
         ecum = mx.exp(cum)
         last = cum[..., -1:, :]                        # (B,H,n,1,K)
         k_dec = k * mx.exp(last - cum)
-        M_decay = mx.exp(last[..., 0, :])[..., :, None] * mx.eye(K, dtype=mx.float32)
     else:
         diff = cum[..., :, None] - cum[..., None, :]
         decay = mx.where(causal, mx.exp(mx.where(causal, diff, 0.0)), 0.0)   # exp(cum_i - cum_j), j <= i
@@ -135,19 +129,53 @@ def gated_delta_chunked(q, k, v, g, beta, initial_state=None, l2norm: bool = Tru
         ecum = mx.exp(cum)[..., None]
         last = cum[..., -1:]                           # (B,H,n,1)
         k_dec = k * mx.exp(last - cum)[..., None]      # keys decayed to the chunk end
-        M_decay = mx.exp(last)[..., None] * mx.eye(K, dtype=mx.float32)
     inv = _unit_lower_inverse(Lm)
     u = inv @ (v * beta[..., None])                    # new values, (B,H,n,C,V)
     w = inv @ (kb * ecum)                              # decayed keys reading S, (B,H,n,C,K)
-    q_dec = q * ecum
+    return q * ecum, k_dec, w, u, attn, last
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_pass_path(l2norm: bool, C: int):
+    """The kernel path's MLX parts, compiled (their elementwise work fuses): the chunk-local prep,
+    and the epilogue o = o_inter + attn v_new back in (B, T, H, V) order."""
+    def prep(q, k, v, g, beta):
+        q_dec, k_dec, w, u, attn, last = _chunk_local(q, k, v, g, beta, l2norm, C)
+        decay_last = mx.exp(last[..., 0, :] if g.ndim == 4 else last[..., 0])
+        return w, u, k_dec, q_dec, decay_last, attn
+
+    def finish(o_inter, attn, v_new, T: int):
+        B, H, n, _, V = o_inter.shape
+        o = o_inter + attn @ v_new
+        return o.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
+    return mx.compile(prep), finish
+
+
+def gated_delta_chunked(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk_size: int = 64,
+                        pass_kernel: bool = False):
+    """Chunked (WY/UT) gated delta rule; same contract as ``gated_delta_ref``. ``pass_kernel``: the
+    sweep across chunks runs in the GPU kernel `alloy.metal.gated_delta_chunked` (state in registers)
+    instead of the log-depth affine scan of (K, K) maps, with the chunk-local work compiled."""
+    if chunk_size < 1:
+        raise ValueError(f"gated_delta_chunked: chunk_size must be >= 1, got {chunk_size}")
+    dtype = v.dtype
+    _check(q, k, v, g, beta)
+    B, T, _, K = q.shape
+    H, V = v.shape[2], v.shape[3]
+    C = chunk_size
     S0 = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
     if pass_kernel:  # the sequential sweep in one kernel; the intra-chunk term stays a batched matmul
         from alloy.metal.gated_delta_chunked import chunk_pass
-        decay_last = mx.exp(last[..., 0, :] if per_channel else last[..., 0])
+        prep, finish = _compiled_pass_path(bool(l2norm), C)
+        w, u, k_dec, q_dec, decay_last, attn = prep(q, k, v, g, beta)
         v_new, o_inter, S_final = chunk_pass(w, u, k_dec, q_dec, decay_last, S0)
-        o = o_inter + attn @ v_new
-        o = o.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
-        return o.astype(dtype), S_final
+        return finish(o_inter, attn, v_new, T).astype(dtype), S_final
+    q_dec, k_dec, w, u, attn, last = _chunk_local(q, k, v, g, beta, l2norm, C)
+    n = q_dec.shape[2]
+    if g.ndim == 4:
+        M_decay = mx.exp(last[..., 0, :])[..., :, None] * mx.eye(K, dtype=mx.float32)
+    else:
+        M_decay = mx.exp(last)[..., None] * mx.eye(K, dtype=mx.float32)
     # state map per chunk: S' = diag(exp(last)) S + k_dec^T (u - w S) = M S + Nc
     eyeK = mx.eye(K, dtype=mx.float32)
     M = M_decay - k_dec.swapaxes(-1, -2) @ w           # (B,H,n,K,K)
