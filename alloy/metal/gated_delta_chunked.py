@@ -15,8 +15,7 @@ group-shared memory for the update) and o_inter are written out; then the state 
 k_dec rows and v_new.
 
 Per token block of TB rows, the w / q_dec / k_dec rows are first staged into group-shared memory
-with coalesced loads by all threads (the next block's loads are issued into registers right after
-staging, so their latency hides behind this block's work) (every column slice then reads them as broadcasts), and the
+with coalesced loads by all threads (every column slice then reads them as broadcasts), and the
 state update k_dec^T v_new is accumulated in registers over the chunk's blocks and applied at the
 chunk's end (every v_new of a chunk reads the state entering it). The intra-chunk output (causal q k^T times v_new) is one batched matmul in
 MLX afterwards.
@@ -57,45 +56,17 @@ KERNEL = Kernel(
   float ds[KD / NW];
   const int bh = b * H + h;
   for (int r = 0; r < R; ++r) st[r] = live ? static_cast<float>(state[(bh * KD + r0 + r) * V + j]) : 0.0f;
-  const int PF = (TB * KD + 32 * NW - 1) / (32 * NW);  // staged values per thread and array
-  float pw_[(TB * KD + 32 * NW - 1) / (32 * NW)];
-  float pq_[(TB * KD + 32 * NW - 1) / (32 * NW)];
-  float pk_[(TB * KD + 32 * NW - 1) / (32 * NW)];
-  for (int m = 0; m < PF; ++m) {              // the first block of the first chunk
-    const int e = tid + m * nthreads;
-    const int fb = bh * n * CH * KD;
-    pw_[m] = e < TB * KD ? static_cast<float>(w[fb + e]) : 0.0f;
-    pq_[m] = e < TB * KD ? static_cast<float>(qdec[fb + e]) : 0.0f;
-    pk_[m] = e < TB * KD ? static_cast<float>(kdec[fb + e]) : 0.0f;
-  }
   for (int c = 0; c < n; ++c) {
     const int ck = (bh * n + c) * CH;        // row of token 0 of this chunk in the (.., C, K|V) arrays
     for (int r = 0; r < R; ++r) ds[r] = 0.0f;
     for (int t0 = 0; t0 < CH; t0 += TB) {
-      for (int m = 0; m < PF; ++m) {           // the prefetched block into the staging (coalesced)
-        const int e = tid + m * nthreads;
-        if (e < TB * KD) {
-          sw[e / KD][e % KD] = pw_[m];
-          sq[e / KD][e % KD] = pq_[m];
-          sk[e / KD][e % KD] = pk_[m];
-        }
+      const int base = (ck + t0) * KD;
+      for (int e = tid; e < TB * KD; e += nthreads) {  // coalesced staging, shared by every column
+        sw[e / KD][e % KD] = static_cast<float>(w[base + e]);
+        sq[e / KD][e % KD] = static_cast<float>(qdec[base + e]);
+        sk[e / KD][e % KD] = static_cast<float>(kdec[base + e]);
       }
       BARRIER();
-      {                                         // issue the next block's loads now; used next round
-        const int nc = t0 + TB < CH ? c : c + 1;
-        const int nt = t0 + TB < CH ? t0 + TB : 0;
-        if (nc < n) {
-          const int nb = ((bh * n + nc) * CH + nt) * KD;
-          for (int m = 0; m < PF; ++m) {
-            const int e = tid + m * nthreads;
-            if (e < TB * KD) {
-              pw_[m] = static_cast<float>(w[nb + e]);
-              pq_[m] = static_cast<float>(qdec[nb + e]);
-              pk_[m] = static_cast<float>(kdec[nb + e]);
-            }
-          }
-        }
-      }
       for (int tt = 0; tt < TB; ++tt) {
         float pw = 0.0f;
         float pq = 0.0f;
