@@ -29,25 +29,33 @@ from alloy.checkpoint import save as save_model
 from alloy.params.io import atomic_write, load_tree_msgpack, save_tree_msgpack
 
 __all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "save_run_checkpoint",
-           "OPTIMIZER_FILE", "TRAINER_FILE", "LATEST_FILE"]
+           "OPTIMIZER_FILE", "TRAINER_FILE", "LATEST_FILE", "load_trainer_state"]
 
 OPTIMIZER_FILE = "optimizer.msgpack"
 TRAINER_FILE = "trainer.msgpack"
 LATEST_FILE = "latest"
 
 
-def save_checkpoint(path, *, model, params, opt_state, step: int, key: mx.array,
-                    data_position: dict, train_config: dict | None = None) -> Path:
-    """Write a checkpoint directory at ``path`` atomically (temp dir, then rename)."""
+def save_checkpoint(path, *, model=None, params=None, opt_state, step: int, key: mx.array,
+                    data_position: dict, train_config: dict | None = None, write_params=None,
+                    extra: dict | None = None) -> Path:
+    """Write a checkpoint directory at ``path`` atomically (temp dir, then rename).
+
+    The trained tree is a model checkpoint (``model``, ``params``) or whatever ``write_params(dir)``
+    writes into the directory (LoRA runs: the adapters); ``extra`` adds entries to the trainer file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        save_model(tmp, model, params)
+        if write_params is not None:
+            tmp.mkdir(parents=True)
+            write_params(tmp)
+        else:
+            save_model(tmp, model, params)
         save_tree_msgpack(tmp / OPTIMIZER_FILE, opt_state)
         save_tree_msgpack(tmp / TRAINER_FILE, {"step": int(step), "key": key,
                                                "data_position": dict(data_position),
-                                               "train_config": train_config})
+                                               "train_config": train_config, **(extra or {})})
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -81,18 +89,25 @@ def resolve_checkpoint(path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(path) -> dict:
-    """``{"model", "params", "opt_state", "step", "key", "data_position", "train_config", "path"}``."""
+def load_trainer_state(path) -> dict:
+    """The optimizer and trainer files of a checkpoint (or a run directory's latest):
+    ``{"opt_state", "step", "key", "data_position", "train_config", "path", ...extra entries}``."""
     path = resolve_checkpoint(path)
-    model, params = load_model(path)
     opt_state = load_tree_msgpack(path / OPTIMIZER_FILE)
     trainer = load_tree_msgpack(path / TRAINER_FILE)
     missing = [k for k in ("step", "key", "data_position") if k not in trainer]
     if missing:
         raise ValueError(f"{path / TRAINER_FILE}: missing {missing}")
-    return {"model": model, "params": params, "opt_state": opt_state, "step": int(trainer["step"]),
-            "key": trainer["key"], "data_position": trainer["data_position"],
+    return {**trainer, "opt_state": opt_state, "step": int(trainer["step"]),
             "train_config": trainer.get("train_config"), "path": path}
+
+
+def load_checkpoint(path) -> dict:
+    """``{"model", "params", "opt_state", "step", "key", "data_position", "train_config", "path"}``."""
+    st = load_trainer_state(path)
+    model, params = load_model(st["path"])
+    return {"model": model, "params": params, **{k: st[k] for k in
+            ("opt_state", "step", "key", "data_position", "train_config", "path")}}
 
 
 def save_run_checkpoint(run_dir, keep: int = 2, **state) -> Path:

@@ -4,6 +4,7 @@
     alloy train --config toy --data data.jsonl --max-steps 2000 --dtype bfloat16
     alloy train --resume runs/tiny                # continue a run from its latest checkpoint
     alloy train --lora runs/tiny --data chat.jsonl --lora-rank 8   # LoRA adapters on a frozen base
+    alloy train --resume runs/tiny-lora --max-steps 400           # continue a LoRA run
 """
 from __future__ import annotations
 
@@ -46,21 +47,27 @@ def run(args) -> dict:
     from alloy.train.checkpoint import TRAINER_FILE, resolve_checkpoint
     from alloy.train.loop import TrainConfig, load_train_config, train
 
-    if args.lora and args.resume:
-        raise ValueError("train: --lora and --resume cannot be combined (LoRA runs start from the base)")
     model_cfg, tcfg = load_train_config(args.config)
+    lora_resume = False
     if args.resume:
         # the stored run's train config is the base; flags given now still override it
-        stored = load_tree_msgpack(resolve_checkpoint(args.resume) / TRAINER_FILE).get("train_config")
+        trainer = load_tree_msgpack(resolve_checkpoint(args.resume) / TRAINER_FILE)
+        stored = trainer.get("train_config")
         if stored:
             tcfg = TrainConfig.from_dict(stored)
+        lora_resume = bool(trainer.get("lora"))
+        if args.lora and not lora_resume:
+            raise ValueError(f"train: --lora with --resume needs a LoRA run to resume; {args.resume} is a full training run")
     changes = {field: getattr(args, a) for a, field in _OVERRIDES.items() if getattr(args, a, None) is not None}
     if changes:
         tcfg = dataclasses.replace(tcfg, **changes)
     name = Path(args.config).stem if Path(args.config).suffix else args.config
-    if args.lora:
+    if args.lora or lora_resume:
         from alloy.params.lora import LoraConfig
         from alloy.train.lora_loop import finetune_lora
+        if lora_resume:  # base and LoRA config come from the run
+            out = args.out or str(resolve_checkpoint(args.resume).parent)
+            return finetune_lora(args.lora, None, tcfg, out, resume=args.resume)
         lcfg = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
         return finetune_lora(args.lora, lcfg, tcfg, args.out or f"runs/{name}-lora")
     out = args.out or (str(resolve_checkpoint(args.resume).parent) if args.resume else f"runs/{name}")
