@@ -110,7 +110,8 @@ def _generate(args):
                        stop_tokens=tuple(getattr(tokenizer, "eos_token_ids", ())),
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                       stop_strings=tuple(args.stop), seed=args.seed, prefill_chunk=args.chunk):
+                       stop_strings=tuple(args.stop), seed=args.seed, prefill_chunk=args.chunk,
+                       kv_bits=args.kv_bits):
         sys.stdout.write(ev.text)
         sys.stdout.flush()
     if ev is not None:
@@ -143,5 +144,7 @@ def register(sub) -> None:
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                   help="store attention KV caches quantized (affine groups along the head dim)")
     g.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
     g.set_defaults(fn=_generate)

@@ -277,7 +277,8 @@ def resolve_sampling(sampling, kwargs) -> SamplingParams:
 def generate(model, params, prompt_ids, max_tokens: int = 64, sampling: SamplingParams | None = None,
              *, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer=None,
              seed: int = 0, prefill_chunk: int = 512, max_len: int | None = None,
-             prefix_cache=None, **sampling_kwargs) -> Iterator[GenerationEvent]:
+             prefix_cache=None, kv_bits: int | None = None, kv_group_size: int | None = None,
+             **sampling_kwargs) -> Iterator[GenerationEvent]:
     """Stream ``GenerationEvent``s for one prompt or a batch of prompts (see module docstring).
 
     prompt_ids: ids, a list of id lists (rows may differ in length), a (T,)/(B, T) array, or text
@@ -290,8 +291,12 @@ def generate(model, params, prompt_ids, max_tokens: int = 64, sampling: Sampling
     prefix_cache: an ``alloy.inference.PrefixCache`` (batch 1): resume from the longest cached
     prefix of the prompt, snapshot at its boundaries, and snapshot the state after the reply when
     the row finishes (so the next chat turn, prompt + reply + more, resumes after the reply).
+    kv_bits: 4 or 8 stores the attention KV rings quantized (``quantize_kv``; groups of
+    ``kv_group_size``); None keeps them in the model dtype.
     """
     t0 = time.perf_counter()
+    if kv_bits is not None and prefix_cache is not None:
+        raise ValueError("generate: kv_bits and prefix_cache cannot be combined yet")
     sp = resolve_sampling(sampling, sampling_kwargs)
     V = model.config.vocab_size
     sp.check_vocab(V)
@@ -318,6 +323,8 @@ def generate(model, params, prompt_ids, max_tokens: int = 64, sampling: Sampling
         state, last = prefix_cache.prefill(model, params, rows[0], max_len, prefill_chunk)
     else:
         state = model.init_state(B, max_len)
+        if kv_bits is not None:
+            state = quantize_kv(model, state, kv_bits, kv_group_size)
         state, last = prefill(model, params, state, tokens, lengths, 0, prefill_chunk)
     prompt_time = time.perf_counter() - t0
 
@@ -369,3 +376,40 @@ def generate(model, params, prompt_ids, max_tokens: int = 64, sampling: Sampling
                                   ttft, now - t0)
         if all(done):
             return
+
+
+KV_KINDS = ("attention", "sliding_attention")  # mixers whose KV ring may be stored quantized
+
+
+def quantize_kv(model, state: dict, bits: int = 8, group_size: int | None = None) -> dict:
+    """The state with every attention KV ring (``attention`` / ``sliding_attention`` layers and
+    Zamba-style shared attention calls) stored as affine group-quantized values (``bits`` 4 or 8,
+    groups of ``group_size`` along the head dimension — default min(64, head dim) — scales in the
+    cache dtype): new tokens are
+    quantized once when written, attention reads the dequantized ring (``alloy.layers.attention``).
+    Other state (SSM, conv, MLA latents, DeepSeek-V4 caches) is unchanged."""
+    if bits not in (4, 8):
+        raise ValueError(f"quantize_kv: bits must be 4 or 8, got {bits!r}")
+    cfg = model.config
+
+    def q(entry):
+        k = entry["k"]
+        hd = k.shape[-1]
+        gs = min(64, hd) if group_size is None else group_size
+        if hd % gs or gs not in (32, 64, 128):
+            raise ValueError(f"quantize_kv: group_size {gs} must be 32, 64 or 128 and divide the head dim {hd}")
+        out = dict(entry)
+        for name in ("k", "v"):
+            qv, sc, bi = mx.quantize(entry[name], group_size=gs, bits=bits)
+            out[name] = {"q": qv, "scales": sc, "biases": bi}
+        return out
+
+    layers = []
+    for i, ls in enumerate(state["layers"]):
+        ls = dict(ls)
+        if cfg.mixer_kind(i) in KV_KINDS and not isinstance(ls["mixer"]["k"], dict):
+            ls["mixer"] = q(ls["mixer"])
+        if "shared" in ls and not isinstance(ls["shared"]["k"], dict):
+            ls["shared"] = q(ls["shared"])
+        layers.append(ls)
+    return {**state, "layers": layers}

@@ -140,15 +140,49 @@ def slot_positions(end: mx.array, slots: int) -> mx.array:
     return e - mx.remainder(e - mx.arange(slots, dtype=mx.int32)[None, :], slots)
 
 
+# A quantized KV ring (``alloy.inference.quantize_kv``) stores each of k / v as the affine group
+# quantization of its last axis: {"q": uint32 packed, "scales", "biases"} (mx.quantize layout); bits
+# and group size are read off the shapes. New tokens are quantized once when written; ring entries
+# move as packed rows (never re-quantized); attention reads the dequantized ring.
+
+
+def _kv_layout(entry: dict, hd: int) -> tuple[int, int]:
+    return entry["q"].shape[-1] * 32 // hd, hd // entry["scales"].shape[-1]
+
+
+def _kv_read(entry, hd: int, dtype):
+    """The ring as (B, H, S, hd) values in ``dtype``: the array itself or its dequantized form."""
+    if not isinstance(entry, dict):
+        return entry.astype(dtype)
+    bits, gs = _kv_layout(entry, hd)
+    return mx.dequantize(entry["q"], entry["scales"], entry["biases"], group_size=gs, bits=bits).astype(dtype)
+
+
+def _kv_store(x, entry):
+    """New values in the ring's storage format (cast, or quantized like ``entry``)."""
+    if not isinstance(entry, dict):
+        return x.astype(entry.dtype)
+    bits, gs = _kv_layout(entry, x.shape[-1])
+    qv, sc, bi = mx.quantize(x.astype(entry["scales"].dtype), group_size=gs, bits=bits)
+    return {"q": qv, "scales": sc, "biases": bi}
+
+
+def _kv_map(fn, *entries):
+    """``fn`` over the arrays of ring entries (plain arrays or quantized dicts, all the same kind)."""
+    if isinstance(entries[0], dict):
+        return {name: fn(*(e[name] for e in entries)) for name in entries[0]}
+    return fn(*entries)
+
+
 def _cached_attention(q, k, v, state, window, scale=None):
     """Attention of this call's queries over the ring + new keys; returns (o, new state)."""
-    B, _, T, _ = q.shape
+    B, _, T, hd = q.shape
     kc, vc, pos = state["k"], state["v"], state["pos"]
-    S = kc.shape[2]
+    S = (kc["q"] if isinstance(kc, dict) else kc).shape[2]
     valid = state.get("valid")
     n_new = T if valid is None else valid
     live = None if valid is None else live_mask(valid, T)  # (B, T)
-    k, v = k.astype(kc.dtype), v.astype(vc.dtype)
+    ks, vs = _kv_store(k, kc), _kv_store(v, vc)  # this call's keys / values as stored
     q_pos = pos[:, None] + mx.arange(T, dtype=mx.int32)[None]  # (B, T)
     end = pos + n_new
     if T == 1:  # decode: write slot pos mod S (kept as is for a padded row), attend over the ring
@@ -156,30 +190,32 @@ def _cached_attention(q, k, v, state, window, scale=None):
         idx = slot[:, None, None, None]
         if live is not None:
             keep = live[:, None, :, None]
-            k = mx.where(keep, k, mx.take_along_axis(kc, idx, axis=2))
-            v = mx.where(keep, v, mx.take_along_axis(vc, idx, axis=2))
-        kc = mx.put_along_axis(kc, idx, k, axis=2)
-        vc = mx.put_along_axis(vc, idx, v, axis=2)
+            ks = _kv_map(lambda a, c: mx.where(keep, a, mx.take_along_axis(c, idx, axis=2)), ks, kc)
+            vs = _kv_map(lambda a, c: mx.where(keep, a, mx.take_along_axis(c, idx, axis=2)), vs, vc)
+        kc = _kv_map(lambda c, a: mx.put_along_axis(c, idx, a, axis=2), kc, ks)
+        vc = _kv_map(lambda c, a: mx.put_along_axis(c, idx, a, axis=2), vc, vs)
         mask = visibility_mask(q_pos, slot_positions(end, S), window)
         if live is not None:  # a padded query sees its own slot, so its (unused) output stays finite
             mask = mask | (mx.arange(S, dtype=mx.int32)[None] == slot[:, None])[:, None, None, :]
-        o = attention(q, kc.astype(q.dtype), vc.astype(q.dtype), scale=scale, mask=mask)
+        o = attention(q, _kv_read(kc, hd, q.dtype), _kv_read(vc, hd, q.dtype), scale=scale, mask=mask)
         return o, {"k": kc, "v": vc, "pos": end}
     # chunk: keys = [ring (S), new (T)]; padded new keys are hidden from every query but their own
-    keys = mx.concatenate([kc, k], axis=2)
-    vals = mx.concatenate([vc, v], axis=2)
+    # (a quantized ring: this chunk's own keys attend in full precision; they are stored quantized)
+    quant = isinstance(kc, dict)
+    keys = mx.concatenate([_kv_read(kc, hd, q.dtype), (k if quant else ks).astype(q.dtype)], axis=2)
+    vals = mx.concatenate([_kv_read(vc, hd, q.dtype), (v if quant else vs).astype(q.dtype)], axis=2)
     new_pos = q_pos if live is None else mx.where(live, q_pos, -1)
     mask = visibility_mask(q_pos, mx.concatenate([slot_positions(pos, S), new_pos], axis=1), window)
     if live is not None:
         eye = mx.concatenate([mx.zeros((T, S), dtype=mx.bool_), mx.eye(T, dtype=mx.bool_)], axis=1)
         mask = mask | eye[None, None]
-    o = attention(q, keys.astype(q.dtype), vals.astype(q.dtype), scale=scale, mask=mask)
+    o = attention(q, keys, vals, scale=scale, mask=mask)
     # ring update: slot s takes the newest position p < end with p = s (mod S); new if p >= pos
     p_s = slot_positions(end, S)
     src = mx.where(p_s >= pos[:, None], S + p_s - pos[:, None], mx.arange(S, dtype=mx.int32)[None])
     src = src[:, None, :, None]
-    return o, {"k": mx.take_along_axis(keys, src, axis=2), "v": mx.take_along_axis(vals, src, axis=2),
-               "pos": end}
+    ring = lambda c, a: mx.take_along_axis(mx.concatenate([c, a], axis=2), src, axis=2)  # noqa: E731
+    return o, {"k": _kv_map(ring, kc, ks), "v": _kv_map(ring, vc, vs), "pos": end}
 
 
 def apply(params, x, state, cfg: AttentionSettings):

@@ -27,6 +27,12 @@ def test_generate_streams_bytes_and_bad_flags_are_reported(capsys):
     assert main(["generate", "--config", TINY, "--prompt", "héllo", "--max-tokens", "5",
                  "--temperature", "0.9", "--top-p", "0.9"]) == 0
     assert "5 tokens" in capsys.readouterr().err
+    # quantized KV caches: a head dim of 8 cannot be grouped (named); 32 generates
+    assert main(["generate", "--config", TINY, "--prompt", "hello", "--max-tokens", "3", "--kv-bits", "8"]) == 2
+    assert "quantize_kv: group_size" in capsys.readouterr().err
+    wide = TINY.replace('"d_model": 16', '"d_model": 64')
+    assert main(["generate", "--config", wide, "--prompt", "hello", "--max-tokens", "3", "--kv-bits", "4"]) == 0
+    assert "3 tokens" in capsys.readouterr().err
     assert main(["bench", "--config", "no-such-config"]) == 2
     assert "no-such-config" in capsys.readouterr().err
     with pytest.raises(SystemExit):
