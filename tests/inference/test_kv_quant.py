@@ -72,3 +72,20 @@ def test_bad_kv_settings_are_named(model):
         quantize_kv(m, m.init_state(1, 8), 8, group_size=48)
     with pytest.raises(ValueError, match="kv_bits and prefix_cache"):
         next(generate(m, p, [1, 2], max_tokens=2, kv_bits=8, prefix_cache=alloy.inference.PrefixCache()))
+
+
+def test_shared_attention_calls_are_quantized_too():
+    """Zamba-style shared blocks keep a KV ring per call site: quantize_kv covers them."""
+    cfg = {"vocab_size": 37, "d_model": 32, "layer_types": ["mamba2", "mamba2", "mamba2"],
+           "mixers": {"mamba2": {"d_state": 8, "head_dim": 16}},
+           "shared": {"n_blocks": 1, "at": [0, 2], "attention": {"n_heads": 2},
+                      "mlp": {"d_ff": 40}, "adapter_rank": 2}}
+    m = alloy.build(cfg)
+    p = m.init(mx.random.key(1))
+    s = quantize_kv(m, m.init_state(1, 32), 8)
+    assert [isinstance(ls.get("shared", {}).get("k"), dict) for ls in s["layers"]] == [True, False, True]
+    toks = mx.array(np.random.default_rng(2).integers(0, 37, (1, 20)))
+    full = cached_logits(m, p, m.init_state(1, 32), toks)
+    quant = cached_logits(m, p, s, toks)
+    diff = float(mx.abs(full - quant).max()) / max(float(mx.abs(full).max()), 1.0)
+    assert 0.0 < diff <= 2e-3
