@@ -41,16 +41,24 @@ def causal_conv1d_ref(x, weight, bias=None, state=None, activation=None):
     if weight.shape[0] != C:
         raise ValueError(f"causal_conv1d: weight has {weight.shape[0]} channels, x has {C}")
     K = weight.shape[1]
-    if state is None:
-        state = mx.zeros((B, K - 1, C), dtype=x.dtype)
-    xp = mx.concatenate([state.astype(x.dtype), x], axis=1)  # (B, T+K-1, C)
+    # No op ever runs on an empty array here (T == 0, or a width-1 kernel's (B, 0, C) state): MLX-CUDA
+    # was seen to die with SIGFPE on such inputs; empty results are views of x instead.
+    if T == 0:
+        return x, (x[:, :0] if K == 1 else (mx.zeros((B, K - 1, C), x.dtype) if state is None
+                                            else state.astype(x.dtype)))
+    if K == 1:
+        xp = x
+    else:
+        if state is None:
+            state = mx.zeros((B, K - 1, C), dtype=x.dtype)
+        xp = mx.concatenate([state.astype(x.dtype), x], axis=1)  # (B, T+K-1, C)
     w = weight.astype(mx.float32)
     y = mx.zeros((B, T, C), dtype=mx.float32)
     for k in range(K):  # loop over the kernel width, not over time
         y = y + xp[:, k:k + T].astype(mx.float32) * w[:, k]
     if bias is not None:
         y = y + bias.astype(mx.float32)
-    new_state = xp[:, T:] if K > 1 else xp[:, :0]
+    new_state = xp[:, T:] if K > 1 else x[:, :0]
     return _activate(y, activation).astype(x.dtype), new_state
 
 
