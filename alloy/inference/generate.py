@@ -295,8 +295,6 @@ def generate(model, params, prompt_ids, max_tokens: int = 64, sampling: Sampling
     ``kv_group_size``); None keeps them in the model dtype.
     """
     t0 = time.perf_counter()
-    if kv_bits is not None and prefix_cache is not None:
-        raise ValueError("generate: kv_bits and prefix_cache cannot be combined yet")
     sp = resolve_sampling(sampling, sampling_kwargs)
     V = model.config.vocab_size
     sp.check_vocab(V)
@@ -320,7 +318,8 @@ def generate(model, params, prompt_ids, max_tokens: int = 64, sampling: Sampling
     if prefix_cache is not None:
         if B != 1:
             raise ValueError(f"generate: prefix_cache works with one prompt, got a batch of {B}")
-        state, last = prefix_cache.prefill(model, params, rows[0], max_len, prefill_chunk)
+        state, last = prefix_cache.prefill(model, params, rows[0], max_len, prefill_chunk,
+                                           kv_bits=kv_bits, kv_group_size=kv_group_size)
     else:
         state = model.init_state(B, max_len)
         if kv_bits is not None:
@@ -370,7 +369,8 @@ def generate(model, params, prompt_ids, max_tokens: int = 64, sampling: Sampling
                 reply.append(t)
                 if done[b]:  # the state has consumed the reply up to the last step taken
                     steps = i + 1 if i + 1 < max_tokens else i
-                    prefix_cache.insert(prefix_cache.signature(model, params, max_len),
+                    kv = None if kv_bits is None else (kv_bits, kv_group_size)
+                    prefix_cache.insert(prefix_cache.signature(model, params, max_len, kv),
                                         rows[0] + reply[:steps], state, None)
             yield GenerationEvent(b, i, t, float(lps[b]), text, reason, int(lengths[b]), prompt_time,
                                   ttft, now - t0)

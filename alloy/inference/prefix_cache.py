@@ -51,8 +51,10 @@ class PrefixCache:
         return len(self._entries)
 
     @staticmethod
-    def signature(model, params, max_len: int):
-        return (model.config, max_len, id(params))
+    def signature(model, params, max_len: int, kv=None):
+        """What a snapshot may be reused for: the model, its params, the state length and the KV
+        storage (``kv``: None, or (bits, group_size) of quantized attention rings)."""
+        return (model.config, max_len, id(params), kv)
 
     def lookup(self, sig, tokens: Sequence[int]):
         """(n, state, last) of the longest cached prefix tokens[:n] (n >= 1), or None. A snapshot
@@ -90,13 +92,16 @@ class PrefixCache:
         self.nbytes = 0
 
     def prefill(self, model, params, prompt: Sequence[int], max_len: int, prefill_chunk: int = 512,
-                boundaries: Sequence[int] = ()):
+                boundaries: Sequence[int] = (), kv_bits: int | None = None, kv_group_size: int | None = None):
         """Prefill one prompt, resuming from its longest cached prefix and snapshotting at the
-        boundaries. Returns (state, last (1, V) logits) like ``generate.prefill``."""
+        boundaries. Returns (state, last (1, V) logits) like ``generate.prefill``. ``kv_bits``: a
+        fresh state's attention rings are quantized (``quantize_kv``); snapshots are kept apart by
+        their KV storage."""
         import numpy as np
+        from alloy.inference.generate import quantize_kv
         prompt = [int(t) for t in prompt]
         T = len(prompt)
-        sig = self.signature(model, params, max_len)
+        sig = self.signature(model, params, max_len, None if kv_bits is None else (kv_bits, kv_group_size))
         hit = self.lookup(sig, prompt)
         if hit is not None and hit[0] == T:
             self.hits += 1
@@ -105,6 +110,8 @@ class PrefixCache:
         if hit is None:
             self.misses += 1
             start, state = 0, model.init_state(1, max_len)
+            if kv_bits is not None:
+                state = quantize_kv(model, state, kv_bits, kv_group_size)
         else:
             self.hits += 1
             self.reused_tokens += hit[0]

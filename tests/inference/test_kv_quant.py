@@ -70,8 +70,6 @@ def test_bad_kv_settings_are_named(model):
         quantize_kv(m, m.init_state(1, 8), 3)
     with pytest.raises(ValueError, match="group_size"):
         quantize_kv(m, m.init_state(1, 8), 8, group_size=48)
-    with pytest.raises(ValueError, match="kv_bits and prefix_cache"):
-        next(generate(m, p, [1, 2], max_tokens=2, kv_bits=8, prefix_cache=alloy.inference.PrefixCache()))
 
 
 def test_shared_attention_calls_are_quantized_too():
@@ -89,3 +87,18 @@ def test_shared_attention_calls_are_quantized_too():
     quant = cached_logits(m, p, s, toks)
     diff = float(mx.abs(full - quant).max()) / max(float(mx.abs(full).max()), 1.0)
     assert 0.0 < diff <= 2e-3
+
+
+def test_prefix_cache_with_quantized_kv_reuses_and_matches(model):
+    """Snapshots of quantized states serve quantized requests only; reuse gives the same tokens."""
+    m, p = model
+    from alloy.inference import PrefixCache
+    prompt = [5, 9, 13, 2, 7, 7, 1, 30, 4, 11, 12, 40, 3]
+    plain = [ev.token for ev in generate(m, p, [prompt], max_tokens=5, kv_bits=8)]
+    cache = PrefixCache()
+    first = [ev.token for ev in generate(m, p, [prompt[:8]], max_tokens=3, kv_bits=8, prefix_cache=cache)]
+    assert len(first) == 3 and cache.misses == 1
+    again = [ev.token for ev in generate(m, p, [prompt], max_tokens=5, kv_bits=8, prefix_cache=cache)]
+    assert cache.hits == 1 and cache.reused_tokens == 8 and again == plain
+    [ev.token for ev in generate(m, p, [prompt], max_tokens=2, prefix_cache=cache)]  # full-precision KV
+    assert cache.misses == 2  # a quantized snapshot does not serve an unquantized request
