@@ -228,7 +228,10 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_siz
 
     impl: "ref" (sequential), "chunked", "kernel" (GPU kernels: a fused decode step for
     T == 1, else the fused forward scan), or "auto" (the kernels where `kernel_applies`;
-    otherwise T == 1 -> one decode step, else chunked with a balanced chunk length <= chunk_size).
+    otherwise T == 1 -> one decode step; on the CPU the sequential scan — it materialises one
+    (b, d, n) state per step where the chunked form materialises (b, chunk, d, n) blocks:
+    `bench/cpu_scans.py`, docs/benchmarks.md; elsewhere chunked with a balanced chunk length
+    <= chunk_size).
     """
     if impl not in ("auto", "ref", "chunked", "kernel"):
         raise ValueError(f"unknown selective_scan impl {impl!r}; "
@@ -247,4 +250,6 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, initial_state=None, chunk_siz
         zt = None if z is None else z[:, 0]
         y, state = selective_scan_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, zt, initial_state)
         return y[:, None], state
+    if mx.default_device() == mx.cpu:
+        return selective_scan_ref(x, dt, A, B, C, D, z, initial_state)
     return selective_scan_chunked(x, dt, A, B, C, D, z, initial_state, _balanced_chunk(T, chunk_size))
