@@ -354,9 +354,6 @@ register_converter(Converter(
 def _bamba_config(hf: dict) -> dict:
     _unsupported(hf, "hidden_act", lambda v: v == "silu")
     _check_time_step_limit(hf)
-    if hf.get("mamba_n_groups", 1) != 1:
-        # Bamba normalises the gated output over the full width, not per group.
-        raise ValueError(f"bamba: mamba_n_groups={hf['mamba_n_groups']} is not supported (only 1)")
     D, L = hf["hidden_size"], hf["num_hidden_layers"]
     expand = hf.get("mamba_expand", 2)
     if hf["mamba_n_heads"] * hf["mamba_d_head"] != expand * D:
@@ -372,7 +369,8 @@ def _bamba_config(hf: dict) -> dict:
         "ffn_types": ["mlp"] * L,
         "mixers": {
             **({"mamba2": {"d_state": hf["mamba_d_state"], "d_conv": hf.get("mamba_d_conv", 4),
-                           "expand": expand, "head_dim": hf["mamba_d_head"], "n_groups": 1,
+                           "expand": expand, "head_dim": hf["mamba_d_head"],
+                           "n_groups": hf.get("mamba_n_groups", 1),  # gated norm per group, as transformers
                            "chunk_size": hf.get("mamba_chunk_size", 256),
                            "conv_bias": bool(hf.get("mamba_conv_bias", True)),
                            "bias": bool(hf.get("mamba_proj_bias", False)), "norm_eps": eps}}
@@ -396,7 +394,7 @@ def _bamba_to_hf(cfg) -> dict | None:
     m = next(s for n, k, s in cfg.mixers if k == "mamba2")
     a = next((s for n, k, s in cfg.mixers if k == "attention"), None)
     mlp = cfg.ffns[0][2]
-    if (m.n_groups != 1 or m.norm_eps != cfg.norm_eps or m.norm_before_gate or mlp.activation != "silu"
+    if (m.norm_eps != cfg.norm_eps or m.norm_before_gate or mlp.activation != "silu"
             or not mlp.gated):
         return None
     if a is not None and (a.qk_norm or a.qkv_bias != a.o_bias or not a.rope or a.rope_traditional
@@ -407,7 +405,7 @@ def _bamba_to_hf(cfg) -> dict | None:
           "mlp_bias": mlp.bias, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
           "attn_layer_indices": [i for i, k in enumerate(kinds) if k == "attention"],
           "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand,
-          "mamba_n_heads": m.n_heads, "mamba_d_head": m.head_dim, "mamba_n_groups": 1,
+          "mamba_n_heads": m.n_heads, "mamba_d_head": m.head_dim, "mamba_n_groups": m.n_groups,
           "mamba_chunk_size": m.chunk_size, "mamba_conv_bias": m.conv_bias, "mamba_proj_bias": m.bias,
           "time_step_limit": [0.0, float("inf")]}
     if a is not None:

@@ -99,7 +99,7 @@ def configs(T):
                                           rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                            "original_max_position_embeddings": 32}),
         "bamba": T.BambaConfig(**{**dec, "num_hidden_layers": 3}, attn_layer_indices=[1], mamba_n_heads=4,
-                               mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4),
+                               mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4, mamba_n_groups=2),
     }
 
 
