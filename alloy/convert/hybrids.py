@@ -311,8 +311,6 @@ def _nemotron_h_config(hf: dict) -> dict:
         ffns["mlp"] = {"d_ff": hf["intermediate_size"], "activation": act, "gated": False,
                        "bias": bool(hf.get("mlp_bias", False))}
     if "moe" in types:
-        if hf.get("moe_latent_size") is not None:
-            raise ValueError("nemotron_h: moe_latent_size (latent expert projections) is not supported")
         if bool(hf.get("mlp_bias", False)):
             raise ValueError("nemotron_h: mlp_bias with MoE layers is not supported")
         ffns["moe"] = {"n_experts": hf["n_routed_experts"], "top_k": hf["num_experts_per_tok"],
@@ -320,7 +318,8 @@ def _nemotron_h_config(hf: dict) -> dict:
                        "norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
                        "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)), "router_bias": True,
                        "shared_d_ff": hf.get("moe_shared_expert_intermediate_size", 0) if hf.get("n_shared_experts", 1) else 0,
-                       "n_group": hf.get("n_group", 1), "topk_group": hf.get("topk_group", 1)}
+                       "n_group": hf.get("n_group", 1), "topk_group": hf.get("topk_group", 1),
+                       "latent_dim": hf.get("moe_latent_size") or 0}
     return {"name": "nemotron_h", "vocab_size": hf["vocab_size"], "d_model": D,
             "layer_types": [_NEMOTRON_KINDS[t][0] for t in types],
             "ffn_types": [_NEMOTRON_KINDS[t][1] for t in types], "mixers": mixers, "ffns": ffns, "norm_eps": eps,
@@ -362,7 +361,7 @@ def _nemotron_h_to_hf(cfg) -> dict | None:
             hf.update({"n_routed_experts": s.n_experts, "num_experts_per_tok": s.top_k,
                        "moe_intermediate_size": s.ff, "norm_topk_prob": s.norm_topk_prob,
                        "routed_scaling_factor": s.routed_scaling_factor, "n_group": s.n_group,
-                       "topk_group": s.topk_group,
+                       "topk_group": s.topk_group, "moe_latent_size": s.latent_dim or None,
                        "moe_shared_expert_intermediate_size": s.shared_d_ff, "n_shared_experts": int(bool(s.shared_d_ff))})
     if len(acts) > 1:
         return None

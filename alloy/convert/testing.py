@@ -37,7 +37,7 @@ def configs(T):
                                                            "linear_attention"],
                                         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                         moe_shared_expert_intermediate_size=24, routed_scaling_factor=1.5,
-                                        n_group=2, topk_group=1),
+                                        n_group=2, topk_group=1, moe_latent_size=8),
         "qwen3_5_text": T.Qwen3_5TextConfig(**dec, head_dim=8, **GDN, layer_types=["linear_attention", "full_attention"]),
         "qwen3_5_moe_text": T.Qwen3_5MoeTextConfig(**dec, head_dim=8, **GDN, num_experts=4, num_experts_per_tok=2,
                                                    moe_intermediate_size=16, shared_expert_intermediate_size=24,

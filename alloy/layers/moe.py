@@ -42,6 +42,7 @@ class MoESettings(LayerSettings):
     n_group: int = 1  # group-limited routing (DeepSeek-V3 style): experts in n_group groups, a group
     topk_group: int = 1  # scores by its top-2 experts, and only the best topk_group groups are eligible
     swiglu_limit: float = 0.0  # > 0: clip gated experts' gate (above) and up (both sides) at this value
+    latent_dim: int = 0  # > 0: routed experts work in a latent width (Nemotron-H): fc1 D -> L, experts, fc2 L -> D
 
     @property
     def ff(self) -> int:
@@ -63,7 +64,7 @@ class MoESettings(LayerSettings):
             raise ValueError("swiglu_limit clips gated experts only (gated must be true)")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        for f in ("d_ff", "shared_d_ff"):
+        for f in ("d_ff", "shared_d_ff", "latent_dim"):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{f} must be a non-negative int, got {v!r}")
@@ -92,14 +93,18 @@ SCORING = {"softmax": lambda a: mx.softmax(a, axis=-1), "sigmoid": mx.sigmoid,
 
 
 def init(key, cfg: MoESettings) -> dict:
-    k = I.split(key, 8)
+    k = I.split(key, 10)
     E, F, D = cfg.n_experts, cfg.ff, cfg.d_model
+    X = cfg.latent_dim or D  # the experts' input / output width
     experts = {}
     if cfg.gated:
-        experts["gate_proj"] = {"weight": I.normal(k[0], (E, F, D))}
-    experts["up_proj"] = {"weight": I.normal(k[1], (E, F, D))}
-    experts["down_proj"] = {"weight": I.normal(k[2], (E, D, F))}
+        experts["gate_proj"] = {"weight": I.normal(k[0], (E, F, X))}
+    experts["up_proj"] = {"weight": I.normal(k[1], (E, F, X))}
+    experts["down_proj"] = {"weight": I.normal(k[2], (E, X, F))}
     p = {"router": {"weight": I.normal(k[3], (E, D))}}
+    if cfg.latent_dim:
+        p["fc1_latent_proj"] = I.linear(k[8], D, X)
+        p["fc2_latent_proj"] = I.linear(k[9], X, D)
     if cfg.router_bias:
         p["router"]["bias"] = mx.zeros((E,))
     p["experts"] = experts
@@ -178,10 +183,13 @@ def moe_ref(params, x, cfg: MoESettings, tokens=None):
     dense_w = (dense_w * w[..., None]).sum(1)  # (N, E)
     ex = params["experts"]
     act = activation(cfg.activation)
-    up = mx.einsum("nd,efd->nef", x, ex["up_proj"]["weight"])
-    h = _glu(act, mx.einsum("nd,efd->nef", x, ex["gate_proj"]["weight"]), up, cfg) if cfg.gated else act(up)
+    xl = dense(params["fc1_latent_proj"], x) if cfg.latent_dim else x
+    up = mx.einsum("nd,efd->nef", xl, ex["up_proj"]["weight"])
+    h = _glu(act, mx.einsum("nd,efd->nef", xl, ex["gate_proj"]["weight"]), up, cfg) if cfg.gated else act(up)
     y = mx.einsum("nef,edf->ned", h, ex["down_proj"]["weight"])
     y = (y * dense_w[..., None].astype(y.dtype)).sum(1)
+    if cfg.latent_dim:
+        y = dense(params["fc2_latent_proj"], y)
     if cfg.shared_d_ff:
         y = y + _shared(params, x, cfg)
     return y
@@ -202,11 +210,14 @@ def apply(params, x, state, cfg: MoESettings, tokens=None):
     idx, w = route(params, xf, cfg, tokens)
     ex = params["experts"]
     act = activation(cfg.activation)
-    xe = xf[:, None, None, :]  # (N, 1, 1, D): gathered against each token's k experts
+    xl = dense(params["fc1_latent_proj"], xf) if cfg.latent_dim else xf
+    xe = xl[:, None, None, :]  # (N, 1, 1, D|L): gathered against each token's k experts
     up = _gather_mm(xe, ex["up_proj"]["weight"], idx)
     h = _glu(act, _gather_mm(xe, ex["gate_proj"]["weight"], idx), up, cfg) if cfg.gated else act(up)
-    y = _gather_mm(h, ex["down_proj"]["weight"], idx)[:, :, 0]  # (N, k, D)
+    y = _gather_mm(h, ex["down_proj"]["weight"], idx)[:, :, 0]  # (N, k, D|L)
     y = (y * w[..., None].astype(y.dtype)).sum(1)
+    if cfg.latent_dim:
+        y = dense(params["fc2_latent_proj"], y)
     if cfg.shared_d_ff:
         y = y + _shared(params, xf, cfg)
     return y.reshape(shape), state

@@ -496,7 +496,8 @@ def experts_touched(n_experts: int, top_k: int, n_tokens: int) -> float:
 @register_cost("moe", role="ffn")
 def moe_cost(s, w: Workload) -> Cost:
     """Router (D -> E), k routed SwiGLU (or plain) experts of width F per token, optional shared
-    expert (width Fs) with an optional sigmoid gate (D -> 1).
+    expert (width Fs) with an optional sigmoid gate (D -> 1). With ``latent_dim`` L the experts
+    work in width L (D below reads L for them) behind D -> L and L -> D projections.
 
     matmul 2*N*D*E + 2*N*k*D*F*(3|2) + 2*N*D*Fs*(3|2) [+ 2*N*D]. Weights stored: all E experts; read:
     the experts the call touches (``experts_touched``, uniform routing), router and shared expert.
@@ -505,11 +506,14 @@ def moe_cost(s, w: Workload) -> Cost:
     N, D, E, k, F = w.n, s.d_model, s.n_experts, s.top_k, s.ff
     m = 3 if s.gated else 2
     g = m - 1
+    X = s.latent_dim or D  # experts' width: D, or the latent L with D -> L and L -> D projections
     c = matmul(N, D, E, s.router_bias)
-    c += Cost(flops={"matmul": 2 * N * k * D * F * m}, params={"matrix": E * F * D * m},
-              weight_reads={"matrix": experts_touched(E, k, N) * F * D * m})
-    c += Cost(act_read=N * D + N * k * D + g * N * k * F + N * k * D,
-              act_write=N * E + g * N * k * F + N * k * D + N * D)
+    if s.latent_dim:
+        c += matmul(N, D, X) + matmul(N, X, D)
+    c += Cost(flops={"matmul": 2 * N * k * X * F * m}, params={"matrix": E * F * X * m},
+              weight_reads={"matrix": experts_touched(E, k, N) * F * X * m})
+    c += Cost(act_read=N * X + N * k * X + g * N * k * F + N * k * X,
+              act_write=N * E + g * N * k * F + N * k * X + N * X)
     if s.shared_d_ff:
         Fs = s.shared_d_ff
         c += matmul(N, D, Fs).scale(g) + matmul(N, Fs, D)

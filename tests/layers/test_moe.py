@@ -11,12 +11,13 @@ from alloy.layers import moe
 
 @settings(max_examples=15)
 @given(E=st.integers(1, 6), k=st.integers(1, 3), gated=st.booleans(), scoring=st.sampled_from(["softmax", "sigmoid"]),
-       norm=st.booleans(), shared=st.sampled_from([0, 12]), bias=st.booleans(), seed=st.integers(0, 50))
-def test_gathered_experts_equal_dense_reference(E, k, gated, scoring, norm, shared, bias, seed):
+       norm=st.booleans(), shared=st.sampled_from([0, 12]), bias=st.booleans(), latent=st.sampled_from([0, 6]),
+       seed=st.integers(0, 50))
+def test_gathered_experts_equal_dense_reference(E, k, gated, scoring, norm, shared, bias, latent, seed):
     k = min(k, E)
     cfg = moe.MoESettings(d_model=16, n_experts=E, top_k=k, d_ff=8, gated=gated, scoring=scoring,
                           activation="silu" if gated else "relu2", norm_topk_prob=norm, shared_d_ff=shared,
-                          shared_gate=bool(shared), router_bias=bias, routed_scaling_factor=1.5)
+                          shared_gate=bool(shared), router_bias=bias, routed_scaling_factor=1.5, latent_dim=latent)
     params = moe.init(mx.random.key(seed), cfg)
     if bias:
         params["router"]["bias"] = mx.random.normal((E,), key=mx.random.key(seed + 1))

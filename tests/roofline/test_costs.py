@@ -131,6 +131,13 @@ def _moe():
     assert c.act_write == 12 + 72 + 48 + 24 + (24 + 24) == 204
     one = _cost("ffn", "moe", 8, Workload(batch=1, tokens=1), n_experts=4, top_k=2, d_ff=6)
     assert one.weight_reads == {"matrix": 32 + 2 * 144}  # a single token reads exactly its k experts
+    # Nemotron-H latent experts, L = 4: projections 8 -> 4 -> 8, experts in width 4
+    lat = _cost("ffn", "moe", 8, Workload(batch=1, tokens=1), n_experts=4, top_k=2, d_ff=6, gated=False,
+                latent_dim=4)
+    # router 2*8*4 = 64; fc1 2*8*4 = 64; fc2 64; routed 2*2*4*6*2 = 192
+    assert lat.flops == {"matmul": 64 + 64 + 64 + 192}
+    # stored: router 32, fc1 32, fc2 32, experts 4*6*4*2 = 192
+    assert lat.params == {"matrix": 32 + 32 + 32 + 192}
 
 
 def _short_conv():
