@@ -16,7 +16,9 @@ def _unsupported(hf: dict, field: str, ok) -> None:
 
 
 _ROPE_SCALING_KEYS = {"linear": {"factor"},
-                      "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
+                      "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+                      "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                               "attention_factor", "mscale", "mscale_all_dim", "truncate"}}
 
 
 def _rope_fields(hf: dict, scaled: bool = True) -> dict:
@@ -35,6 +37,9 @@ def _rope_fields(hf: dict, scaled: bool = True) -> dict:
     if extra:
         raise ValueError(f"{hf.get('model_type')}: unknown rope_parameters field(s) {extra} for rope_type {rtype!r}")
     out = {"rope_theta": float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if rtype == "yarn":
+        out.update(_yarn_fields(hf, merged))
+        return out
     if rtype != "default":
         out.update({"rope_type": rtype, "rope_factor": float(merged["factor"])})
     if rtype == "llama3":
@@ -42,6 +47,29 @@ def _rope_fields(hf: dict, scaled: bool = True) -> dict:
                     "rope_high_freq_factor": float(merged["high_freq_factor"]),
                     "rope_original_max_position": int(merged["original_max_position_embeddings"])})
     return out
+
+
+def _yarn_fields(hf: dict, rp: dict) -> dict:
+    """YaRN as transformers computes it: frequency ramp between the pairs turning beta_fast and
+    beta_slow times over the original context (bounds floored / ceiled unless truncate is false,
+    which is refused), and the attention factor (given, or 0.1 * m * ln(factor) + 1 with mscale /
+    mscale_all_dim) scaling the rotated q / k dims."""
+    if rp.get("truncate", True) is not True:
+        raise ValueError(f"{hf.get('model_type')}: rope_parameters truncate=false is not supported")
+    orig = int(rp.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+               or hf["max_position_embeddings"])
+    factor = rp.get("factor")
+    factor = float(factor) if factor is not None else hf["max_position_embeddings"] / orig
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    af = rp.get("attention_factor")
+    if af is None:
+        m, m_all = rp.get("mscale"), rp.get("mscale_all_dim")
+        af = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return {"rope_type": "yarn", "rope_factor": factor, "rope_original_max_position": orig,
+            "rope_beta_fast": float(rp.get("beta_fast") or 32), "rope_beta_slow": float(rp.get("beta_slow") or 1),
+            "rope_attention_factor": float(af)}
 
 
 def _rope_theta(hf: dict) -> float:
@@ -57,6 +85,9 @@ def _rope_parameters(a) -> dict:
     if a.rope_type == "llama3":
         rp.update({"low_freq_factor": a.rope_low_freq_factor, "high_freq_factor": a.rope_high_freq_factor,
                    "original_max_position_embeddings": a.rope_original_max_position})
+    if a.rope_type == "yarn":
+        rp.update({"original_max_position_embeddings": a.rope_original_max_position, "beta_fast": a.rope_beta_fast,
+                   "beta_slow": a.rope_beta_slow, "attention_factor": a.rope_attention_factor})
     return rp
 
 

@@ -46,11 +46,14 @@ class AttentionSettings(LayerSettings):
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 1.0
     rope_traditional: bool = False
-    rope_type: str = "default"  # "default" | "linear" | "llama3" (long-context frequency rescaling)
+    rope_type: str = "default"  # "default" | "linear" | "llama3" | "yarn" (long-context frequency rescaling)
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position: int = 8192
+    rope_beta_fast: float = 32.0  # yarn: frequency ramp bounds (turns over the original context)
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: float = 1.0  # yarn: the rotated q/k dims are scaled by this (cos/sin x factor)
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
@@ -82,8 +85,10 @@ class AttentionSettings(LayerSettings):
             raise ValueError(f"n_heads {self.n_heads} must divide d_model {self.d_model} (or set head_dim)")
         if not isinstance(self.d_out, int) or self.d_out < 0:
             raise ValueError(f"d_out must be a non-negative int (0 = d_model), got {self.d_out!r}")
-        if self.rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope_type must be 'default', 'linear' or 'llama3', got {self.rope_type!r}")
+        if self.rope_type not in ("default", "linear", "llama3", "yarn"):
+            raise ValueError(f"rope_type must be 'default', 'linear', 'llama3' or 'yarn', got {self.rope_type!r}")
+        if not self.rope_attention_factor > 0:
+            raise ValueError(f"rope_attention_factor must be > 0, got {self.rope_attention_factor!r}")
         if self.rope_type != "default" and not self.rope_factor > 0:
             raise ValueError(f"rope_factor must be > 0, got {self.rope_factor!r}")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale < 0:
@@ -126,6 +131,13 @@ def init_state(cfg: AttentionSettings, batch: int, max_len: int, dtype=mx.float3
     shape = (batch, cfg.kv_heads, slots, cfg.hd)
     return {"k": mx.zeros(shape, dtype=dtype), "v": mx.zeros(shape, dtype=dtype),
             "pos": mx.zeros((batch,), dtype=mx.int32)}
+
+
+def _scale_rotated(x, dims: int, factor: float):
+    """x with its first ``dims`` features (the rotated ones) multiplied by ``factor``."""
+    if dims == x.shape[-1]:
+        return x * factor
+    return mx.concatenate([x[..., :dims] * factor, x[..., dims:]], axis=-1)
 
 
 def _heads(y, n, hd):
@@ -236,9 +248,11 @@ def apply(params, x, state, cfg: AttentionSettings):
     if cfg.rope:
         inv = None if cfg.rope_type == "default" else rope_inv_freq(
             cfg.rope_dims, cfg.rope_theta, cfg.rope_type, cfg.rope_factor, cfg.rope_low_freq_factor,
-            cfg.rope_high_freq_factor, cfg.rope_original_max_position)
+            cfg.rope_high_freq_factor, cfg.rope_original_max_position, cfg.rope_beta_fast, cfg.rope_beta_slow)
         q = rope(q, offset, cfg.rope_dims, cfg.rope_theta, cfg.rope_traditional, inv_freq=inv)
         k = rope(k, offset, cfg.rope_dims, cfg.rope_theta, cfg.rope_traditional, inv_freq=inv)
+        if cfg.rope_attention_factor != 1.0:  # YaRN's temperature: cos and sin scaled, i.e. the rotated dims
+            q, k = (_scale_rotated(a, cfg.rope_dims, cfg.rope_attention_factor) for a in (q, k))
     window = cfg.window or None
     scale = cfg.scale or None
     if state is None:

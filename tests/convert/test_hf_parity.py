@@ -102,9 +102,9 @@ def test_missing_and_extra_tensors_reported_together(tmp_path):
 
 def test_unsupported_values_and_types_are_named(tmp_path):
     cfg = CONFIGS["llama"].to_dict()
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+    with pytest.raises(ValueError, match="rope_type 'dynamic' is not supported"):
         alloy.load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="no converter for Hugging Face model_type 'gpt2'"):
