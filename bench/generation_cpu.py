@@ -109,6 +109,33 @@ def ttft(model, params, prompt, cache, max_len):
     return ev.ttft
 
 
+def state_32k() -> dict:
+    """State bytes at 32k context, batch 1, bf16, from ``init_state`` shapes: the Mamba-2 1.3B and
+    Zamba2-1.2B shapes and pure-attention models of the same depth / width, each also with 8- and
+    4-bit KV rings (``quantize_kv``)."""
+    from alloy.demo import bundled_config_path
+    from alloy.inference import quantize_kv
+    from alloy.model import as_config
+    z = as_config(bundled_config_path("zamba2-1.2b-shape")).to_dict()
+    m2 = {"name": "mamba2-1.3b-shape", "vocab_size": 50280, "d_model": 2048, "layer_types": ["mamba2"] * 48,
+          "ffn_types": ["none"] * 48, "mixers": {"mamba2": {"d_state": 128, "head_dim": 64}}, "dtype": "bfloat16"}
+    res = {}
+    for cfgd in (z, m2):
+        attn = {**cfgd, "name": cfgd["name"] + " as pure attention",
+                "layer_types": ["attention"] * len(cfgd["layer_types"]),
+                "mixers": {"attention": {"n_heads": 32, "head_dim": 64}}}
+        for c in (cfgd, attn):
+            m = alloy.build(c)
+            st = m.init_state(1, 32768)
+            row = {"bf16": int(tree_bytes(st))}
+            for bits in (8, 4):
+                row[f"kv{bits}"] = int(tree_bytes(quantize_kv(m, st, bits)))
+            res[c["name"]] = row
+            print(f"  state at 32k, batch 1: {c['name']}: " + ", ".join(
+                f"{k} {v / 2 ** 20:,.1f} MiB" for k, v in row.items()))
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -116,9 +143,13 @@ def main(argv=None):
     ap.add_argument("--models-dir", default=None,
                     help="load the two trained models from here if present, else train and save them there")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats (medians reported)")
+    ap.add_argument("--state-only", action="store_true", help="only the 32k state-memory table")
     args = ap.parse_args(argv)
     out = {"device": str(mx.default_device()), "python": sys.version.split()[0], "mlx": mx.__version__}
     print(f"device {out['device']}, MLX {out['mlx']}, Python {out['python']}")
+    if args.state_only:
+        out["state_32k"] = state_32k()
+        return out
     tr, val = corpus()
     out["corpus_bytes"] = {"train": int(len(tr)), "val": int(len(val))}
     models = {}
@@ -203,22 +234,7 @@ def main(argv=None):
         print(f"  speculative k={k}: acceptance {stats[k].acceptance_rate:.3f}, {total / t:.1f} tok/s, "
               f"speed-up {ratio:.2f}x (median of paired runs), equal to plain greedy: {same[k]}")
 
-    # 5. state memory at 32k context, bf16
-    from alloy.demo import bundled_config_path
-    from alloy.model import as_config
-    z = as_config(bundled_config_path("zamba2-1.2b-shape")).to_dict()
-    m2 = {"name": "mamba2-1.3b-shape", "vocab_size": 50280, "d_model": 2048, "layer_types": ["mamba2"] * 48,
-          "ffn_types": ["none"] * 48, "mixers": {"mamba2": {"d_state": 128, "head_dim": 64}}, "dtype": "bfloat16"}
-    out["state_32k"] = {}
-    for cfgd in (z, m2):
-        attn = {**cfgd, "name": cfgd["name"] + " as pure attention",
-                "layer_types": ["attention"] * len(cfgd["layer_types"]),
-                "mixers": {"attention": {"n_heads": 32, "head_dim": 64}}}
-        for c in (cfgd, attn):
-            m = alloy.build(c)
-            b = tree_bytes(m.init_state(1, 32768))
-            out["state_32k"][c["name"]] = int(b)
-            print(f"  state at 32k, batch 1, bf16: {c['name']}: {b / 2 ** 20:,.1f} MiB")
+    out["state_32k"] = state_32k()
     if args.out:
         from alloy.params.io import save_json
         save_json(args.out, out)
