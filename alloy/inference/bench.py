@@ -25,7 +25,7 @@ from alloy.inference.sampling import SamplingParams, make_sampler
 from alloy.params.tree import tree_bytes
 
 
-def _once(model, params, tokens, gen_len, prefill_chunk, max_len):
+def _once(model, params, tokens, gen_len, prefill_chunk, max_len, kv_bits=None):
     B, T = tokens.shape
     sp = SamplingParams()
     sampler = make_sampler(sp)
@@ -33,6 +33,9 @@ def _once(model, params, tokens, gen_len, prefill_chunk, max_len):
     counts = mx.zeros((B, 1), dtype=mx.int32)
     rng = mx.random.key(0)
     state = model.init_state(B, max_len)
+    if kv_bits is not None:
+        from alloy.inference.generate import quantize_kv
+        state = quantize_kv(model, state, kv_bits)
     mx.eval(state)
     t0 = time.perf_counter()
     state, last = prefill(model, params, state, tokens, np.full((B,), T), 0, prefill_chunk)
@@ -50,8 +53,9 @@ def _once(model, params, tokens, gen_len, prefill_chunk, max_len):
 
 
 def run(model, params, prompt_len: int = 512, gen_len: int = 128, batch: int = 1,
-        prefill_chunk: int = 512, seed: int = 0, repeats: int = 1) -> dict:
-    """Measure one configuration (see module docstring); the best of ``repeats`` timed runs."""
+        prefill_chunk: int = 512, seed: int = 0, repeats: int = 1, kv_bits: int | None = None) -> dict:
+    """Measure one configuration (see module docstring); the best of ``repeats`` timed runs.
+    ``kv_bits``: attention KV rings stored quantized (``alloy.inference.quantize_kv``)."""
     for name, v in (("prompt_len", prompt_len), ("gen_len", gen_len), ("batch", batch),
                     ("prefill_chunk", prefill_chunk), ("repeats", repeats)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -61,16 +65,20 @@ def run(model, params, prompt_len: int = 512, gen_len: int = 128, batch: int = 1
     V = model.config.vocab_size
     tokens = np.random.default_rng(seed).integers(0, V, (batch, prompt_len)).astype(np.int32)
     max_len = prompt_len + gen_len
-    _once(model, params, tokens, min(gen_len, 4), prefill_chunk, max_len)  # compile with these shapes
+    _once(model, params, tokens, min(gen_len, 4), prefill_chunk, max_len, kv_bits)  # compile with these shapes
     best = None
     for _ in range(repeats):
         mx.reset_peak_memory()
-        pre, ttft, dec = _once(model, params, tokens, gen_len, prefill_chunk, max_len)
+        pre, ttft, dec = _once(model, params, tokens, gen_len, prefill_chunk, max_len, kv_bits)
         peak = mx.get_peak_memory()
         if best is None or pre + dec < best[0] + best[2]:
             best = (pre, ttft, dec, peak)
     pre, ttft, dec, peak = best
-    state_bytes = tree_bytes(model.init_state(batch, max_len))
+    state0 = model.init_state(batch, max_len)
+    if kv_bits is not None:
+        from alloy.inference.generate import quantize_kv
+        state0 = quantize_kv(model, state0, kv_bits)
+    state_bytes = tree_bytes(state0)
     return {
         "model": model.config.name, "dtype": model.config.dtype, "device": str(mx.default_device()),
         "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "prefill_chunk": prefill_chunk,

@@ -70,7 +70,9 @@ def _bench(args):
     from alloy.inference.bench import format_result, run
     model, params = load_model(args)
     r = run(model, params, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
-            prefill_chunk=args.chunk, seed=args.seed, repeats=args.repeats)
+            prefill_chunk=args.chunk, seed=args.seed, repeats=args.repeats, kv_bits=args.kv_bits)
+    if args.kv_bits:
+        r["kv_bits"] = args.kv_bits
     if args.quantize:
         r["quantize"] = {"bits": args.quantize, "group_size": args.group_size}
     if args.hardware:
@@ -130,6 +132,8 @@ def register(sub) -> None:
     b.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
     b.add_argument("--repeats", type=int, default=1, help="timed runs (the best is reported)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                   help="store attention KV caches quantized (affine groups along the head dim)")
     b.add_argument("--hardware", default=None,
                    help="also print the fraction of this hardware's roofline reached (e.g. H100, M3-Max)")
     b.set_defaults(fn=_bench)

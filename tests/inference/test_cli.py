@@ -21,6 +21,12 @@ def test_bench_reports_throughput_ttft_and_memory(capsys):
     for k in ("prompt_tok_s", "decode_tok_s", "ttft_s", "peak_memory_bytes", "state_bytes"):
         assert r[k] > 0, k
     assert r["quantize"] == {"bits": 8, "group_size": 32}
+    wide = TINY.replace('"d_model": 16', '"d_model": 64')  # head dim 32: groupable
+    sizes = {}
+    for extra in ([], ["--kv-bits", "8"]):
+        assert main(["bench", "--config", wide, "--prompt-len", "20", "--gen-len", "3", "--json", *extra]) == 0
+        sizes[len(extra)] = json.loads(capsys.readouterr().out)
+    assert sizes[2]["kv_bits"] == 8 and sizes[2]["state_bytes"] < sizes[0]["state_bytes"]
 
 
 def test_generate_streams_bytes_and_bad_flags_are_reported(capsys):
