@@ -25,23 +25,27 @@ def quant_layout(p: dict, d_in: int) -> tuple[int, int]:
 
 
 def decode_linear(p: dict, x: mx.array, norm_weight=None, norm_groups: int = 0, eps: float = 1e-6,
-                  out_shape=None) -> mx.array:
+                  out_shape=None, residual=None) -> mx.array:
     """Inference-only linear for the few-row decode paths of stateful layers (no VJP on the GPU path):
-    y = xn W^T (+ b), xn = x, or its grouped RMSNorm (``norm_groups`` >= 1 groups, fp32 statistics)
-    times ``norm_weight``. On a GPU with a plain float weight this is one launch
-    (``alloy.metal.gemv``); otherwise ``mx.fast.rms_norm`` + ``dense``."""
+    y = xn W^T (+ b) (+ residual), xn = x, or its grouped RMSNorm (``norm_groups`` >= 1 groups, fp32
+    statistics) times ``norm_weight``. On a GPU with a plain float weight this is one launch
+    (``alloy.metal.gemv``); otherwise ``rms_norm`` + ``dense`` (+ the residual add)."""
     from alloy import metal
     from alloy.metal import gemv
+    from alloy.ops.norm import rms_norm
 
     if ("scales" not in p and "lora_A" not in p and metal.backend() is not None
             and gemv.applies(x, p["weight"]) and (norm_groups == 0 or x.shape[-1] % norm_groups == 0)):
-        return gemv.gemv(x, p["weight"], p.get("bias"), norm_weight, norm_groups, eps, out_shape)
-    if norm_groups:
+        return gemv.gemv(x, p["weight"], p.get("bias"), norm_weight, norm_groups, eps, out_shape, residual)
+    if norm_groups == 1:
+        x = rms_norm(x, norm_weight, eps)
+    elif norm_groups:
         shape = x.shape
         g = x.reshape(*shape[:-1], norm_groups, shape[-1] // norm_groups)
         x = (mx.fast.rms_norm(g, None, eps).reshape(shape) * norm_weight.astype(x.dtype))
     y = dense(p, x)
-    return y if out_shape is None else y.reshape(out_shape)
+    y = y if out_shape is None else y.reshape(out_shape)
+    return y if residual is None else residual + y
 
 
 def dense(p: dict, x: mx.array) -> mx.array:

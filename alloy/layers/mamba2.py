@@ -95,28 +95,12 @@ def init_state(cfg: Mamba2Settings, batch: int, max_len: int, dtype=mx.float32) 
 
 def decode_block(params, h, norm_weight, eps, state, cfg: Mamba2Settings):
     """Fused inference residual block at T = 1 on a GPU: h + mixer(rms_norm(h)) in three launches —
-    RMSNorm + in_proj (`alloy.metal.gemv`), conv + dt + SSD step + gate (`ops.ssd.mamba2_step`),
-    group norm + out_proj + residual (`alloy.metal.gemv`). None (the stack runs the general path)
-    for prompts, padded rows, quantized or adapted projections, or without a GPU kernel backend."""
-    from alloy.metal import gemv
-
-    Bsz, T, _ = h.shape
-    w_in, w_out = params["in_proj"], params["out_proj"]
-    if (T != 1 or "valid" in state or cfg.norm_before_gate
-            or not mamba2_step_kernel_applies(h, params["conv1d"]["weight"])
-            or any(k in p for p in (w_in, w_out) for k in ("scales", "lora_A"))
-            or not gemv.applies(h, w_in["weight"])
-            or w_out["weight"].dtype != h.dtype or w_out["weight"].shape[1] > gemv.MAX_IN):
+    RMSNorm + in_proj, conv + dt + SSD step + gate (`ops.ssd.mamba2_step`), group norm + out_proj +
+    residual (`_fused_decode`). None (the stack runs the general path) for prompts, padded rows or
+    without a GPU kernel backend."""
+    if not _fused_applies(params, h, state, cfg):
         return None
-    zxbcdt = gemv.gemv(h, w_in["weight"], w_in.get("bias"), norm_weight, 1, eps,
-                       out_shape=(Bsz, w_in["weight"].shape[0]))
-    lim = (cfg.dt_clamp_min, cfg.dt_clamp_max or float("inf"))
-    y, conv_state, ssm_state = mamba2_step(
-        zxbcdt, params["conv1d"]["weight"], params["conv1d"].get("bias"), state["conv"],
-        params["dt_bias"], params["A_log"], params["D"], lim, state["ssm"])
-    out = gemv.gemv(y, w_out["weight"], w_out.get("bias"), params["norm"]["weight"] if cfg.rms_norm else None,
-                    cfg.n_groups if cfg.rms_norm else 0, cfg.norm_eps, out_shape=h.shape, residual=h)
-    return out, {"conv": conv_state, "ssm": ssm_state}
+    return _fused_decode(params, h, state, cfg, norm_weight, eps, residual=h)
 
 
 @register_mixer("mamba2", settings=Mamba2Settings, init=init, init_state=init_state, state="ssm",
@@ -124,8 +108,7 @@ def decode_block(params, h, norm_weight, eps, state, cfg: Mamba2Settings):
 def apply(params, x, state, cfg: Mamba2Settings):
     Bsz, T, _ = x.shape
     gn = cfg.n_groups * cfg.d_state
-    if (T == 1 and state is not None and "valid" not in state and not cfg.norm_before_gate
-            and mamba2_step_kernel_applies(x, params["conv1d"]["weight"])):
+    if _fused_applies(params, x, state, cfg):
         return _fused_decode(params, x, state, cfg)
     zxbcdt = dense(params["in_proj"], x)
     z, xBC, dt = mx.split(zxbcdt, [cfg.d_inner, 2 * cfg.d_inner + 2 * gn], axis=-1)
@@ -158,16 +141,26 @@ def apply(params, x, state, cfg: Mamba2Settings):
     return out, {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}
 
 
-def _fused_decode(params, x, state, cfg: Mamba2Settings):
-    """The GPU decode path, three launches per layer: in_proj (`decode_linear`), conv + dt + SSD
-    step + gate (`ops.ssd.mamba2_step`), group norm + out_proj (`decode_linear`) — batch-1 decode is
-    bound by launches and graph nodes, not bytes. Same math as the general path above."""
+def _fused_applies(params, x, state, cfg: Mamba2Settings) -> bool:
+    """The fused one-token GPU path applies: a decode step of unpadded rows (gate before the norm,
+    as the step kernel computes it) on a GPU kernel backend."""
+    return (x.shape[1] == 1 and state is not None and "valid" not in state and not cfg.norm_before_gate
+            and mamba2_step_kernel_applies(x, params["conv1d"]["weight"]))
+
+
+def _fused_decode(params, x, state, cfg: Mamba2Settings, norm_weight=None, eps: float = 0.0, residual=None):
+    """The GPU decode path, three launches per layer: [RMSNorm +] in_proj (`decode_linear`), conv +
+    dt + SSD step + gate (`ops.ssd.mamba2_step`), group norm + out_proj [+ residual]
+    (`decode_linear`) — batch-1 decode is bound by launches and graph nodes, not bytes. Same math as
+    the general path above (with ``norm_weight`` / ``residual``: the stack's pre-norm and residual)."""
     Bsz = x.shape[0]
-    zxbcdt = decode_linear(params["in_proj"], x, out_shape=(Bsz, params["in_proj"]["weight"].shape[0]))
+    zxbcdt = decode_linear(params["in_proj"], x, norm_weight, 0 if norm_weight is None else 1, eps,
+                           out_shape=(Bsz, params["in_proj"]["weight"].shape[0]))
     lim = (cfg.dt_clamp_min, cfg.dt_clamp_max or float("inf"))
     y, conv_state, ssm_state = mamba2_step(
         zxbcdt, params["conv1d"]["weight"], params["conv1d"].get("bias"), state["conv"],
         params["dt_bias"], params["A_log"], params["D"], lim, state["ssm"])
     out = decode_linear(params["out_proj"], y, params["norm"]["weight"] if cfg.rms_norm else None,
-                        cfg.n_groups if cfg.rms_norm else 0, cfg.norm_eps, out_shape=(Bsz, 1, cfg.d_model))
+                        cfg.n_groups if cfg.rms_norm else 0, cfg.norm_eps, out_shape=(Bsz, 1, cfg.d_model),
+                        residual=residual)
     return out, {"conv": conv_state, "ssm": ssm_state}

@@ -41,6 +41,18 @@ def test_fused_decode_equals_general_path(b, heads_per_group, n_groups, head_dim
         np.testing.assert_allclose(np.array(new_state[k]), np.array(ref_state[k]), rtol=1e-5, atol=1e-5)
 
 
+def test_fused_residual_block_equals_norm_apply_add():
+    """With the stack's pre-norm weight and the residual folded in (the GPU decode block's form),
+    the fused path equals h + apply(rms_norm(h))."""
+    from alloy.ops.norm import rms_norm
+    cfg, params, state, h = setup(5, 2, 16, 8, 16, 2, 4, True, True, (0.0, 0.0))
+    w = mx.array(np.random.default_rng(5).uniform(0.5, 1.5, (16,)).astype(np.float32))
+    y, ref_state = mamba2.apply(params, rms_norm(h, w, 1e-6), state, cfg)
+    out, new_state = mamba2._fused_decode(params, h, state, cfg, w, 1e-6, residual=h)
+    np.testing.assert_allclose(np.array(out), np.array(h + y), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(new_state["ssm"]), np.array(ref_state["ssm"]), rtol=1e-5, atol=1e-5)
+
+
 def test_mamba2_step_names_bad_shapes():
     cfg, params, state, x = setup(0, 1, 8, 4, 4, 1, 4, True, True, (0.0, 0.0))
     zx = mamba2.dense(params["in_proj"], x)[:, 0]
