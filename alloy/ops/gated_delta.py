@@ -198,23 +198,22 @@ def gated_delta_chunked(q, k, v, g, beta, initial_state=None, l2norm: bool = Tru
 _RECURRENT_MAX_T = 64  # the recurrent kernel up to this many tokens; the chunked form beyond
 
 
-def _recurrent_kernel(l2norm):
+_PASS_CHUNK = 64  # chunk length of the kernel path's chunked form
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_path(chunked: bool, l2norm: bool):
+    """The GPU kernel for one (form, l2norm), with its gradient: the recurrent kernel (VJP through
+    the reference) or the chunked form with the pass kernel (VJP through the MLX chunked form)."""
     from alloy import metal
     from alloy.metal.gated_delta_recurrent import gated_delta_recurrent
 
-    return metal.differentiable(lambda q, k, v, g, beta, s: gated_delta_recurrent(q, k, v, g, beta, s, l2norm),
-                                lambda q, k, v, g, beta, s: gated_delta_ref(q, k, v, g, beta, s, l2norm))
-
-
-def _chunk_kernel(l2norm, chunk):
-    from alloy import metal
-
-    return metal.differentiable(
-        lambda q, k, v, g, beta, s: gated_delta_chunked(q, k, v, g, beta, s, l2norm, chunk, pass_kernel=True),
-        lambda q, k, v, g, beta, s: gated_delta_chunked(q, k, v, g, beta, s, l2norm, chunk))
-
-
-_FAST = {}
+    if chunked:
+        return metal.differentiable(
+            lambda *a: gated_delta_chunked(*a, l2norm, _PASS_CHUNK, pass_kernel=True),
+            lambda *a: gated_delta_chunked(*a, l2norm, _PASS_CHUNK))
+    return metal.differentiable(lambda *a: gated_delta_recurrent(*a, l2norm),
+                                lambda *a: gated_delta_ref(*a, l2norm))
 
 
 def kernel_applies(q, v) -> bool:
@@ -250,16 +249,8 @@ def gated_delta(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk
         s = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
         from alloy.metal.gated_delta_chunked import applies as pass_applies
 
-        chunk = 64
-        if T <= _RECURRENT_MAX_T or not pass_applies(K, chunk):
-            key = ("recurrent", bool(l2norm))
-            make = lambda: _recurrent_kernel(bool(l2norm))  # noqa: E731
-        else:
-            key = ("chunked", bool(l2norm), chunk)
-            make = lambda: _chunk_kernel(bool(l2norm), chunk)  # noqa: E731
-        if key not in _FAST:
-            _FAST[key] = make()
-        return _FAST[key](q, k, v, g, beta, s)
+        chunked = T > _RECURRENT_MAX_T and pass_applies(K, _PASS_CHUNK)
+        return _kernel_path(chunked, bool(l2norm))(q, k, v, g, beta, s)
     if T == 1:
         return gated_delta_ref(q, k, v, g, beta, initial_state, l2norm)
     return gated_delta_chunked(q, k, v, g, beta, initial_state, l2norm, min(chunk_size, max(8, T)))
