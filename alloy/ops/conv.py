@@ -33,13 +33,19 @@ def _activate(y, activation):
     raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
 
 
-def causal_conv1d_ref(x, weight, bias=None, state=None, activation=None):
-    """Returns (y (B, T, C) in x.dtype, new_state (B, K-1, C) in x.dtype)."""
-    B, T, C = x.shape
+def _depthwise(weight, C: int):
+    """The depthwise kernel as (C, K) (HF's (C, 1, K) accepted), checked against C channels."""
     if weight.ndim == 3:
         weight = weight.reshape(weight.shape[0], weight.shape[-1])
     if weight.shape[0] != C:
         raise ValueError(f"causal_conv1d: weight has {weight.shape[0]} channels, x has {C}")
+    return weight
+
+
+def causal_conv1d_ref(x, weight, bias=None, state=None, activation=None):
+    """Returns (y (B, T, C) in x.dtype, new_state (B, K-1, C) in x.dtype)."""
+    B, T, C = x.shape
+    weight = _depthwise(weight, C)
     K = weight.shape[1]
     # No op ever runs on an empty array here (T == 0, or a width-1 kernel's (B, 0, C) state): MLX-CUDA
     # was seen to die with SIGFPE on such inputs; empty results are views of x instead.
@@ -92,10 +98,7 @@ def causal_conv1d(x, weight, bias=None, state=None, activation=None, impl: str =
     if metal.backend() is None:
         raise ValueError("causal_conv1d: impl='kernel' needs a CUDA or Metal default device")
     B, T, C = x.shape
-    if weight.ndim == 3:
-        weight = weight.reshape(weight.shape[0], weight.shape[-1])
-    if weight.shape[0] != C:
-        raise ValueError(f"causal_conv1d: weight has {weight.shape[0]} channels, x has {C}")
+    weight = _depthwise(weight, C)
     K = weight.shape[1]
     if K < 2:
         raise ValueError(f"causal_conv1d: impl='kernel' needs kernel width >= 2, got {K}")
