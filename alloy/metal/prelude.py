@@ -17,7 +17,7 @@ prelude maps onto each dialect:
         warp_sum(v)             sum over the 32 lanes   __shfl_xor_sync butterfly | simd_sum
         shfl_xor(v, m)          value of lane ^ m       __shfl_xor_sync | simd_shuffle_xor
         fexp(v), fsilu(v)       float exp, x*sigmoid(x)
-        flog, frsqrt, fsoftplus, fsigmoid   float log, 1/sqrt, log(1 + e^v) (stable), 1 / (1 + e^-v)
+        frsqrt, fsoftplus       1/sqrt, log(1 + e^v) (stable)
         f4(a, b, c, d)          a float4 (members .x .y .z .w in both dialects)
 
 Inputs arrive as `const <T>*` pointers named after `input_names`, outputs as `<T>*` (MLX writes the
@@ -62,10 +62,8 @@ _CUDA_HEADER = """\
 #define DEVICE_FN __device__ __forceinline__
 DEVICE_FN float fexp(float v) { return expf(v); }
 DEVICE_FN float fsilu(float v) { return v / (1.0f + expf(-v)); }
-DEVICE_FN float flog(float v) { return logf(v); }
 DEVICE_FN float frsqrt(float v) { return rsqrtf(v); }
 DEVICE_FN float fsoftplus(float v) { return fmaxf(v, 0.0f) + log1pf(expf(-fabsf(v))); }
-DEVICE_FN float fsigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 DEVICE_FN float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 DEVICE_FN float warp_sum(float v) {
   for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
@@ -80,10 +78,8 @@ _METAL_HEADER = """\
 #define DEVICE_FN inline
 DEVICE_FN float fexp(float v) { return metal::exp(v); }
 DEVICE_FN float fsilu(float v) { return v / (1.0f + metal::exp(-v)); }
-DEVICE_FN float flog(float v) { return metal::log(v); }
 DEVICE_FN float frsqrt(float v) { return metal::rsqrt(v); }
 DEVICE_FN float fsoftplus(float v) { return metal::max(v, 0.0f) + metal::log(1.0f + metal::exp(-metal::abs(v))); }
-DEVICE_FN float fsigmoid(float v) { return 1.0f / (1.0f + metal::exp(-v)); }
 DEVICE_FN float shfl_xor(float v, int m) { return metal::simd_shuffle_xor(v, ushort(m)); }
 DEVICE_FN float warp_sum(float v) { return metal::simd_sum(v); }
 DEVICE_FN float4 f4(float a, float b, float c, float d) { return float4(a, b, c, d); }

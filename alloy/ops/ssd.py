@@ -299,9 +299,9 @@ def mamba2_step(zxbcdt, conv_w, conv_b, conv_state, dt_bias, A_log, D, dt_lim, s
     `mamba2_step_kernel_applies`, else the reference), "ref" or "kernel"."""
     if impl not in ("auto", "ref", "kernel"):
         raise ValueError(f"mamba2_step: impl must be 'auto', 'ref' or 'kernel', got {impl!r}")
-    b, dp = zxbcdt.shape if zxbcdt.ndim == 2 else (None, None)
-    if b is None:
+    if zxbcdt.ndim != 2:
         raise ValueError(f"mamba2_step: zxbcdt must be (b, d_in_proj), got shape {zxbcdt.shape}")
+    b, dp = zxbcdt.shape
     _, H, P, N = ssm_state.shape
     conv_w = conv_w.reshape(conv_w.shape[0], conv_w.shape[-1])  # (CD, K) or HF's (CD, 1, K)
     CD, K = conv_w.shape
