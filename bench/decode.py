@@ -30,6 +30,7 @@ import mlx.core as mx
 
 from alloy.demo import bundled_config_path
 from alloy.inference.bench import format_result, run
+from alloy.inference.generate import prepare_decode
 from alloy.model import as_config, build
 from alloy.params.quantize import quantize
 
@@ -59,6 +60,8 @@ def main(argv=None):
     ap.add_argument("--quantize", type=int, choices=(4, 8), default=None)
     ap.add_argument("--n-layers", type=int, default=None,
                     help="keep only the first N depths (a quick smoke run on a small machine)")
+    ap.add_argument("--no-stack", action="store_true",
+                    help="skip prepare_decode: per-layer decode launches (the whole-stack kernel off)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     print(f"device {mx.default_device()}, MLX {mx.__version__}", flush=True)
@@ -73,18 +76,24 @@ def main(argv=None):
         params = model.init(mx.random.key(0))
         mx.eval(params)
         tags = ["bf16"] + ([f"{args.quantize}-bit g64"] if args.quantize else [])
+        if args.no_stack:
+            tags = [t + " per-layer" for t in tags]
         for tag in tags:
-            if tag != "bf16":  # quantize, then drop the bf16 weights so peak memory is the 4-bit model's
-                params = quantize(params, args.quantize, 64)
+            if not tag.startswith("bf16"):  # quantize, then drop the bf16 weights so peak memory is the 4-bit model's
+                params = quantize({k: v for k, v in params.items() if k != "decode_stack"}, args.quantize, 64)
                 mx.eval(params)
                 mx.clear_cache()
                 mx.reset_peak_memory()
+            if not args.no_stack:
+                params = prepare_decode(model, params)  # stacked layer weights for the whole-stack decode
+                mx.eval(params)
             r = run(model, params, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
                     prefill_chunk=args.chunk, repeats=args.repeats)
             r["variant"] = tag
             r["command"] = (f"python bench/decode.py --models {name} --prompt-len {args.prompt_len} "
                             f"--gen-len {args.gen_len} --batch {args.batch} --chunk {args.chunk}"
-                            + (f" --quantize {args.quantize}" if args.quantize else ""))
+                            + (f" --quantize {args.quantize}" if args.quantize else "")
+                            + (" --no-stack" if args.no_stack else ""))
             results.append(r)
             print(f"[{tag}] " + format_result(r), flush=True)
         del params

@@ -30,9 +30,11 @@ def _config_source(text: str):
 
 
 def load_model(args):
-    """(model, params) from --checkpoint or --config (+ --dtype, --seed, --quantize)."""
+    """(model, params) from --checkpoint or --config (+ --dtype, --seed, --quantize), prepared for
+    decoding (`prepare_decode`)."""
     import dataclasses
 
+    from alloy.inference.generate import prepare_decode
     from alloy.model import as_config, build
     from alloy.params.quantize import quantize
 
@@ -50,7 +52,7 @@ def load_model(args):
         params = quantize(params, bits=args.quantize, group_size=args.group_size,
                           embeddings=args.quantize_embeddings)
     mx.eval(params)
-    return model, params
+    return model, prepare_decode(model, params)
 
 
 def _model_flags(p):

@@ -115,6 +115,17 @@ def compiled_step(model, sampling: SamplingParams) -> Callable:
     return _COMPILED[key]
 
 
+def prepare_decode(model, params) -> dict:
+    """``params`` ready for the fastest decode path of ``model``: for a model whose every block can
+    run in one whole-stack launch (a pure Mamba-2 stack on CUDA), the layer weights stacked once under
+    ``"decode_stack"`` (the big projections become views of the stacks, so drop the original tree
+    to keep one copy); other models' params unchanged. Inference only (see
+    ``alloy.layers.stack.prepare_decode``); quantize / merge LoRA before preparing."""
+    from alloy.layers.stack import prepare_decode as prepare
+
+    return prepare(model.config, params)
+
+
 def _bucket(n: int, chunk: int) -> int:
     """Padded length of an n-token chunk: the next power of two >= max(n, 8), at most ``chunk``."""
     b = 8

@@ -103,8 +103,52 @@ def decode_block(params, h, norm_weight, eps, state, cfg: Mamba2Settings):
     return _fused_decode(params, h, state, cfg, norm_weight, eps, residual=h)
 
 
+def stack_prepare(layers: list, cfg: Mamba2Settings) -> dict | None:
+    """Per-layer weights stacked for the persistent whole-stack decode kernel
+    (`alloy.metal.mamba2_stack`): {"win" (L, DP, D), "wout" (L, D, DI), "cw" (L, CD, K), "cb"?,
+    "dtb", "alog", "dsk" (L, H), "nw" (L, D), "gw" (L, DI) float32}. ``layers`` are the stack's
+    per-depth params ({"norm", "mixer"}). None where the kernel cannot take the layers: quantized
+    or LoRA'd projections, projection biases, the norm before the gate."""
+    mixers = [lp["mixer"] for lp in layers]
+    if (not mixers or cfg.norm_before_gate or cfg.bias
+            or any("scales" in m["in_proj"] or "scales" in m["out_proj"] or "lora_A" in m["in_proj"]
+                   or "lora_A" in m["out_proj"] for m in mixers)
+            or mixers[0]["in_proj"]["weight"].dtype not in (mx.float16, mx.bfloat16, mx.float32)):
+        return None
+    f32 = mx.float32
+    stacked = {
+        "win": mx.stack([m["in_proj"]["weight"] for m in mixers]),
+        "wout": mx.stack([m["out_proj"]["weight"] for m in mixers]),
+        "cw": mx.stack([m["conv1d"]["weight"].reshape(cfg.conv_dim, cfg.d_conv) for m in mixers]),
+        "dtb": mx.stack([m["dt_bias"] for m in mixers]),
+        "alog": mx.stack([m["A_log"] for m in mixers]),
+        "dsk": mx.stack([m["D"] for m in mixers]),
+        "nw": mx.stack([lp["norm"]["weight"].astype(f32) for lp in layers]),
+        "gw": (mx.stack([m["norm"]["weight"].astype(f32) for m in mixers]) if cfg.rms_norm
+               else mx.zeros((len(mixers), 1), dtype=f32)),
+    }
+    if cfg.conv_bias:
+        stacked["cb"] = mx.stack([m["conv1d"]["bias"] for m in mixers])
+    return stacked
+
+
+def stack_decode(stacked: dict, h, states: list, norm_eps: float, cfg: Mamba2Settings):
+    """One decode token through every layer in one persistent launch (CUDA); None elsewhere or
+    for padded rows / more batch rows than the kernel takes (the stack then runs layer by layer)."""
+    from alloy.metal import mamba2_stack as K
+
+    if h.shape[1] != 1 or any("valid" in s for s in states) or not K.applies(stacked, h[:, 0], h.dtype,
+                                                                                  cfg.d_state, cfg.n_groups if cfg.rms_norm else 0):
+        return None
+    out, convs, ssms = K.launch(stacked, h[:, 0], [s["conv"] for s in states], [s["ssm"] for s in states],
+                                d_state=cfg.d_state, norm_groups=cfg.n_groups if cfg.rms_norm else 0,
+                                eps=norm_eps, norm_eps=cfg.norm_eps,
+                                dt_lim=(cfg.dt_clamp_min, cfg.dt_clamp_max or float("inf")))
+    return out[:, None], [{"conv": c, "ssm": s} for c, s in zip(convs, ssms)]
+
+
 @register_mixer("mamba2", settings=Mamba2Settings, init=init, init_state=init_state, state="ssm",
-                mask="none", residual_block=decode_block)
+                mask="none", residual_block=decode_block, stack_decode=(stack_prepare, stack_decode))
 def apply(params, x, state, cfg: Mamba2Settings):
     Bsz, T, _ = x.shape
     gn = cfg.n_groups * cfg.d_state

@@ -69,6 +69,12 @@ class LayerSpec:
     # residual_block(params, h, norm_weight, eps, state, settings) -> (h + mixer(rms_norm(h)), state),
     # or None where it does not apply (the stack then runs norm, apply and the residual add)
     residual_block: Callable | None = None
+    # optional whole-stack decode for models whose every depth is this mixer (same settings, pre-norm,
+    # no FFN): stack_prepare(layer_params_list, settings) -> stacked dict | None (once per model, see
+    # ``alloy.layers.stack.prepare_decode``); stack_decode(stacked, h (B, 1, D), [mixer states],
+    # norm_eps, settings) -> (h after the last block, [mixer states]) | None where it does not apply
+    stack_prepare: Callable | None = None
+    stack_decode: Callable | None = None
 
 
 _REGISTRY: dict[str, dict[str, LayerSpec]] = {"mixer": {}, "ffn": {}}
@@ -79,7 +85,7 @@ def _no_state(cfg, batch, max_len, dtype):
 
 
 def _register(role: str, kind: str, *, settings, init, init_state=None, state="none", mask="none",
-              replace=False, tokens=False, residual_block=None):
+              replace=False, tokens=False, residual_block=None, stack_decode=None):
     if state not in STATE_KINDS:
         raise ValueError(f"register_{role}({kind!r}): state must be one of {STATE_KINDS}, got {state!r}")
     if mask not in MASK_KINDS:
@@ -93,18 +99,20 @@ def _register(role: str, kind: str, *, settings, init, init_state=None, state="n
         if kind in _REGISTRY[role] and not replace:
             raise ValueError(f"{role} kind {kind!r} is already registered (pass replace=True to override)")
         _REGISTRY[role][kind] = LayerSpec(kind, role, settings, init, init_state or _no_state, apply,
-                                          state, mask, bool(tokens), residual_block)
+                                          state, mask, bool(tokens), residual_block,
+                                          *(stack_decode or (None, None)))
         return apply
 
     return deco
 
 
 def register_mixer(kind: str, *, settings, init, init_state=None, state="none", mask="causal",
-                   replace=False, residual_block=None):
+                   replace=False, residual_block=None, stack_decode=None):
     """Decorator registering a token mixer's ``apply`` with its settings, init and init_state
-    (and optionally a fused inference ``residual_block``, see ``LayerSpec``)."""
+    (and optionally a fused inference ``residual_block`` and a whole-stack decode given as the pair
+    ``stack_decode=(stack_prepare, stack_decode)``, see ``LayerSpec``)."""
     return _register("mixer", kind, settings=settings, init=init, init_state=init_state, state=state,
-                     mask=mask, replace=replace, residual_block=residual_block)
+                     mask=mask, replace=replace, residual_block=residual_block, stack_decode=stack_decode)
 
 
 def register_ffn(kind: str, *, settings, init, init_state=None, replace=False, tokens=False):

@@ -153,6 +153,8 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
                         "ffn")
         return h, s_out, sh_out
 
+    whole = _whole_stack(cfg, blocks)
+
     remat_blocks = [mx.checkpoint(lambda lp, h, e0, bp, tok, i=i: block(i, lp, h, None, e0, bp, tokens=tok)[0])
                     for i in range(len(blocks))] if remat else None
 
@@ -169,7 +171,14 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
             h = mx.broadcast_to(h[:, :, None, :], (h.shape[0], T, hc["streams"], cfg.d_model))
         blocks_p = params.get("shared_blocks")
         new_layers = []
-        for i in range(len(blocks)):
+        fused = None
+        if whole is not None and state is not None and T == 1 and valid is None and "decode_stack" in params:
+            fused = whole.stack_decode(params["decode_stack"], h, [ls["mixer"] for ls in state["layers"]],
+                                       eps, blocks[0][1])
+        if fused is not None:  # every block in one launch (e.g. the persistent Mamba-2 decode kernel)
+            h, mstates = fused
+            new_layers = [{"mixer": m} for m in mstates]
+        for i in range(0 if fused is None else len(blocks), len(blocks)):
             lp = params["layers"][i]
             if remat_blocks is not None and state is None:
                 h = remat_blocks[i](lp, h, e0, blocks_p, tokens)
@@ -199,3 +208,39 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
         return logits, {"pos": state["pos"] + valid, "layers": new_layers, "valid": valid}
 
     return apply
+
+
+def _whole_stack(cfg: ModelConfig, blocks):
+    """The mixer spec whose ``stack_decode`` can run the whole model's blocks (every depth that mixer
+    with the same settings, no FFN, plain pre-norm residual blocks), else None."""
+    if (not blocks or cfg.shared is not None or cfg.block_style != "pre_norm" or cfg.residual_multiplier != 1.0
+            or blocks[0][0] is None or blocks[0][0].stack_decode is None):
+        return None
+    if any(b[0] is not blocks[0][0] or b[1] != blocks[0][1] or b[2] is not None for b in blocks):
+        return None
+    return blocks[0][0]
+
+
+def prepare_decode(cfg: ModelConfig, params: dict) -> dict:
+    """Params for fast decoding: where the model's mixer has a whole-stack decode (`LayerSpec.
+    stack_prepare` / `stack_decode`, e.g. a pure Mamba-2 stack), a copy of the tree with the layer
+    weights stacked under ``"decode_stack"`` and the big per-layer projection weights replaced by
+    views of the stacks, so the returned tree holds one copy of them (drop the original tree to
+    free the old buffers). Otherwise ``params`` unchanged. Inference only: transform (quantize,
+    LoRA-merge) before preparing, and do not train or save the prepared tree."""
+    blocks = resolve(cfg)
+    whole = _whole_stack(cfg, blocks)
+    if whole is None or "decode_stack" in params:
+        return params
+    stacked = whole.stack_prepare(params["layers"], blocks[0][1])
+    if stacked is None:
+        return params
+    mx.eval(stacked)
+    layers = []
+    for i, lp in enumerate(params["layers"]):
+        m = dict(lp["mixer"])
+        for name, key in (("in_proj", "win"), ("out_proj", "wout")):
+            if key in stacked and name in m:
+                m[name] = {**m[name], "weight": stacked[key][i]}
+        layers.append({**lp, "mixer": m})
+    return {**params, "layers": layers, "decode_stack": stacked}

@@ -11,6 +11,8 @@ differentiable MLX paths with `differentiable`):
     gemv                 decode matrix-vector product, optionally behind a grouped RMSNorm
     mamba2_step          the whole Mamba-2 mixer between its projections for one decode token
                          (conv step + dt + SSD step + D + gate), one launch per layer
+    mamba2_stack         a whole pre-norm Mamba-2 stack for one decode token in ONE persistent
+                         launch (grid-wide barriers between the phases of each layer; CUDA)
     selective_scan_step  Mamba-1 decode step: state update + readout + D skip + gate
     selective_scan       Mamba-1 forward scan (prefill), state in registers
     ssd_chunked          Mamba-2 chunked SSD forward: prep / state-passing / chunk-output kernels
@@ -20,13 +22,13 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from alloy.metal import conv1d, gated_delta_chunked, gated_delta_recurrent, gemv, mamba2_step, selective_scan, selective_scan_step, ssd_chunked, ssd_step
+from alloy.metal import conv1d, gated_delta_chunked, gated_delta_recurrent, gemv, mamba2_stack, mamba2_step, selective_scan, selective_scan_step, ssd_chunked, ssd_step
 from alloy.metal.prelude import DIALECTS, Kernel, backend  # noqa: F401
 
 KERNELS = {
     k.name: k
     for k in (conv1d.KERNEL, gemv.KERNEL, gated_delta_recurrent.KERNEL, gated_delta_chunked.KERNEL, ssd_step.KERNEL, mamba2_step.KERNEL, selective_scan_step.KERNEL, selective_scan.KERNEL,
-              ssd_chunked.PREP, ssd_chunked.PASS, ssd_chunked.OUT)
+              ssd_chunked.PREP, ssd_chunked.PASS, ssd_chunked.OUT, mamba2_stack.kernel(4))
 }
 
 

@@ -14,11 +14,22 @@ prelude maps onto each dialect:
         SHARED float buf[N];    group-shared memory     __shared__    | threadgroup
         BARRIER();              group barrier           __syncthreads | threadgroup_barrier
         DEVICE_FN               helper qualifier        __device__ __forceinline__ | inline
+        DEV                     address space of a      (nothing)     | device
+                                pointer variable into an input / output buffer: `const DEV float* p`
         warp_sum(v)             sum over the 32 lanes   __shfl_xor_sync butterfly | simd_sum
         shfl_xor(v, m)          value of lane ^ m       __shfl_xor_sync | simd_shuffle_xor
         fexp(v), fsilu(v)       float exp, x*sigmoid(x)
         frsqrt, fsoftplus       1/sqrt, log(1 + e^v) (stable)
         f4(a, b, c, d)          a float4 (members .x .y .z .w in both dialects)
+        ld8(p, o)               o[0..8) = float(p[0..8)); one 16-byte load for bf16/fp16 on CUDA
+                                (p must be 16-byte aligned there: 8-element offsets of a buffer)
+        ld_cg(p)                a float load that sees other groups' writes of this launch
+                                (CUDA: L2, bypassing the non-coherent L1 — `__ldcg`)
+        grid_sync(c, n, tid)    grid-wide barrier for persistent kernels: every group adds one to
+                                the zeroed uint32 counter c and waits until it reaches n (the n-th
+                                sync of a G-group grid waits for n = k * G); all groups must be
+                                resident at once (grid <= what the GPU holds), writes before it are
+                                visible after it
 
 Inputs arrive as `const <T>*` pointers named after `input_names`, outputs as `<T>*` (MLX writes the
 signatures); template arguments are compile-time constants (`int`/`bool`) or type aliases in both
@@ -60,6 +71,7 @@ _CUDA_HEADER = """\
 #define SHARED __shared__
 #define BARRIER() __syncthreads()
 #define DEVICE_FN __device__ __forceinline__
+#define DEV
 DEVICE_FN float fexp(float v) { return expf(v); }
 DEVICE_FN float fsilu(float v) { return v / (1.0f + expf(-v)); }
 DEVICE_FN float frsqrt(float v) { return rsqrtf(v); }
@@ -70,12 +82,47 @@ DEVICE_FN float warp_sum(float v) {
   return v;
 }
 DEVICE_FN float4 f4(float a, float b, float c, float d) { return make_float4(a, b, c, d); }
+template <typename U> DEVICE_FN void ld8(const U* p, float* o) {
+  for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(p[j]);
+}
+DEVICE_FN void ld8(const __nv_bfloat16* p, float* o) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+  for (int j = 0; j < 4; ++j) {
+    o[2 * j] = __uint_as_float(w[j] << 16);
+    o[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+  }
+}
+DEVICE_FN void ld8(const __half* p, float* o) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const __half2* h = reinterpret_cast<const __half2*>(&v);
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(h[j]);
+    o[2 * j] = f.x;
+    o[2 * j + 1] = f.y;
+  }
+}
+DEVICE_FN float ld_cg(const float* p) { return __ldcg(p); }
+DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsigned int t) {
+  __syncthreads();
+  if (t == 0) {
+    unsigned int* c = const_cast<unsigned int*>(counter);
+    __threadfence();
+    atomicAdd(c, 1u);
+    // bounded spin: a grid that is not all resident returns wrong values instead of hanging
+    for (unsigned int k = 0; *reinterpret_cast<volatile unsigned int*>(c) < target && k < (1u << 24); ++k) {
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
 """
 
 _METAL_HEADER = """\
 #define SHARED threadgroup
 #define BARRIER() metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup)
 #define DEVICE_FN inline
+#define DEV device
 DEVICE_FN float fexp(float v) { return metal::exp(v); }
 DEVICE_FN float fsilu(float v) { return v / (1.0f + metal::exp(-v)); }
 DEVICE_FN float frsqrt(float v) { return metal::rsqrt(v); }
@@ -83,6 +130,20 @@ DEVICE_FN float fsoftplus(float v) { return metal::max(v, 0.0f) + metal::log(1.0
 DEVICE_FN float shfl_xor(float v, int m) { return metal::simd_shuffle_xor(v, ushort(m)); }
 DEVICE_FN float warp_sum(float v) { return metal::simd_sum(v); }
 DEVICE_FN float4 f4(float a, float b, float c, float d) { return float4(a, b, c, d); }
+template <typename U> DEVICE_FN void ld8(const device U* p, thread float* o) {
+  for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(p[j]);
+}
+DEVICE_FN float ld_cg(const device float* p) { return *reinterpret_cast<const volatile device float*>(p); }
+DEVICE_FN void grid_sync(const device unsigned int* counter, unsigned int target, unsigned int t) {
+  metal::threadgroup_barrier(metal::mem_flags::mem_device | metal::mem_flags::mem_threadgroup);
+  if (t == 0) {
+    device metal::atomic_uint* c = (device metal::atomic_uint*)counter;
+    metal::atomic_fetch_add_explicit(c, 1u, metal::memory_order_relaxed);
+    for (unsigned int k = 0; metal::atomic_load_explicit(c, metal::memory_order_relaxed) < target && k < (1u << 24); ++k) {
+    }
+  }
+  metal::threadgroup_barrier(metal::mem_flags::mem_device | metal::mem_flags::mem_threadgroup);
+}
 """
 
 # tokens that must never appear in a portable body (they belong to one dialect only)

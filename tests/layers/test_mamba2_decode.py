@@ -107,3 +107,38 @@ def _check_resblock(build, as_config, calls):
         assert float(st["layers"][0]["mixer"]["n"][0]) == (1.0 if fuse else -1.0)
         m.apply(p, tok)  # no state: never the fused block
     assert len(calls) == 2  # asked once per stateful apply (the second time it declined), never without state
+
+
+def test_prepare_decode_stacks_a_pure_mamba2_stack_and_keeps_its_outputs():
+    """`prepare_decode`: a pure Mamba-2 stack gets ``decode_stack`` and per-layer projection weights
+    that are views of it (same values, the model's outputs unchanged on the CPU, where the whole-stack
+    kernel does not apply); hybrids, FFN stacks and quantized params come back unchanged."""
+    from alloy.layers.stack import prepare_decode
+    from alloy.model import as_config, build
+    from alloy.params.quantize import quantize
+    base = {"name": "m", "vocab_size": 61, "d_model": 32, "layer_types": ["mamba2"] * 3,
+            "ffn_types": ["none"] * 3, "mixers": {"mamba2": {"d_state": 8, "head_dim": 8}}}
+    cfg = as_config(base)
+    m = build(cfg)
+    params = m.init(mx.random.key(0))
+    prepared = prepare_decode(cfg, params)
+    st = prepared["decode_stack"]
+    assert st["win"].shape == (3, params["layers"][0]["mixer"]["in_proj"]["weight"].shape[0], 32)
+    for i, lp in enumerate(params["layers"]):
+        assert mx.array_equal(prepared["layers"][i]["mixer"]["in_proj"]["weight"], lp["mixer"]["in_proj"]["weight"])
+        assert mx.array_equal(st["wout"][i], lp["mixer"]["out_proj"]["weight"])
+    assert prepare_decode(cfg, prepared) is prepared
+    toks = mx.array([[1, 2, 3, 4]])
+    a, sa = m.apply(params, toks, m.init_state(1, 8))
+    b, sb = m.apply(prepared, toks, m.init_state(1, 8))
+    assert mx.array_equal(a, b)
+    a, _ = m.apply(params, toks[:, :1], sa)
+    b, _ = m.apply(prepared, toks[:, :1], sb)
+    assert mx.array_equal(a, b)
+    q = quantize(params, 4, 32)
+    assert "decode_stack" not in prepare_decode(cfg, q)
+    for other in ({**base, "ffn_types": ["mlp"] * 3, "ffns": {"mlp": {"d_ff": 64}}},
+                  {**base, "layer_types": ["mamba2", "attention", "mamba2"]}):
+        c = as_config(other)
+        p = build(c).init(mx.random.key(0))
+        assert "decode_stack" not in prepare_decode(c, p)

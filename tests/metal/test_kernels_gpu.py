@@ -259,6 +259,51 @@ def test_mamba2_model_decode_on_gpu_matches_general_path():
         tok = mx.argmax(lg[:, -1], -1)[:, None]
 
 
+@pytest.mark.parametrize("groups", [None, 3])
+@pytest.mark.parametrize("batch,n_groups,rms,bias,dtype,d_conv", [
+    (1, 1, True, True, "bfloat16", 4), (3, 2, True, False, "float32", 4), (2, 1, False, True, "bfloat16", 2),
+    (4, 2, True, True, "float16", 3)])
+def test_mamba2_stack_decode_matches_per_layer_path(monkeypatch, groups, batch, n_groups, rms, bias, dtype, d_conv):
+    """The persistent whole-stack decode kernel (`prepare_decode` params) against the per-layer fused
+    path, token by token under compile: logits and every layer's states; with the default grid (one
+    group per SM) and a 3-group grid (many rows and phases per group)."""
+    from alloy.layers.stack import prepare_decode
+    from alloy.metal import mamba2_stack
+    from alloy.model import as_config, build
+    if groups:
+        monkeypatch.setenv("ALLOY_PERSISTENT_GROUPS", str(groups))
+    mamba2_stack.resident_groups.cache_clear()
+    calls = []
+    monkeypatch.setattr(mamba2_stack, "launch", lambda *a, _f=mamba2_stack.launch, **k: calls.append(1) or _f(*a, **k))
+    try:
+        cfg = as_config({"name": "m", "vocab_size": 97, "d_model": 128, "layer_types": ["mamba2"] * 4,
+                         "ffn_types": ["none"] * 4, "dtype": dtype, "tie_embeddings": True,
+                         "mixers": {"mamba2": {"d_state": 64, "head_dim": 32, "n_groups": n_groups, "rms_norm": rms,
+                                               "conv_bias": bias, "d_conv": d_conv}}})
+        m = build(cfg)
+        params = m.init(mx.random.key(0))
+        prepared = prepare_decode(cfg, params)
+        assert "decode_stack" in prepared
+        prompt = mx.array(np.random.default_rng(1).integers(0, 97, (batch, 9)))
+        logits, s1 = m.apply(params, prompt, m.init_state(batch, 32))
+        s2 = s1
+        step = mx.compile(m.apply)
+        tok = mx.argmax(logits[:, -1], -1)[:, None]
+        tol = 2e-4 if dtype == "float32" else 3e-2
+        for _ in range(5):
+            l1, s1 = step(prepared, tok, s1)
+            l2, s2 = step(params, tok, s2)
+            assert rel_err(l1, l2) <= tol
+            for a, b in zip(s1["layers"], s2["layers"]):
+                assert rel_err(a["mixer"]["ssm"], b["mixer"]["ssm"]) <= tol
+                assert rel_err(a["mixer"]["conv"], b["mixer"]["conv"]) <= tol
+            tok = mx.argmax(l2[:, -1], -1)[:, None]
+        assert calls, "the whole-stack kernel did not run"
+    finally:
+        monkeypatch.delenv("ALLOY_PERSISTENT_GROUPS", raising=False)
+        mamba2_stack.resident_groups.cache_clear()
+
+
 # ---------------------------------------------------------------- decode gemv (+ grouped RMSNorm)
 @given(M=st.integers(1, 3), IN=st.sampled_from([8, 40, 256, 300, 2048]), OUT=st.sampled_from([1, 7, 64, 300]),
        ng=st.sampled_from([0, 1, 2]), bias=st.booleans(), dt=st.sampled_from(["f32", "bf16"]),

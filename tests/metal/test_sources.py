@@ -105,18 +105,26 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
         f"  constexpr int {n} = {v};\n" for n, v in (("K", 4), ("TILE", 16), ("LANES", 16),
                                                     ("NJ", 1), ("KC", 64), ("TB", 8), ("CBLK", 8),
                                                     ("CG", 1), ("PC", 64), ("SB", 32),
-                                                    ("HD", 64), ("DS", 128), ("IN", 2048), ("NG", 1), ("RB", 16), ("UNROLL", 16), ("RPB", 8), ("KD", 128), ("CH", 64), ("NW", 8))
+                                                    ("HD", 64), ("DS", 128), ("IN", 2048), ("NG", 1), ("RB", 16), ("UNROLL", 16), ("RPB", 8), ("KD", 128), ("CH", 64), ("NW", 8),
+                                                    ("NL", 4), ("DM", 2048), ("DIN", 4096), ("NS", 128), ("NGR", 1), ("MB", 1),
+                                                    ("NB", 132), ("NT", 256), ("RU", 8), ("XMAX", 4096), ("RMAX", 65))
         if re.search(rf"\b{n}\b", body)) + "".join(
         f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM") if n in body)
     if re.search(r"\bS\b", body):
         tmpl = "  using S = __nv_bfloat16;\n" + tmpl
-    f32_in, f32_out = ("ssm_state", "dt_lim", "eps", "state"), ("new_ssm",)
+    f32_in = ("ssm_state", "dt_lim", "eps", "state", "nw", "gw", "prm")
+    f32_out = ("new_ssm", "res", "zx", "yg")
+
+    def ctype(n, f32_names):  # the persistent stack's per-layer SSM states s<l> / ns<l> are float32
+        if n == "bar":
+            return "uint32_t"
+        return "float" if n in f32_names or "state" in n or re.fullmatch(r"n?s\d+", n) else "__nv_bfloat16"
     args = []
     for n in kernel.inputs:  # MLX adds `<name>_shape` when the body reads it
-        args.append(f"const float* {n}" if n in f32_in else f"const __nv_bfloat16* {n}")
+        args.append(f"const {ctype(n, f32_in)}* {n}")
         if f"{n}_shape" in body:
             args.append(f"const __grid_constant__ Shape {n}_shape")
-    args += [f"float* {n}" if "state" in n or n in f32_out else f"__nv_bfloat16* {n}" for n in kernel.outputs]
+    args += [f"{ctype(n, f32_out)}* {n}" for n in kernel.outputs]
     src = ('#include "mlx/backend/cuda/device/utils.cuh"\n' + header
            + "namespace mlx::core::cu {\n__global__ void k(" + ", ".join(args) + ") {\n"
            + tmpl + body + "\n}\n}\n")

@@ -1,0 +1,341 @@
+"""A whole stack of pre-norm Mamba-2 residual blocks for one decode token, in ONE persistent launch.
+
+    for each layer l:                                                   (h: the residual stream)
+        zxbcdt = rms_norm(h) W_in[l]^T                                  phase A
+        y      = mamba2_step(zxbcdt, conv[l], ssm[l], ...)              phase B (conv, dt, SSD, D, gate)
+        h      = h + group_rms_norm(y) W_out[l]^T                       phase C
+
+Why: batch-1 decode of a 1.3B Mamba-2 is ~2.6 GB of weights per token — under a millisecond of HBM
+time on an H100 — but the per-layer path is ~150 launches, and MLX's CUDA back-end spends ~8 us of
+host time encoding each one (plus per-input work in the compiled call), more than the GPU work
+itself. Here a fixed grid of NB groups (one per SM, all resident) walks every layer; the three
+phases of a layer are separated by grid-wide barriers (`grid_sync`: an atomic counter), so a token
+costs one launch and ~3 x layers barriers of a few microseconds.
+
+Work split, every phase over all groups:
+  A / C  the projection's output rows are split into NB contiguous ranges; each group first builds
+         the normalised input vector in group-shared memory (every group redoes the few-KB norm:
+         cheaper than another barrier), then its threads stream its rows' weights with 16-byte
+         loads (`ld8`), eight columns per thread, all rows of the range without a barrier; warp sums
+         land in group-shared partials that one barrier reduces. C adds the residual.
+  B      the state rows (batch x heads x head_dim) are split into NB ranges; each group convolves
+         its rows' x channels and every row's B / C channels into group-shared memory (group 0
+         writes the B / C conv state), then each warp updates whole state rows with lanes along
+         d_state and reduces the readout.
+Scratch between phases (the residual, in_proj outputs, gated y) lives in float32 outputs read with
+`ld_cg` (coherent across groups of the launch). Values are rounded to the activation dtype T where
+the per-layer path rounds them (normalised inputs, projection outputs, conv outputs, y, the gate,
+the residual sum), so the result matches the three-launch path.
+
+Weights are stacked per layer (`stack_weights`, once per model); states are per layer (the model's
+state tree is unchanged): layer l's conv / SSM state pointers are picked by a generated
+select chain, so the kernel takes 2 x layers state inputs and writes 2 x layers state outputs.
+Metal caps a kernel at 31 buffers, so this kernel is dispatched on CUDA only (its Metal dialect
+is generated from the same body; Metal also gives no forward-progress guarantee to spinning
+threadgroups); elsewhere the per-layer fused path runs.
+
+Shapes: x (MB, DM) in T; nw (NL, DM), gw (NL, DIN) float32 norm weights; win (NL, DP, DM), wout
+(NL, DM, DIN) in the weight dtype; cw (NL, CD, K); cb (NL, CD) (any array when HAS_BIAS is false);
+dtb, alog, dsk (NL, H); prm float32 [eps, norm_eps, dt_lo, dt_hi]; bar (1,) uint32 zeros; conv
+states c<l> (MB, K-1, CD) in S; ssm states s<l> (MB, H, HD, NS) float32. Outputs: h (MB, DM) in T,
+scratch res (MB, DM), zx (MB, DP), yg (MB, DIN) float32, new states nc<l>, ns<l>.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import mlx.core as mx
+
+from alloy.metal.prelude import Kernel
+
+NT = 256  # threads per group
+MAX_ROWS = 4  # batch rows the kernel takes (group-shared input vectors)
+SHARED_BUDGET = 44 * 1024  # bytes of static group-shared memory we allow ourselves
+
+_BODY = """
+  constexpr int H = DIN / HD;
+  constexpr int GN = NGR * NS;
+  constexpr int CD = DIN + 2 * GN;
+  constexpr int DP = 2 * DIN + 2 * GN + H;
+  constexpr int NWP = NT / 32;
+  constexpr int RS = MB * H * HD;               // state rows of phase B
+  constexpr int RBS = (RS + NB - 1) / NB;        // state rows per group
+  SHARED T xn[MB * XMAX];                        // the normalised projection input
+  SHARED float part[RMAX * MB * NWP];            // per-warp partial dot products
+  SHARED float red[MB * (NG > 1 ? NG : 1) * NWP];
+  SHARED float bc[MB * 2 * GN];                  // convolved B and C of every batch row
+  SHARED float xc[RBS];                          // convolved x of this group's state rows
+  const int g0 = bid_x;
+  unsigned int nsync = 0;
+  // prologue: the residual stream starts as the embedded token
+  for (int i = g0 * NT + tid; i < MB * DM; i += NB * NT) res[i] = static_cast<float>(x[i]);
+  nsync += NB;
+  grid_sync(bar, nsync, tid);
+  for (int l = 0; l < NL; ++l) {
+    const DEV S* cst = SELECT_CONV;
+    const DEV float* sst = SELECT_SSM;
+    DEV S* ncst = SELECT_NCONV;
+    DEV float* nsst = SELECT_NSSM;
+    for (int ph = 0; ph < 3; ph += 2) {
+      if (ph == 2) {
+        // ---------------- phase B: conv + dt + SSD state update + D skip + gate ----------------
+        const int lo = g0 * RBS;
+        const int hi = lo + RBS < RS ? lo + RBS : RS;
+        for (int i = tid; i < MB * 2 * GN + RBS; i += NT) {
+          int m, c;
+          const bool isx = i >= MB * 2 * GN;
+          if (isx) {
+            const int r = lo + i - MB * 2 * GN;
+            if (r >= hi) continue;
+            m = r / (H * HD);
+            c = r % (H * HD);
+          } else {
+            m = i / (2 * GN);
+            c = DIN + i % (2 * GN);
+          }
+          const float xin = ld_cg(zx + m * DP + DIN + c);
+          const int sb = m * (K - 1) * CD + c;
+          float acc = HAS_BIAS ? static_cast<float>(cb[l * CD + c]) : 0.0f;
+          for (int k = 0; k < K - 1; ++k)
+            acc += static_cast<float>(cw[(l * CD + c) * K + k]) * static_cast<float>(static_cast<T>(cst[sb + k * CD]));
+          acc += static_cast<float>(cw[(l * CD + c) * K + K - 1]) * xin;
+          const float v = static_cast<float>(static_cast<T>(fsilu(acc)));
+          if (isx) xc[i - MB * 2 * GN] = v; else bc[i] = v;
+          if (isx || g0 == 0) {
+            for (int k = 0; k < K - 2; ++k) ncst[sb + k * CD] = cst[sb + (k + 1) * CD];
+            ncst[sb + (K - 2) * CD] = static_cast<S>(xin);
+          }
+        }
+        BARRIER();
+        for (int q = warp; q < RBS; q += NWP) {
+          const int r = lo + q;
+          if (r >= hi) break;
+          const int m = r / (H * HD);
+          const int hp = r % (H * HD);
+          const int h = hp / HD;
+          const int g = h / (H / NGR);
+          float dtv = fsoftplus(ld_cg(zx + m * DP + 2 * DIN + 2 * GN + h) + static_cast<float>(dtb[l * H + h]));
+          dtv = dtv < prm[2] ? prm[2] : (dtv > prm[3] ? prm[3] : dtv);
+          const float decay = fexp(-dtv * fexp(static_cast<float>(alog[l * H + h])));
+          const float xv = xc[q];
+          const float dx = dtv * xv;
+          const int row = (m * H + h) * HD + hp % HD;
+          const int bo = m * 2 * GN + g * NS;   // B at bc[bo + j], C at bc[bo + GN + j]
+          float sv[NS / 32 > 0 ? NS / 32 : 1];
+          for (int u = 0; u < NS / 32; ++u) sv[u] = sst[row * NS + lane + 32 * u];
+          float acc = 0.0f;
+          for (int u = 0; u < NS / 32; ++u) {
+            const int j = lane + 32 * u;
+            const float s = decay * sv[u] + dx * bc[bo + j];
+            nsst[row * NS + j] = s;
+            acc += s * bc[bo + GN + j];
+          }
+          for (int j = (NS / 32) * 32 + lane; j < NS; j += 32) {
+            const float s = decay * sst[row * NS + j] + dx * bc[bo + j];
+            nsst[row * NS + j] = s;
+            acc += s * bc[bo + GN + j];
+          }
+          acc = warp_sum(acc);
+          if (lane == 0) {
+            const float y = static_cast<float>(static_cast<T>(acc + static_cast<float>(dsk[l * H + h]) * xv));
+            const float z = ld_cg(zx + m * DP + hp);
+            yg[m * DIN + hp] = static_cast<float>(static_cast<T>(y * fsilu(z)));
+          }
+        }
+        nsync += NB;
+        grid_sync(bar, nsync, tid);
+      }
+      // ---------------- phases A (ph 0: norm + in_proj) and C (ph 2: gated norm + out_proj + residual)
+      const bool inp = ph == 0;
+      const int IN = inp ? DM : DIN;
+      const int OUT = inp ? DP : DM;
+      const int ng = inp ? 1 : NG;                  // norm groups (0: no norm)
+      const DEV float* src = inp ? res : yg;
+      const DEV float* nwt = inp ? nw + l * DM : gw + l * DIN;
+      const float ep = inp ? prm[0] : prm[1];
+      const int gs = IN / (ng > 0 ? ng : 1);
+      for (int m = 0; m < MB; ++m) {
+        for (int g = 0; g < ng; ++g) {
+          float s = 0.0f;
+          for (int i = tid; i < gs; i += NT) {
+            const float v = ld_cg(src + m * IN + g * gs + i);
+            s += v * v;
+          }
+          s = warp_sum(s);
+          if (lane == 0) red[(m * ng + g) * NWP + warp] = s;
+        }
+      }
+      BARRIER();
+      for (int i = tid; i < MB * IN; i += NT) {
+        const int m = i / IN;
+        const int c = i % IN;
+        float v = ld_cg(src + i);
+        if (ng > 0) {
+          const int g = c / gs;
+          float s = 0.0f;
+          for (int w = 0; w < NWP; ++w) s += red[(m * ng + g) * NWP + w];
+          v = v * frsqrt(s / static_cast<float>(gs) + ep) * nwt[c];
+        }
+        xn[m * XMAX + c] = static_cast<T>(v);
+      }
+      BARRIER();
+      const int ra = (OUT + NB - 1) / NB;
+      const int lo = g0 * ra;
+      const int hi = lo + ra < OUT ? lo + ra : OUT;
+      for (int o0 = lo; o0 < hi; o0 += RU) {
+        float acc[RU * MB];
+        for (int q = 0; q < RU * MB; ++q) acc[q] = 0.0f;
+        for (int c = tid * 8; c < IN; c += NT * 8) {
+          float w[RU * 8];
+          for (int u = 0; u < RU; ++u) {
+            if (o0 + u < hi) {
+              if (inp) ld8(win + (static_cast<long>(l) * DP + o0 + u) * DM + c, w + u * 8);
+              else ld8(wout + (static_cast<long>(l) * DM + o0 + u) * DIN + c, w + u * 8);
+            }
+          }
+          for (int m = 0; m < MB; ++m) {
+            float xv[8];
+            for (int j = 0; j < 8; ++j) xv[j] = static_cast<float>(xn[m * XMAX + c + j]);
+            for (int u = 0; u < RU; ++u)
+              for (int j = 0; j < 8; ++j) acc[u * MB + m] += w[u * 8 + j] * xv[j];
+          }
+        }
+        for (int u = 0; u < RU; ++u)
+          for (int m = 0; m < MB; ++m) {
+            const float v = warp_sum(acc[u * MB + m]);
+            if (lane == 0 && o0 + u < hi) part[((o0 + u - lo) * MB + m) * NWP + warp] = v;
+          }
+      }
+      BARRIER();
+      for (int i = tid; i < (hi - lo) * MB; i += NT) {
+        const int o = lo + i / MB;
+        const int m = i % MB;
+        float s = 0.0f;
+        for (int w = 0; w < NWP; ++w) s += part[i * NWP + w];
+        if (inp) {
+          zx[m * DP + o] = static_cast<float>(static_cast<T>(s));
+        } else {
+          const float v = static_cast<float>(static_cast<T>(s + ld_cg(res + m * DM + o)));
+          res[m * DM + o] = v;
+          if (l == NL - 1) hout[m * DM + o] = static_cast<T>(v);
+        }
+      }
+      if (l < NL - 1 || inp) {
+        nsync += NB;
+        grid_sync(bar, nsync, tid);
+      }
+    }
+  }
+"""
+
+_FIXED_INPUTS = ("x", "nw", "gw", "win", "wout", "cw", "cb", "dtb", "alog", "dsk", "prm", "bar")
+_FIXED_OUTPUTS = ("hout", "res", "zx", "yg")
+
+
+def _select(prefix: str, n: int) -> str:
+    """`l == 0 ? p0 : l == 1 ? p1 : ... : p<n-1>`: layer l's pointer among n per-layer arguments."""
+    return "".join(f"l == {i} ? {prefix}{i} : " for i in range(n - 1)) + f"{prefix}{n - 1}"
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(n_layers: int) -> Kernel:
+    """The persistent kernel for a stack of `n_layers` (state pointers are per layer)."""
+    body = (_BODY.replace("SELECT_CONV", _select("c", n_layers)).replace("SELECT_SSM", _select("s", n_layers))
+            .replace("SELECT_NCONV", _select("nc", n_layers)).replace("SELECT_NSSM", _select("ns", n_layers)))
+    inputs = _FIXED_INPUTS + tuple(f"c{i}" for i in range(n_layers)) + tuple(f"s{i}" for i in range(n_layers))
+    outputs = _FIXED_OUTPUTS + tuple(f"nc{i}" for i in range(n_layers)) + tuple(f"ns{i}" for i in range(n_layers))
+    return Kernel(name=f"alloy_mamba2_stack_{n_layers}", inputs=inputs, outputs=outputs, body=body)
+
+
+RU = 8  # output rows per pass of a thread (RU x 16-byte loads in flight, per column block)
+
+
+def _rows_max(dims: dict, nb: int) -> int:
+    return -(-max(dims["DP"], dims["DM"]) // nb)
+
+
+def shared_bytes(dims: dict, mb: int, nb: int, act_bytes: int) -> int:
+    """Static group-shared memory of the kernel for these dims (must stay under the 48 KB limit)."""
+    xmax = max(dims["DM"], dims["DIN"])
+    nwp = NT // 32
+    rbs = -(-(mb * dims["DIN"]) // nb)
+    return (mb * xmax * act_bytes + 4 * (_rows_max(dims, nb) * mb * nwp + mb * max(dims["NG"], 1) * nwp
+                                          + mb * 2 * dims["NGR"] * dims["NS"] + rbs))
+
+
+@functools.lru_cache(maxsize=None)
+def resident_groups() -> int:
+    """Groups the kernel launches: one per streaming multiprocessor (all resident at once, which the
+    grid barrier needs). ALLOY_PERSISTENT_GROUPS overrides; the CUDA driver is asked for the SM count."""
+    env = os.environ.get("ALLOY_PERSISTENT_GROUPS")
+    if env:
+        return int(env)
+    try:
+        cu = ctypes.CDLL("libcuda.so.1")
+        dev, n = ctypes.c_int(), ctypes.c_int()
+        if cu.cuInit(0) == 0 and cu.cuDeviceGet(ctypes.byref(dev), 0) == 0 and \
+                cu.cuDeviceGetAttribute(ctypes.byref(n), 16, dev) == 0 and n.value > 0:  # 16: SM count
+            return n.value
+    except OSError:
+        pass
+    return 32
+
+
+def dims_of(stack: dict, d_state: int, norm_groups: int) -> dict:
+    """Model dims read off the stacked weights (`alloy.layers.mamba2.stack_prepare`); norm_groups 0:
+    no norm before out_proj."""
+    NL, DP, DM = stack["win"].shape
+    CD, K = stack["cw"].shape[1:]
+    H = stack["dtb"].shape[1]
+    DIN = stack["wout"].shape[2]
+    return {"NL": NL, "DM": DM, "DIN": DIN, "DP": DP, "CD": CD, "K": K, "H": H, "HD": DIN // H, "NS": d_state,
+            "NGR": (CD - DIN) // (2 * d_state), "NG": norm_groups}
+
+
+def fits(d: dict, rows: int, act_dtype, nb: int) -> bool:
+    """The dims fit the kernel: 8-column blocks, whole norm groups, group-shared memory."""
+    if rows > MAX_ROWS or d["DM"] % 8 or d["DIN"] % 8 or (d["NG"] and d["DIN"] % d["NG"]) or d["K"] < 2:
+        return False
+    return shared_bytes(d, rows, nb, 4 if act_dtype == mx.float32 else 2) <= SHARED_BUDGET
+
+
+def applies(stack: dict, x: mx.array, act_dtype, d_state: int, norm_groups: int) -> bool:
+    """Static facts: the CUDA back-end (see the module docstring for Metal) and dims that fit."""
+    from alloy.metal.prelude import backend
+
+    return (backend() == "cuda" and act_dtype in (mx.float16, mx.bfloat16, mx.float32)
+            and fits(dims_of(stack, d_state, norm_groups), x.shape[0], act_dtype, resident_groups()))
+
+
+def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, norm_groups: int, eps: float,
+           norm_eps: float, dt_lim: tuple, nb: int | None = None, threads: int = NT, run=None):
+    """Run the stack on one token: x (MB, DM) the embedded token in the activation dtype; per-layer
+    conv states (MB, K-1, CD) and SSM states (MB, H, HD, NS) float32. Returns (h (MB, DM), [new
+    conv states], [new ssm states]). ``nb`` / ``threads``: grid and group size (defaults: one group
+    per SM, NT threads); ``run``: a launcher with Kernel.__call__'s signature (default: the kernel
+    on the running backend; tests pass the CPU emulator)."""
+    d = dims_of(stack, d_state, norm_groups)
+    NL = d["NL"]
+    MB = x.shape[0]
+    nb = nb or resident_groups()
+    prm = mx.array([eps, norm_eps, dt_lim[0], dt_lim[1]], dtype=mx.float32)
+    cb = stack.get("cb")
+    inputs = [x, stack["nw"], stack["gw"], stack["win"], stack["wout"], stack["cw"],
+              stack["cw"] if cb is None else cb, stack["dtb"], stack["alog"], stack["dsk"], prm,
+              mx.zeros((1,), dtype=mx.uint32), *conv_states, *ssm_states]
+    cdt = conv_states[0].dtype
+    outs = (run or kernel(NL))(
+        inputs,
+        template=[("T", x.dtype), ("S", cdt), ("NL", NL), ("DM", d["DM"]), ("DIN", d["DIN"]), ("NS", d["NS"]),
+                  ("NGR", d["NGR"]), ("HD", d["HD"]), ("K", d["K"]), ("NG", d["NG"]), ("MB", MB),
+                  ("NB", nb), ("NT", threads), ("RU", RU), ("XMAX", max(d["DM"], d["DIN"])),
+                  ("RMAX", _rows_max(d, nb)), ("HAS_BIAS", cb is not None)],
+        grid=(nb, 1, 1),
+        threadgroup=threads,
+        output_shapes=[(MB, d["DM"]), (MB, d["DM"]), (MB, d["DP"]), (MB, d["DIN"])]
+        + [c.shape for c in conv_states] + [s.shape for s in ssm_states],
+        output_dtypes=[x.dtype, mx.float32, mx.float32, mx.float32] + [cdt] * NL + [mx.float32] * NL,
+    )
+    return outs[0], list(outs[4:4 + NL]), list(outs[4 + NL:])
