@@ -14,6 +14,9 @@ Rows (ms per token, median of 3 runs of --tokens tokens):
   host_graph_build / host_async_eval   host time per token to build the step's graph (the compiled
                    call) and to encode it (async_eval's return), each token synchronised first
   bytes_roofline   weight + state bytes per token / 3.35 TB/s
+  stack_*          the same step rows with `prepare_decode` params: every layer in one persistent
+                   launch (`alloy.metal.mamba2_stack`, CUDA)
+  stack_kernel_nbN the persistent kernel alone, token after token, with a grid of N groups
 """
 from __future__ import annotations
 
@@ -95,6 +98,30 @@ def main(argv=None):
     m = build(cfg(a.layers, a.d_model))
     p = m.init(mx.random.key(0))
     mx.eval(p)
+    from alloy import metal
+    from alloy.inference.generate import prepare_decode
+    pp = prepare_decode(m, p)
+    if "decode_stack" in pp and metal.backend() == "cuda":
+        mx.eval(pp)
+        rows["stack_pipelined"] = per_token(step_runner(m, pp, True), a.tokens)
+        rows["stack_sync"] = per_token(step_runner(m, pp, False), a.tokens)
+        rows["stack_host_graph_build"], rows["stack_host_async_eval"] = host_split(m, pp, a.tokens)
+        from alloy.metal import mamba2_stack
+        st = m.init_state(1, 16)
+        mc = m.config.mixer(0)[1]
+        for nb in (mamba2_stack.resident_groups(), 2 * mamba2_stack.resident_groups()):
+            box = {"x": mx.ones((1, a.d_model), mx.bfloat16) * 0.01,
+                   "c": [ls["mixer"]["conv"] for ls in st["layers"]], "s": [ls["mixer"]["ssm"] for ls in st["layers"]]}
+
+            def run(n, nb=nb, box=box):
+                for _ in range(n):
+                    h, c, s_ = mamba2_stack.launch(pp["decode_stack"], box["x"], box["c"], box["s"],
+                                                   d_state=mc.d_state, norm_groups=mc.n_groups, eps=1e-5,
+                                                   norm_eps=mc.norm_eps, dt_lim=(0.0, float("inf")), nb=nb)
+                    box.update(x=h, c=c, s=s_)
+                    mx.async_eval(h, *c, *s_)
+            rows[f"stack_kernel_nb{nb}"] = per_token(run, a.tokens)
+        del pp
     rows["step_pipelined"] = per_token(step_runner(m, p, True), a.tokens)
     rows["step_sync"] = per_token(step_runner(m, p, False), a.tokens)
     rows["host_graph_build"], rows["host_async_eval"] = host_split(m, p, a.tokens)
@@ -125,7 +152,6 @@ def main(argv=None):
         return run
     rows["gemv_only"] = per_token(chain(False), a.tokens)
     rows["gemv_pre_t"] = per_token(chain(True), a.tokens)
-    from alloy import metal
     if metal.backend() is not None:
         rows["gemv_alloy_kernel"] = per_token(chain(False, kernel=True), a.tokens)
     from mlx.utils import tree_flatten
