@@ -166,7 +166,7 @@ struct alloy_emu_thread {
 """
 
 # The CPU dialect. It must define every name of prelude._CUDA_HEADER / _METAL_HEADER:
-#   SHARED (rewritten by `_rewrite_shared`; a leftover is an error)  BARRIER()  DEVICE_FN  DEV
+#   SHARED (rewritten by `_rewrite_shared`; a leftover is an error)  BARRIER()  DEVICE_FN  DEV  ALIGN16
 #   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum  f4 / float4 (.x .y .z .w)  ld8  ld_cg  grid_sync
 # and the index names of prelude._INDEX (see _INDEX_CPU). A name the prelude gains goes here
 # (a DEVICE_FN function; runtime services through alloy_emu_self->ops, see _RUNTIME).
@@ -212,6 +212,7 @@ inline void* alloy_emu_shm(int idx, size_t bytes) { return alloy_emu_self->ops->
 #define SHARED alloy_emu_unsupported_SHARED_declaration  // declarations are rewritten before this
 #define BARRIER() (alloy_emu_self->ops->barrier(alloy_emu_self->rt))
 #define DEVICE_FN inline
+#define ALIGN16  // SHARED arrays live in 64-byte aligned arena memory
 #define DEV
 DEVICE_FN float fexp(float v) { return std::exp(v); }
 DEVICE_FN float fsilu(float v) { return v / (1.0f + std::exp(-v)); }

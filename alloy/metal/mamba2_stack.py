@@ -27,18 +27,23 @@ Scratch between phases (the residual, in_proj outputs, gated y) lives in float32
 the per-layer path rounds them (normalised inputs, projection outputs, conv outputs, y, the gate,
 the residual sum), so the result matches the three-launch path.
 
-Weights are stacked per layer (`stack_weights`, once per model); states are per layer (the model's
-state tree is unchanged): layer l's conv / SSM state pointers are picked by a generated
-select chain, so the kernel takes 2 x layers state inputs and writes 2 x layers state outputs.
+Weights are stacked per layer (`alloy.layers.mamba2.stack_prepare`, once per model); states are per
+layer in the model's state tree: layer l's conv / SSM state pointers are picked by a generated
+select chain (2 x layers state inputs) and the new states are written to two stacked outputs
+whose per-layer views become the next state.
 Metal caps a kernel at 31 buffers, so this kernel is dispatched on CUDA only (its Metal dialect
 is generated from the same body; Metal also gives no forward-progress guarantee to spinning
 threadgroups); elsewhere the per-layer fused path runs.
 
 Shapes: x (MB, DM) in T; nw (NL, DM), gw (NL, DIN) float32 norm weights; win (NL, DP, DM), wout
 (NL, DM, DIN) in the weight dtype; cw (NL, CD, K); cb (NL, CD) (any array when HAS_BIAS is false);
-dtb, alog, dsk (NL, H); prm float32 [eps, norm_eps, dt_lo, dt_hi]; bar (1,) uint32 zeros; conv
-states c<l> (MB, K-1, CD) in S; ssm states s<l> (MB, H, HD, NS) float32. Outputs: h (MB, DM) in T,
-scratch res (MB, DM), zx (MB, DP), yg (MB, DIN) float32, new states nc<l>, ns<l>.
+dtb, alog, dsk (NL, H); prm float32 [eps, norm_eps, dt_lo, dt_hi]; bar (64,) uint32 zeros (the
+barrier counter: bigger than 8 bytes so that MLX-CUDA takes it from device memory — its <= 8-byte
+pool is managed memory, where the spinning made every barrier ~0.6 ms); conv states c<l>
+(MB, K-1, CD) in S; ssm states s<l> (MB, H, HD, NS) float32. Outputs: h (MB, DM) in T, scratch res
+(MB, DM), zx (MB, DP), yg (MB, DIN) float32, new states stacked: nconv (NL, MB, K-1, CD) in S,
+nssm (NL, MB, H, HD, NS) float32 (the caller takes per-layer views; few outputs keep MLX's
+per-node host work small).
 """
 from __future__ import annotations
 
@@ -60,14 +65,17 @@ _BODY = """
   constexpr int CD = DIN + 2 * GN;
   constexpr int DP = 2 * DIN + 2 * GN + H;
   constexpr int NWP = NT / 32;
-  constexpr int RS = MB * H * HD;               // state rows of phase B
+  constexpr int TW = NB * NWP;                   // warps in the grid
+  constexpr int RS = MB * H * HD;                // state rows of phase B
   constexpr int RBS = (RS + NB - 1) / NB;        // state rows per group
-  SHARED T xn[MB * XMAX];                        // the normalised projection input
-  SHARED float part[RMAX * MB * NWP];            // per-warp partial dot products
+  constexpr int VPT = (XMAX + NT - 1) / NT;      // input-vector elements per thread
+  constexpr int NV = NS / 32 > 0 ? NS / 32 : 1;  // state elements per lane (whole 32-lane rounds)
+  ALIGN16 SHARED T xn[MB * XMAX];                // the normalised projection input (16-byte rows)
   SHARED float red[MB * (NG > 1 ? NG : 1) * NWP];
   SHARED float bc[MB * 2 * GN];                  // convolved B and C of every batch row
   SHARED float xc[RBS];                          // convolved x of this group's state rows
   const int g0 = bid_x;
+  const int gwarp = g0 * NWP + warp;
   unsigned int nsync = 0;
   // prologue: the residual stream starts as the embedded token
   for (int i = g0 * NT + tid; i < MB * DM; i += NB * NT) res[i] = static_cast<float>(x[i]);
@@ -76,8 +84,8 @@ _BODY = """
   for (int l = 0; l < NL; ++l) {
     const DEV S* cst = SELECT_CONV;
     const DEV float* sst = SELECT_SSM;
-    DEV S* ncst = SELECT_NCONV;
-    DEV float* nsst = SELECT_NSSM;
+    DEV S* ncst = nconv + static_cast<long>(l) * MB * (K - 1) * CD;
+    DEV float* nsst = nssm + static_cast<long>(l) * MB * H * HD * NS;
     for (int ph = 0; ph < 3; ph += 2) {
       if (ph == 2) {
         // ---------------- phase B: conv + dt + SSD state update + D skip + gate ----------------
@@ -109,39 +117,51 @@ _BODY = """
           }
         }
         BARRIER();
-        for (int q = warp; q < RBS; q += NWP) {
-          const int r = lo + q;
-          if (r >= hi) break;
-          const int m = r / (H * HD);
-          const int hp = r % (H * HD);
-          const int h = hp / HD;
-          const int g = h / (H / NGR);
-          float dtv = fsoftplus(ld_cg(zx + m * DP + 2 * DIN + 2 * GN + h) + static_cast<float>(dtb[l * H + h]));
-          dtv = dtv < prm[2] ? prm[2] : (dtv > prm[3] ? prm[3] : dtv);
-          const float decay = fexp(-dtv * fexp(static_cast<float>(alog[l * H + h])));
-          const float xv = xc[q];
-          const float dx = dtv * xv;
-          const int row = (m * H + h) * HD + hp % HD;
-          const int bo = m * 2 * GN + g * NS;   // B at bc[bo + j], C at bc[bo + GN + j]
-          float sv[NS / 32 > 0 ? NS / 32 : 1];
-          for (int u = 0; u < NS / 32; ++u) sv[u] = sst[row * NS + lane + 32 * u];
-          float acc = 0.0f;
-          for (int u = 0; u < NS / 32; ++u) {
-            const int j = lane + 32 * u;
-            const float s = decay * sv[u] + dx * bc[bo + j];
-            nsst[row * NS + j] = s;
-            acc += s * bc[bo + GN + j];
+        // each warp updates QB rows at a time, all their state loads issued before use
+        for (int q0 = warp; q0 < RBS; q0 += NWP * QB) {
+          float sv[QB * NV];
+          for (int i = 0; i < QB; ++i) {
+            const int r = lo + q0 + i * NWP;
+            if (q0 + i * NWP < RBS && r < hi) {
+              const int m = r / (H * HD);
+              const int hp = r % (H * HD);
+              const int row = (m * H + hp / HD) * HD + hp % HD;
+              for (int u = 0; u < NS / 32; ++u) sv[i * NV + u] = sst[row * NS + lane + 32 * u];
+            }
           }
-          for (int j = (NS / 32) * 32 + lane; j < NS; j += 32) {
-            const float s = decay * sst[row * NS + j] + dx * bc[bo + j];
-            nsst[row * NS + j] = s;
-            acc += s * bc[bo + GN + j];
-          }
-          acc = warp_sum(acc);
-          if (lane == 0) {
-            const float y = static_cast<float>(static_cast<T>(acc + static_cast<float>(dsk[l * H + h]) * xv));
-            const float z = ld_cg(zx + m * DP + hp);
-            yg[m * DIN + hp] = static_cast<float>(static_cast<T>(y * fsilu(z)));
+          for (int i = 0; i < QB; ++i) {
+            const int q = q0 + i * NWP;
+            const int r = lo + q;
+            if (q >= RBS || r >= hi) break;
+            const int m = r / (H * HD);
+            const int hp = r % (H * HD);
+            const int h = hp / HD;
+            const int g = h / (H / NGR);
+            float dtv = fsoftplus(ld_cg(zx + m * DP + 2 * DIN + 2 * GN + h) + static_cast<float>(dtb[l * H + h]));
+            dtv = dtv < prm[2] ? prm[2] : (dtv > prm[3] ? prm[3] : dtv);
+            const float decay = fexp(-dtv * fexp(static_cast<float>(alog[l * H + h])));
+            const float xv = xc[q];
+            const float dx = dtv * xv;
+            const int row = (m * H + h) * HD + hp % HD;
+            const int bo = m * 2 * GN + g * NS;   // B at bc[bo + j], C at bc[bo + GN + j]
+            float acc = 0.0f;
+            for (int u = 0; u < NS / 32; ++u) {
+              const int j = lane + 32 * u;
+              const float s = decay * sv[i * NV + u] + dx * bc[bo + j];
+              nsst[row * NS + j] = s;
+              acc += s * bc[bo + GN + j];
+            }
+            for (int j = (NS / 32) * 32 + lane; j < NS; j += 32) {
+              const float s = decay * sst[row * NS + j] + dx * bc[bo + j];
+              nsst[row * NS + j] = s;
+              acc += s * bc[bo + GN + j];
+            }
+            acc = warp_sum(acc);
+            if (lane == 0) {
+              const float y = static_cast<float>(static_cast<T>(acc + static_cast<float>(dsk[l * H + h]) * xv));
+              const float z = ld_cg(zx + m * DP + hp);
+              yg[m * DIN + hp] = static_cast<float>(static_cast<T>(y * fsilu(z)));
+            }
           }
         }
         nsync += NB;
@@ -156,70 +176,78 @@ _BODY = """
       const DEV float* nwt = inp ? nw + l * DM : gw + l * DIN;
       const float ep = inp ? prm[0] : prm[1];
       const int gs = IN / (ng > 0 ? ng : 1);
-      for (int m = 0; m < MB; ++m) {
-        for (int g = 0; g < ng; ++g) {
-          float s = 0.0f;
-          for (int i = tid; i < gs; i += NT) {
-            const float v = ld_cg(src + m * IN + g * gs + i);
-            s += v * v;
+      // the input vector is read once (registers); per-group sums of squares meet in shared memory
+      float vv[MB * VPT];
+      for (int m = 0; m < MB; ++m)
+        for (int k = 0; k < VPT; ++k) {
+          const int c = tid + k * NT;
+          vv[m * VPT + k] = c < IN ? ld_cg(src + m * IN + c) : 0.0f;
+        }
+      if (ng > 0) {
+        for (int m = 0; m < MB; ++m)
+          for (int g = 0; g < ng; ++g) {
+            float s = 0.0f;
+            for (int k = 0; k < VPT; ++k) {
+              const int c = tid + k * NT;
+              if (c < IN && c / gs == g) s += vv[m * VPT + k] * vv[m * VPT + k];
+            }
+            s = warp_sum(s);
+            if (lane == 0) red[(m * ng + g) * NWP + warp] = s;
           }
-          s = warp_sum(s);
-          if (lane == 0) red[(m * ng + g) * NWP + warp] = s;
-        }
+        BARRIER();
       }
-      BARRIER();
-      for (int i = tid; i < MB * IN; i += NT) {
-        const int m = i / IN;
-        const int c = i % IN;
-        float v = ld_cg(src + i);
-        if (ng > 0) {
-          const int g = c / gs;
-          float s = 0.0f;
-          for (int w = 0; w < NWP; ++w) s += red[(m * ng + g) * NWP + w];
-          v = v * frsqrt(s / static_cast<float>(gs) + ep) * nwt[c];
+      for (int m = 0; m < MB; ++m)
+        for (int k = 0; k < VPT; ++k) {
+          const int c = tid + k * NT;
+          if (c < IN) {
+            float v = vv[m * VPT + k];
+            if (ng > 0) {
+              const int g = c / gs;
+              float s = 0.0f;
+              for (int w = 0; w < NWP; ++w) s += red[(m * ng + g) * NWP + w];
+              v = v * frsqrt(s / static_cast<float>(gs) + ep) * nwt[c];
+            }
+            xn[m * XMAX + c] = static_cast<T>(v);
+          }
         }
-        xn[m * XMAX + c] = static_cast<T>(v);
-      }
       BARRIER();
-      const int ra = (OUT + NB - 1) / NB;
-      const int lo = g0 * ra;
-      const int hi = lo + ra < OUT ? lo + ra : OUT;
-      for (int o0 = lo; o0 < hi; o0 += RU) {
-        float acc[RU * MB];
-        for (int q = 0; q < RU * MB; ++q) acc[q] = 0.0f;
-        for (int c = tid * 8; c < IN; c += NT * 8) {
-          float w[RU * 8];
-          for (int u = 0; u < RU; ++u) {
-            if (o0 + u < hi) {
-              if (inp) ld8(win + (static_cast<long>(l) * DP + o0 + u) * DM + c, w + u * 8);
-              else ld8(wout + (static_cast<long>(l) * DM + o0 + u) * DIN + c, w + u * 8);
+      // one output row per warp at a time (rows strided over every warp of the grid): lanes take
+      // 8-column blocks, CU blocks (16-byte loads) in flight per lane, then one warp sum per row
+      for (int o = gwarp; o < OUT; o += TW) {
+        float acc[MB];
+        for (int m = 0; m < MB; ++m) acc[m] = 0.0f;
+        const long base = inp ? (static_cast<long>(l) * DP + o) * DM : (static_cast<long>(l) * DM + o) * DIN;
+        for (int c0 = lane * 8; c0 < IN; c0 += 256 * CU) {
+          float w[CU * 8];
+          for (int u = 0; u < CU; ++u) {
+            const int c = c0 + 256 * u;
+            if (c < IN) {
+              if (inp) ld8(win + base + c, w + 8 * u);
+              else ld8(wout + base + c, w + 8 * u);
             }
           }
-          for (int m = 0; m < MB; ++m) {
-            float xv[8];
-            for (int j = 0; j < 8; ++j) xv[j] = static_cast<float>(xn[m * XMAX + c + j]);
-            for (int u = 0; u < RU; ++u)
-              for (int j = 0; j < 8; ++j) acc[u * MB + m] += w[u * 8 + j] * xv[j];
+          for (int u = 0; u < CU; ++u) {
+            const int c = c0 + 256 * u;
+            if (c < IN) {
+              for (int m = 0; m < MB; ++m) {
+                float xv[8];
+                ld8(xn + m * XMAX + c, xv);
+                for (int j = 0; j < 8; ++j) acc[m] += w[8 * u + j] * xv[j];
+              }
+            }
           }
         }
-        for (int u = 0; u < RU; ++u)
-          for (int m = 0; m < MB; ++m) {
-            const float v = warp_sum(acc[u * MB + m]);
-            if (lane == 0 && o0 + u < hi) part[((o0 + u - lo) * MB + m) * NWP + warp] = v;
+        for (int m = 0; m < MB; ++m) {
+          const float s = warp_sum(acc[m]);
+          if (lane == 0) {
+            if (inp) {
+              zx[m * DP + o] = static_cast<float>(static_cast<T>(s));
+            } else {
+              const float v = static_cast<float>(static_cast<T>(s + ld_cg(res + m * DM + o)));
+              res[m * DM + o] = v;
+              if (l == NL - 1) hout[m * DM + o] = static_cast<T>(v);
+            }
           }
-      }
-      BARRIER();
-      for (int i = tid; i < (hi - lo) * MB; i += NT) {
-        const int o = lo + i / MB;
-        const int m = i % MB;
-        float s = 0.0f;
-        for (int w = 0; w < NWP; ++w) s += part[i * NWP + w];
-        if (inp) {
-          zx[m * DP + o] = static_cast<float>(static_cast<T>(s));
-        } else {
-          const float v = static_cast<float>(static_cast<T>(s + ld_cg(res + m * DM + o)));
-          res[m * DM + o] = v;
-          if (l == NL - 1) hout[m * DM + o] = static_cast<T>(v);
         }
       }
       if (l < NL - 1 || inp) {
@@ -231,7 +259,7 @@ _BODY = """
 """
 
 _FIXED_INPUTS = ("x", "nw", "gw", "win", "wout", "cw", "cb", "dtb", "alog", "dsk", "prm", "bar")
-_FIXED_OUTPUTS = ("hout", "res", "zx", "yg")
+_FIXED_OUTPUTS = ("hout", "res", "zx", "yg", "nconv", "nssm")
 
 
 def _select(prefix: str, n: int) -> str:
@@ -242,18 +270,13 @@ def _select(prefix: str, n: int) -> str:
 @functools.lru_cache(maxsize=None)
 def kernel(n_layers: int) -> Kernel:
     """The persistent kernel for a stack of `n_layers` (state pointers are per layer)."""
-    body = (_BODY.replace("SELECT_CONV", _select("c", n_layers)).replace("SELECT_SSM", _select("s", n_layers))
-            .replace("SELECT_NCONV", _select("nc", n_layers)).replace("SELECT_NSSM", _select("ns", n_layers)))
+    body = _BODY.replace("SELECT_CONV", _select("c", n_layers)).replace("SELECT_SSM", _select("s", n_layers))
     inputs = _FIXED_INPUTS + tuple(f"c{i}" for i in range(n_layers)) + tuple(f"s{i}" for i in range(n_layers))
-    outputs = _FIXED_OUTPUTS + tuple(f"nc{i}" for i in range(n_layers)) + tuple(f"ns{i}" for i in range(n_layers))
-    return Kernel(name=f"alloy_mamba2_stack_{n_layers}", inputs=inputs, outputs=outputs, body=body)
+    return Kernel(name=f"alloy_mamba2_stack_{n_layers}", inputs=inputs, outputs=_FIXED_OUTPUTS, body=body)
 
 
-RU = 8  # output rows per pass of a thread (RU x 16-byte loads in flight, per column block)
-
-
-def _rows_max(dims: dict, nb: int) -> int:
-    return -(-max(dims["DP"], dims["DM"]) // nb)
+CU = 8  # 8-column blocks (16-byte loads) in flight per lane and output row
+QB = 4  # state rows a warp loads before updating them
 
 
 def shared_bytes(dims: dict, mb: int, nb: int, act_bytes: int) -> int:
@@ -261,8 +284,7 @@ def shared_bytes(dims: dict, mb: int, nb: int, act_bytes: int) -> int:
     xmax = max(dims["DM"], dims["DIN"])
     nwp = NT // 32
     rbs = -(-(mb * dims["DIN"]) // nb)
-    return (mb * xmax * act_bytes + 4 * (_rows_max(dims, nb) * mb * nwp + mb * max(dims["NG"], 1) * nwp
-                                          + mb * 2 * dims["NGR"] * dims["NS"] + rbs))
+    return mb * xmax * act_bytes + 4 * (mb * max(dims["NG"], 1) * nwp + mb * 2 * dims["NGR"] * dims["NS"] + rbs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -298,6 +320,8 @@ def fits(d: dict, rows: int, act_dtype, nb: int) -> bool:
     """The dims fit the kernel: 8-column blocks, whole norm groups, group-shared memory."""
     if rows > MAX_ROWS or d["DM"] % 8 or d["DIN"] % 8 or (d["NG"] and d["DIN"] % d["NG"]) or d["K"] < 2:
         return False
+    if -(-max(d["DM"], d["DIN"]) // NT) * rows > 32:  # input-vector registers per thread
+        return False
     return shared_bytes(d, rows, nb, 4 if act_dtype == mx.float32 else 2) <= SHARED_BUDGET
 
 
@@ -324,18 +348,19 @@ def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, n
     cb = stack.get("cb")
     inputs = [x, stack["nw"], stack["gw"], stack["win"], stack["wout"], stack["cw"],
               stack["cw"] if cb is None else cb, stack["dtb"], stack["alog"], stack["dsk"], prm,
-              mx.zeros((1,), dtype=mx.uint32), *conv_states, *ssm_states]
+              mx.zeros((64,), dtype=mx.uint32), *conv_states, *ssm_states]
     cdt = conv_states[0].dtype
     outs = (run or kernel(NL))(
         inputs,
         template=[("T", x.dtype), ("S", cdt), ("NL", NL), ("DM", d["DM"]), ("DIN", d["DIN"]), ("NS", d["NS"]),
                   ("NGR", d["NGR"]), ("HD", d["HD"]), ("K", d["K"]), ("NG", d["NG"]), ("MB", MB),
-                  ("NB", nb), ("NT", threads), ("RU", RU), ("XMAX", max(d["DM"], d["DIN"])),
-                  ("RMAX", _rows_max(d, nb)), ("HAS_BIAS", cb is not None)],
+                  ("NB", nb), ("NT", threads), ("CU", CU), ("QB", QB), ("XMAX", max(d["DM"], d["DIN"])),
+                  ("HAS_BIAS", cb is not None)],
         grid=(nb, 1, 1),
         threadgroup=threads,
-        output_shapes=[(MB, d["DM"]), (MB, d["DM"]), (MB, d["DP"]), (MB, d["DIN"])]
-        + [c.shape for c in conv_states] + [s.shape for s in ssm_states],
-        output_dtypes=[x.dtype, mx.float32, mx.float32, mx.float32] + [cdt] * NL + [mx.float32] * NL,
+        output_shapes=[(MB, d["DM"]), (MB, d["DM"]), (MB, d["DP"]), (MB, d["DIN"]),
+                       (NL, *conv_states[0].shape), (NL, *ssm_states[0].shape)],
+        output_dtypes=[x.dtype, mx.float32, mx.float32, mx.float32, cdt, mx.float32],
     )
-    return outs[0], list(outs[4:4 + NL]), list(outs[4 + NL:])
+    h, _, _, _, nconv, nssm = outs
+    return h, [nconv[i] for i in range(NL)], [nssm[i] for i in range(NL)]

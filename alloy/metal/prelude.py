@@ -14,6 +14,7 @@ prelude maps onto each dialect:
         SHARED float buf[N];    group-shared memory     __shared__    | threadgroup
         BARRIER();              group barrier           __syncthreads | threadgroup_barrier
         DEVICE_FN               helper qualifier        __device__ __forceinline__ | inline
+        ALIGN16 SHARED T a[N];  a 16-byte aligned group-shared array (for `ld8` from shared memory)
         DEV                     address space of a      (nothing)     | device
                                 pointer variable into an input / output buffer: `const DEV float* p`
         warp_sum(v)             sum over the 32 lanes   __shfl_xor_sync butterfly | simd_sum
@@ -21,8 +22,9 @@ prelude maps onto each dialect:
         fexp(v), fsilu(v)       float exp, x*sigmoid(x)
         frsqrt, fsoftplus       1/sqrt, log(1 + e^v) (stable)
         f4(a, b, c, d)          a float4 (members .x .y .z .w in both dialects)
-        ld8(p, o)               o[0..8) = float(p[0..8)); one 16-byte load for bf16/fp16 on CUDA
-                                (p must be 16-byte aligned there: 8-element offsets of a buffer)
+        ld8(p, o)               o[0..8) = float(p[0..8)) from a buffer or group-shared array; one
+                                16-byte load for bf16/fp16 on CUDA (p must be 16-byte aligned
+                                there: 8-element offsets of a buffer or of an ALIGN16 array)
         ld_cg(p)                a float load that sees other groups' writes of this launch
                                 (CUDA: L2, bypassing the non-coherent L1 — `__ldcg`)
         grid_sync(c, n, tid)    grid-wide barrier for persistent kernels: every group adds one to
@@ -72,6 +74,7 @@ _CUDA_HEADER = """\
 #define BARRIER() __syncthreads()
 #define DEVICE_FN __device__ __forceinline__
 #define DEV
+#define ALIGN16 __align__(16)
 DEVICE_FN float fexp(float v) { return expf(v); }
 DEVICE_FN float fsilu(float v) { return v / (1.0f + expf(-v)); }
 DEVICE_FN float frsqrt(float v) { return rsqrtf(v); }
@@ -123,6 +126,7 @@ _METAL_HEADER = """\
 #define BARRIER() metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup)
 #define DEVICE_FN inline
 #define DEV device
+#define ALIGN16 alignas(16)
 DEVICE_FN float fexp(float v) { return metal::exp(v); }
 DEVICE_FN float fsilu(float v) { return v / (1.0f + metal::exp(-v)); }
 DEVICE_FN float frsqrt(float v) { return metal::rsqrt(v); }
@@ -131,6 +135,9 @@ DEVICE_FN float shfl_xor(float v, int m) { return metal::simd_shuffle_xor(v, ush
 DEVICE_FN float warp_sum(float v) { return metal::simd_sum(v); }
 DEVICE_FN float4 f4(float a, float b, float c, float d) { return float4(a, b, c, d); }
 template <typename U> DEVICE_FN void ld8(const device U* p, thread float* o) {
+  for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(p[j]);
+}
+template <typename U> DEVICE_FN void ld8(const threadgroup U* p, thread float* o) {
   for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(p[j]);
 }
 DEVICE_FN float ld_cg(const device float* p) { return *reinterpret_cast<const volatile device float*>(p); }

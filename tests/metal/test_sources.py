@@ -107,13 +107,13 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
                                                     ("CG", 1), ("PC", 64), ("SB", 32),
                                                     ("HD", 64), ("DS", 128), ("IN", 2048), ("NG", 1), ("RB", 16), ("UNROLL", 16), ("RPB", 8), ("KD", 128), ("CH", 64), ("NW", 8),
                                                     ("NL", 4), ("DM", 2048), ("DIN", 4096), ("NS", 128), ("NGR", 1), ("MB", 1),
-                                                    ("NB", 132), ("NT", 256), ("RU", 8), ("XMAX", 4096), ("RMAX", 65))
+                                                    ("NB", 132), ("NT", 256), ("CU", 8), ("QB", 4), ("XMAX", 4096))
         if re.search(rf"\b{n}\b", body)) + "".join(
         f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM") if n in body)
     if re.search(r"\bS\b", body):
         tmpl = "  using S = __nv_bfloat16;\n" + tmpl
     f32_in = ("ssm_state", "dt_lim", "eps", "state", "nw", "gw", "prm")
-    f32_out = ("new_ssm", "res", "zx", "yg")
+    f32_out = ("new_ssm", "res", "zx", "yg", "nssm")
 
     def ctype(n, f32_names):  # the persistent stack's per-layer SSM states s<l> / ns<l> are float32
         if n == "bar":
