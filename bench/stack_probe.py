@@ -11,6 +11,7 @@ from __future__ import annotations
 import alloy  # noqa: F401
 
 import argparse
+import re
 import statistics
 import time
 
@@ -18,6 +19,24 @@ import mlx.core as mx
 
 from alloy.metal import mamba2_stack as K
 from alloy.metal.prelude import Kernel
+
+STREAM = """
+  // every weight byte once, grid-strided 16-byte loads, summed (the bandwidth this grid can pull)
+  float acc = 0.0f;
+  const long nin = static_cast<long>(NL) * (2 * DIN + 2 * NGR * NS + DIN / HD) * DM;
+  const long nout = static_cast<long>(NL) * DM * DIN;
+  for (long i = (static_cast<long>(bid_x) * NT + tid) * 8; i < nin; i += static_cast<long>(NB) * NT * 8) {
+    float w[8];
+    ld8(win + i, w);
+    for (int j = 0; j < 8; ++j) acc += w[j];
+  }
+  for (long i = (static_cast<long>(bid_x) * NT + tid) * 8; i < nout; i += static_cast<long>(NB) * NT * 8) {
+    float w[8];
+    ld8(wout + i, w);
+    for (int j = 0; j < 8; ++j) acc += w[j];
+  }
+  if (acc == 12345.0f) res[0] = acc;
+"""
 
 SLEEPY = """
 DEVICE_FN void grid_sync_sleepy(const unsigned int* counter, unsigned int target, unsigned int t) {
@@ -40,6 +59,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--only", default=None, help="comma-separated variant names (e.g. for ncu)")
     a = ap.parse_args(argv)
     NL, DM, DIN, NS, H = a.layers, 2048, 4096, 128, 64
     DP = 2 * DIN + 2 * NS + H
@@ -60,12 +80,21 @@ def main(argv=None):
         "sleepy_sync": Kernel(base.name + "_sleepy", base.inputs, base.outputs,
                               base.body.replace("grid_sync(bar, nsync, tid);", "grid_sync_sleepy(bar, nsync, tid);"),
                               helpers=SLEEPY),
+        "projections_only": Kernel(base.name + "_proj", base.inputs, base.outputs,
+                                   re.sub(r"if \(ph == 2\) \{  // <phase B>.*?// </phase B>", "", base.body, flags=re.S)
+                                   .replace("grid_sync(bar, nsync, tid);", "BARRIER();")),
+        "stream_weights": Kernel(base.name + "_stream", base.inputs, base.outputs, STREAM),
         "syncs_only": Kernel(base.name + "_syncs", base.inputs, base.outputs,
                              "  unsigned int n = 0;\n  for (int i = 0; i < 3 * NL + 1; ++i) { n += NB; grid_sync(bar, n, tid); }\n"),
     }
     rows = {}
     for name, kern in variants.items():
-        for nb in (K.resident_groups(), 64):
+        if a.only and name not in a.only.split(","):
+            continue
+        for nb in (K.resident_groups(), 2 * K.resident_groups()):
+            if name not in ("projections_only", "stream_weights") and nb != K.resident_groups():
+                # grid barriers need every group resident: never more groups than one per SM here
+                continue
             def once():
                 out = K.launch(stack, x, convs, ssms, d_state=NS, norm_groups=1, eps=1e-5, norm_eps=1e-5,
                                dt_lim=(0.0, float("inf")), nb=nb, run=kern)

@@ -87,7 +87,7 @@ _BODY = """
     DEV S* ncst = nconv + static_cast<long>(l) * MB * (K - 1) * CD;
     DEV float* nsst = nssm + static_cast<long>(l) * MB * H * HD * NS;
     for (int ph = 0; ph < 3; ph += 2) {
-      if (ph == 2) {
+      if (ph == 2) {  // <phase B>
         // ---------------- phase B: conv + dt + SSD state update + D skip + gate ----------------
         const int lo = g0 * RBS;
         const int hi = lo + RBS < RS ? lo + RBS : RS;
@@ -166,7 +166,7 @@ _BODY = """
         }
         nsync += NB;
         grid_sync(bar, nsync, tid);
-      }
+      }  // </phase B>
       // ---------------- phases A (ph 0: norm + in_proj) and C (ph 2: gated norm + out_proj + residual)
       const bool inp = ph == 0;
       const int IN = inp ? DM : DIN;
