@@ -75,16 +75,16 @@ def main(argv=None):
     base = K.kernel(NL)
     variants = {
         "shipped": base,
-        "no_grid_sync": Kernel(base.name + "_nosync", base.inputs, base.outputs,
+        "no_grid_sync": Kernel(base.name + "_nosync", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body=
                                base.body.replace("grid_sync(bar, nsync, tid);", "BARRIER();")),
-        "sleepy_sync": Kernel(base.name + "_sleepy", base.inputs, base.outputs,
+        "flat_sleepy_sync": Kernel(base.name + "_sleepy", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body=
                               base.body.replace("grid_sync(bar, nsync, tid);", "grid_sync_sleepy(bar, nsync, tid);"),
                               helpers=SLEEPY),
-        "projections_only": Kernel(base.name + "_proj", base.inputs, base.outputs,
+        "projections_only": Kernel(base.name + "_proj", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body=
                                    re.sub(r"if \(ph == 2\) \{  // <phase B>.*?// </phase B>", "", base.body, flags=re.S)
                                    .replace("grid_sync(bar, nsync, tid);", "BARRIER();")),
-        "stream_weights": Kernel(base.name + "_stream", base.inputs, base.outputs, STREAM),
-        "syncs_only": Kernel(base.name + "_syncs", base.inputs, base.outputs,
+        "stream_weights": Kernel(base.name + "_stream", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body= STREAM),
+        "syncs_only": Kernel(base.name + "_syncs", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body=
                              "  unsigned int n = 0;\n  for (int i = 0; i < 3 * NL + 1; ++i) { n += NB; grid_sync(bar, n, tid); }\n"),
     }
     rows = {}

@@ -167,7 +167,7 @@ struct alloy_emu_thread {
 
 # The CPU dialect. It must define every name of prelude._CUDA_HEADER / _METAL_HEADER:
 #   SHARED (rewritten by `_rewrite_shared`; a leftover is an error)  BARRIER()  DEVICE_FN  DEV  ALIGN16
-#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum  f4 / float4 (.x .y .z .w)  ld8  ld_cg  grid_sync
+#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum  f4 / float4 (.x .y .z .w)  ld8  ld_cg  grid_sync  prefetch_l2
 # and the index names of prelude._INDEX (see _INDEX_CPU). A name the prelude gains goes here
 # (a DEVICE_FN function; runtime services through alloy_emu_self->ops, see _RUNTIME).
 _DIALECT = r"""
@@ -233,6 +233,7 @@ DEVICE_FN float ld_cg(const float* p) {
   __atomic_load(p, &r, __ATOMIC_RELAXED);
   return r;
 }
+template <typename U> DEVICE_FN void prefetch_l2(const U*) {}
 DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsigned int t) {
   alloy_emu_self->ops->grid_sync(alloy_emu_self->rt, counter, target, t);
 }

@@ -8,7 +8,7 @@
 Why: batch-1 decode of a 1.3B Mamba-2 is ~2.6 GB of weights per token — under a millisecond of HBM
 time on an H100 — but the per-layer path is ~150 launches, and MLX's CUDA back-end spends ~8 us of
 host time encoding each one (plus per-input work in the compiled call), more than the GPU work
-itself. Here a fixed grid of NB groups (one per SM, all resident) walks every layer; the three
+itself. Here a fixed grid of NB groups (two per SM, all resident) walks every layer; the three
 phases of a layer are separated by grid-wide barriers (`grid_sync`: an atomic counter), so a token
 costs one launch and ~3 x layers barriers of a few microseconds.
 
@@ -22,7 +22,9 @@ Work split, every phase over all groups:
          its rows' x channels and every row's B / C channels into group-shared memory (group 0
          writes the B / C conv state), then each warp updates whole state rows with lanes along
          d_state and reduces the readout.
-Scratch between phases (the residual, in_proj outputs, gated y) lives in float32 outputs read with
+Before each grid barrier every warp issues L2 prefetches for its rows of the next phase (the
+state rows, out_proj rows, the next layer's in_proj rows), so HBM keeps streaming while the grid
+gathers. Scratch between phases (the residual, in_proj outputs, gated y) lives in float32 outputs read with
 `ld_cg` (coherent across groups of the launch). Values are rounded to the activation dtype T where
 the per-layer path rounds them (normalised inputs, projection outputs, conv outputs, y, the gate,
 the residual sum), so the result matches the three-launch path.
@@ -37,8 +39,8 @@ threadgroups); elsewhere the per-layer fused path runs.
 
 Shapes: x (MB, DM) in T; nw (NL, DM), gw (NL, DIN) float32 norm weights; win (NL, DP, DM), wout
 (NL, DM, DIN) in the weight dtype; cw (NL, CD, K); cb (NL, CD) (any array when HAS_BIAS is false);
-dtb, alog, dsk (NL, H); prm float32 [eps, norm_eps, dt_lo, dt_hi]; bar (64,) uint32 zeros (the
-barrier counter: bigger than 8 bytes so that MLX-CUDA takes it from device memory — its <= 8-byte
+dtb, alog, dsk (NL, H); prm float32 [eps, norm_eps, dt_lo, dt_hi]; bar (1024,) uint32 zeros (the
+barrier's counters; bigger than 8 bytes so that MLX-CUDA takes it from device memory — its <= 8-byte
 pool is managed memory, where the spinning made every barrier ~0.6 ms); conv states c<l>
 (MB, K-1, CD) in S; ssm states s<l> (MB, H, HD, NS) float32. Outputs: h (MB, DM) in T, scratch res
 (MB, DM), zx (MB, DP), yg (MB, DIN) float32, new states stacked: nconv (NL, MB, K-1, CD) in S,
@@ -56,6 +58,7 @@ import mlx.core as mx
 from alloy.metal.prelude import Kernel
 
 NT = 256  # threads per group
+PER_SM = 2  # resident groups per SM (CUDA launch bounds cap registers at 128 for this)
 MAX_ROWS = 4  # batch rows the kernel takes (group-shared input vectors)
 SHARED_BUDGET = 44 * 1024  # bytes of static group-shared memory we allow ourselves
 
@@ -79,6 +82,8 @@ _BODY = """
   unsigned int nsync = 0;
   // prologue: the residual stream starts as the embedded token
   for (int i = g0 * NT + tid; i < MB * DM; i += NB * NT) res[i] = static_cast<float>(x[i]);
+  for (int o = gwarp; o < DP; o += TW)
+    for (int c = lane * 64; c < DM; c += 32 * 64) prefetch_l2(win + static_cast<long>(o) * DM + c);
   nsync += NB;
   grid_sync(bar, nsync, tid);
   for (int l = 0; l < NL; ++l) {
@@ -164,6 +169,9 @@ _BODY = """
             }
           }
         }
+        // while the grid gathers: this warp's out_proj rows start towards L2
+        for (int o = gwarp; o < DM; o += TW)
+          for (int c = lane * 64; c < DIN; c += 32 * 64) prefetch_l2(wout + (static_cast<long>(l) * DM + o) * DIN + c);
         nsync += NB;
         grid_sync(bar, nsync, tid);
       }  // </phase B>
@@ -250,6 +258,14 @@ _BODY = """
           }
         }
       }
+      if (inp) {  // phase B's state rows (contiguous for a group), then the barrier
+        const int slo = g0 * RBS;
+        const int shi = slo + RBS < RS ? slo + RBS : RS;
+        for (int i = slo * NS + tid * 32; i < shi * NS; i += NT * 32) prefetch_l2(sst + i);
+      } else if (l < NL - 1) {  // the next layer's in_proj rows
+        for (int o = gwarp; o < DP; o += TW)
+          for (int c = lane * 64; c < DM; c += 32 * 64) prefetch_l2(win + (static_cast<long>(l + 1) * DP + o) * DM + c);
+      }
       if (l < NL - 1 || inp) {
         nsync += NB;
         grid_sync(bar, nsync, tid);
@@ -272,7 +288,8 @@ def kernel(n_layers: int) -> Kernel:
     """The persistent kernel for a stack of `n_layers` (state pointers are per layer)."""
     body = _BODY.replace("SELECT_CONV", _select("c", n_layers)).replace("SELECT_SSM", _select("s", n_layers))
     inputs = _FIXED_INPUTS + tuple(f"c{i}" for i in range(n_layers)) + tuple(f"s{i}" for i in range(n_layers))
-    return Kernel(name=f"alloy_mamba2_stack_{n_layers}", inputs=inputs, outputs=_FIXED_OUTPUTS, body=body)
+    return Kernel(name=f"alloy_mamba2_stack_{n_layers}", inputs=inputs, outputs=_FIXED_OUTPUTS, body=body,
+                  launch_bounds=(NT, PER_SM))
 
 
 CU = 8  # 8-column blocks (16-byte loads) in flight per lane and output row
@@ -289,8 +306,8 @@ def shared_bytes(dims: dict, mb: int, nb: int, act_bytes: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def resident_groups() -> int:
-    """Groups the kernel launches: one per streaming multiprocessor (all resident at once, which the
-    grid barrier needs). ALLOY_PERSISTENT_GROUPS overrides; the CUDA driver is asked for the SM count."""
+    """Groups the kernel launches: PER_SM per streaming multiprocessor (all resident at once, which the
+    grid barrier needs; the launch bounds make PER_SM groups fit). ALLOY_PERSISTENT_GROUPS overrides; the CUDA driver is asked for the SM count."""
     env = os.environ.get("ALLOY_PERSISTENT_GROUPS")
     if env:
         return int(env)
@@ -299,7 +316,7 @@ def resident_groups() -> int:
         dev, n = ctypes.c_int(), ctypes.c_int()
         if cu.cuInit(0) == 0 and cu.cuDeviceGet(ctypes.byref(dev), 0) == 0 and \
                 cu.cuDeviceGetAttribute(ctypes.byref(n), 16, dev) == 0 and n.value > 0:  # 16: SM count
-            return n.value
+            return PER_SM * n.value
     except OSError:
         pass
     return 32
@@ -348,7 +365,7 @@ def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, n
     cb = stack.get("cb")
     inputs = [x, stack["nw"], stack["gw"], stack["win"], stack["wout"], stack["cw"],
               stack["cw"] if cb is None else cb, stack["dtb"], stack["alog"], stack["dsk"], prm,
-              mx.zeros((64,), dtype=mx.uint32), *conv_states, *ssm_states]
+              mx.zeros((1024,), dtype=mx.uint32), *conv_states, *ssm_states]
     cdt = conv_states[0].dtype
     outs = (run or kernel(NL))(
         inputs,

@@ -27,11 +27,12 @@ prelude maps onto each dialect:
                                 there: 8-element offsets of a buffer or of an ALIGN16 array)
         ld_cg(p)                a float load that sees other groups' writes of this launch
                                 (CUDA: L2, bypassing the non-coherent L1 — `__ldcg`)
-        grid_sync(c, n, tid)    grid-wide barrier for persistent kernels: every group adds one to
-                                the zeroed uint32 counter c and waits until it reaches n (the n-th
-                                sync of a G-group grid waits for n = k * G); all groups must be
-                                resident at once (grid <= what the GPU holds), writes before it are
-                                visible after it
+        grid_sync(c, n, tid)    grid-wide barrier for persistent kernels: the k-th barrier of a
+                                G-group grid passes n = k * G; c: zeroed uint32 scratch of >= 1024
+                                words (CUDA: 16 sub-counters + top counter + release word, each on
+                                its own line; Metal: one counter); all groups must be resident at
+                                once (grid <= what the GPU holds), writes before it are visible after
+        prefetch_l2(p)          start pulling p's cache line into L2 (CUDA; a no-op on Metal)
 
 Inputs arrive as `const <T>*` pointers named after `input_names`, outputs as `<T>*` (MLX writes the
 signatures); template arguments are compile-time constants (`int`/`bool`) or type aliases in both
@@ -107,18 +108,33 @@ DEVICE_FN void ld8(const __half* p, float* o) {
 }
 DEVICE_FN float ld_cg(const float* p) { return __ldcg(p); }
 DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsigned int t) {
+  // two-level: groups arrive on 16 sub-counters (own 128-byte lines), the last of each sub-group on
+  // a top counter, the last of all writes the round to a release word everyone polls. One counter
+  // for the whole grid serialised ~130 same-address atomics per barrier (~11 us on an H100).
   __syncthreads();
   if (t == 0) {
     unsigned int* c = const_cast<unsigned int*>(counter);
+    const unsigned int G = gridDim.x * gridDim.y * gridDim.z;
+    const unsigned int round = target / G;
+    const unsigned int g = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const unsigned int nsub = G < 16u ? G : 16u;
+    const unsigned int s = g % nsub;
+    const unsigned int members = G / nsub + (s < G % nsub ? 1u : 0u);
     __threadfence();
-    atomicAdd(c, 1u);
+    if (atomicAdd(c + 32u * (2u + s), 1u) + 1u == round * members) {
+      if (atomicAdd(c + 32u, 1u) + 1u == round * nsub) {
+        __threadfence();
+        atomicExch(c, round);
+      }
+    }
     // bounded spin: a grid that is not all resident returns wrong values instead of hanging
-    for (unsigned int k = 0; *reinterpret_cast<volatile unsigned int*>(c) < target && k < (1u << 24); ++k) {
+    for (unsigned int k = 0; *reinterpret_cast<volatile unsigned int*>(c) < round && k < (1u << 24); ++k) {
     }
     __threadfence();
   }
   __syncthreads();
 }
+template <typename U> DEVICE_FN void prefetch_l2(const U* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 """
 
 _METAL_HEADER = """\
@@ -140,6 +156,7 @@ template <typename U> DEVICE_FN void ld8(const device U* p, thread float* o) {
 template <typename U> DEVICE_FN void ld8(const threadgroup U* p, thread float* o) {
   for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(p[j]);
 }
+template <typename U> DEVICE_FN void prefetch_l2(const device U* p) {}
 DEVICE_FN float ld_cg(const device float* p) { return *reinterpret_cast<const volatile device float*>(p); }
 DEVICE_FN void grid_sync(const device unsigned int* counter, unsigned int target, unsigned int t) {
   metal::threadgroup_barrier(metal::mem_flags::mem_device | metal::mem_flags::mem_threadgroup);
@@ -176,6 +193,7 @@ class Kernel:
     outputs: tuple
     body: str
     helpers: str = ""
+    launch_bounds: tuple = ()  # CUDA only: (threads per group, min resident groups per SM)
 
     def __post_init__(self):
         for d, toks in DIALECT_TOKENS.items():
@@ -193,6 +211,12 @@ class Kernel:
         used = [k for k in _INDEX if re.search(rf"\b{k}\b", self.body)]
         index_lines = "".join(f"  const unsigned int {k} = {_INDEX[k][col]};\n" for k in used)
         header = (_CUDA_HEADER if dialect == "cuda" else _METAL_HEADER) + self.helpers
+        if dialect == "cuda" and self.launch_bounds:
+            # MLX writes the `__global__` signature itself: re-spell the qualifier for this module so
+            # the compiler caps registers for the resident groups a persistent kernel needs
+            nt, minb = self.launch_bounds
+            header += ("#undef __global__\n#define __global__ __attribute__((global)) "
+                       f"__attribute__((launch_bounds({int(nt)}, {int(minb)})))\n")
         return header, index_lines + self.body
 
     def build(self, dialect: str):
