@@ -107,10 +107,20 @@ DEVICE_FN void ld8(const __half* p, float* o) {
   }
 }
 DEVICE_FN float ld_cg(const float* p) { return __ldcg(p); }
+DEVICE_FN unsigned int alloy_atom_add_acq_rel(unsigned int* p, unsigned int v) {
+  unsigned int old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+DEVICE_FN unsigned int alloy_ld_acquire(const unsigned int* p) {
+  unsigned int v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
 DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsigned int t) {
   // two-level: groups arrive on 16 sub-counters (own 128-byte lines), the last of each sub-group on
-  // a top counter, the last of all writes the round to a release word everyone polls. One counter
-  // for the whole grid serialised ~130 same-address atomics per barrier (~11 us on an H100).
+  // a top counter, the last of all stores the round to a release word everyone polls; acquire /
+  // release atomics instead of full fences (the group's writes are ordered by the group barrier).
   __syncthreads();
   if (t == 0) {
     unsigned int* c = const_cast<unsigned int*>(counter);
@@ -120,17 +130,14 @@ DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsig
     const unsigned int nsub = G < 16u ? G : 16u;
     const unsigned int s = g % nsub;
     const unsigned int members = G / nsub + (s < G % nsub ? 1u : 0u);
-    __threadfence();
-    if (atomicAdd(c + 32u * (2u + s), 1u) + 1u == round * members) {
-      if (atomicAdd(c + 32u, 1u) + 1u == round * nsub) {
-        __threadfence();
-        atomicExch(c, round);
+    if (alloy_atom_add_acq_rel(c + 32u * (2u + s), 1u) + 1u == round * members) {
+      if (alloy_atom_add_acq_rel(c + 32u, 1u) + 1u == round * nsub) {
+        asm volatile("st.release.gpu.global.u32 [%0], %1;" :: "l"(c), "r"(round) : "memory");
       }
     }
     // bounded spin: a grid that is not all resident returns wrong values instead of hanging
-    for (unsigned int k = 0; *reinterpret_cast<volatile unsigned int*>(c) < round && k < (1u << 24); ++k) {
+    for (unsigned int k = 0; alloy_ld_acquire(c) < round && k < (1u << 24); ++k) {
     }
-    __threadfence();
   }
   __syncthreads();
 }
