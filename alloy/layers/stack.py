@@ -236,11 +236,15 @@ def prepare_decode(cfg: ModelConfig, params: dict) -> dict:
     if stacked is None:
         return params
     mx.eval(stacked)
+    from alloy.metal.mamba2_stack import layer_views
+    views = {key: layer_views(stacked[key]) for key in ("win", "wout") if key in stacked}
     layers = []
     for i, lp in enumerate(params["layers"]):
         m = dict(lp["mixer"])
         for name, key in (("in_proj", "win"), ("out_proj", "wout")):
-            if key in stacked and name in m:
-                m[name] = {**m[name], "weight": stacked[key][i]}
+            if key in views and name in m:
+                m[name] = {**m[name], "weight": views[key][i]}
         layers.append({**lp, "mixer": m})
-    return {**params, "layers": layers, "decode_stack": stacked}
+    out = {**params, "layers": layers, "decode_stack": stacked}
+    mx.eval(out)
+    return out

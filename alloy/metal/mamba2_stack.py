@@ -380,4 +380,10 @@ def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, n
         output_dtypes=[x.dtype, mx.float32, mx.float32, mx.float32, cdt, mx.float32],
     )
     h, _, _, _, nconv, nssm = outs
-    return h, [nconv[i] for i in range(NL)], [nssm[i] for i in range(NL)]
+    return h, layer_views(nconv), layer_views(nssm)
+
+
+def layer_views(stacked: mx.array) -> list:
+    """[stacked[i] for each layer] as views sharing the buffer (a slice + reshape; integer indexing
+    would copy each layer's block)."""
+    return [stacked[i:i + 1].reshape(stacked.shape[1:]) for i in range(stacked.shape[0])]

@@ -128,6 +128,22 @@ def test_prepare_decode_stacks_a_pure_mamba2_stack_and_keeps_its_outputs():
         assert mx.array_equal(prepared["layers"][i]["mixer"]["in_proj"]["weight"], lp["mixer"]["in_proj"]["weight"])
         assert mx.array_equal(st["wout"][i], lp["mixer"]["out_proj"]["weight"])
     assert prepare_decode(cfg, prepared) is prepared
+    # the per-layer projections are views of the stacks: preparing (and dropping the original tree)
+    # keeps one copy of the weights, not two
+    import gc
+
+    from mlx.utils import tree_flatten
+    one_copy = sum(v.nbytes for _, v in tree_flatten(params))
+    del params, prepared, st
+    gc.collect()
+    mem0 = mx.get_active_memory()
+    kept = prepare_decode(cfg, m.init(mx.random.key(0)))
+    gc.collect()
+    assert "decode_stack" in kept and mx.get_active_memory() - mem0 < 1.25 * one_copy
+    del kept
+    params = m.init(mx.random.key(0))
+    prepared = prepare_decode(cfg, params)
+    st = prepared["decode_stack"]
     toks = mx.array([[1, 2, 3, 4]])
     a, sa = m.apply(params, toks, m.init_state(1, 8))
     b, sb = m.apply(prepared, toks, m.init_state(1, 8))
