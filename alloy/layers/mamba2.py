@@ -24,6 +24,7 @@ from alloy.ops.conv import causal_conv1d
 from alloy.ops.norm import gated_rms_norm
 from alloy.ops.ssd import mamba2_step, mamba2_step_kernel_applies, ssd
 from alloy.params import init as I
+from alloy.params.tree import unstack
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,13 @@ def decode_block(params, h, norm_weight, eps, state, cfg: Mamba2Settings):
     return _fused_decode(params, h, state, cfg, norm_weight, eps, residual=h)
 
 
-def stack_prepare(layers: list, cfg: Mamba2Settings) -> dict | None:
-    """Per-layer weights stacked for the persistent whole-stack decode kernel
-    (`alloy.metal.mamba2_stack`): {"win" (L, DP, D), "wout" (L, D, DI), "cw" (L, CD, K), "cb"?,
-    "dtb", "alog", "dsk" (L, H), "nw" (L, D), "gw" (L, DI) float32}. ``layers`` are the stack's
-    per-depth params ({"norm", "mixer"}). None where the kernel cannot take the layers: quantized
-    or LoRA'd projections, projection biases, the norm before the gate."""
+def stack_prepare(layers: list, cfg: Mamba2Settings):
+    """(stacked, layers) for the persistent whole-stack decode kernel (`alloy.metal.mamba2_stack`):
+    stacked = {"win" (L, DP, D), "wout" (L, D, DI), "cw" (L, CD, K), "cb"?, "dtb", "alog", "dsk"
+    (L, H), "nw" (L, D), "gw" (L, DI) float32}, and ``layers`` (the stack's per-depth params,
+    {"norm", "mixer"}) with in_proj / out_proj weights replaced by views of the stacks, so the two
+    share one copy. None where the kernel cannot take the layers: quantized or LoRA'd projections,
+    projection biases, the norm before the gate."""
     mixers = [lp["mixer"] for lp in layers]
     if (not mixers or cfg.norm_before_gate or cfg.bias
             or any("scales" in m["in_proj"] or "scales" in m["out_proj"] or "lora_A" in m["in_proj"]
@@ -129,7 +131,11 @@ def stack_prepare(layers: list, cfg: Mamba2Settings) -> dict | None:
     }
     if cfg.conv_bias:
         stacked["cb"] = mx.stack([m["conv1d"]["bias"] for m in mixers])
-    return stacked
+    mx.eval(stacked)
+    views = {"in_proj": unstack(stacked["win"]), "out_proj": unstack(stacked["wout"])}
+    layers = [{**lp, "mixer": {**lp["mixer"], **{n: {**lp["mixer"][n], "weight": v[i]} for n, v in views.items()}}}
+              for i, lp in enumerate(layers)]
+    return stacked, layers
 
 
 def stack_decode(stacked: dict, h, states: list, norm_eps: float, cfg: Mamba2Settings):
@@ -137,12 +143,12 @@ def stack_decode(stacked: dict, h, states: list, norm_eps: float, cfg: Mamba2Set
     for padded rows / more batch rows than the kernel takes (the stack then runs layer by layer)."""
     from alloy.metal import mamba2_stack as K
 
-    if h.shape[1] != 1 or any("valid" in s for s in states) or not K.applies(stacked, h[:, 0], h.dtype,
-                                                                                  cfg.d_state, cfg.n_groups if cfg.rms_norm else 0):
+    norm_groups = cfg.n_groups if cfg.rms_norm else 0
+    if (h.shape[1] != 1 or any("valid" in s for s in states)
+            or not K.applies(stacked, h[:, 0], h.dtype, cfg.d_state, norm_groups)):
         return None
     out, convs, ssms = K.launch(stacked, h[:, 0], [s["conv"] for s in states], [s["ssm"] for s in states],
-                                d_state=cfg.d_state, norm_groups=cfg.n_groups if cfg.rms_norm else 0,
-                                eps=norm_eps, norm_eps=cfg.norm_eps,
+                                d_state=cfg.d_state, norm_groups=norm_groups, eps=norm_eps, norm_eps=cfg.norm_eps,
                                 dt_lim=(cfg.dt_clamp_min, cfg.dt_clamp_max or float("inf")))
     return out[:, None], [{"conv": c, "ssm": s} for c, s in zip(convs, ssms)]
 

@@ -224,27 +224,18 @@ def _whole_stack(cfg: ModelConfig, blocks):
 def prepare_decode(cfg: ModelConfig, params: dict) -> dict:
     """Params for fast decoding: where the model's mixer has a whole-stack decode (`LayerSpec.
     stack_prepare` / `stack_decode`, e.g. a pure Mamba-2 stack), a copy of the tree with the layer
-    weights stacked under ``"decode_stack"`` and the big per-layer projection weights replaced by
-    views of the stacks, so the returned tree holds one copy of them (drop the original tree to
-    free the old buffers). Otherwise ``params`` unchanged. Inference only: transform (quantize,
+    weights stacked under ``"decode_stack"`` and the layers' big weights replaced by views of the
+    stacks (the mixer's ``stack_prepare`` picks them), so the returned tree holds one copy of them
+    (drop the original tree to free the old buffers). Otherwise ``params`` unchanged. Inference only: transform (quantize,
     LoRA-merge) before preparing, and do not train or save the prepared tree."""
     blocks = resolve(cfg)
     whole = _whole_stack(cfg, blocks)
     if whole is None or "decode_stack" in params:
         return params
-    stacked = whole.stack_prepare(params["layers"], blocks[0][1])
-    if stacked is None:
+    prepared = whole.stack_prepare(params["layers"], blocks[0][1])
+    if prepared is None:
         return params
-    mx.eval(stacked)
-    from alloy.metal.mamba2_stack import layer_views
-    views = {key: layer_views(stacked[key]) for key in ("win", "wout") if key in stacked}
-    layers = []
-    for i, lp in enumerate(params["layers"]):
-        m = dict(lp["mixer"])
-        for name, key in (("in_proj", "win"), ("out_proj", "wout")):
-            if key in views and name in m:
-                m[name] = {**m[name], "weight": views[key][i]}
-        layers.append({**lp, "mixer": m})
+    stacked, layers = prepared
     out = {**params, "layers": layers, "decode_stack": stacked}
     mx.eval(out)
     return out

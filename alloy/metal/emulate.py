@@ -471,16 +471,24 @@ float* warp_slot(Thread* t, unsigned long op, unsigned long** stamp) {
                      ", which did not take part (it returned, or the warp diverged): undefined on the GPU");
 }
 
+// One warp op's exchange: publish this lane's v in the op's slot and wait for the warp (lock held
+// on return). Returns the slot; *stamp / *op tell which entries belong to this op.
+float* warp_exchange(Lock& lk, Thread* t, float v, unsigned long* op, unsigned long** stamp) {
+  *op = t->wops++;
+  float* buf = warp_slot(t, *op, stamp);
+  const unsigned int lane = t->info.tid & 31u;
+  buf[lane] = v;
+  (*stamp)[lane] = *op;
+  arrive(lk, t, &t->g->warp_bar[t->info.tid >> 5]);
+  return buf;
+}
+
 float op_shfl_xor(void* rt, float v, int m) {
   Thread* t = self(rt);
   const unsigned int lane = t->info.tid & 31u;
-  const unsigned long op = t->wops++;
-  unsigned long* stamp;
-  float* buf = warp_slot(t, op, &stamp);
   Lock lk(t->L->m);
-  buf[lane] = v;
-  stamp[lane] = op;
-  arrive(lk, t, &t->g->warp_bar[t->info.tid >> 5]);
+  unsigned long op, *stamp;
+  float* buf = warp_exchange(lk, t, v, &op, &stamp);
   const int src = static_cast<int>(lane) ^ m;
   if (src < 0 || src >= 32) return v;  // a source outside the warp returns the caller's value (CUDA)
   if (stamp[src] != op) lane_gone(lk, t, "shfl_xor(v, " + std::to_string(m) + ")", src);
@@ -490,13 +498,9 @@ float op_shfl_xor(void* rt, float v, int m) {
 float op_warp_sum(void* rt, float v) {
   Thread* t = self(rt);
   const unsigned int lane = t->info.tid & 31u;
-  const unsigned long op = t->wops++;
-  unsigned long* stamp;
-  float* buf = warp_slot(t, op, &stamp);
   Lock lk(t->L->m);
-  buf[lane] = v;
-  stamp[lane] = op;
-  arrive(lk, t, &t->g->warp_bar[t->info.tid >> 5]);
+  unsigned long op, *stamp;
+  float* buf = warp_exchange(lk, t, v, &op, &stamp);
   float a[32], b[32];
   for (int l = 0; l < 32; ++l) {
     if (stamp[l] != op) lane_gone(lk, t, "warp_sum", l);

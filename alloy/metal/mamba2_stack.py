@@ -56,6 +56,7 @@ import os
 import mlx.core as mx
 
 from alloy.metal.prelude import Kernel
+from alloy.params.tree import unstack
 
 NT = 256  # threads per group
 PER_SM = 2  # resident groups per SM (CUDA launch bounds cap registers at 128 for this)
@@ -380,10 +381,4 @@ def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, n
         output_dtypes=[x.dtype, mx.float32, mx.float32, mx.float32, cdt, mx.float32],
     )
     h, _, _, _, nconv, nssm = outs
-    return h, layer_views(nconv), layer_views(nssm)
-
-
-def layer_views(stacked: mx.array) -> list:
-    """[stacked[i] for each layer] as views sharing the buffer (a slice + reshape; integer indexing
-    would copy each layer's block)."""
-    return [stacked[i:i + 1].reshape(stacked.shape[1:]) for i in range(stacked.shape[0])]
+    return h, unstack(nconv), unstack(nssm)

@@ -28,6 +28,7 @@ from alloy.params.tree import (
     tree_map,
     tree_map_with_path,
     unflatten,
+    unstack,
 )
 
 __all__ = [
@@ -57,4 +58,5 @@ __all__ = [
     "tree_map",
     "tree_map_with_path",
     "unflatten",
+    "unstack",
 ]

@@ -370,6 +370,12 @@ def count_params(tree) -> int:
     return total
 
 
+def unstack(a: mx.array) -> list:
+    """[a[0], a[1], ...] as views sharing a's buffer (a slice + reshape per block; integer
+    indexing ``a[i]`` would copy each block)."""
+    return [a[i:i + 1].reshape(a.shape[1:]) for i in range(a.shape[0])]
+
+
 def tree_bytes(tree) -> int:
     """Total bytes of array leaves (elements x item size); other leaves count 0. No evaluation."""
     total = 0

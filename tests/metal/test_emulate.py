@@ -16,28 +16,13 @@ from alloy.metal import gemv as gemv_mod
 from alloy.metal import mamba2_step as m2_mod
 from alloy.metal import ssd_step as ssd_mod
 from alloy.metal.prelude import Kernel
+from alloy.metal.testing import DTYPES, arr, pos, rel_err
 from alloy.ops.conv import causal_conv1d_ref
 from alloy.ops.ssd import mamba2_step_ref, ssd_step
 
 pytestmark = pytest.mark.skipif(not emulate.available(), reason="no g++ for the CPU kernel emulator")
 
-DTYPES = {"f32": mx.float32, "bf16": mx.bfloat16}
 TOL = {"f32": 1e-5, "bf16": 2e-2}  # float32 on the CPU is exact up to summation order; bf16: one rounding
-
-
-def rel_err(a, b):
-    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert np.isfinite(a).all()
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1.0)) if a.size else 0.0
-
-
-def arr(rng, shape, dtype=mx.float32, scale=1.0):
-    return mx.array((scale * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
-
-
-def pos(rng, shape, lo, hi):
-    return mx.array(rng.uniform(lo, hi, shape).astype(np.float32))
 
 
 # ---------------------------------------------------------------- the existing kernels

@@ -15,30 +15,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from alloy import metal
+from alloy.metal.testing import DTYPES, arr, assert_grads_match, pos, rel_err
 from alloy.ops import (causal_conv1d, causal_conv1d_ref, selective_scan, selective_scan_ref,
                        selective_scan_step, ssd, ssd_chunked, ssd_ref, ssd_step)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(metal.backend() is None, reason="no CUDA or Metal GPU backend")]
 
-DTYPES = {"f32": mx.float32, "bf16": mx.bfloat16}
 TOL = {"f32": 2e-4, "bf16": 3e-2}
 TOL_SSD = {"f32": 2e-3, "bf16": 6e-2}
-
-
-def rel_err(a, b):
-    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert np.isfinite(a).all()
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1.0)) if a.size else 0.0
-
-
-def arr(rng, shape, dtype=mx.float32, scale=1.0):
-    return mx.array((scale * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
-
-
-def pos(rng, shape, lo, hi):
-    return mx.array(rng.uniform(lo, hi, shape).astype(np.float32))
 
 
 # ---------------------------------------------------------------- conv1d + SiLU
@@ -72,13 +57,8 @@ def test_conv1d_kernel_gradients_and_3d_weight():
     rng = np.random.default_rng(0)
     x, w, bv, s = arr(rng, (2, 19, 24)), arr(rng, (24, 1, 4)), arr(rng, (24,)), arr(rng, (2, 3, 24))
     ct = arr(rng, (2, 19, 24))
-
-    def loss(impl):
-        return lambda x, w, bv, s: (causal_conv1d(x, w, bv, s, "silu", impl=impl)[0] * ct).sum()
-    gk = mx.grad(loss("kernel"), argnums=(0, 1, 2, 3))(x, w, bv, s)
-    gr = mx.grad(loss("ref"), argnums=(0, 1, 2, 3))(x, w, bv, s)
-    for a, b in zip(gk, gr):
-        assert rel_err(a, b) <= 1e-5
+    assert_grads_match(lambda *a, impl: causal_conv1d(*a, "silu", impl=impl), (x, w, bv, s), (ct,),
+                       "kernel", "ref", 1e-5)
 
 
 # ---------------------------------------------------------------- Mamba-2 SSD
@@ -135,16 +115,7 @@ def test_ssd_kernel_gradients_match_ref():
     args = ssd_inputs(rng, 2, 37, 2, 2, 4, 8, mx.float32)
     ct = arr(rng, (2, 37, 4, 4))
     cs = arr(rng, (2, 4, 4, 8))
-
-    def loss(impl):
-        def f(*a):
-            y, s = ssd(*a, chunk_size=16, impl=impl)
-            return (y * ct).sum() + (s * cs).sum()
-        return f
-    gk = mx.grad(loss("kernel"), argnums=tuple(range(7)))(*args)
-    gr = mx.grad(loss("ref"), argnums=tuple(range(7)))(*args)
-    for a, b in zip(gk, gr):
-        assert rel_err(a, b) <= 1e-3
+    assert_grads_match(lambda *a, impl: ssd(*a, chunk_size=16, impl=impl), args, (ct, cs), "kernel", "ref", 1e-3)
 
 
 # ---------------------------------------------------------------- Mamba-1 selective scan
@@ -191,16 +162,7 @@ def test_selective_scan_kernel_gradients_match_ref():
     args = ss_inputs(rng, 2, 21, 6, 5, mx.float32, True, True)
     ct = arr(rng, (2, 21, 6))
     cs = arr(rng, (2, 6, 5))
-
-    def loss(impl):
-        def f(*a):
-            y, s = selective_scan(*a, impl=impl)
-            return (y * ct).sum() + (s * cs).sum()
-        return f
-    gk = mx.grad(loss("kernel"), argnums=tuple(range(8)))(*args)
-    gr = mx.grad(loss("ref"), argnums=tuple(range(8)))(*args)
-    for a, b in zip(gk, gr):
-        assert rel_err(a, b) <= 1e-3
+    assert_grads_match(selective_scan, args, (ct, cs), "kernel", "ref", 1e-3)
 
 
 def test_auto_dispatch_takes_the_kernels_on_gpu():
@@ -354,13 +316,7 @@ def test_gated_delta_kernel_gradients_and_auto_dispatch():
     q, k, v = arr(rng, (1, 9, 2, 16)), arr(rng, (1, 9, 2, 16)), arr(rng, (1, 9, 4, 8))
     g, beta, s0 = -pos(rng, (1, 9, 4), 0.01, 0.5), pos(rng, (1, 9, 4), 0.1, 0.9), arr(rng, (1, 4, 16, 8))
     ct = arr(rng, (1, 9, 4, 8))
-
-    def loss(impl):
-        return lambda *a: (gd.gated_delta(*a, impl=impl)[0] * ct).sum()
-    gk = mx.grad(loss("kernel"), argnums=tuple(range(6)))(q, k, v, g, beta, s0)
-    gr = mx.grad(loss("ref"), argnums=tuple(range(6)))(q, k, v, g, beta, s0)
-    for a, b in zip(gk, gr):
-        assert rel_err(a, b) <= 1e-3
+    assert_grads_match(gd.gated_delta, (q, k, v, g, beta, s0), (ct,), "kernel", "ref", 1e-3)
     assert gd.kernel_applies(q, v)
 
 
@@ -389,10 +345,4 @@ def test_gated_delta_chunk_pass_gradients_match_chunked():
     q, k, v = arr(rng, (1, 80, 2, 16)), arr(rng, (1, 80, 2, 16)), arr(rng, (1, 80, 2, 8))
     g, beta, s0 = -pos(rng, (1, 80, 2), 0.01, 0.5), pos(rng, (1, 80, 2), 0.1, 0.9), arr(rng, (1, 2, 16, 8))
     ct = arr(rng, (1, 80, 2, 8))
-
-    def loss(impl):
-        return lambda *a: (gated_delta(*a, impl=impl)[0] * ct).sum()
-    gk = mx.grad(loss("kernel"), argnums=tuple(range(6)))(q, k, v, g, beta, s0)
-    gr = mx.grad(loss("chunked"), argnums=tuple(range(6)))(q, k, v, g, beta, s0)
-    for a, b in zip(gk, gr):
-        assert rel_err(a, b) <= 2e-3
+    assert_grads_match(gated_delta, (q, k, v, g, beta, s0), (ct,), "kernel", "chunked", 2e-3)

@@ -10,14 +10,9 @@ import numpy as np
 import pytest
 
 from alloy.metal import emulate, mamba2_stack
+from alloy.metal.testing import rel_err
 
 pytestmark = pytest.mark.skipif(not emulate.available(), reason="the CPU kernel emulator needs g++")
-
-
-def rel_err(a, b):
-    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
-    assert a.shape == b.shape and np.isfinite(a).all()
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1.0))
 
 
 @pytest.fixture

@@ -1,0 +1,39 @@
+"""Checks shared by the kernel tests (`tests/metal`: GPU property tests, CPU-emulator tests).
+
+    rel_err(a, b)       max |a - b| / max(|b|, 1), after checking shapes match and a is finite
+    arr(rng, shape)     standard-normal values (times scale) in a dtype
+    pos(rng, shape, lo, hi)   uniform positive float32 values (decays, dt, beta)
+    assert_grads_match(op, args, cts, impl, ref_impl, tol)
+                        the gradients of sum_i <op(*args)[i], cts[i]> w.r.t. every argument agree
+                        between op(..., impl=impl) and op(..., impl=ref_impl)
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+DTYPES = {"f32": mx.float32, "bf16": mx.bfloat16}
+
+
+def rel_err(a, b) -> float:
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert np.isfinite(a).all()
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1.0)) if a.size else 0.0
+
+
+def arr(rng, shape, dtype=mx.float32, scale=1.0) -> mx.array:
+    return mx.array((scale * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
+
+
+def pos(rng, shape, lo, hi) -> mx.array:
+    return mx.array(rng.uniform(lo, hi, shape).astype(np.float32))
+
+
+def assert_grads_match(op, args, cts, impl: str, ref_impl: str, tol: float) -> None:
+    """op(*args, impl=...) returns a tuple of outputs; cts: cotangents for its first len(cts)."""
+    def loss(i):
+        return lambda *a: sum((o * c).sum() for o, c in zip(op(*a, impl=i), cts))
+    n = tuple(range(len(args)))
+    for a, b in zip(mx.grad(loss(impl), argnums=n)(*args), mx.grad(loss(ref_impl), argnums=n)(*args)):
+        assert rel_err(a, b) <= tol
