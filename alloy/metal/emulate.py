@@ -167,7 +167,7 @@ struct alloy_emu_thread {
 
 # The CPU dialect. It must define every name of prelude._CUDA_HEADER / _METAL_HEADER:
 #   SHARED (rewritten by `_rewrite_shared`; a leftover is an error)  BARRIER()  DEVICE_FN  DEV  ALIGN16
-#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum  f4 / float4 (.x .y .z .w)  ld8  ld_cg  grid_sync  prefetch_l2
+#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum  f4 / float4 (.x .y .z .w)  ld8  ldr8 / cvt8 / Raw8  ld_cg  grid_sync  prefetch_l2
 # and the index names of prelude._INDEX (see _INDEX_CPU). A name the prelude gains goes here
 # (a DEVICE_FN function; runtime services through alloy_emu_self->ops, see _RUNTIME).
 _DIALECT = r"""
@@ -227,6 +227,19 @@ template <typename U> DEVICE_FN void ld8(const U* p, float* o) {
       alloy_emu_fail("ld8: a bf16/fp16 pointer that is not 16-byte aligned (CUDA loads the 8 elements as one uint4)");
   }
   for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(p[j]);
+}
+template <typename U> struct Raw8 { U v[8]; };
+template <typename U> DEVICE_FN Raw8<U> ldr8(const U* p) {
+  if constexpr (std::is_same_v<U, alloy_bf16> || std::is_same_v<U, alloy_half>) {
+    if (reinterpret_cast<uintptr_t>(p) & 15u)
+      alloy_emu_fail("ldr8: a bf16/fp16 pointer that is not 16-byte aligned (CUDA loads the 8 elements as one uint4)");
+  }
+  Raw8<U> r;
+  for (int j = 0; j < 8; ++j) r.v[j] = p[j];
+  return r;
+}
+template <typename U> DEVICE_FN void cvt8(const Raw8<U>& r, float* o) {
+  for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(r.v[j]);
 }
 DEVICE_FN float ld_cg(const float* p) {
   float r;

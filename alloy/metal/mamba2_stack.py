@@ -63,7 +63,7 @@ PER_SM = 2  # resident groups per SM (CUDA launch bounds cap registers at 128 fo
 MAX_ROWS = 4  # batch rows the kernel takes (group-shared input vectors)
 SHARED_BUDGET = 44 * 1024  # bytes of static group-shared memory we allow ourselves
 
-_BODY = """
+_BODY = r"""
   constexpr int H = DIN / HD;
   constexpr int GN = NGR * NS;
   constexpr int CD = DIN + 2 * GN;
@@ -74,17 +74,90 @@ _BODY = """
   constexpr int RBS = (RS + NB - 1) / NB;        // state rows per group
   constexpr int VPT = (XMAX + NT - 1) / NT;      // input-vector elements per thread
   constexpr int NV = NS / 32 > 0 ? NS / 32 : 1;  // state elements per lane (whole 32-lane rounds)
+  constexpr int UC = 256 * CU;                   // columns of one work unit (CU 8-column blocks per lane)
+  constexpr int UPA = (DM + UC - 1) / UC;        // units per in_proj row
+  constexpr int UPC = (DIN + UC - 1) / UC;       // units per out_proj row
+  constexpr int PFE = 128 / static_cast<int>(sizeof(W));  // weight elements per 128-byte line
   ALIGN16 SHARED T xn[MB * XMAX];                // the normalised projection input (16-byte rows)
   SHARED float red[MB * (NG > 1 ? NG : 1) * NWP];
   SHARED float bc[MB * 2 * GN];                  // convolved B and C of every batch row
   SHARED float xc[RBS];                          // convolved x of this group's state rows
   const int g0 = bid_x;
   const int gwarp = g0 * NWP + warp;
+  // a warp's projection work: its rows o = gwarp + j * TW, each split into units of UC columns
+  const int nuA = gwarp < DP ? ((DP - 1 - gwarp) / TW + 1) * UPA : 0;
+  const int nuC = gwarp < DM ? ((DM - 1 - gwarp) / TW + 1) * UPC : 0;
+  // weights do not depend on the activations: each warp keeps two units of raw weights in registers
+  // (pa, pb), loaded before the grid barrier that precedes their phase, so the barrier wait overlaps
+  // the weight stream; inside a phase unit k + 2 is loaded while unit k is multiplied
+  Raw8<W> pa[CU];
+  Raw8<W> pb[CU];
+#define ALLOY_UNIT(KU, INP)                                                                       \
+  const int in_ = (INP) ? DM : DIN;                                                               \
+  const int upr_ = (INP) ? UPA : UPC;                                                             \
+  const int o_ = gwarp + ((KU) / upr_) * TW;                                                      \
+  const int c_ = ((KU) % upr_) * UC;
+#define ALLOY_LOAD(BUF, KU, LL, INP)                                                              \
+  {                                                                                               \
+    ALLOY_UNIT(KU, INP)                                                                           \
+    const DEV W* p_ = (INP) ? win + (static_cast<long>(LL) * DP + o_) * DM                        \
+                            : wout + (static_cast<long>(LL) * DM + o_) * DIN;                     \
+    for (int u = 0; u < CU; ++u)                                                                  \
+      if (c_ + lane * 8 + 256 * u < in_) BUF[u] = ldr8(p_ + c_ + lane * 8 + 256 * u);             \
+  }
+#define ALLOY_PREFETCH(KU, LL, INP)                                                               \
+  {                                                                                               \
+    ALLOY_UNIT(KU, INP)                                                                           \
+    const DEV W* p_ = (INP) ? win + (static_cast<long>(LL) * DP + o_) * DM                        \
+                            : wout + (static_cast<long>(LL) * DM + o_) * DIN;                     \
+    for (int c = c_ + lane * PFE; c < c_ + UC && c < in_; c += 32 * PFE) prefetch_l2(p_ + c);    \
+  }
+  // the first two units of phase `INP` of layer LL into pa / pb, the rest towards L2
+#define ALLOY_PRELOAD(LL, INP)                                                                    \
+  {                                                                                               \
+    const int nu_ = (INP) ? nuA : nuC;                                                            \
+    if (nu_ > 0) ALLOY_LOAD(pa, 0, LL, INP)                                                       \
+    if (nu_ > 1) ALLOY_LOAD(pb, 1, LL, INP)                                                       \
+    for (int k = 2; k < nu_; ++k) ALLOY_PREFETCH(k, LL, INP)                                      \
+  }
+  // multiply unit KU held in BUF with the normalised input; at a row's last unit reduce and store
+#define ALLOY_DOT(BUF, KU)                                                                        \
+  {                                                                                               \
+    ALLOY_UNIT(KU, inp)                                                                           \
+    if (!inp && c_ == 0 && lane == 0)                                                             \
+      for (int m = 0; m < MB; ++m) rv[m] = ld_cg(res + m * DM + o_);                              \
+    for (int u = 0; u < CU; ++u) {                                                                \
+      const int c = c_ + lane * 8 + 256 * u;                                                      \
+      if (c < in_) {                                                                              \
+        float w[8];                                                                               \
+        cvt8(BUF[u], w);                                                                          \
+        for (int m = 0; m < MB; ++m) {                                                            \
+          float xv[8];                                                                            \
+          ld8(xn + m * XMAX + c, xv);                                                             \
+          for (int j = 0; j < 8; ++j) acc[m] += w[j] * xv[j];                                     \
+        }                                                                                         \
+      }                                                                                           \
+    }                                                                                             \
+    if ((KU) % upr_ == upr_ - 1) {                                                                \
+      for (int m = 0; m < MB; ++m) {                                                              \
+        const float s = warp_sum(acc[m]);                                                         \
+        acc[m] = 0.0f;                                                                            \
+        if (lane == 0) {                                                                          \
+          if (inp) {                                                                              \
+            zx[m * DP + o_] = static_cast<float>(static_cast<T>(s));                              \
+          } else {                                                                                \
+            const float v = static_cast<float>(static_cast<T>(s + rv[m]));                        \
+            res[m * DM + o_] = v;                                                                 \
+            if (l == NL - 1) hout[m * DM + o_] = static_cast<T>(v);                               \
+          }                                                                                       \
+        }                                                                                         \
+      }                                                                                           \
+    }                                                                                             \
+  }
   unsigned int nsync = 0;
-  // prologue: the residual stream starts as the embedded token
+  // prologue: the residual stream starts as the embedded token; layer 0's first in_proj units load
   for (int i = g0 * NT + tid; i < MB * DM; i += NB * NT) res[i] = static_cast<float>(x[i]);
-  for (int o = gwarp; o < DP; o += TW)
-    for (int c = lane * 64; c < DM; c += 32 * 64) prefetch_l2(win + static_cast<long>(o) * DM + c);
+  ALLOY_PRELOAD(0, true)
   nsync += NB;
   grid_sync(bar, nsync, tid);
   for (int l = 0; l < NL; ++l) {
@@ -92,11 +165,26 @@ _BODY = """
     const DEV float* sst = SELECT_SSM;
     DEV S* ncst = nconv + static_cast<long>(l) * MB * (K - 1) * CD;
     DEV float* nsst = nssm + static_cast<long>(l) * MB * H * HD * NS;
+    // phase B's first QB state rows of this warp and their per-head constants (loaded before the
+    // barrier that ends phase A)
+    float sv[QB * NV];
+    float hdt[QB], hal[QB], hds[QB];
     for (int ph = 0; ph < 3; ph += 2) {
       if (ph == 2) {  // <phase B>
         // ---------------- phase B: conv + dt + SSD state update + D skip + gate ----------------
         const int lo = g0 * RBS;
         const int hi = lo + RBS < RS ? lo + RBS : RS;
+        // this warp's first rows' dt and gate (written in phase A), issued with the conv's loads
+        float rdt[QB], rz[QB];
+        for (int i = 0; i < QB; ++i) {
+          const int r = lo + warp + i * NWP;
+          if (warp + i * NWP < RBS && r < hi) {
+            const int m = r / (H * HD);
+            const int hp = r % (H * HD);
+            rdt[i] = ld_cg(zx + m * DP + 2 * DIN + 2 * GN + hp / HD);
+            rz[i] = ld_cg(zx + m * DP + hp);
+          }
+        }
         for (int i = tid; i < MB * 2 * GN + RBS; i += NT) {
           int m, c;
           const bool isx = i >= MB * 2 * GN;
@@ -123,16 +211,23 @@ _BODY = """
           }
         }
         BARRIER();
-        // each warp updates QB rows at a time, all their state loads issued before use
+        // each warp updates QB rows at a time (the first QB were loaded before the barrier)
         for (int q0 = warp; q0 < RBS; q0 += NWP * QB) {
-          float sv[QB * NV];
-          for (int i = 0; i < QB; ++i) {
-            const int r = lo + q0 + i * NWP;
-            if (q0 + i * NWP < RBS && r < hi) {
-              const int m = r / (H * HD);
-              const int hp = r % (H * HD);
-              const int row = (m * H + hp / HD) * HD + hp % HD;
-              for (int u = 0; u < NS / 32; ++u) sv[i * NV + u] = sst[row * NS + lane + 32 * u];
+          if (q0 != warp) {
+            for (int i = 0; i < QB; ++i) {
+              const int r = lo + q0 + i * NWP;
+              if (q0 + i * NWP < RBS && r < hi) {
+                const int m = r / (H * HD);
+                const int hp = r % (H * HD);
+                const int h = hp / HD;
+                const int row = (m * H + h) * HD + hp % HD;
+                for (int u = 0; u < NS / 32; ++u) sv[i * NV + u] = sst[row * NS + lane + 32 * u];
+                hdt[i] = static_cast<float>(dtb[l * H + h]);
+                hal[i] = static_cast<float>(alog[l * H + h]);
+                hds[i] = static_cast<float>(dsk[l * H + h]);
+                rdt[i] = ld_cg(zx + m * DP + 2 * DIN + 2 * GN + h);
+                rz[i] = ld_cg(zx + m * DP + hp);
+              }
             }
           }
           for (int i = 0; i < QB; ++i) {
@@ -143,9 +238,9 @@ _BODY = """
             const int hp = r % (H * HD);
             const int h = hp / HD;
             const int g = h / (H / NGR);
-            float dtv = fsoftplus(ld_cg(zx + m * DP + 2 * DIN + 2 * GN + h) + static_cast<float>(dtb[l * H + h]));
+            float dtv = fsoftplus(rdt[i] + hdt[i]);
             dtv = dtv < prm[2] ? prm[2] : (dtv > prm[3] ? prm[3] : dtv);
-            const float decay = fexp(-dtv * fexp(static_cast<float>(alog[l * H + h])));
+            const float decay = fexp(-dtv * fexp(hal[i]));
             const float xv = xc[q];
             const float dx = dtv * xv;
             const int row = (m * H + h) * HD + hp % HD;
@@ -164,23 +259,21 @@ _BODY = """
             }
             acc = warp_sum(acc);
             if (lane == 0) {
-              const float y = static_cast<float>(static_cast<T>(acc + static_cast<float>(dsk[l * H + h]) * xv));
-              const float z = ld_cg(zx + m * DP + hp);
-              yg[m * DIN + hp] = static_cast<float>(static_cast<T>(y * fsilu(z)));
+              const float y = static_cast<float>(static_cast<T>(acc + hds[i] * xv));
+              yg[m * DIN + hp] = static_cast<float>(static_cast<T>(y * fsilu(rz[i])));
             }
           }
         }
-        // while the grid gathers: this warp's out_proj rows start towards L2
-        for (int o = gwarp; o < DM; o += TW)
-          for (int c = lane * 64; c < DIN; c += 32 * 64) prefetch_l2(wout + (static_cast<long>(l) * DM + o) * DIN + c);
+        // while the grid gathers: the second out_proj unit of this warp loads
+        if (nuC > 1) ALLOY_LOAD(pb, 1, l, false)
         nsync += NB;
         grid_sync(bar, nsync, tid);
       }  // </phase B>
       // ---------------- phases A (ph 0: norm + in_proj) and C (ph 2: gated norm + out_proj + residual)
       const bool inp = ph == 0;
       const int IN = inp ? DM : DIN;
-      const int OUT = inp ? DP : DM;
       const int ng = inp ? 1 : NG;                  // norm groups (0: no norm)
+      const int nu = inp ? nuA : nuC;
       const DEV float* src = inp ? res : yg;
       const DEV float* nwt = inp ? nw + l * DM : gw + l * DIN;
       const float ep = inp ? prm[0] : prm[1];
@@ -220,52 +313,39 @@ _BODY = """
           }
         }
       BARRIER();
-      // one output row per warp at a time (rows strided over every warp of the grid): lanes take
-      // 8-column blocks, CU blocks (16-byte loads) in flight per lane, then one warp sum per row
-      for (int o = gwarp; o < OUT; o += TW) {
-        float acc[MB];
-        for (int m = 0; m < MB; ++m) acc[m] = 0.0f;
-        const long base = inp ? (static_cast<long>(l) * DP + o) * DM : (static_cast<long>(l) * DM + o) * DIN;
-        for (int c0 = lane * 8; c0 < IN; c0 += 256 * CU) {
-          float w[CU * 8];
-          for (int u = 0; u < CU; ++u) {
-            const int c = c0 + 256 * u;
-            if (c < IN) {
-              if (inp) ld8(win + base + c, w + 8 * u);
-              else ld8(wout + base + c, w + 8 * u);
-            }
-          }
-          for (int u = 0; u < CU; ++u) {
-            const int c = c0 + 256 * u;
-            if (c < IN) {
-              for (int m = 0; m < MB; ++m) {
-                float xv[8];
-                ld8(xn + m * XMAX + c, xv);
-                for (int j = 0; j < 8; ++j) acc[m] += w[8 * u + j] * xv[j];
-              }
-            }
-          }
-        }
-        for (int m = 0; m < MB; ++m) {
-          const float s = warp_sum(acc[m]);
-          if (lane == 0) {
-            if (inp) {
-              zx[m * DP + o] = static_cast<float>(static_cast<T>(s));
-            } else {
-              const float v = static_cast<float>(static_cast<T>(s + ld_cg(res + m * DM + o)));
-              res[m * DM + o] = v;
-              if (l == NL - 1) hout[m * DM + o] = static_cast<T>(v);
-            }
-          }
+      // units in pairs: pa / pb hold units k / k + 1; each is refilled with unit k + 2 / k + 3
+      // right after its multiply, so two units of weights are always on their way
+      float acc[MB];
+      float rv[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = 0.0f;
+      for (int k = 0; k < nu; k += 2) {
+        ALLOY_DOT(pa, k)
+        if (k + 2 < nu) ALLOY_LOAD(pa, k + 2, l, inp)
+        if (k + 1 < nu) {
+          ALLOY_DOT(pb, k + 1)
+          if (k + 3 < nu) ALLOY_LOAD(pb, k + 3, l, inp)
         }
       }
-      if (inp) {  // phase B's state rows (contiguous for a group), then the barrier
-        const int slo = g0 * RBS;
-        const int shi = slo + RBS < RS ? slo + RBS : RS;
-        for (int i = slo * NS + tid * 32; i < shi * NS; i += NT * 32) prefetch_l2(sst + i);
-      } else if (l < NL - 1) {  // the next layer's in_proj rows
-        for (int o = gwarp; o < DP; o += TW)
-          for (int c = lane * 64; c < DM; c += 32 * 64) prefetch_l2(win + (static_cast<long>(l + 1) * DP + o) * DM + c);
+      if (inp) {  // phase B's first state rows and constants, out_proj's first unit; then the barrier
+        const int lo = g0 * RBS;
+        const int hi = lo + RBS < RS ? lo + RBS : RS;
+        for (int i = 0; i < QB; ++i) {
+          const int r = lo + warp + i * NWP;
+          if (warp + i * NWP < RBS && r < hi) {
+            const int m = r / (H * HD);
+            const int hp = r % (H * HD);
+            const int h = hp / HD;
+            const int row = (m * H + h) * HD + hp % HD;
+            for (int u = 0; u < NS / 32; ++u) sv[i * NV + u] = sst[row * NS + lane + 32 * u];
+            hdt[i] = static_cast<float>(dtb[l * H + h]);
+            hal[i] = static_cast<float>(alog[l * H + h]);
+            hds[i] = static_cast<float>(dsk[l * H + h]);
+          }
+        }
+        if (nuC > 0) ALLOY_LOAD(pa, 0, l, false)
+        for (int k = 2; k < nuC; ++k) ALLOY_PREFETCH(k, l, false)
+      } else if (l < NL - 1) {  // the next layer's first in_proj units
+        ALLOY_PRELOAD(l + 1, true)
       }
       if (l < NL - 1 || inp) {
         nsync += NB;
@@ -273,6 +353,11 @@ _BODY = """
       }
     }
   }
+#undef ALLOY_UNIT
+#undef ALLOY_LOAD
+#undef ALLOY_PREFETCH
+#undef ALLOY_PRELOAD
+#undef ALLOY_DOT
 """
 
 _FIXED_INPUTS = ("x", "nw", "gw", "win", "wout", "cw", "cb", "dtb", "alog", "dsk", "prm", "bar")
@@ -293,8 +378,19 @@ def kernel(n_layers: int) -> Kernel:
                   launch_bounds=(NT, PER_SM))
 
 
-CU = 8  # 8-column blocks (16-byte loads) in flight per lane and output row
-QB = 4  # state rows a warp loads before updating them
+UNIT_BYTES = 16 * 8  # weight bytes per lane and work unit (eight 16-byte loads)
+QB = 4  # most state rows a warp loads before updating them
+
+
+def unit_blocks(weight_dtype) -> int:
+    """CU: 8-column blocks per lane and work unit (a unit is 256 * CU columns of one row)."""
+    return max(1, UNIT_BYTES // (8 * weight_dtype.size))
+
+
+def rows_per_pass(mb: int, din: int, nb: int, threads: int) -> int:
+    """QB: state rows a warp takes per pass (no more than its share of the group's rows)."""
+    rbs = -(-(mb * din) // nb)
+    return max(1, min(QB, -(-rbs // (threads // 32))))
 
 
 def shared_bytes(dims: dict, mb: int, nb: int, act_bytes: int) -> int:
@@ -352,12 +448,14 @@ def applies(stack: dict, x: mx.array, act_dtype, d_state: int, norm_groups: int)
 
 
 def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, norm_groups: int, eps: float,
-           norm_eps: float, dt_lim: tuple, nb: int | None = None, threads: int = NT, run=None):
+           norm_eps: float, dt_lim: tuple, nb: int | None = None, threads: int = NT, run=None,
+           cu: int | None = None):
     """Run the stack on one token: x (MB, DM) the embedded token in the activation dtype; per-layer
     conv states (MB, K-1, CD) and SSM states (MB, H, HD, NS) float32. Returns (h (MB, DM), [new
     conv states], [new ssm states]). ``nb`` / ``threads``: grid and group size (defaults: one group
     per SM, NT threads); ``run``: a launcher with Kernel.__call__'s signature (default: the kernel
-    on the running backend; tests pass the CPU emulator)."""
+    on the running backend; tests pass the CPU emulator); ``cu``: 8-column blocks per lane and work
+    unit (default `unit_blocks` of the weight dtype; tests shrink it to split rows into units)."""
     d = dims_of(stack, d_state, norm_groups)
     NL = d["NL"]
     MB = x.shape[0]
@@ -372,7 +470,8 @@ def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, n
         inputs,
         template=[("T", x.dtype), ("S", cdt), ("NL", NL), ("DM", d["DM"]), ("DIN", d["DIN"]), ("NS", d["NS"]),
                   ("NGR", d["NGR"]), ("HD", d["HD"]), ("K", d["K"]), ("NG", d["NG"]), ("MB", MB),
-                  ("NB", nb), ("NT", threads), ("CU", CU), ("QB", QB), ("XMAX", max(d["DM"], d["DIN"])),
+                  ("NB", nb), ("NT", threads), ("W", stack["win"].dtype),
+                  ("CU", cu or unit_blocks(stack["win"].dtype)), ("QB", rows_per_pass(MB, d["DIN"], nb, threads)), ("XMAX", max(d["DM"], d["DIN"])),
                   ("HAS_BIAS", cb is not None)],
         grid=(nb, 1, 1),
         threadgroup=threads,

@@ -25,6 +25,9 @@ prelude maps onto each dialect:
         ld8(p, o)               o[0..8) = float(p[0..8)) from a buffer or group-shared array; one
                                 16-byte load for bf16/fp16 on CUDA (p must be 16-byte aligned
                                 there: 8-element offsets of a buffer or of an ALIGN16 array)
+        Raw8<U> r = ldr8(p)     eight elements' raw bits from a buffer (one 16-byte load for bf16/fp16 on
+        cvt8(r, o)              CUDA, 16-byte aligned as for ld8), kept unconverted in registers until
+                                cvt8 turns them into o[0..8) floats: loads issued long before use
         ld_cg(p)                a float load that sees other groups' writes of this launch
                                 (CUDA: L2, bypassing the non-coherent L1 — `__ldcg`)
         grid_sync(c, n, tid)    grid-wide barrier for persistent kernels: the k-th barrier of a
@@ -106,6 +109,42 @@ DEVICE_FN void ld8(const __half* p, float* o) {
     o[2 * j + 1] = f.y;
   }
 }
+template <typename U> struct Raw8 { U v[8]; };
+template <> struct Raw8<__nv_bfloat16> { uint4 q; };
+template <> struct Raw8<__half> { uint4 q; };
+template <typename U> DEVICE_FN Raw8<U> ldr8(const U* p) {
+  Raw8<U> r;
+  for (int j = 0; j < 8; ++j) r.v[j] = p[j];
+  return r;
+}
+DEVICE_FN Raw8<__nv_bfloat16> ldr8(const __nv_bfloat16* p) {
+  Raw8<__nv_bfloat16> r;
+  r.q = __ldg(reinterpret_cast<const uint4*>(p));
+  return r;
+}
+DEVICE_FN Raw8<__half> ldr8(const __half* p) {
+  Raw8<__half> r;
+  r.q = __ldg(reinterpret_cast<const uint4*>(p));
+  return r;
+}
+template <typename U> DEVICE_FN void cvt8(const Raw8<U>& r, float* o) {
+  for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(r.v[j]);
+}
+DEVICE_FN void cvt8(const Raw8<__nv_bfloat16>& r, float* o) {
+  const unsigned int w[4] = {r.q.x, r.q.y, r.q.z, r.q.w};
+  for (int j = 0; j < 4; ++j) {
+    o[2 * j] = __uint_as_float(w[j] << 16);
+    o[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+  }
+}
+DEVICE_FN void cvt8(const Raw8<__half>& r, float* o) {
+  const __half2* h = reinterpret_cast<const __half2*>(&r.q);
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(h[j]);
+    o[2 * j] = f.x;
+    o[2 * j + 1] = f.y;
+  }
+}
 DEVICE_FN float ld_cg(const float* p) { return __ldcg(p); }
 DEVICE_FN unsigned int alloy_atom_add_acq_rel(unsigned int* p, unsigned int v) {
   unsigned int old;
@@ -117,16 +156,48 @@ DEVICE_FN unsigned int alloy_ld_acquire(const unsigned int* p) {
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+DEVICE_FN void alloy_red_release(unsigned int* p, unsigned int v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+#ifndef ALLOY_GSYNC
+#define ALLOY_GSYNC 0
+#endif
 DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsigned int t) {
-  // two-level: groups arrive on 16 sub-counters (own 128-byte lines), the last of each sub-group on
-  // a top counter, the last of all stores the round to a release word everyone polls; acquire /
-  // release atomics instead of full fences (the group's writes are ordered by the group barrier).
+  // the group's writes are ordered by the group barrier; thread 0 arrives and waits for the grid.
+  // ALLOY_GSYNC picks the arrival / wait scheme (bench/stack_probe.py times them):
+  //   0  two-level: 16 sub-counters (own 128-byte lines), the last of each on a top counter, the
+  //      last of all stores the round to a release word everyone polls (acquire/release atomics)
+  //   1  flat: a release reduction (no reply awaited) on one counter, acquire polls of that counter
+  //   2  flat, cooperative-groups style: fence, relaxed atomic add, volatile polls, fence
+  //   3  release reductions on an arrival line; group 0 alone polls it and releases the round on
+  //      another line that the other groups poll (pollers do not queue behind arrivals)
   __syncthreads();
   if (t == 0) {
     unsigned int* c = const_cast<unsigned int*>(counter);
     const unsigned int G = gridDim.x * gridDim.y * gridDim.z;
     const unsigned int round = target / G;
     const unsigned int g = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+#if ALLOY_GSYNC == 1
+    alloy_red_release(c + 32u, 1u);
+    for (unsigned int k = 0; alloy_ld_acquire(c + 32u) < target && k < (1u << 24); ++k) {
+    }
+#elif ALLOY_GSYNC == 2
+    __threadfence();
+    atomicAdd(c + 32u, 1u);
+    for (unsigned int k = 0; *reinterpret_cast<volatile unsigned int*>(c + 32u) < target && k < (1u << 24); ++k) {
+    }
+    __threadfence();
+#elif ALLOY_GSYNC == 3
+    alloy_red_release(c + 32u, 1u);
+    if (g == 0) {
+      for (unsigned int k = 0; alloy_ld_acquire(c + 32u) < target && k < (1u << 24); ++k) {
+      }
+      asm volatile("st.release.gpu.global.u32 [%0], %1;" :: "l"(c), "r"(round) : "memory");
+    } else {
+      for (unsigned int k = 0; alloy_ld_acquire(c) < round && k < (1u << 24); ++k) {
+      }
+    }
+#else
     const unsigned int nsub = G < 16u ? G : 16u;
     const unsigned int s = g % nsub;
     const unsigned int members = G / nsub + (s < G % nsub ? 1u : 0u);
@@ -138,6 +209,7 @@ DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsig
     // bounded spin: a grid that is not all resident returns wrong values instead of hanging
     for (unsigned int k = 0; alloy_ld_acquire(c) < round && k < (1u << 24); ++k) {
     }
+#endif
   }
   __syncthreads();
 }
@@ -162,6 +234,15 @@ template <typename U> DEVICE_FN void ld8(const device U* p, thread float* o) {
 }
 template <typename U> DEVICE_FN void ld8(const threadgroup U* p, thread float* o) {
   for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(p[j]);
+}
+template <typename U> struct Raw8 { U v[8]; };
+template <typename U> DEVICE_FN Raw8<U> ldr8(const device U* p) {
+  Raw8<U> r;
+  for (int j = 0; j < 8; ++j) r.v[j] = p[j];
+  return r;
+}
+template <typename U> DEVICE_FN void cvt8(Raw8<U> r, thread float* o) {
+  for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(r.v[j]);
 }
 template <typename U> DEVICE_FN void prefetch_l2(const device U* p) {}
 DEVICE_FN float ld_cg(const device float* p) { return *reinterpret_cast<const volatile device float*>(p); }
@@ -218,6 +299,9 @@ class Kernel:
         used = [k for k in _INDEX if re.search(rf"\b{k}\b", self.body)]
         index_lines = "".join(f"  const unsigned int {k} = {_INDEX[k][col]};\n" for k in used)
         header = (_CUDA_HEADER if dialect == "cuda" else _METAL_HEADER) + self.helpers
+        if dialect == "cuda" and os.environ.get("ALLOY_GRID_SYNC"):
+            # experiments: the grid barrier's scheme (see grid_sync in the CUDA header)
+            header = f"#define ALLOY_GSYNC {int(os.environ['ALLOY_GRID_SYNC'])}\n" + header
         if dialect == "cuda" and self.launch_bounds:
             # MLX writes the `__global__` signature itself: re-spell the qualifier for this module so
             # the compiler caps registers for the resident groups a persistent kernel needs
@@ -251,7 +335,7 @@ _CACHE: dict = {}
 
 
 def _build(kernel: Kernel, dialect: str):
-    key = (kernel, dialect)
+    key = (kernel, dialect, os.environ.get("ALLOY_GRID_SYNC"))
     if key not in _CACHE:
         header, body = kernel.source(dialect)
         make = mx.fast.cuda_kernel if dialect == "cuda" else mx.fast.metal_kernel

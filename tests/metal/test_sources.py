@@ -110,8 +110,9 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
                                                     ("NB", 132), ("NT", 256), ("CU", 8), ("QB", 4), ("XMAX", 4096))
         if re.search(rf"\b{n}\b", body)) + "".join(
         f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM") if n in body)
-    if re.search(r"\bS\b", body):
-        tmpl = "  using S = __nv_bfloat16;\n" + tmpl
+    for alias in ("S", "W"):
+        if re.search(rf"\b{alias}\b", body) and alias not in kernel.inputs:
+            tmpl = f"  using {alias} = __nv_bfloat16;\n" + tmpl
     f32_in = ("ssm_state", "dt_lim", "eps", "state", "nw", "gw", "prm")
     f32_out = ("new_ssm", "res", "zx", "yg", "nssm")
 

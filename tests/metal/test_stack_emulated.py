@@ -17,14 +17,15 @@ pytestmark = pytest.mark.skipif(not emulate.available(), reason="the CPU kernel 
 
 @pytest.fixture
 def emulated_stack(monkeypatch):
-    """Route the model's whole-stack decode through the emulator with a 3 x 64-thread grid."""
+    """Route the model's whole-stack decode through the emulator with a 3 x 64-thread grid and
+    256-column work units (rows wider than 256 split into several units)."""
     calls = []
     real = mamba2_stack.launch
 
     def launch(stacked, x, convs, ssms, **kw):
         calls.append(x.shape)
         run = functools.partial(emulate.run, mamba2_stack.kernel(len(convs)))
-        return real(stacked, x, convs, ssms, nb=3, threads=64, run=run, **kw)
+        return real(stacked, x, convs, ssms, nb=3, threads=64, run=run, cu=1, **kw)
 
     def applies(stacked, x, act_dtype, d_state, norm_groups):
         return mamba2_stack.fits(mamba2_stack.dims_of(stacked, d_state, norm_groups), x.shape[0], act_dtype, 3)
@@ -34,16 +35,17 @@ def emulated_stack(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype,batch,n_groups,d_state,rms,bias,d_conv", [
-    ("float32", 2, 2, 32, True, True, 4),
-    ("bfloat16", 1, 1, 40, True, False, 3),   # d_state not a multiple of 32: the remainder lanes
-    ("float32", 3, 1, 32, False, True, 2),    # no norm before out_proj
+@pytest.mark.parametrize("dtype,batch,n_groups,d_state,rms,bias,d_conv,d_model", [
+    ("float32", 2, 2, 32, True, True, 4, 32),
+    ("bfloat16", 1, 1, 40, True, False, 3, 32),   # d_state not a multiple of 32: the remainder lanes
+    ("float32", 3, 1, 32, False, True, 2, 32),    # no norm before out_proj
+    ("bfloat16", 1, 1, 32, True, False, 4, 160),  # out_proj rows of 320 columns: two units per row
 ])
 def test_stack_kernel_on_emulator_matches_general_path(emulated_stack, dtype, batch, n_groups, d_state, rms,
-                                                       bias, d_conv):
+                                                       bias, d_conv, d_model):
     from alloy.layers.stack import prepare_decode
     from alloy.model import as_config, build
-    cfg = as_config({"name": "m", "vocab_size": 53, "d_model": 32, "layer_types": ["mamba2"] * 3,
+    cfg = as_config({"name": "m", "vocab_size": 53, "d_model": d_model, "layer_types": ["mamba2"] * 3,
                      "ffn_types": ["none"] * 3, "dtype": dtype, "tie_embeddings": True,
                      "mixers": {"mamba2": {"d_state": d_state, "head_dim": 8, "n_groups": n_groups,
                                            "rms_norm": rms, "conv_bias": bias, "d_conv": d_conv,
@@ -79,7 +81,7 @@ def test_emulated_stack_check_can_fail(emulated_stack, monkeypatch):
     params = m.init(mx.random.key(3))
     prepared = prepare_decode(cfg, params)
     good = mamba2_stack.kernel(2)
-    skip = " + static_cast<float>(dsk[l * H + h]) * xv"
+    skip = " + hds[i] * xv"
     assert skip in good.body
     broken = Kernel(good.name + "_broken", good.inputs, good.outputs, good.body.replace(skip, ""))
     monkeypatch.setattr(mamba2_stack, "kernel", lambda n: broken)
