@@ -134,8 +134,22 @@ def main(argv=None):
         base = Kernel(base.name + f"_t{a.threads}", base.inputs, base.outputs, base.body,
                       launch_bounds=(a.threads, per_sm))
     groups = K.resident_groups() // K.PER_SM * per_sm
-    if a.timeline:
-        kern = stamped(base)
+    variants = {
+        "shipped": base,
+        # no L2 prefetch of the units after the first two
+        "no_prefetch": Kernel(base.name + "_nopf", base.inputs, base.outputs, launch_bounds=base.launch_bounds,
+                              body=base.body.replace("prefetch_l2(p_ + c);", ";")),
+        # no register preload across barriers: units 0 / 1 load when their phase starts
+        "no_preload": Kernel(base.name + "_nopre", base.inputs, base.outputs, launch_bounds=base.launch_bounds,
+                             body=base.body.replace("if (nu_ > 0) ALLOY_LOAD(pa, 0, LL, INP)", "if (nu_ > 0) ALLOY_PREFETCH(0, LL, INP)")
+                             .replace("if (nu_ > 1) ALLOY_LOAD(pb, 1, LL, INP)", "if (nu_ > 1) ALLOY_PREFETCH(1, LL, INP)")
+                             .replace("if (nuC > 0) ALLOY_LOAD(pa, 0, l, false)", "if (nuC > 0) ALLOY_PREFETCH(0, l, false)")
+                             .replace("if (nuC > 1) ALLOY_LOAD(pb, 1, l, false)", "if (nuC > 1) ALLOY_PREFETCH(1, l, false)")
+                             .replace("// <phase start>", "if (nu > 0) ALLOY_LOAD(pa, 0, l, inp)\n if (nu > 1) ALLOY_LOAD(pb, 1, l, inp)")),
+    }
+    for name in (a.only.split(",") if a.timeline and a.only else ["shipped"] if a.timeline else []):
+        kern = stamped(variants[name])
+        print(f"== timeline {name}", flush=True)
         got = {}
 
         def run(inputs, *, template, grid, threadgroup, output_shapes, output_dtypes):
@@ -150,9 +164,9 @@ def main(argv=None):
                            cu=int(a.cu.split(",")[0]) if a.cu else None)
             mx.eval(out, got["ts"])
         timeline(got["ts"], NL)
+    if a.timeline:
         return
-    variants = {
-        "shipped": base,
+    variants.update({
         "no_grid_sync": Kernel(base.name + "_nosync", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body=
                                base.body.replace("grid_sync(bar, nsync, tid);", "BARRIER();")),
         "flat_sleepy_sync": Kernel(base.name + "_sleepy", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body=
@@ -164,7 +178,7 @@ def main(argv=None):
         "stream_weights": Kernel(base.name + "_stream", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body= STREAM),
         "syncs_only": Kernel(base.name + "_syncs", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body=
                              "  unsigned int n = 0;\n  for (int i = 0; i < 3 * NL + 1; ++i) { n += NB; grid_sync(bar, n, tid); }\n"),
-    }
+    })
     rows = {}
     for gs in (a.gsync.split(",") if a.gsync else [None]):
         if gs is not None:

@@ -160,7 +160,7 @@ DEVICE_FN void alloy_red_release(unsigned int* p, unsigned int v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
 #ifndef ALLOY_GSYNC
-#define ALLOY_GSYNC 0
+#define ALLOY_GSYNC 2
 #endif
 DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsigned int t) {
   // the group's writes are ordered by the group barrier; thread 0 arrives and waits for the grid.
