@@ -76,10 +76,9 @@ def stamped(kern: Kernel) -> Kernel:
     """The kernel with thread 0 of each group writing %globaltimer before and after every grid barrier
     into an extra output `tsc` (groups, stamps)."""
     body = kern.body.replace("unsigned int nsync = 0;", "unsigned int nsync = 0;\n  int ts_i = 0;", 1)
-    body = body.replace("grid_sync(bar, nsync, tid);",
-                        "if (tid == 0) tsc[bid_x * (2 * (3 * NL + 1)) + ts_i] = alloy_gtime(); ++ts_i;\n"
-                        "grid_sync(bar, nsync, tid);\n"
-                        "if (tid == 0) tsc[bid_x * (2 * (3 * NL + 1)) + ts_i] = alloy_gtime(); ++ts_i;")
+    stamp = "if (tid == 0) tsc[bid_x * (2 * (3 * NL + 1)) + ts_i] = alloy_gtime(); ++ts_i;\n"
+    body = body.replace("grid_arrive(bar, nsync, tid);", stamp + "grid_arrive(bar, nsync, tid);")
+    body = body.replace("grid_wait(bar, nsync, tid);", "grid_wait(bar, nsync, tid);\n" + stamp)
     return Kernel(kern.name + "_stamped", kern.inputs, kern.outputs + ("tsc",), body, helpers=STAMP,
                   launch_bounds=kern.launch_bounds)
 
@@ -168,13 +167,16 @@ def main(argv=None):
         return
     variants.update({
         "no_grid_sync": Kernel(base.name + "_nosync", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body=
-                               base.body.replace("grid_sync(bar, nsync, tid);", "BARRIER();")),
+                               base.body.replace("grid_arrive(bar, nsync, tid);", "BARRIER();")
+                               .replace("grid_wait(bar, nsync, tid);", "")),
         "flat_sleepy_sync": Kernel(base.name + "_sleepy", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body=
-                              base.body.replace("grid_sync(bar, nsync, tid);", "grid_sync_sleepy(bar, nsync, tid);"),
+                              base.body.replace("grid_arrive(bar, nsync, tid);", "")
+                              .replace("grid_wait(bar, nsync, tid);", "grid_sync_sleepy(bar, nsync, tid);"),
                               helpers=SLEEPY),
         "projections_only": Kernel(base.name + "_proj", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body=
                                    re.sub(r"if \(ph == 2\) \{  // <phase B>.*?// </phase B>", "", base.body, flags=re.S)
-                                   .replace("grid_sync(bar, nsync, tid);", "BARRIER();")),
+                                   .replace("grid_arrive(bar, nsync, tid);", "BARRIER();")
+                                   .replace("grid_wait(bar, nsync, tid);", "")),
         "stream_weights": Kernel(base.name + "_stream", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body= STREAM),
         "syncs_only": Kernel(base.name + "_syncs", base.inputs, base.outputs, launch_bounds=base.launch_bounds, body=
                              "  unsigned int n = 0;\n  for (int i = 0; i < 3 * NL + 1; ++i) { n += NB; grid_sync(bar, n, tid); }\n"),

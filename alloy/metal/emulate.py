@@ -167,7 +167,7 @@ struct alloy_emu_thread {
 
 # The CPU dialect. It must define every name of prelude._CUDA_HEADER / _METAL_HEADER:
 #   SHARED (rewritten by `_rewrite_shared`; a leftover is an error)  BARRIER()  DEVICE_FN  DEV  ALIGN16
-#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum  f4 / float4 (.x .y .z .w)  ld8  ldr8 / cvt8 / Raw8  ld_cg  grid_sync  prefetch_l2
+#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum  f4 / float4 (.x .y .z .w)  ld8  ldr8 / cvt8 / Raw8  ld_cg  grid_sync  grid_arrive / grid_wait  prefetch_l2
 # and the index names of prelude._INDEX (see _INDEX_CPU). A name the prelude gains goes here
 # (a DEVICE_FN function; runtime services through alloy_emu_self->ops, see _RUNTIME).
 _DIALECT = r"""
@@ -248,6 +248,11 @@ DEVICE_FN float ld_cg(const float* p) {
 }
 template <typename U> DEVICE_FN void prefetch_l2(const U*) {}
 DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsigned int t) {
+  alloy_emu_self->ops->grid_sync(alloy_emu_self->rt, counter, target, t);
+}
+// the split barrier: the whole barrier happens at grid_wait (loads in between see the same data)
+DEVICE_FN void grid_arrive(const unsigned int*, unsigned int, unsigned int) {}
+DEVICE_FN void grid_wait(const unsigned int* counter, unsigned int target, unsigned int t) {
   alloy_emu_self->ops->grid_sync(alloy_emu_self->rt, counter, target, t);
 }
 """
@@ -931,7 +936,7 @@ def run(kernel: Kernel, inputs, *, template, grid, threadgroup, output_shapes, o
             st *= a.shape[d]
     bufs = (ctypes.c_void_p * (len(ins) + len(outs)))(*[b.ptr for b in ins + outs])
 
-    grid_mode = re.search(r"\bgrid_sync\s*\(", kernel.body + kernel.helpers) is not None
+    grid_mode = re.search(r"\bgrid_(sync|wait)\s*\(", kernel.body + kernel.helpers) is not None
     total = gx * gy * gz
     if grid_mode:
         if total * nt > max_threads:

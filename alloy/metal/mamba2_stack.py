@@ -157,9 +157,10 @@ _BODY = r"""
   unsigned int nsync = 0;
   // prologue: the residual stream starts as the embedded token; layer 0's first in_proj units load
   for (int i = g0 * NT + tid; i < MB * DM; i += NB * NT) res[i] = static_cast<float>(x[i]);
-  ALLOY_PRELOAD(0, true)
   nsync += NB;
-  grid_sync(bar, nsync, tid);
+  grid_arrive(bar, nsync, tid);
+  ALLOY_PRELOAD(0, true)
+  grid_wait(bar, nsync, tid);
   for (int l = 0; l < NL; ++l) {
     const DEV S* cst = SELECT_CONV;
     const DEV float* sst = SELECT_SSM;
@@ -265,9 +266,10 @@ _BODY = r"""
           }
         }
         // while the grid gathers: the second out_proj unit of this warp loads
-        if (nuC > 1) ALLOY_LOAD(pb, 1, l, false)
         nsync += NB;
-        grid_sync(bar, nsync, tid);
+        grid_arrive(bar, nsync, tid);
+        if (nuC > 1) ALLOY_LOAD(pb, 1, l, false)
+        grid_wait(bar, nsync, tid);
       }  // </phase B>
       // ---------------- phases A (ph 0: norm + in_proj) and C (ph 2: gated norm + out_proj + residual)
       const bool inp = ph == 0;
@@ -327,7 +329,13 @@ _BODY = r"""
           if (k + 3 < nu) ALLOY_LOAD(pb, k + 3, l, inp)
         }
       }
-      if (inp) {  // phase B's first state rows and constants, out_proj's first unit; then the barrier
+      const bool sync = l < NL - 1 || inp;
+      if (sync) {
+        nsync += NB;
+        grid_arrive(bar, nsync, tid);
+      }
+      // while the grid gathers: loads that need nothing from this token
+      if (inp) {  // phase B's first state rows and constants, out_proj's first unit
         const int lo = g0 * RBS;
         const int hi = lo + RBS < RS ? lo + RBS : RS;
         for (int i = 0; i < QB; ++i) {
@@ -348,9 +356,8 @@ _BODY = r"""
       } else if (l < NL - 1) {  // the next layer's first in_proj units
         ALLOY_PRELOAD(l + 1, true)
       }
-      if (l < NL - 1 || inp) {
-        nsync += NB;
-        grid_sync(bar, nsync, tid);
+      if (sync) {
+        grid_wait(bar, nsync, tid);
       }
     }
   }

@@ -35,6 +35,9 @@ prelude maps onto each dialect:
                                 words (CUDA: 16 sub-counters + top counter + release word, each on
                                 its own line; Metal: one counter); all groups must be resident at
                                 once (grid <= what the GPU holds), writes before it are visible after
+        grid_arrive(c, n, tid)  grid_sync in two halves: writes before grid_arrive are visible after
+        grid_wait(c, n, tid)    grid_wait; in between, only loads that need no other group's writes
+                                (weights): they overlap the wait
         prefetch_l2(p)          start pulling p's cache line into L2 (CUDA; a no-op on Metal)
 
 Inputs arrive as `const <T>*` pointers named after `input_names`, outputs as `<T>*` (MLX writes the
@@ -162,42 +165,29 @@ DEVICE_FN void alloy_red_release(unsigned int* p, unsigned int v) {
 #ifndef ALLOY_GSYNC
 #define ALLOY_GSYNC 2
 #endif
-DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsigned int t) {
-  // the group's writes are ordered by the group barrier; thread 0 arrives and waits for the grid.
-  // ALLOY_GSYNC picks the arrival / wait scheme (bench/stack_probe.py times them):
-  //   0  two-level: 16 sub-counters (own 128-byte lines), the last of each on a top counter, the
-  //      last of all stores the round to a release word everyone polls (acquire/release atomics)
-  //   1  flat: a release reduction (no reply awaited) on one counter, acquire polls of that counter
-  //   2  flat, cooperative-groups style: fence, relaxed atomic add, volatile polls, fence
-  //   3  release reductions on an arrival line; group 0 alone polls it and releases the round on
-  //      another line that the other groups poll (pollers do not queue behind arrivals)
-  __syncthreads();
+// grid_arrive / grid_wait: the two halves of a grid-wide barrier; between them a group may issue
+// loads that do not depend on other groups' writes (weights), which then overlap the wait.
+// ALLOY_GSYNC picks the arrival / wait scheme (bench/stack_probe.py times them):
+//   0  two-level: 16 sub-counters (own 128-byte lines), the last of each on a top counter, the
+//      last of all stores the round to a release word everyone polls (acquire/release atomics)
+//   1  flat: a release reduction (no reply awaited) on one counter, acquire polls of that counter
+//   2  flat, cooperative-groups style: fence, relaxed atomic add, volatile polls, fence
+//   3  release reductions on an arrival line; group 0 alone polls it and releases the round on
+//      another line that the other groups poll (pollers do not queue behind arrivals)
+// Polls are bounded: a grid that is not all resident returns wrong values instead of hanging.
+DEVICE_FN void grid_arrive(const unsigned int* counter, unsigned int target, unsigned int t) {
+  __syncthreads();  // the group's writes are ordered before thread 0's arrival
   if (t == 0) {
     unsigned int* c = const_cast<unsigned int*>(counter);
-    const unsigned int G = gridDim.x * gridDim.y * gridDim.z;
-    const unsigned int round = target / G;
-    const unsigned int g = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-#if ALLOY_GSYNC == 1
+#if ALLOY_GSYNC == 1 || ALLOY_GSYNC == 3
     alloy_red_release(c + 32u, 1u);
-    for (unsigned int k = 0; alloy_ld_acquire(c + 32u) < target && k < (1u << 24); ++k) {
-    }
 #elif ALLOY_GSYNC == 2
     __threadfence();
     atomicAdd(c + 32u, 1u);
-    for (unsigned int k = 0; *reinterpret_cast<volatile unsigned int*>(c + 32u) < target && k < (1u << 24); ++k) {
-    }
-    __threadfence();
-#elif ALLOY_GSYNC == 3
-    alloy_red_release(c + 32u, 1u);
-    if (g == 0) {
-      for (unsigned int k = 0; alloy_ld_acquire(c + 32u) < target && k < (1u << 24); ++k) {
-      }
-      asm volatile("st.release.gpu.global.u32 [%0], %1;" :: "l"(c), "r"(round) : "memory");
-    } else {
-      for (unsigned int k = 0; alloy_ld_acquire(c) < round && k < (1u << 24); ++k) {
-      }
-    }
 #else
+    const unsigned int G = gridDim.x * gridDim.y * gridDim.z;
+    const unsigned int round = target / G;
+    const unsigned int g = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     const unsigned int nsub = G < 16u ? G : 16u;
     const unsigned int s = g % nsub;
     const unsigned int members = G / nsub + (s < G % nsub ? 1u : 0u);
@@ -206,12 +196,40 @@ DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsig
         asm volatile("st.release.gpu.global.u32 [%0], %1;" :: "l"(c), "r"(round) : "memory");
       }
     }
-    // bounded spin: a grid that is not all resident returns wrong values instead of hanging
+#endif
+  }
+}
+DEVICE_FN void grid_wait(const unsigned int* counter, unsigned int target, unsigned int t) {
+  if (t == 0) {
+    unsigned int* c = const_cast<unsigned int*>(counter);
+#if ALLOY_GSYNC == 1
+    for (unsigned int k = 0; alloy_ld_acquire(c + 32u) < target && k < (1u << 24); ++k) {
+    }
+#elif ALLOY_GSYNC == 2
+    for (unsigned int k = 0; *reinterpret_cast<volatile unsigned int*>(c + 32u) < target && k < (1u << 24); ++k) {
+    }
+    __threadfence();
+#elif ALLOY_GSYNC == 3
+    const unsigned int G = gridDim.x * gridDim.y * gridDim.z;
+    if (blockIdx.x + blockIdx.y + blockIdx.z == 0) {
+      for (unsigned int k = 0; alloy_ld_acquire(c + 32u) < target && k < (1u << 24); ++k) {
+      }
+      asm volatile("st.release.gpu.global.u32 [%0], %1;" :: "l"(c), "r"(target / G) : "memory");
+    } else {
+      for (unsigned int k = 0; alloy_ld_acquire(c) < target / G && k < (1u << 24); ++k) {
+      }
+    }
+#else
+    const unsigned int round = target / (gridDim.x * gridDim.y * gridDim.z);
     for (unsigned int k = 0; alloy_ld_acquire(c) < round && k < (1u << 24); ++k) {
     }
 #endif
   }
   __syncthreads();
+}
+DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsigned int t) {
+  grid_arrive(counter, target, t);
+  grid_wait(counter, target, t);
 }
 template <typename U> DEVICE_FN void prefetch_l2(const U* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 """
@@ -246,15 +264,21 @@ template <typename U> DEVICE_FN void cvt8(Raw8<U> r, thread float* o) {
 }
 template <typename U> DEVICE_FN void prefetch_l2(const device U* p) {}
 DEVICE_FN float ld_cg(const device float* p) { return *reinterpret_cast<const volatile device float*>(p); }
-DEVICE_FN void grid_sync(const device unsigned int* counter, unsigned int target, unsigned int t) {
+DEVICE_FN void grid_arrive(const device unsigned int* counter, unsigned int target, unsigned int t) {
   metal::threadgroup_barrier(metal::mem_flags::mem_device | metal::mem_flags::mem_threadgroup);
+  if (t == 0) metal::atomic_fetch_add_explicit((device metal::atomic_uint*)counter, 1u, metal::memory_order_relaxed);
+}
+DEVICE_FN void grid_wait(const device unsigned int* counter, unsigned int target, unsigned int t) {
   if (t == 0) {
     device metal::atomic_uint* c = (device metal::atomic_uint*)counter;
-    metal::atomic_fetch_add_explicit(c, 1u, metal::memory_order_relaxed);
     for (unsigned int k = 0; metal::atomic_load_explicit(c, metal::memory_order_relaxed) < target && k < (1u << 24); ++k) {
     }
   }
   metal::threadgroup_barrier(metal::mem_flags::mem_device | metal::mem_flags::mem_threadgroup);
+}
+DEVICE_FN void grid_sync(const device unsigned int* counter, unsigned int target, unsigned int t) {
+  grid_arrive(counter, target, t);
+  grid_wait(counter, target, t);
 }
 """
 
