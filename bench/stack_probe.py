@@ -6,7 +6,8 @@ Rows (ms per launch, median, each launch synchronised): the kernel as shipped; t
 grid barriers replaced by group barriers (wrong results: the barrier's share); the barrier with a
 `__nanosleep` back-off in the spin; a body of nothing but 3 x layers + 1 grid barriers.
 --timeline stamps every grid barrier's arrival and exit per group (%globaltimer; CUDA only) and
-prints, per phase kind (A: norm + in_proj, B: conv + SSD, C: gated norm + out_proj), the phase's
+prints, per phase kind (A+B: norm + in_proj, then conv + SSD after the B / C rows' own barrier;
+C: gated norm + out_proj), the phase's
 length per group (median over layers of the groups' median / max), the arrival skew and the
 barrier's own latency (last arrival -> first exit, last exit). --threads 512 runs one 512-thread
 group per SM instead of two 256-thread groups.
@@ -87,13 +88,13 @@ def timeline(ts, n_layers: int) -> None:
     """Print phase lengths, arrival skew and barrier latency from the (groups, 2 * barriers) stamps."""
     import numpy as np
 
-    t = np.asarray(ts, dtype=np.int64)[:, :2 * 3 * n_layers]  # 3 x layers barriers were stamped
+    t = np.asarray(ts, dtype=np.int64)[:, :2 * 2 * n_layers]  # 2 x layers main barriers were stamped
     t = (t - t.min()).astype(np.float64) / 1e3  # us
     arrive, leave = t[:, 0::2], t[:, 1::2]  # barrier b: (groups,)
     nbar = arrive.shape[1]
-    kinds = {"A": [], "B": [], "C": []}
-    for b in range(1, nbar):  # phase between barrier b-1 and b: 0 prologue, then A, B, C per layer
-        kind = "ABC"[(b - 1) % 3]
+    kinds = {"A+B": [], "C": []}
+    for b in range(1, nbar):  # phase between barrier b-1 and b: 0 prologue, then A + B, C per layer
+        kind = ("A+B", "C")[(b - 1) % 2]
         d = arrive[:, b] - leave[:, b - 1]
         kinds[kind].append((np.median(d), d.max(), arrive[:, b].max() - arrive[:, b].min(),
                             leave[:, b].min() - arrive[:, b].max(), leave[:, b].max() - arrive[:, b].max()))
@@ -135,16 +136,6 @@ def main(argv=None):
     groups = K.resident_groups() // K.PER_SM * per_sm
     variants = {
         "shipped": base,
-        # no L2 prefetch of the units after the first two
-        "no_prefetch": Kernel(base.name + "_nopf", base.inputs, base.outputs, launch_bounds=base.launch_bounds,
-                              body=base.body.replace("prefetch_l2(p_ + c);", ";")),
-        # no register preload across barriers: units 0 / 1 load when their phase starts
-        "no_preload": Kernel(base.name + "_nopre", base.inputs, base.outputs, launch_bounds=base.launch_bounds,
-                             body=base.body.replace("if (nu_ > 0) ALLOY_LOAD(pa, 0, LL, INP)", "if (nu_ > 0) ALLOY_PREFETCH(0, LL, INP)")
-                             .replace("if (nu_ > 1) ALLOY_LOAD(pb, 1, LL, INP)", "if (nu_ > 1) ALLOY_PREFETCH(1, LL, INP)")
-                             .replace("if (nuC > 0) ALLOY_LOAD(pa, 0, l, false)", "if (nuC > 0) ALLOY_PREFETCH(0, l, false)")
-                             .replace("if (nuC > 1) ALLOY_LOAD(pb, 1, l, false)", "if (nuC > 1) ALLOY_PREFETCH(1, l, false)")
-                             .replace("// <phase start>", "if (nu > 0) ALLOY_LOAD(pa, 0, l, inp)\n if (nu > 1) ALLOY_LOAD(pb, 1, l, inp)")),
     }
     for name in (a.only.split(",") if a.timeline and a.only else ["shipped"] if a.timeline else []):
         kern = stamped(variants[name])

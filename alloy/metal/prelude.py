@@ -163,7 +163,7 @@ DEVICE_FN void alloy_red_release(unsigned int* p, unsigned int v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
 #ifndef ALLOY_GSYNC
-#define ALLOY_GSYNC 2
+#define ALLOY_GSYNC 1
 #endif
 // grid_arrive / grid_wait: the two halves of a grid-wide barrier; between them a group may issue
 // loads that do not depend on other groups' writes (weights), which then overlap the wait.
