@@ -6,8 +6,7 @@ Rows (ms per launch, median, each launch synchronised): the kernel as shipped; t
 grid barriers replaced by group barriers (wrong results: the barrier's share); the barrier with a
 `__nanosleep` back-off in the spin; a body of nothing but 3 x layers + 1 grid barriers.
 --timeline stamps every grid barrier's arrival and exit per group (%globaltimer; CUDA only) and
-prints, per phase kind (A+B: norm + in_proj, then conv + SSD after the B / C rows' own barrier;
-C: gated norm + out_proj), the phase's
+prints, per phase kind (A: norm + in_proj, B: conv + SSD, C: gated norm + out_proj), the phase's
 length per group (median over layers of the groups' median / max), the arrival skew and the
 barrier's own latency (last arrival -> first exit, last exit). --threads 512 runs one 512-thread
 group per SM instead of two 256-thread groups.
@@ -88,13 +87,13 @@ def timeline(ts, n_layers: int) -> None:
     """Print phase lengths, arrival skew and barrier latency from the (groups, 2 * barriers) stamps."""
     import numpy as np
 
-    t = np.asarray(ts, dtype=np.int64)[:, :2 * 2 * n_layers]  # 2 x layers main barriers were stamped
+    t = np.asarray(ts, dtype=np.int64)[:, :2 * 3 * n_layers]  # 3 x layers barriers were stamped
     t = (t - t.min()).astype(np.float64) / 1e3  # us
     arrive, leave = t[:, 0::2], t[:, 1::2]  # barrier b: (groups,)
     nbar = arrive.shape[1]
-    kinds = {"A+B": [], "C": []}
-    for b in range(1, nbar):  # phase between barrier b-1 and b: 0 prologue, then A + B, C per layer
-        kind = ("A+B", "C")[(b - 1) % 2]
+    kinds = {"A": [], "B": [], "C": []}
+    for b in range(1, nbar):  # phase between barrier b-1 and b: 0 prologue, then A, B, C per layer
+        kind = "ABC"[(b - 1) % 3]
         d = arrive[:, b] - leave[:, b - 1]
         kinds[kind].append((np.median(d), d.max(), arrive[:, b].max() - arrive[:, b].min(),
                             leave[:, b].min() - arrive[:, b].max(), leave[:, b].max() - arrive[:, b].max()))
@@ -114,6 +113,7 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="comma-separated variant names (e.g. for ncu)")
     ap.add_argument("--gsync", default=None, help="comma-separated grid-barrier schemes (ALLOY_GRID_SYNC)")
     ap.add_argument("--cu", default=None, help="comma-separated work-unit widths (launch's cu)")
+    ap.add_argument("--pf", default=None, help="comma-separated L2-prefetched units (launch's pf)")
     ap.add_argument("--timeline", action="store_true", help="per-phase timeline of the shipped kernel")
     ap.add_argument("--threads", type=int, default=K.NT, help="threads per group (512: one group per SM)")
     a = ap.parse_args(argv)
@@ -138,22 +138,23 @@ def main(argv=None):
         "shipped": base,
     }
     for name in (a.only.split(",") if a.timeline and a.only else ["shipped"] if a.timeline else []):
-        kern = stamped(variants[name])
-        print(f"== timeline {name}", flush=True)
-        got = {}
+        for pf in ([int(p) for p in a.pf.split(",")] if a.pf else [None]):
+            kern = stamped(variants[name])
+            print(f"== timeline {name}" + (f" pf{pf}" if pf is not None else ""), flush=True)
+            got = {}
 
-        def run(inputs, *, template, grid, threadgroup, output_shapes, output_dtypes):
-            outs = kern(inputs, template=template, grid=grid, threadgroup=threadgroup,
-                        output_shapes=list(output_shapes) + [(grid[0], 2 * (3 * NL + 1))],
-                        output_dtypes=list(output_dtypes) + [mx.uint64])
-            got["ts"] = outs[-1]
-            return outs[:-1]
-        for _ in range(3):
-            out = K.launch(stack, x, convs, ssms, d_state=NS, norm_groups=1, eps=1e-5, norm_eps=1e-5,
-                           dt_lim=(0.0, float("inf")), nb=groups, threads=a.threads, run=run,
-                           cu=int(a.cu.split(",")[0]) if a.cu else None)
-            mx.eval(out, got["ts"])
-        timeline(got["ts"], NL)
+            def run(inputs, *, template, grid, threadgroup, output_shapes, output_dtypes):
+                outs = kern(inputs, template=template, grid=grid, threadgroup=threadgroup,
+                            output_shapes=list(output_shapes) + [(grid[0], 2 * (3 * NL + 1))],
+                            output_dtypes=list(output_dtypes) + [mx.uint64])
+                got["ts"] = outs[-1]
+                return outs[:-1]
+            for _ in range(3):
+                out = K.launch(stack, x, convs, ssms, d_state=NS, norm_groups=1, eps=1e-5, norm_eps=1e-5,
+                               dt_lim=(0.0, float("inf")), nb=groups, threads=a.threads, run=run,
+                               cu=int(a.cu.split(",")[0]) if a.cu else None, pf=pf)
+                mx.eval(out, got["ts"])
+            timeline(got["ts"], NL)
     if a.timeline:
         return
     variants.update({

@@ -70,47 +70,33 @@ _BODY = r"""
   constexpr int DP = 2 * DIN + 2 * GN + H;
   constexpr int NWP = NT / 32;
   constexpr int TW = NB * NWP;                   // warps in the grid
-  constexpr int CPG = (DIN + NB - 1) / NB;       // channels (of d_inner) per group
-  constexpr int RBS = MB * CPG;                  // state rows per group (batch rows x channels)
+  constexpr int RS = MB * H * HD;                // state rows of phase B
+  constexpr int RBS = (RS + NB - 1) / NB;        // state rows per group
   constexpr int VPT = (XMAX + NT - 1) / NT;      // input-vector elements per thread
   constexpr int NV = NS / 32 > 0 ? NS / 32 : 1;  // state elements per lane (whole 32-lane rounds)
   constexpr int UC = 256 * CU;                   // columns of one work unit (CU 8-column blocks per lane)
   constexpr int UPA = (DM + UC - 1) / UC;        // units per in_proj row
   constexpr int UPC = (DIN + UC - 1) / UC;       // units per out_proj row
+  constexpr int PFE = 128 / static_cast<int>(sizeof(W));  // weight elements per 128-byte line
   ALIGN16 SHARED T xn[MB * XMAX];                // the normalised projection input (16-byte rows)
   SHARED float red[MB * (NG > 1 ? NG : 1) * NWP];
   SHARED float bc[MB * 2 * GN];                  // convolved B and C of every batch row
   SHARED float xc[RBS];                          // convolved x of this group's state rows
   const int g0 = bid_x;
   const int gwarp = g0 * NWP + warp;
-  // The group owns channels [ch0, ch1) of d_inner: it computes their z and x rows of in_proj, the dt
-  // rows of their heads, and their SSM state rows, so phase B needs nothing from other groups but
-  // the B / C rows. Those are spread over all groups (row j by group j % NB) and computed first.
-  const int ch0 = g0 * CPG < DIN ? g0 * CPG : DIN;
-  const int ch1 = ch0 + CPG < DIN ? ch0 + CPG : DIN;
-  const int ncz = ch1 - ch0;
-  const int nbc = g0 < 2 * GN ? (2 * GN - 1 - g0) / NB + 1 : 0;
-  const int h0 = ch0 / HD;
-  const int nh = ncz > 0 ? (ch1 - 1) / HD - h0 + 1 : 0;
-  const int RA = nbc + nh + 2 * ncz;                            // in_proj rows of this group
-  const int nuA = warp < RA ? ((RA - 1 - warp) / NWP + 1) * UPA : 0;
-  const int kbc = (nbc + NWP - 1) / NWP * UPA;                  // units that cover the B / C rows
-  const int nuC = gwarp < DM ? ((DM - 1 - gwarp) / TW + 1) * UPC : 0;  // out_proj: rows strided over the grid
-  const int nsr = MB * ncz;                                     // state rows (m, ch0 + q % ncz)
+  // a warp's projection work: its rows o = gwarp + j * TW, each split into units of UC columns
+  const int nuA = gwarp < DP ? ((DP - 1 - gwarp) / TW + 1) * UPA : 0;
+  const int nuC = gwarp < DM ? ((DM - 1 - gwarp) / TW + 1) * UPC : 0;
   // weights do not depend on the activations: each warp keeps two units of raw weights in registers
-  // (pa, pb); the first two of a phase load between the halves of the grid barrier before it, so
-  // the wait overlaps the weight stream; inside a phase unit k + 2 loads while unit k is multiplied
+  // (pa, pb), loaded before the grid barrier that precedes their phase, so the barrier wait overlaps
+  // the weight stream; inside a phase unit k + 2 is loaded while unit k is multiplied
   Raw8<W> pa[CU];
   Raw8<W> pb[CU];
-  // in_proj row of the group's q-th row: B / C rows, dt rows, z rows, x rows
-#define ALLOY_ROW(Q)                                                                              \
-  ((Q) < nbc ? 2 * DIN + g0 + (Q) * NB                                                            \
-   : (Q) < nbc + nh ? 2 * DIN + 2 * GN + h0 + (Q) - nbc                                           \
-   : (Q) < nbc + nh + ncz ? ch0 + (Q) - nbc - nh : DIN + ch0 + (Q) - nbc - nh - ncz)
+  float nv[VPT];  // the next projection phase's norm weights
 #define ALLOY_UNIT(KU, INP)                                                                       \
   const int in_ = (INP) ? DM : DIN;                                                               \
   const int upr_ = (INP) ? UPA : UPC;                                                             \
-  const int o_ = (INP) ? ALLOY_ROW(warp + ((KU) / upr_) * NWP) : gwarp + ((KU) / upr_) * TW;      \
+  const int o_ = gwarp + ((KU) / upr_) * TW;                                                      \
   const int c_ = ((KU) % upr_) * UC;
 #define ALLOY_LOAD(BUF, KU, LL, INP)                                                              \
   {                                                                                               \
@@ -119,6 +105,27 @@ _BODY = r"""
                             : wout + (static_cast<long>(LL) * DM + o_) * DIN;                     \
     for (int u = 0; u < CU; ++u)                                                                  \
       if (c_ + lane * 8 + 256 * u < in_) BUF[u] = ldr8(p_ + c_ + lane * 8 + 256 * u);             \
+  }
+#define ALLOY_PREFETCH(KU, LL, INP)                                                               \
+  {                                                                                               \
+    ALLOY_UNIT(KU, INP)                                                                           \
+    const DEV W* p_ = (INP) ? win + (static_cast<long>(LL) * DP + o_) * DM                        \
+                            : wout + (static_cast<long>(LL) * DM + o_) * DIN;                     \
+    for (int c = c_ + lane * PFE; c < c_ + UC && c < in_; c += 32 * PFE) prefetch_l2(p_ + c);    \
+  }
+  // the first two units of phase `INP` of layer LL into pa / pb, the next PF towards L2, and the
+  // phase's norm weights (this thread's input columns) into nv
+#define ALLOY_PRELOAD(LL, INP)                                                                    \
+  {                                                                                               \
+    const int nu_ = (INP) ? nuA : nuC;                                                            \
+    if (nu_ > 0) ALLOY_LOAD(pa, 0, LL, INP)                                                       \
+    if (nu_ > 1) ALLOY_LOAD(pb, 1, LL, INP)                                                       \
+    for (int k = 0; k < VPT; ++k) {                                                               \
+      const int c = tid + k * NT;                                                                 \
+      if ((INP) && c < DM) nv[k] = nw[(LL) * DM + c];                                             \
+      if (!(INP) && NG > 0 && c < DIN) nv[k] = gw[(LL) * DIN + c];                                \
+    }                                                                                             \
+    for (int k = 2; k < nu_ && k < 2 + PF; ++k) ALLOY_PREFETCH(k, LL, INP)                        \
   }
   // multiply unit KU held in BUF with the normalised input; at a row's last unit reduce and store
 #define ALLOY_DOT(BUF, KU)                                                                        \
@@ -154,55 +161,46 @@ _BODY = r"""
       }                                                                                           \
     }                                                                                             \
   }
-  // unit KU: even units live in pa, odd in pb; the buffer refills with unit KU + 2 once multiplied
-#define ALLOY_STEP(KU)                                                                            \
-  if ((KU) % 2 == 0) {                                                                            \
-    ALLOY_DOT(pa, KU)                                                                             \
-    if ((KU) + 2 < nu) ALLOY_LOAD(pa, (KU) + 2, l, inp)                                           \
-  } else {                                                                                        \
-    ALLOY_DOT(pb, KU)                                                                             \
-    if ((KU) + 2 < nu) ALLOY_LOAD(pb, (KU) + 2, l, inp)                                           \
-  }
-  // state row q of this group: batch row m, channel hp
-#define ALLOY_SROW(Q) const int m = (Q) / ncz; const int hp = ch0 + (Q) % ncz;
-  const DEV unsigned int* bcb = bar + 1024;  // the B / C rows' barrier (its own counters)
   unsigned int nsync = 0;
   // prologue: the residual stream starts as the embedded token; layer 0's first in_proj units load
   for (int i = g0 * NT + tid; i < MB * DM; i += NB * NT) res[i] = static_cast<float>(x[i]);
   nsync += NB;
   grid_arrive(bar, nsync, tid);
-  if (nuA > 0) ALLOY_LOAD(pa, 0, 0, true)
-  if (nuA > 1) ALLOY_LOAD(pb, 1, 0, true)
+  ALLOY_PRELOAD(0, true)
   grid_wait(bar, nsync, tid);
   for (int l = 0; l < NL; ++l) {
     const DEV S* cst = SELECT_CONV;
     const DEV float* sst = SELECT_SSM;
     DEV S* ncst = nconv + static_cast<long>(l) * MB * (K - 1) * CD;
     DEV float* nsst = nssm + static_cast<long>(l) * MB * H * HD * NS;
-    // phase B's first QB state rows of this warp and their per-head constants (loaded at the end of
-    // phase A)
+    // phase B's first QB state rows of this warp and their per-head constants (loaded before the
+    // barrier that ends phase A)
     float sv[QB * NV];
     float hdt[QB], hal[QB], hds[QB];
     for (int ph = 0; ph < 3; ph += 2) {
       if (ph == 2) {  // <phase B>
         // ---------------- phase B: conv + dt + SSD state update + D skip + gate ----------------
-        grid_wait(bcb, (l + 1) * NB, tid);  // every group's B / C rows (and, by the group barrier, ours)
-        // this warp's first rows' dt and gate, issued with the conv's loads
+        const int lo = g0 * RBS;
+        const int hi = lo + RBS < RS ? lo + RBS : RS;
+        // this warp's first rows' dt and gate (written in phase A), issued with the conv's loads
         float rdt[QB], rz[QB];
         for (int i = 0; i < QB; ++i) {
-          if (warp + i * NWP < nsr) {
-            ALLOY_SROW(warp + i * NWP)
+          const int r = lo + warp + i * NWP;
+          if (warp + i * NWP < RBS && r < hi) {
+            const int m = r / (H * HD);
+            const int hp = r % (H * HD);
             rdt[i] = ld_cg(zx + m * DP + 2 * DIN + 2 * GN + hp / HD);
             rz[i] = ld_cg(zx + m * DP + hp);
           }
         }
-        for (int i = tid; i < MB * 2 * GN + nsr; i += NT) {
+        for (int i = tid; i < MB * 2 * GN + RBS; i += NT) {
           int m, c;
           const bool isx = i >= MB * 2 * GN;
           if (isx) {
-            const int q = i - MB * 2 * GN;
-            m = q / ncz;
-            c = ch0 + q % ncz;
+            const int r = lo + i - MB * 2 * GN;
+            if (r >= hi) continue;
+            m = r / (H * HD);
+            c = r % (H * HD);
           } else {
             m = i / (2 * GN);
             c = DIN + i % (2 * GN);
@@ -221,12 +219,14 @@ _BODY = r"""
           }
         }
         BARRIER();
-        // each warp updates QB rows at a time (the first QB were loaded at the end of phase A)
-        for (int q0 = warp; q0 < nsr; q0 += NWP * QB) {
+        // each warp updates QB rows at a time (the first QB were loaded before the barrier)
+        for (int q0 = warp; q0 < RBS; q0 += NWP * QB) {
           if (q0 != warp) {
             for (int i = 0; i < QB; ++i) {
-              if (q0 + i * NWP < nsr) {
-                ALLOY_SROW(q0 + i * NWP)
+              const int r = lo + q0 + i * NWP;
+              if (q0 + i * NWP < RBS && r < hi) {
+                const int m = r / (H * HD);
+                const int hp = r % (H * HD);
                 const int h = hp / HD;
                 const int row = (m * H + h) * HD + hp % HD;
                 for (int u = 0; u < NS / 32; ++u) sv[i * NV + u] = sst[row * NS + lane + 32 * u];
@@ -240,8 +240,10 @@ _BODY = r"""
           }
           for (int i = 0; i < QB; ++i) {
             const int q = q0 + i * NWP;
-            if (q >= nsr) break;
-            ALLOY_SROW(q)
+            const int r = lo + q;
+            if (q >= RBS || r >= hi) break;
+            const int m = r / (H * HD);
+            const int hp = r % (H * HD);
             const int h = hp / HD;
             const int g = h / (H / NGR);
             float dtv = fsoftplus(rdt[i] + hdt[i]);
@@ -281,9 +283,8 @@ _BODY = r"""
       const int IN = inp ? DM : DIN;
       const int ng = inp ? 1 : NG;                  // norm groups (0: no norm)
       const int nu = inp ? nuA : nuC;
-      const int kb = inp ? kbc : 0;
+      // <phase start>
       const DEV float* src = inp ? res : yg;
-      const DEV float* nwt = inp ? nw + l * DM : gw + l * DIN;
       const float ep = inp ? prm[0] : prm[1];
       const int gs = IN / (ng > 0 ? ng : 1);
       // the input vector is read once (registers); per-group sums of squares meet in shared memory
@@ -315,22 +316,39 @@ _BODY = r"""
               const int g = c / gs;
               float s = 0.0f;
               for (int w = 0; w < NWP; ++w) s += red[(m * ng + g) * NWP + w];
-              v = v * frsqrt(s / static_cast<float>(gs) + ep) * nwt[c];
+              v = v * frsqrt(s / static_cast<float>(gs) + ep) * nv[k];
             }
             xn[m * XMAX + c] = static_cast<T>(v);
           }
         }
       BARRIER();
+      // units in pairs: pa / pb hold units k / k + 1; each is refilled with unit k + 2 / k + 3
+      // right after its multiply, so two units of weights are always on their way
       float acc[MB];
       float rv[MB];
       for (int m = 0; m < MB; ++m) acc[m] = 0.0f;
-      for (int k = 0; k < nu && k < kb; ++k) ALLOY_STEP(k)
-      if (inp) grid_arrive(bcb, (l + 1) * NB, tid);  // this group's B / C rows are written
-      for (int k = kb; k < nu; ++k) ALLOY_STEP(k)
+      for (int k = 0; k < nu; k += 2) {
+        ALLOY_DOT(pa, k)
+        if (k + 2 < nu) ALLOY_LOAD(pa, k + 2, l, inp)
+        if (k + 1 < nu) {
+          ALLOY_DOT(pb, k + 1)
+          if (k + 3 < nu) ALLOY_LOAD(pb, k + 3, l, inp)
+        }
+      }
+      const bool sync = l < NL - 1 || inp;
+      if (sync) {
+        nsync += NB;
+        grid_arrive(bar, nsync, tid);
+      }
+      // while the grid gathers: loads that need nothing from this token
       if (inp) {  // phase B's first state rows and constants, out_proj's first unit
+        const int lo = g0 * RBS;
+        const int hi = lo + RBS < RS ? lo + RBS : RS;
         for (int i = 0; i < QB; ++i) {
-          if (warp + i * NWP < nsr) {
-            ALLOY_SROW(warp + i * NWP)
+          const int r = lo + warp + i * NWP;
+          if (warp + i * NWP < RBS && r < hi) {
+            const int m = r / (H * HD);
+            const int hp = r % (H * HD);
             const int h = hp / HD;
             const int row = (m * H + h) * HD + hp % HD;
             for (int u = 0; u < NS / 32; ++u) sv[i * NV + u] = sst[row * NS + lane + 32 * u];
@@ -340,21 +358,22 @@ _BODY = r"""
           }
         }
         if (nuC > 0) ALLOY_LOAD(pa, 0, l, false)
-      } else if (l < NL - 1) {  // the next layer: its first in_proj units load during the barrier
-        nsync += NB;
-        grid_arrive(bar, nsync, tid);
-        if (nuA > 0) ALLOY_LOAD(pa, 0, l + 1, true)
-        if (nuA > 1) ALLOY_LOAD(pb, 1, l + 1, true)
+        for (int k = 2; k < nuC && k < 2 + PF; ++k) ALLOY_PREFETCH(k, l, false)
+        for (int k = 0; k < VPT; ++k)
+          if (NG > 0 && tid + k * NT < DIN) nv[k] = gw[l * DIN + tid + k * NT];
+      } else if (l < NL - 1) {  // the next layer's first in_proj units
+        ALLOY_PRELOAD(l + 1, true)
+      }
+      if (sync) {
         grid_wait(bar, nsync, tid);
       }
     }
   }
-#undef ALLOY_ROW
 #undef ALLOY_UNIT
 #undef ALLOY_LOAD
+#undef ALLOY_PREFETCH
+#undef ALLOY_PRELOAD
 #undef ALLOY_DOT
-#undef ALLOY_STEP
-#undef ALLOY_SROW
 """
 
 _FIXED_INPUTS = ("x", "nw", "gw", "win", "wout", "cw", "cb", "dtb", "alog", "dsk", "prm", "bar")
@@ -377,6 +396,7 @@ def kernel(n_layers: int) -> Kernel:
 
 UNIT_BYTES = 16 * 4  # weight bytes per lane and work unit (four 16-byte loads)
 QB = 4  # most state rows a warp loads before updating them
+PREFETCH_UNITS = 2  # units after a phase's first two that start towards L2 during the barrier before it
 
 
 def unit_blocks(weight_dtype) -> int:
@@ -386,7 +406,7 @@ def unit_blocks(weight_dtype) -> int:
 
 def rows_per_pass(mb: int, din: int, nb: int, threads: int) -> int:
     """QB: state rows a warp takes per pass (no more than its share of the group's rows)."""
-    rbs = mb * -(-din // nb)
+    rbs = -(-(mb * din) // nb)
     return max(1, min(QB, -(-rbs // (threads // 32))))
 
 
@@ -394,7 +414,7 @@ def shared_bytes(dims: dict, mb: int, nb: int, act_bytes: int) -> int:
     """Static group-shared memory of the kernel for these dims (must stay under the 48 KB limit)."""
     xmax = max(dims["DM"], dims["DIN"])
     nwp = NT // 32
-    rbs = mb * -(-dims["DIN"] // nb)
+    rbs = -(-(mb * dims["DIN"]) // nb)
     return mb * xmax * act_bytes + 4 * (mb * max(dims["NG"], 1) * nwp + mb * 2 * dims["NGR"] * dims["NS"] + rbs)
 
 
@@ -446,13 +466,14 @@ def applies(stack: dict, x: mx.array, act_dtype, d_state: int, norm_groups: int)
 
 def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, norm_groups: int, eps: float,
            norm_eps: float, dt_lim: tuple, nb: int | None = None, threads: int = NT, run=None,
-           cu: int | None = None):
+           cu: int | None = None, pf: int | None = None):
     """Run the stack on one token: x (MB, DM) the embedded token in the activation dtype; per-layer
     conv states (MB, K-1, CD) and SSM states (MB, H, HD, NS) float32. Returns (h (MB, DM), [new
     conv states], [new ssm states]). ``nb`` / ``threads``: grid and group size (defaults: one group
     per SM, NT threads); ``run``: a launcher with Kernel.__call__'s signature (default: the kernel
     on the running backend; tests pass the CPU emulator); ``cu``: 8-column blocks per lane and work
-    unit (default `unit_blocks` of the weight dtype; tests shrink it to split rows into units)."""
+    unit (default `unit_blocks` of the weight dtype; tests shrink it to split rows into units); ``pf``:
+    units prefetched into L2 beyond the two held in registers (default PREFETCH_UNITS)."""
     d = dims_of(stack, d_state, norm_groups)
     NL = d["NL"]
     MB = x.shape[0]
@@ -461,14 +482,15 @@ def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, n
     cb = stack.get("cb")
     inputs = [x, stack["nw"], stack["gw"], stack["win"], stack["wout"], stack["cw"],
               stack["cw"] if cb is None else cb, stack["dtb"], stack["alog"], stack["dsk"], prm,
-              mx.zeros((2048,), dtype=mx.uint32), *conv_states, *ssm_states]
+              mx.zeros((1024,), dtype=mx.uint32), *conv_states, *ssm_states]
     cdt = conv_states[0].dtype
     outs = (run or kernel(NL))(
         inputs,
         template=[("T", x.dtype), ("S", cdt), ("NL", NL), ("DM", d["DM"]), ("DIN", d["DIN"]), ("NS", d["NS"]),
                   ("NGR", d["NGR"]), ("HD", d["HD"]), ("K", d["K"]), ("NG", d["NG"]), ("MB", MB),
                   ("NB", nb), ("NT", threads), ("W", stack["win"].dtype),
-                  ("CU", cu or unit_blocks(stack["win"].dtype)), ("QB", rows_per_pass(MB, d["DIN"], nb, threads)), ("XMAX", max(d["DM"], d["DIN"])),
+                  ("CU", cu or unit_blocks(stack["win"].dtype)), ("QB", rows_per_pass(MB, d["DIN"], nb, threads)),
+                  ("PF", PREFETCH_UNITS if pf is None else pf), ("XMAX", max(d["DM"], d["DIN"])),
                   ("HAS_BIAS", cb is not None)],
         grid=(nb, 1, 1),
         threadgroup=threads,
