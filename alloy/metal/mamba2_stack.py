@@ -82,10 +82,19 @@ _BODY = r"""
   SHARED float red[MB * (NG > 1 ? NG : 1) * NWP];
   SHARED float bc[MB * 2 * GN];                  // convolved B and C of every batch row
   SHARED float xc[RBS];                          // convolved x of this group's state rows
+  SHARED float dts[(RBS / HD + 2) * UPA];        // partial dt projections of this group's heads
   const int g0 = bid_x;
   const int gwarp = g0 * NWP + warp;
   // a warp's projection work: its rows o = gwarp + j * TW, each split into units of UC columns
-  const int nuA = gwarp < DP ? ((DP - 1 - gwarp) / TW + 1) * UPA : 0;
+  constexpr int DPA = 2 * DIN + 2 * GN;          // in_proj rows of phase A (z, x, B, C; dt: phase B)
+  const int nuA = gwarp < DPA ? ((DPA - 1 - gwarp) / TW + 1) * UPA : 0;
+  // phase B's rows [lo, hi) span the (batch row, head) pairs hb0 .. hb0 + nhd - 1 (r / HD = m * H + h);
+  // their dt rows of in_proj are phase B's own work: NJ jobs of one unit each, job j = pair j / UPA,
+  // unit j % UPA, partial sums meet in group-shared dts[]
+  const int lo = g0 * RBS;
+  const int hi = lo + RBS < RS ? lo + RBS : RS;
+  const int hb0 = lo / HD;
+  const int njob = hi > lo ? ((hi - 1) / HD - hb0 + 1) * UPA : 0;
   const int nuC = gwarp < DM ? ((DM - 1 - gwarp) / TW + 1) * UPC : 0;
   // weights do not depend on the activations: each warp keeps two units of raw weights in registers
   // (pa, pb), loaded before the grid barrier that precedes their phase, so the barrier wait overlaps
@@ -112,6 +121,14 @@ _BODY = r"""
     const DEV W* p_ = (INP) ? win + (static_cast<long>(LL) * DP + o_) * DM                        \
                             : wout + (static_cast<long>(LL) * DM + o_) * DIN;                     \
     for (int c = c_ + lane * PFE; c < c_ + UC && c < in_; c += 32 * PFE) prefetch_l2(p_ + c);    \
+  }
+  // dt job J of layer LL (a unit of the dt row of (batch row, head) pair hb0 + J / UPA) into BUF
+#define ALLOY_LOAD_DT(BUF, J, LL)                                                                 \
+  {                                                                                               \
+    const int c_ = ((J) % UPA) * UC;                                                              \
+    const DEV W* p_ = win + (static_cast<long>(LL) * DP + DPA + (hb0 + (J) / UPA) % H) * DM;       \
+    for (int u = 0; u < CU; ++u)                                                                  \
+      if (c_ + lane * 8 + 256 * u < DM) BUF[u] = ldr8(p_ + c_ + lane * 8 + 256 * u);              \
   }
   // the first two units of phase `INP` of layer LL into pa / pb, the next PF towards L2, and the
   // phase's norm weights (this thread's input columns) into nv
@@ -180,18 +197,30 @@ _BODY = r"""
     for (int ph = 0; ph < 3; ph += 2) {
       if (ph == 2) {  // <phase B>
         // ---------------- phase B: conv + dt + SSD state update + D skip + gate ----------------
-        const int lo = g0 * RBS;
-        const int hi = lo + RBS < RS ? lo + RBS : RS;
-        // this warp's first rows' dt and gate (written in phase A), issued with the conv's loads
-        float rdt[QB], rz[QB];
+        // this warp's first rows' gate (written in phase A), issued with the conv's loads
+        float rz[QB];
         for (int i = 0; i < QB; ++i) {
           const int r = lo + warp + i * NWP;
-          if (warp + i * NWP < RBS && r < hi) {
-            const int m = r / (H * HD);
-            const int hp = r % (H * HD);
-            rdt[i] = ld_cg(zx + m * DP + 2 * DIN + 2 * GN + hp / HD);
-            rz[i] = ld_cg(zx + m * DP + hp);
+          if (warp + i * NWP < RBS && r < hi) rz[i] = ld_cg(zx + (r / (H * HD)) * DP + r % (H * HD));
+        }
+        // the dt projections of this group's heads, from phase A's normalised input (still in xn); the
+        // first job of each warp was loaded into pb at the end of phase A
+        for (int j = warp; j < njob; j += NWP) {
+          if (j != warp) ALLOY_LOAD_DT(pb, j, l)
+          const int m = (hb0 + j / UPA) / H;
+          const int c_ = (j % UPA) * UC;
+          float acc = 0.0f;
+          for (int u = 0; u < CU; ++u) {
+            const int c = c_ + lane * 8 + 256 * u;
+            if (c < DM) {
+              float w[8], xv[8];
+              cvt8(pb[u], w);
+              ld8(xn + m * XMAX + c, xv);
+              for (int k = 0; k < 8; ++k) acc += w[k] * xv[k];
+            }
           }
+          acc = warp_sum(acc);
+          if (lane == 0) dts[j] = acc;
         }
         for (int i = tid; i < MB * 2 * GN + RBS; i += NT) {
           int m, c;
@@ -233,7 +262,6 @@ _BODY = r"""
                 hdt[i] = static_cast<float>(dtb[l * H + h]);
                 hal[i] = static_cast<float>(alog[l * H + h]);
                 hds[i] = static_cast<float>(dsk[l * H + h]);
-                rdt[i] = ld_cg(zx + m * DP + 2 * DIN + 2 * GN + h);
                 rz[i] = ld_cg(zx + m * DP + hp);
               }
             }
@@ -246,7 +274,9 @@ _BODY = r"""
             const int hp = r % (H * HD);
             const int h = hp / HD;
             const int g = h / (H / NGR);
-            float dtv = fsoftplus(rdt[i] + hdt[i]);
+            float dr = 0.0f;
+            for (int u = 0; u < UPA; ++u) dr += dts[(r / HD - hb0) * UPA + u];
+            float dtv = fsoftplus(static_cast<float>(static_cast<T>(dr)) + hdt[i]);
             dtv = dtv < prm[2] ? prm[2] : (dtv > prm[3] ? prm[3] : dtv);
             const float decay = fexp(-dtv * fexp(hal[i]));
             const float xv = xc[q];
@@ -341,9 +371,8 @@ _BODY = r"""
         grid_arrive(bar, nsync, tid);
       }
       // while the grid gathers: loads that need nothing from this token
-      if (inp) {  // phase B's first state rows and constants, out_proj's first unit
-        const int lo = g0 * RBS;
-        const int hi = lo + RBS < RS ? lo + RBS : RS;
+      if (inp) {  // phase B's first state rows, constants and dt job, out_proj's first unit
+        if (warp < njob) ALLOY_LOAD_DT(pb, warp, l)
         for (int i = 0; i < QB; ++i) {
           const int r = lo + warp + i * NWP;
           if (warp + i * NWP < RBS && r < hi) {
@@ -370,6 +399,7 @@ _BODY = r"""
     }
   }
 #undef ALLOY_UNIT
+#undef ALLOY_LOAD_DT
 #undef ALLOY_LOAD
 #undef ALLOY_PREFETCH
 #undef ALLOY_PRELOAD
