@@ -34,16 +34,9 @@ from alloy.inference.generate import prepare_decode
 from alloy.model import as_config, build
 from alloy.params.quantize import quantize
 
-MAMBA2_13B = {"name": "mamba2-1.3b-shape", "vocab_size": 50280, "d_model": 2048,
-              "layer_types": ["mamba2"] * 48, "ffn_types": ["none"] * 48,
-              "mixers": {"mamba2": {"d_state": 128, "head_dim": 64, "expand": 2, "n_groups": 1,
-                                    "chunk_size": 256}},
-              "tie_embeddings": True, "dtype": "bfloat16"}
-
-
 def config(name: str):
     if name == "mamba2-1.3b":
-        return as_config(MAMBA2_13B)
+        return as_config(bundled_config_path("mamba2-1.3b-shape"))
     if name == "zamba2-1.2b":
         return as_config(bundled_config_path("zamba2-1.2b-shape"))
     raise ValueError(f"unknown model {name!r}; choose mamba2-1.3b or zamba2-1.2b")

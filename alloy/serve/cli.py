@@ -10,11 +10,13 @@ from pathlib import Path
 
 def build_engine(args):
     """(engine, model name) from parsed arguments (loads the model and tokenizer)."""
+    from alloy.inference.generate import prepare_decode
     from alloy.inference.prefix_cache import PrefixCache
     from alloy.serve.engine import Engine
     from alloy.tokenizer import load_model_and_tokenizer
 
     model, params, tok = load_model_and_tokenizer(args.model)
+    params = prepare_decode(model, params)  # once at load: e.g. the whole-stack decode kernel's weights
     cache = PrefixCache(max_bytes=args.prefix_cache_mb << 20, every=args.snapshot_every) \
         if args.prefix_cache_mb > 0 else None
     engine = Engine(model, params, tok, max_len=args.max_len, max_active=args.max_active,
