@@ -8,26 +8,32 @@
 Why: batch-1 decode of a 1.3B Mamba-2 is ~2.6 GB of weights per token — under a millisecond of HBM
 time on an H100 — but the per-layer path is ~150 launches, and MLX's CUDA back-end spends ~8 us of
 host time encoding each one (plus per-input work in the compiled call), more than the GPU work
-itself. Here a fixed grid of NB groups (two per SM, all resident) walks every layer; the three
-phases of a layer are separated by grid-wide barriers (`grid_sync`: an atomic counter), so a token
-costs one launch and ~3 x layers barriers of a few microseconds.
+itself. Here a fixed grid of NB groups (one 512-thread group per SM, all resident) walks every
+layer; the three phases of a layer are separated by grid-wide barriers, so a token costs one launch
+and ~3 x layers barriers of 1-2 us.
 
 Work split, every phase over all groups:
-  A / C  the projection's output rows are split into NB contiguous ranges; each group first builds
-         the normalised input vector in group-shared memory (every group redoes the few-KB norm:
-         cheaper than another barrier), then its threads stream its rows' weights with 16-byte
-         loads (`ld8`), eight columns per thread, all rows of the range without a barrier; warp sums
-         land in group-shared partials that one barrier reduces. C adds the residual.
-  B      the state rows (batch x heads x head_dim) are split into NB ranges; each group convolves
-         its rows' x channels and every row's B / C channels into group-shared memory (group 0
-         writes the B / C conv state), then each warp updates whole state rows with lanes along
-         d_state and reduces the readout.
-Before each grid barrier every warp issues L2 prefetches for its rows of the next phase (the
-state rows, out_proj rows, the next layer's in_proj rows), so HBM keeps streaming while the grid
-gathers. Scratch between phases (the residual, in_proj outputs, gated y) lives in float32 outputs read with
+  A / C  the projection's output rows are strided over all warps of the grid (row o: warp o % TW);
+         each group first builds the normalised input vector in group-shared memory (every group
+         redoes the few-KB norm: cheaper than another barrier), then each warp multiplies its rows in
+         work units of 256 * CU columns (CU 16-byte loads per lane) and reduces each row with one
+         warp sum. A covers the z, x, B and C rows of in_proj (8448 rows of the 1.3B shape: exactly
+         four per warp); C adds the residual.
+  B      the state rows (batch x heads x head_dim) are split into NB ranges; each group computes the
+         dt rows of in_proj for its heads (from A's normalised input, still in group-shared memory),
+         convolves its rows' x channels and every row's B / C channels into group-shared memory
+         (group 0 writes the B / C conv state), then each warp updates whole state rows with lanes
+         along d_state and reduces the readout.
+Weights do not depend on the token, so they stream ahead of the dependency chain: each warp holds
+two work units of raw weights in registers (`ldr8`, converted at use by `cvt8`); inside a phase
+unit k + 2 loads while unit k is multiplied, and a phase's first two units, its norm weights, the
+next PF units (towards L2) and phase B's first state rows load between the two halves of the grid
+barrier before it (`grid_arrive` ... `grid_wait`), so the barrier's wait overlaps HBM traffic.
+Scratch between phases (the residual, in_proj outputs, gated y) lives in float32 outputs read with
 `ld_cg` (coherent across groups of the launch). Values are rounded to the activation dtype T where
 the per-layer path rounds them (normalised inputs, projection outputs, conv outputs, y, the gate,
-the residual sum), so the result matches the three-launch path.
+the residual sum), so the result matches the three-launch path (dt's row sum is split into units
+whose partial sums add in a different order).
 
 Weights are stacked per layer (`alloy.layers.mamba2.stack_prepare`, once per model); states are per
 layer in the model's state tree: layer l's conv / SSM state pointers are picked by a generated
@@ -39,7 +45,7 @@ threadgroups); elsewhere the per-layer fused path runs.
 
 Shapes: x (MB, DM) in T; nw (NL, DM), gw (NL, DIN) float32 norm weights; win (NL, DP, DM), wout
 (NL, DM, DIN) in the weight dtype; cw (NL, CD, K); cb (NL, CD) (any array when HAS_BIAS is false);
-dtb, alog, dsk (NL, H); prm float32 [eps, norm_eps, dt_lo, dt_hi]; bar (1024,) uint32 zeros (the
+dtb, alog, dsk (NL, H); prm float32 [eps, norm_eps, dt_lo, dt_hi]; bar (2048,) uint32 zeros (the
 barrier's counters; bigger than 8 bytes so that MLX-CUDA takes it from device memory — its <= 8-byte
 pool is managed memory, where the spinning made every barrier ~0.6 ms); conv states c<l>
 (MB, K-1, CD) in S; ssm states s<l> (MB, H, HD, NS) float32. Outputs: h (MB, DM) in T, scratch res
