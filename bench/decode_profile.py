@@ -115,7 +115,7 @@ def main(argv=None):
 
             def run(n, nb=nb, box=box):
                 for _ in range(n):
-                    h, c, s_ = mamba2_stack.launch(pp["decode_stack"], box["x"], box["c"], box["s"],
+                    h, c, s_ = mamba2_stack.launch(pp["decode_stack"]["0"], box["x"], box["c"], box["s"],
                                                    d_state=mc.d_state, norm_groups=mc.n_groups, eps=1e-5,
                                                    norm_eps=mc.norm_eps, dt_lim=(0.0, float("inf")), nb=nb)
                     box.update(x=h, c=c, s=s_)

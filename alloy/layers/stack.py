@@ -153,7 +153,7 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
                         "ffn")
         return h, s_out, sh_out
 
-    whole = _whole_stack(cfg, blocks)
+    segments = _segments(cfg, blocks, calls)
 
     remat_blocks = [mx.checkpoint(lambda lp, h, e0, bp, tok, i=i: block(i, lp, h, None, e0, bp, tokens=tok)[0])
                     for i in range(len(blocks))] if remat else None
@@ -171,18 +171,24 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
             h = mx.broadcast_to(h[:, :, None, :], (h.shape[0], T, hc["streams"], cfg.d_model))
         blocks_p = params.get("shared_blocks")
         new_layers = []
-        fused = None
-        if whole is not None and state is not None and T == 1 and valid is None and "decode_stack" in params:
-            fused = whole.stack_decode(params["decode_stack"], h, [ls["mixer"] for ls in state["layers"]],
-                                       eps, blocks[0][1])
-        if fused is not None:  # every block in one launch (e.g. the persistent Mamba-2 decode kernel)
-            h, mstates = fused
-            new_layers = [{"mixer": m} for m in mstates]
-        for i in range(0 if fused is None else len(blocks), len(blocks)):
+        stacks = params.get("decode_stack") if state is not None and T == 1 and valid is None else None
+        i = 0
+        while i < len(blocks):
+            end = segments.get(i)
+            if stacks is not None and end is not None and str(i) in stacks:
+                # a run of blocks in one launch (e.g. the persistent Mamba-2 decode kernel)
+                fused = blocks[i][0].stack_decode(stacks[str(i)], h, [state["layers"][j]["mixer"] for j in range(i, end)],
+                                                  eps, blocks[i][1])
+                if fused is not None:
+                    h, mstates = fused
+                    new_layers += [{"mixer": m} for m in mstates]
+                    i = end
+                    continue
             lp = params["layers"][i]
             if remat_blocks is not None and state is None:
                 h = remat_blocks[i](lp, h, e0, blocks_p, tokens)
                 new_layers.append({"mixer": None})
+                i += 1
                 continue
             s_in = None if state is None else state["layers"][i]["mixer"]
             s_sh = None if state is None or i not in calls else state["layers"][i]["shared"]
@@ -192,6 +198,7 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
                 s_sh = {**s_sh, "valid": valid}
             h, s_out, sh_out = block(i, lp, h, s_in, e0, blocks_p, s_sh, tokens)
             new_layers.append({"mixer": s_out} if i not in calls else {"mixer": s_out, "shared": sh_out})
+            i += 1
         if hc is not None:
             h = hyper.head(params["hc_head"], h, hc["eps"], eps)
         h = rms_norm(h, params["norm_f"]["weight"], eps)
@@ -210,32 +217,48 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
     return apply
 
 
-def _whole_stack(cfg: ModelConfig, blocks):
-    """The mixer spec whose ``stack_decode`` can run the whole model's blocks (every depth that mixer
-    with the same settings, no FFN, plain pre-norm residual blocks), else None."""
-    if (not blocks or cfg.shared is not None or cfg.block_style != "pre_norm" or cfg.residual_multiplier != 1.0
-            or blocks[0][0] is None or blocks[0][0].stack_decode is None):
-        return None
-    if any(b[0] is not blocks[0][0] or b[1] != blocks[0][1] or b[2] is not None for b in blocks):
-        return None
-    return blocks[0][0]
+def _segments(cfg: ModelConfig, blocks, calls) -> dict:
+    """{first depth: end depth} of the runs of >= 2 consecutive blocks that a mixer's ``stack_decode``
+    can run in one launch: the same mixer spec with the same settings, no FFN, no shared-block call,
+    plain pre-norm residual blocks (e.g. the Mamba-2 stretches between a Zamba2-style model's
+    attention blocks, or every block of a pure Mamba-2 stack)."""
+    if not blocks or cfg.block_style != "pre_norm" or cfg.residual_multiplier != 1.0 or cfg.residual_scales:
+        return {}
+
+    def fits(i):
+        m, ms, f, _ = blocks[i]
+        return m is not None and m.stack_decode is not None and f is None and i not in calls
+
+    out, i = {}, 0
+    while i < len(blocks):
+        j = i
+        while j < len(blocks) and fits(j) and blocks[j][0] is blocks[i][0] and blocks[j][1] == blocks[i][1]:
+            j += 1
+        if j - i >= 2:
+            out[i] = j
+        i = max(j, i + 1)
+    return out
 
 
 def prepare_decode(cfg: ModelConfig, params: dict) -> dict:
-    """Params for fast decoding: where the model's mixer has a whole-stack decode (`LayerSpec.
-    stack_prepare` / `stack_decode`, e.g. a pure Mamba-2 stack), a copy of the tree with the layer
-    weights stacked under ``"decode_stack"`` and the layers' big weights replaced by views of the
-    stacks (the mixer's ``stack_prepare`` picks them), so the returned tree holds one copy of them
-    (drop the original tree to free the old buffers). Otherwise ``params`` unchanged. Inference only: transform (quantize,
-    LoRA-merge) before preparing, and do not train or save the prepared tree."""
+    """Params for fast decoding: for every run of blocks whose mixer has a whole-stack decode
+    (`LayerSpec.stack_prepare` / `stack_decode`, e.g. Mamba-2; see `_segments`), a copy of the tree
+    with that run's weights stacked under ``params["decode_stack"][str(first depth)]`` and the
+    layers' big weights replaced by views of the stacks (the mixer's ``stack_prepare`` picks them),
+    so the returned tree holds one copy of them (drop the original tree to free the old buffers).
+    Otherwise ``params`` unchanged. Inference only: transform (quantize, LoRA-merge) before
+    preparing, and do not train or save the prepared tree."""
     blocks = resolve(cfg)
-    whole = _whole_stack(cfg, blocks)
-    if whole is None or "decode_stack" in params:
+    calls = {} if cfg.shared is None else cfg.shared.calls()
+    if "decode_stack" in params:
         return params
-    prepared = whole.stack_prepare(params["layers"], blocks[0][1])
-    if prepared is None:
+    layers, stacks = list(params["layers"]), {}
+    for i0, i1 in _segments(cfg, blocks, calls).items():
+        prepared = blocks[i0][0].stack_prepare(layers[i0:i1], blocks[i0][1])
+        if prepared is not None:
+            stacks[str(i0)], layers[i0:i1] = prepared
+    if not stacks:
         return params
-    stacked, layers = prepared
-    out = {**params, "layers": layers, "decode_stack": stacked}
+    out = {**params, "layers": layers, "decode_stack": stacks}
     mx.eval(out)
     return out

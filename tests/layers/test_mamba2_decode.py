@@ -122,7 +122,7 @@ def test_prepare_decode_stacks_a_pure_mamba2_stack_and_keeps_its_outputs():
     m = build(cfg)
     params = m.init(mx.random.key(0))
     prepared = prepare_decode(cfg, params)
-    st = prepared["decode_stack"]
+    st = prepared["decode_stack"]["0"]
     assert st["win"].shape == (3, params["layers"][0]["mixer"]["in_proj"]["weight"].shape[0], 32)
     for i, lp in enumerate(params["layers"]):
         assert mx.array_equal(prepared["layers"][i]["mixer"]["in_proj"]["weight"], lp["mixer"]["in_proj"]["weight"])
@@ -143,7 +143,7 @@ def test_prepare_decode_stacks_a_pure_mamba2_stack_and_keeps_its_outputs():
     del kept
     params = m.init(mx.random.key(0))
     prepared = prepare_decode(cfg, params)
-    st = prepared["decode_stack"]
+    st = prepared["decode_stack"]["0"]
     toks = mx.array([[1, 2, 3, 4]])
     a, sa = m.apply(params, toks, m.init_state(1, 8))
     b, sb = m.apply(prepared, toks, m.init_state(1, 8))
