@@ -518,7 +518,7 @@ def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, n
     cb = stack.get("cb")
     inputs = [x, stack["nw"], stack["gw"], stack["win"], stack["wout"], stack["cw"],
               stack["cw"] if cb is None else cb, stack["dtb"], stack["alog"], stack["dsk"], prm,
-              mx.zeros((1024,), dtype=mx.uint32), *conv_states, *ssm_states]
+              _barrier_scratch(stack), *conv_states, *ssm_states]
     cdt = conv_states[0].dtype
     outs = (run or kernel(NL))(
         inputs,
