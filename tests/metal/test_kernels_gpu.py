@@ -267,15 +267,15 @@ def test_mamba2_stack_decode_matches_per_layer_path(monkeypatch, groups, batch, 
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_hybrid_mamba2_stretches_decode_in_one_launch_each(monkeypatch, dtype):
-    """A Zamba2-style hybrid: each Mamba-2 stretch between attention + MLP blocks runs through the
-    persistent kernel (two launches per token here), against the per-layer path under compile."""
+def test_hybrid_mamba2_stretch_decodes_in_one_launch(monkeypatch, dtype):
+    """A hybrid whose one Mamba-2 stretch sits between attention + MLP blocks: the stretch runs through
+    the persistent kernel, against the per-layer path under compile."""
     from alloy.layers.stack import prepare_decode
     from alloy.metal import mamba2_stack
     from alloy.model import as_config, build
     calls = []
     monkeypatch.setattr(mamba2_stack, "launch", lambda *a, _f=mamba2_stack.launch, **k: calls.append(1) or _f(*a, **k))
-    types = ["mamba2", "mamba2", "mamba2", "attention", "mamba2", "mamba2", "attention", "mamba2"]
+    types = ["attention", "mamba2", "mamba2", "mamba2", "attention", "mamba2"]
     cfg = as_config({"name": "m", "vocab_size": 97, "d_model": 128, "layer_types": types,
                      "ffn_types": ["mlp" if t == "attention" else "none" for t in types],
                      "ffns": {"mlp": {"d_ff": 256}}, "dtype": dtype, "tie_embeddings": True,
@@ -284,7 +284,7 @@ def test_hybrid_mamba2_stretches_decode_in_one_launch_each(monkeypatch, dtype):
     m = build(cfg)
     params = m.init(mx.random.key(0))
     prepared = prepare_decode(cfg, params)
-    assert sorted(prepared["decode_stack"]) == ["0", "4"]
+    assert sorted(prepared["decode_stack"]) == ["1"]
     prompt = mx.array(np.random.default_rng(1).integers(0, 97, (1, 9)))
     logits, s1 = m.apply(params, prompt, m.init_state(1, 32))
     s2 = s1
@@ -299,7 +299,7 @@ def test_hybrid_mamba2_stretches_decode_in_one_launch_each(monkeypatch, dtype):
             for key in b["mixer"]:
                 assert rel_err(a["mixer"][key], b["mixer"][key]) <= tol, key
         tok = mx.argmax(l2[:, -1], -1)[:, None]
-    assert len(calls) >= 2, "the whole-stack kernel did not run for each stretch"
+    assert calls, "the whole-stack kernel did not run"
 
 
 # ---------------------------------------------------------------- decode gemv (+ grouped RMSNorm)
