@@ -49,3 +49,27 @@ def test_serve_binds_loopback_by_default():
     register(p.add_subparsers())
     args = p.parse_args(["serve", "--model", "ckpt"])
     assert (args.host, args.port) == ("127.0.0.1", 8000)
+
+
+def test_build_engine_prepares_a_mamba2_stack_for_decoding(tmp_path):
+    """`alloy serve` loads a pure Mamba-2 checkpoint with its layers stacked for the whole-stack decode
+    kernel (`prepare_decode`, once at load), and the engine's params give the same logits."""
+    import argparse
+
+    import mlx.core as mx
+
+    import alloy
+    from alloy.serve.cli import build_engine, register
+    cfg = {"name": "m2", "vocab_size": 257, "d_model": 32, "layer_types": ["mamba2"] * 2, "ffn_types": ["none"] * 2,
+           "mixers": {"mamba2": {"d_state": 16, "head_dim": 16, "chunk_size": 16}}, "tie_embeddings": True}
+    model = alloy.build(cfg)
+    params = model.init(mx.random.key(1))
+    alloy.save(tmp_path / "m2", model, params)
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    engine, name = build_engine(p.parse_args(["serve", "--model", str(tmp_path / "m2")]))  # not started
+    assert name == "m2" and "decode_stack" in engine.params
+    toks = mx.array([[5, 6, 7]])
+    a, _ = model.apply(params, toks)
+    b, _ = model.apply(engine.params, toks)
+    assert mx.allclose(a, b, atol=1e-5)
