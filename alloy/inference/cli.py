@@ -68,11 +68,18 @@ def _model_flags(p):
     p.add_argument("--quantize-embeddings", action="store_true")
 
 
+def default_chunk() -> int:
+    """The prefill chunk when --chunk is not given: 2048 tokens on a GPU (one launch sequence per
+    2,048-token prompt: 60,880 vs 24,490 tok/s at 512 for the Mamba-2 1.3B shape on an H100), 512 on
+    the CPU (smaller activations)."""
+    return 2048 if mx.default_device() == mx.gpu else 512
+
+
 def _bench(args):
     from alloy.inference.bench import format_result, run
     model, params = load_model(args)
     r = run(model, params, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
-            prefill_chunk=args.chunk, seed=args.seed, repeats=args.repeats, kv_bits=args.kv_bits)
+            prefill_chunk=args.chunk or default_chunk(), seed=args.seed, repeats=args.repeats, kv_bits=args.kv_bits)
     if args.kv_bits:
         r["kv_bits"] = args.kv_bits
     if args.quantize:
@@ -114,7 +121,7 @@ def _generate(args):
                        stop_tokens=tuple(getattr(tokenizer, "eos_token_ids", ())),
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                       stop_strings=tuple(args.stop), seed=args.seed, prefill_chunk=args.chunk,
+                       stop_strings=tuple(args.stop), seed=args.seed, prefill_chunk=args.chunk or default_chunk(),
                        kv_bits=args.kv_bits):
         sys.stdout.write(ev.text)
         sys.stdout.flush()
@@ -131,7 +138,7 @@ def register(sub) -> None:
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--gen-len", type=int, default=128)
     b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
+    b.add_argument("--chunk", type=int, default=None, help="prefill chunk length (default: 2048 on a GPU, 512 on the CPU)")
     b.add_argument("--repeats", type=int, default=1, help="timed runs (the best is reported)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
@@ -152,5 +159,5 @@ def register(sub) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
                    help="store attention KV caches quantized (affine groups along the head dim)")
-    g.add_argument("--chunk", type=int, default=512, help="prefill chunk length")
+    g.add_argument("--chunk", type=int, default=None, help="prefill chunk length (default: 2048 on a GPU, 512 on the CPU)")
     g.set_defaults(fn=_generate)
