@@ -451,7 +451,8 @@ def shared_bytes(dims: dict, mb: int, nb: int, act_bytes: int) -> int:
     xmax = max(dims["DM"], dims["DIN"])
     nwp = NT // 32
     rbs = -(-(mb * dims["DIN"]) // nb)
-    return mb * xmax * act_bytes + 4 * (mb * max(dims["NG"], 1) * nwp + mb * 2 * dims["NGR"] * dims["NS"] + rbs)
+    dts = (rbs // (dims["DIN"] // dims["H"]) + 2) * -(-dims["DM"] // 256)  # dt partial sums (units >= 256 columns)
+    return mb * xmax * act_bytes + 4 * (mb * max(dims["NG"], 1) * nwp + mb * 2 * dims["NGR"] * dims["NS"] + rbs + dts)
 
 
 @functools.lru_cache(maxsize=None)
