@@ -167,7 +167,7 @@ struct alloy_emu_thread {
 
 # The CPU dialect. It must define every name of prelude._CUDA_HEADER / _METAL_HEADER:
 #   SHARED (rewritten by `_rewrite_shared`; a leftover is an error)  BARRIER()  DEVICE_FN  DEV  ALIGN16
-#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum  f4 / float4 (.x .y .z .w)  ld8  ldr8 / cvt8 / Raw8  ld_cg  grid_sync  grid_arrive / grid_wait  prefetch_l2
+#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum warp_sync  f4 / float4 (.x .y .z .w)  ld8  ldr8 / cvt8 / Raw8  ld_cg  grid_sync  grid_arrive / grid_wait  prefetch_l2  Acc16 acc_zero mma16 acc_store acc_row acc_col
 # and the index names of prelude._INDEX (see _INDEX_CPU). A name the prelude gains goes here
 # (a DEVICE_FN function; runtime services through alloy_emu_self->ops, see _RUNTIME).
 _DIALECT = r"""
@@ -220,6 +220,7 @@ DEVICE_FN float frsqrt(float v) { return 1.0f / std::sqrt(v); }
 DEVICE_FN float fsoftplus(float v) { return std::fmax(v, 0.0f) + std::log1p(std::exp(-std::fabs(v))); }
 DEVICE_FN float shfl_xor(float v, int m) { return alloy_emu_self->ops->shfl_xor(alloy_emu_self->rt, v, m); }
 DEVICE_FN float warp_sum(float v) { return alloy_emu_self->ops->warp_sum(alloy_emu_self->rt, v); }
+DEVICE_FN void warp_sync() { (void)alloy_emu_self->ops->warp_sum(alloy_emu_self->rt, 0.0f); }  // the exchange is a warp barrier
 DEVICE_FN float4 f4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 template <typename U> DEVICE_FN void ld8(const U* p, float* o) {
   if constexpr (std::is_same_v<U, alloy_bf16> || std::is_same_v<U, alloy_half>) {
@@ -240,6 +241,24 @@ template <typename U> DEVICE_FN Raw8<U> ldr8(const U* p) {
 }
 template <typename U> DEVICE_FN void cvt8(const Raw8<U>& r, float* o) {
   for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(r.v[j]);
+}
+struct Acc16 { float c[8]; };
+DEVICE_FN void acc_zero(Acc16& a) {
+  for (int i = 0; i < 8; ++i) a.c[i] = 0.0f;
+}
+DEVICE_FN int acc_row(int i, unsigned int lane) { return static_cast<int>(lane >> 2) + 8 * ((i >> 1) & 1); }
+DEVICE_FN int acc_col(int i, unsigned int lane) { return 8 * (i >> 2) + 2 * static_cast<int>(lane & 3u) + (i & 1); }
+template <typename U> DEVICE_FN void mma16(Acc16& acc, const U* A, int lda, const U* B, int ldb, unsigned int lane) {
+  // the tensor-core mma on the GPU reads and rounds its operands like this: fp32 products summed
+  for (int i = 0; i < 8; ++i) {
+    const int r = acc_row(i, lane), c = acc_col(i, lane);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += static_cast<float>(A[r * lda + k]) * static_cast<float>(B[k * ldb + c]);
+    acc.c[i] += s;
+  }
+}
+template <typename V> DEVICE_FN void acc_store(const Acc16& acc, V* C, int ldc, unsigned int lane) {
+  for (int i = 0; i < 8; ++i) C[acc_row(i, lane) * ldc + acc_col(i, lane)] = static_cast<V>(acc.c[i]);
 }
 DEVICE_FN float ld_cg(const float* p) {
   float r;

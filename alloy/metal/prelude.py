@@ -19,6 +19,7 @@ prelude maps onto each dialect:
                                 pointer variable into an input / output buffer: `const DEV float* p`
         warp_sum(v)             sum over the 32 lanes   __shfl_xor_sync butterfly | simd_sum
         shfl_xor(v, m)          value of lane ^ m       __shfl_xor_sync | simd_shuffle_xor
+        warp_sync()             barrier of the warp's lanes (shared memory)  __syncwarp | simdgroup_barrier
         fexp(v), fsilu(v)       float exp, x*sigmoid(x)
         frsqrt, fsoftplus       1/sqrt, log(1 + e^v) (stable)
         f4(a, b, c, d)          a float4 (members .x .y .z .w in both dialects)
@@ -35,6 +36,10 @@ prelude maps onto each dialect:
                                 words (CUDA: 16 sub-counters + top counter + release word, each on
                                 its own line; Metal: one counter); all groups must be resident at
                                 once (grid <= what the GPU holds), writes before it are visible after
+        Acc16 a; acc_zero(a)    a warp's 16 x 16 fp32 accumulator tile (8 entries per lane at
+        mma16(a, A, lda, B, ldb, lane)   acc_row(i, lane), acc_col(i, lane)); mma16 adds A B for 16 x 16
+        acc_store(a, C, ldc, lane)       tiles in group-shared memory (CUDA bf16 / fp16: tensor-core
+                                mma.sync; other types and Metal: loops with the same layout)
         grid_arrive(c, n, tid)  grid_sync in two halves: writes before grid_arrive are visible after
         grid_wait(c, n, tid)    grid_wait; in between, only loads that need no other group's writes
                                 (weights): they overlap the wait
@@ -87,6 +92,7 @@ DEVICE_FN float fsilu(float v) { return v / (1.0f + expf(-v)); }
 DEVICE_FN float frsqrt(float v) { return rsqrtf(v); }
 DEVICE_FN float fsoftplus(float v) { return fmaxf(v, 0.0f) + log1pf(expf(-fabsf(v))); }
 DEVICE_FN float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+DEVICE_FN void warp_sync() { __syncwarp(); }
 DEVICE_FN float warp_sum(float v) {
   for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
   return v;
@@ -149,6 +155,60 @@ DEVICE_FN void cvt8(const Raw8<__half>& r, float* o) {
   }
 }
 DEVICE_FN float ld_cg(const float* p) { return __ldcg(p); }
+// 16x16 fp32 accumulator tile of a warp (`Acc16`): lane l holds 8 entries, entry i at row
+// acc_row(i, l) = (l >> 2) + 8 * ((i >> 1) & 1), column acc_col(i, l) = 8 * (i >> 2) + 2 * (l & 3) +
+// (i & 1) (the m16n8 accumulator layout of the tensor-core mma). mma16 adds A (16 x 16, row-major,
+// lda) times B (16 x 16, row-major [k][n], ldb), both in group-shared memory, called by all 32 lanes
+// of a warp; bf16 / fp16 run two mma.sync.m16n8k16 (sm_80+), other types plain loops, same layout.
+struct Acc16 { float c[8]; };
+DEVICE_FN void acc_zero(Acc16& a) {
+  for (int i = 0; i < 8; ++i) a.c[i] = 0.0f;
+}
+DEVICE_FN int acc_row(int i, unsigned int lane) { return static_cast<int>(lane >> 2) + 8 * ((i >> 1) & 1); }
+DEVICE_FN int acc_col(int i, unsigned int lane) { return 8 * (i >> 2) + 2 * static_cast<int>(lane & 3u) + (i & 1); }
+template <typename U> DEVICE_FN void mma16(Acc16& acc, const U* A, int lda, const U* B, int ldb, unsigned int lane) {
+  for (int i = 0; i < 8; ++i) {
+    const int r = acc_row(i, lane), c = acc_col(i, lane);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += static_cast<float>(A[r * lda + k]) * static_cast<float>(B[k * ldb + c]);
+    acc.c[i] += s;
+  }
+}
+template <typename U> DEVICE_FN unsigned int alloy_pack2(U lo, U hi) {
+  return static_cast<unsigned int>(*reinterpret_cast<const unsigned short*>(&lo))
+       | (static_cast<unsigned int>(*reinterpret_cast<const unsigned short*>(&hi)) << 16);
+}
+DEVICE_FN void alloy_mma_m16n8k16(float* c, const unsigned int* a, unsigned int b0, unsigned int b1, const __nv_bfloat16*) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+DEVICE_FN void alloy_mma_m16n8k16(float* c, const unsigned int* a, unsigned int b0, unsigned int b1, const __half*) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <typename U> DEVICE_FN void alloy_mma16_tc(Acc16& acc, const U* A, int lda, const U* B, int ldb, unsigned int lane) {
+  const int g = static_cast<int>(lane >> 2), t = static_cast<int>(lane & 3u);
+  const unsigned int a[4] = {alloy_pack2(A[g * lda + 2 * t], A[g * lda + 2 * t + 1]),
+                             alloy_pack2(A[(g + 8) * lda + 2 * t], A[(g + 8) * lda + 2 * t + 1]),
+                             alloy_pack2(A[g * lda + 2 * t + 8], A[g * lda + 2 * t + 9]),
+                             alloy_pack2(A[(g + 8) * lda + 2 * t + 8], A[(g + 8) * lda + 2 * t + 9])};
+  for (int h = 0; h < 2; ++h) {
+    const int n = 8 * h + g;
+    alloy_mma_m16n8k16(acc.c + 4 * h, a, alloy_pack2(B[(2 * t) * ldb + n], B[(2 * t + 1) * ldb + n]),
+                       alloy_pack2(B[(2 * t + 8) * ldb + n], B[(2 * t + 9) * ldb + n]), A);
+  }
+}
+DEVICE_FN void mma16(Acc16& acc, const __nv_bfloat16* A, int lda, const __nv_bfloat16* B, int ldb, unsigned int lane) {
+  alloy_mma16_tc(acc, A, lda, B, ldb, lane);
+}
+DEVICE_FN void mma16(Acc16& acc, const __half* A, int lda, const __half* B, int ldb, unsigned int lane) {
+  alloy_mma16_tc(acc, A, lda, B, ldb, lane);
+}
+template <typename V> DEVICE_FN void acc_store(const Acc16& acc, V* C, int ldc, unsigned int lane) {
+  for (int i = 0; i < 8; ++i) C[acc_row(i, lane) * ldc + acc_col(i, lane)] = static_cast<V>(acc.c[i]);
+}
 DEVICE_FN unsigned int alloy_atom_add_acq_rel(unsigned int* p, unsigned int v) {
   unsigned int old;
   asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
@@ -245,6 +305,7 @@ DEVICE_FN float fsilu(float v) { return v / (1.0f + metal::exp(-v)); }
 DEVICE_FN float frsqrt(float v) { return metal::rsqrt(v); }
 DEVICE_FN float fsoftplus(float v) { return metal::max(v, 0.0f) + metal::log(1.0f + metal::exp(-metal::abs(v))); }
 DEVICE_FN float shfl_xor(float v, int m) { return metal::simd_shuffle_xor(v, ushort(m)); }
+DEVICE_FN void warp_sync() { metal::simdgroup_barrier(metal::mem_flags::mem_threadgroup); }
 DEVICE_FN float warp_sum(float v) { return metal::simd_sum(v); }
 DEVICE_FN float4 f4(float a, float b, float c, float d) { return float4(a, b, c, d); }
 template <typename U> DEVICE_FN void ld8(const device U* p, thread float* o) {
@@ -263,6 +324,29 @@ template <typename U> DEVICE_FN void cvt8(Raw8<U> r, thread float* o) {
   for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(r.v[j]);
 }
 template <typename U> DEVICE_FN void prefetch_l2(const device U* p) {}
+// Acc16 / mma16 / acc_store: the layout of the CUDA dialect, computed by plain loops (no
+// simdgroup_matrix yet)
+struct Acc16 { float c[8]; };
+DEVICE_FN void acc_zero(thread Acc16& a) {
+  for (int i = 0; i < 8; ++i) a.c[i] = 0.0f;
+}
+DEVICE_FN int acc_row(int i, unsigned int lane) { return static_cast<int>(lane >> 2) + 8 * ((i >> 1) & 1); }
+DEVICE_FN int acc_col(int i, unsigned int lane) { return 8 * (i >> 2) + 2 * static_cast<int>(lane & 3u) + (i & 1); }
+template <typename U> DEVICE_FN void mma16(thread Acc16& acc, const threadgroup U* A, int lda, const threadgroup U* B,
+                                           int ldb, unsigned int lane) {
+  for (int i = 0; i < 8; ++i) {
+    const int r = acc_row(i, lane), c = acc_col(i, lane);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += static_cast<float>(A[r * lda + k]) * static_cast<float>(B[k * ldb + c]);
+    acc.c[i] += s;
+  }
+}
+template <typename V> DEVICE_FN void acc_store(thread const Acc16& acc, threadgroup V* C, int ldc, unsigned int lane) {
+  for (int i = 0; i < 8; ++i) C[acc_row(i, lane) * ldc + acc_col(i, lane)] = static_cast<V>(acc.c[i]);
+}
+template <typename V> DEVICE_FN void acc_store(thread const Acc16& acc, device V* C, int ldc, unsigned int lane) {
+  for (int i = 0; i < 8; ++i) C[acc_row(i, lane) * ldc + acc_col(i, lane)] = static_cast<V>(acc.c[i]);
+}
 DEVICE_FN float ld_cg(const device float* p) { return *reinterpret_cast<const volatile device float*>(p); }
 DEVICE_FN void grid_arrive(const device unsigned int* counter, unsigned int target, unsigned int t) {
   metal::threadgroup_barrier(metal::mem_flags::mem_device | metal::mem_flags::mem_threadgroup);

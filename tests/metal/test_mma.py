@@ -1,0 +1,105 @@
+"""The prelude's warp tile product (`Acc16`, `mma16`, `acc_store`): a tiled matmul kernel written with
+it, on the CPU emulator (the accumulator layout and the loops), compiled for CUDA with nvcc (opt-in,
+the tensor-core path), and on the GPU (`-m gpu`: the mma.sync path of bf16 / fp16 against the loops
+of fp32 and against NumPy)."""
+import os
+import re
+import shutil
+import subprocess
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from alloy.metal import emulate
+from alloy.metal.prelude import Kernel, backend
+from alloy.metal.testing import rel_err
+
+# C (M, N) float32 = A (M, K) B (K, N); M, N, K multiples of 16. Each warp owns one 16 x 16 tile of C:
+# per 16-wide slice of K its lanes copy the A and B tiles into group-shared memory, then mma16.
+MATMUL = Kernel(
+    name="alloy_test_mma_matmul",
+    inputs=("a", "b"),
+    outputs=("c",),
+    body="""
+  const int M = a_shape[0];
+  const int K = a_shape[1];
+  const int N = b_shape[1];
+  constexpr int NWP = NT / 32;
+  SHARED T ta[NWP][16 * 16];
+  SHARED T tb[NWP][16 * 16];
+  const int tile = bid_x * NWP + warp;
+  const int tm = tile / (N / 16);
+  const int tn = tile % (N / 16);
+  if (tm >= M / 16) return;
+  Acc16 acc;
+  acc_zero(acc);
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    for (int e = lane; e < 256; e += 32) {
+      ta[warp][e] = a[(tm * 16 + e / 16) * K + k0 + e % 16];
+      tb[warp][e] = b[(k0 + e / 16) * N + tn * 16 + e % 16];
+    }
+    warp_sync();
+    mma16(acc, ta[warp], 16, tb[warp], 16, lane);
+    warp_sync();
+  }
+  acc_store(acc, c + (tm * 16) * N + tn * 16, N, lane);
+""")
+
+
+def _run(run, a, b, nt=64):
+    M, N = a.shape[0], b.shape[1]
+    tiles = (M // 16) * (N // 16)
+    return run(MATMUL, [a, b], template=[("T", a.dtype), ("NT", nt)], grid=(-(-tiles // (nt // 32)), 1, 1),
+               threadgroup=nt, output_shapes=[(M, N)], output_dtypes=[mx.float32])[0]
+
+
+def _case(dtype, M=32, K=48, N=32, seed=0):
+    rng = np.random.default_rng(seed)
+    a = mx.array(rng.standard_normal((M, K)).astype(np.float32)).astype(dtype)
+    b = mx.array(rng.standard_normal((K, N)).astype(np.float32)).astype(dtype)
+    ref = a.astype(mx.float32) @ b.astype(mx.float32)
+    return a, b, ref
+
+
+@pytest.mark.skipif(not emulate.available(), reason="the CPU kernel emulator needs g++")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_mma16_matmul_on_emulator(dtype):
+    a, b, ref = _case(dtype)
+    got = _run(lambda k, inputs, **kw: emulate.run(k, inputs, **kw), a, b)
+    assert rel_err(got, ref) <= 1e-5
+    # the check can fail: the same kernel with the accumulator's columns swapped in pairs
+    bad = Kernel(MATMUL.name + "_bad", MATMUL.inputs, MATMUL.outputs,
+                 MATMUL.body.replace("acc_store(acc, c + (tm * 16) * N + tn * 16, N, lane);",
+                                     "for (int i = 0; i < 8; ++i) c[(tm * 16 + acc_row(i, lane)) * N + tn * 16 + "
+                                     "(acc_col(i, lane) ^ 1)] = acc.c[i];"))
+    wrong = _run(lambda k, inputs, **kw: emulate.run(bad, inputs, **kw), a, b)
+    assert rel_err(wrong, ref) > 1e-2
+
+
+@pytest.mark.skipif(not (shutil.which("nvcc") and os.environ.get("ALLOY_MLX_CUDA_INCLUDE")),
+                    reason="set ALLOY_MLX_CUDA_INCLUDE to an MLX source tree and have nvcc")
+@pytest.mark.parametrize("ctype", ["__nv_bfloat16", "__half", "float"])
+def test_mma16_cuda_dialect_compiles(ctype, tmp_path):
+    header, body = MATMUL.source("cuda")
+    src = ('#include "mlx/backend/cuda/device/utils.cuh"\n' + header + "namespace mlx::core::cu {\n__global__ void k("
+           f"const {ctype}* a, const __grid_constant__ Shape a_shape, const {ctype}* b, "
+           "const __grid_constant__ Shape b_shape, float* c) {\n"
+           f"  using T = {ctype};\n  constexpr int NT = 64;\n" + body + "\n}\n}\n")
+    path = tmp_path / "k.cu"
+    path.write_text(src)
+    res = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-I", os.environ["ALLOY_MLX_CUDA_INCLUDE"], "-c",
+                          str(path), "-o", str(tmp_path / "k.o"), "--keep", "--keep-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ptx = "".join(p.read_text() for p in tmp_path.glob("*.ptx"))
+    assert ("mma.sync.aligned.m16n8k16" in ptx) == (ctype != "float")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(backend() is None, reason="needs a GPU backend")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_mma16_matmul_on_gpu(dtype):
+    a, b, ref = _case(dtype, M=64, K=128, N=48, seed=1)
+    got = _run(lambda k, inputs, **kw: k(inputs, **kw), a, b, nt=128)
+    assert rel_err(got, ref) <= 1e-4  # fp32 accumulation of exactly representable products
