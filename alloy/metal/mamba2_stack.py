@@ -136,6 +136,24 @@ _BODY = r"""
     for (int u = 0; u < CU; ++u)                                                                  \
       if (c_ + lane * 8 + 256 * u < DM) BUF[u] = ldr8(p_ + c_ + lane * 8 + 256 * u);              \
   }
+  // phase B's state rows lo + Q0 + i * NWP (i < QB) of this warp: SSM state, per-head constants
+#define ALLOY_LOAD_ROWS(Q0)                                                                       \
+  for (int i = 0; i < QB; ++i) {                                                                  \
+    const int r = lo + (Q0) + i * NWP;                                                            \
+    if ((Q0) + i * NWP < RBS && r < hi) {                                                         \
+      const int h = (r % (H * HD)) / HD;  /* state row r is (batch row, head, p) in order */       \
+      for (int u = 0; u < NS / 32; ++u) sv[i * NV + u] = sst[r * NS + lane + 32 * u];            \
+      hdt[i] = static_cast<float>(dtb[l * H + h]);                                                \
+      hal[i] = static_cast<float>(alog[l * H + h]);                                               \
+      hds[i] = static_cast<float>(dsk[l * H + h]);                                                \
+    }                                                                                             \
+  }
+  // ... and their gates (written in phase A)
+#define ALLOY_LOAD_GATES(Q0)                                                                      \
+  for (int i = 0; i < QB; ++i) {                                                                  \
+    const int r = lo + (Q0) + i * NWP;                                                            \
+    if ((Q0) + i * NWP < RBS && r < hi) rz[i] = ld_cg(zx + (r / (H * HD)) * DP + r % (H * HD));   \
+  }
   // the first two units of phase `INP` of layer LL into pa / pb, the next PF towards L2, and the
   // phase's norm weights (this thread's input columns) into nv
 #define ALLOY_PRELOAD(LL, INP)                                                                    \
@@ -205,10 +223,7 @@ _BODY = r"""
         // ---------------- phase B: conv + dt + SSD state update + D skip + gate ----------------
         // this warp's first rows' gate (written in phase A), issued with the conv's loads
         float rz[QB];
-        for (int i = 0; i < QB; ++i) {
-          const int r = lo + warp + i * NWP;
-          if (warp + i * NWP < RBS && r < hi) rz[i] = ld_cg(zx + (r / (H * HD)) * DP + r % (H * HD));
-        }
+        ALLOY_LOAD_GATES(warp)
         // the dt projections of this group's heads, from phase A's normalised input (still in xn); the
         // first job of each warp was loaded into pb at the end of phase A
         for (int j = warp; j < njob; j += NWP) {
@@ -257,20 +272,8 @@ _BODY = r"""
         // each warp updates QB rows at a time (the first QB were loaded before the barrier)
         for (int q0 = warp; q0 < RBS; q0 += NWP * QB) {
           if (q0 != warp) {
-            for (int i = 0; i < QB; ++i) {
-              const int r = lo + q0 + i * NWP;
-              if (q0 + i * NWP < RBS && r < hi) {
-                const int m = r / (H * HD);
-                const int hp = r % (H * HD);
-                const int h = hp / HD;
-                const int row = (m * H + h) * HD + hp % HD;
-                for (int u = 0; u < NS / 32; ++u) sv[i * NV + u] = sst[row * NS + lane + 32 * u];
-                hdt[i] = static_cast<float>(dtb[l * H + h]);
-                hal[i] = static_cast<float>(alog[l * H + h]);
-                hds[i] = static_cast<float>(dsk[l * H + h]);
-                rz[i] = ld_cg(zx + m * DP + hp);
-              }
-            }
+            ALLOY_LOAD_ROWS(q0)
+            ALLOY_LOAD_GATES(q0)
           }
           for (int i = 0; i < QB; ++i) {
             const int q = q0 + i * NWP;
@@ -379,19 +382,7 @@ _BODY = r"""
       // while the grid gathers: loads that need nothing from this token
       if (inp) {  // phase B's first state rows, constants and dt job, out_proj's first unit
         if (warp < njob) ALLOY_LOAD_DT(pb, warp, l)
-        for (int i = 0; i < QB; ++i) {
-          const int r = lo + warp + i * NWP;
-          if (warp + i * NWP < RBS && r < hi) {
-            const int m = r / (H * HD);
-            const int hp = r % (H * HD);
-            const int h = hp / HD;
-            const int row = (m * H + h) * HD + hp % HD;
-            for (int u = 0; u < NS / 32; ++u) sv[i * NV + u] = sst[row * NS + lane + 32 * u];
-            hdt[i] = static_cast<float>(dtb[l * H + h]);
-            hal[i] = static_cast<float>(alog[l * H + h]);
-            hds[i] = static_cast<float>(dsk[l * H + h]);
-          }
-        }
+        ALLOY_LOAD_ROWS(warp)
         if (nuC > 0) ALLOY_LOAD(pa, 0, l, false)
         for (int k = 2; k < nuC && k < 2 + PF; ++k) ALLOY_PREFETCH(k, l, false)
         for (int k = 0; k < VPT; ++k)
@@ -406,6 +397,8 @@ _BODY = r"""
   }
 #undef ALLOY_UNIT
 #undef ALLOY_LOAD_DT
+#undef ALLOY_LOAD_ROWS
+#undef ALLOY_LOAD_GATES
 #undef ALLOY_LOAD
 #undef ALLOY_PREFETCH
 #undef ALLOY_PRELOAD
