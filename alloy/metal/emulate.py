@@ -242,25 +242,7 @@ template <typename U> DEVICE_FN Raw8<U> ldr8(const U* p) {
 template <typename U> DEVICE_FN void cvt8(const Raw8<U>& r, float* o) {
   for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(r.v[j]);
 }
-struct Acc16 { float c[8]; };
-DEVICE_FN void acc_zero(Acc16& a) {
-  for (int i = 0; i < 8; ++i) a.c[i] = 0.0f;
-}
-DEVICE_FN int acc_row(int i, unsigned int lane) { return static_cast<int>(lane >> 2) + 8 * ((i >> 1) & 1); }
-DEVICE_FN int acc_col(int i, unsigned int lane) { return 8 * (i >> 2) + 2 * static_cast<int>(lane & 3u) + (i & 1); }
-template <typename U> DEVICE_FN void mma16(Acc16& acc, const U* A, int lda, const U* B, int ldb, unsigned int lane) {
-  // the tensor-core mma on the GPU reads and rounds its operands like this: fp32 products summed
-  for (int i = 0; i < 8; ++i) {
-    const int r = acc_row(i, lane), c = acc_col(i, lane);
-    float s = 0.0f;
-    for (int k = 0; k < 16; ++k) s += static_cast<float>(A[r * lda + k]) * static_cast<float>(B[k * ldb + c]);
-    acc.c[i] += s;
-  }
-}
-template <typename V> DEVICE_FN void acc_store(const Acc16& acc, V* C, int ldc, unsigned int lane) {
-  for (int i = 0; i < 8; ++i) C[acc_row(i, lane) * ldc + acc_col(i, lane)] = static_cast<V>(acc.c[i]);
-}
-DEVICE_FN float ld_cg(const float* p) {
+ALLOY_ACC16_LOOPSDEVICE_FN float ld_cg(const float* p) {
   float r;
   __atomic_load(p, &r, __ATOMIC_RELAXED);
   return r;
@@ -275,6 +257,7 @@ DEVICE_FN void grid_wait(const unsigned int* counter, unsigned int target, unsig
   alloy_emu_self->ops->grid_sync(alloy_emu_self->rt, counter, target, t);
 }
 """
+_DIALECT = _DIALECT.replace("ALLOY_ACC16_LOOPS", prelude.ACC16_LOOPS)  # the loops of the CUDA dialect
 
 # portable index name -> C++ expression over the thread record `alloy_emu_t`
 _INDEX_CPU = {

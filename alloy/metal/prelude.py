@@ -81,6 +81,33 @@ _INDEX = {
     "warp": ("(threadIdx.x >> 5)", "simdgroup_index_in_threadgroup"),
 }
 
+# the warp tile product in plain loops: the CUDA dialect's (its 16-bit overloads add tensor cores)
+# and the CPU emulator's, one text
+ACC16_LOOPS = """\
+// 16x16 fp32 accumulator tile of a warp (`Acc16`): lane l holds 8 entries, entry i at row
+// acc_row(i, l) = (l >> 2) + 8 * ((i >> 1) & 1), column acc_col(i, l) = 8 * (i >> 2) + 2 * (l & 3) +
+// (i & 1) (the m16n8 accumulator layout of the tensor-core mma). mma16 adds A (16 x 16, row-major,
+// lda) times B (16 x 16, row-major [k][n], ldb), both in group-shared memory, called by all 32 lanes
+// of a warp; bf16 / fp16 run two mma.sync.m16n8k16 (sm_80+), other types plain loops, same layout.
+struct Acc16 { float c[8]; };
+DEVICE_FN void acc_zero(Acc16& a) {
+  for (int i = 0; i < 8; ++i) a.c[i] = 0.0f;
+}
+DEVICE_FN int acc_row(int i, unsigned int lane) { return static_cast<int>(lane >> 2) + 8 * ((i >> 1) & 1); }
+DEVICE_FN int acc_col(int i, unsigned int lane) { return 8 * (i >> 2) + 2 * static_cast<int>(lane & 3u) + (i & 1); }
+template <typename U> DEVICE_FN void mma16(Acc16& acc, const U* A, int lda, const U* B, int ldb, unsigned int lane) {
+  for (int i = 0; i < 8; ++i) {
+    const int r = acc_row(i, lane), c = acc_col(i, lane);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += static_cast<float>(A[r * lda + k]) * static_cast<float>(B[k * ldb + c]);
+    acc.c[i] += s;
+  }
+}
+template <typename V> DEVICE_FN void acc_store(const Acc16& acc, V* C, int ldc, unsigned int lane) {
+  for (int i = 0; i < 8; ++i) C[acc_row(i, lane) * ldc + acc_col(i, lane)] = static_cast<V>(acc.c[i]);
+}
+"""
+
 _CUDA_HEADER = """\
 #define SHARED __shared__
 #define BARRIER() __syncthreads()
@@ -155,26 +182,7 @@ DEVICE_FN void cvt8(const Raw8<__half>& r, float* o) {
   }
 }
 DEVICE_FN float ld_cg(const float* p) { return __ldcg(p); }
-// 16x16 fp32 accumulator tile of a warp (`Acc16`): lane l holds 8 entries, entry i at row
-// acc_row(i, l) = (l >> 2) + 8 * ((i >> 1) & 1), column acc_col(i, l) = 8 * (i >> 2) + 2 * (l & 3) +
-// (i & 1) (the m16n8 accumulator layout of the tensor-core mma). mma16 adds A (16 x 16, row-major,
-// lda) times B (16 x 16, row-major [k][n], ldb), both in group-shared memory, called by all 32 lanes
-// of a warp; bf16 / fp16 run two mma.sync.m16n8k16 (sm_80+), other types plain loops, same layout.
-struct Acc16 { float c[8]; };
-DEVICE_FN void acc_zero(Acc16& a) {
-  for (int i = 0; i < 8; ++i) a.c[i] = 0.0f;
-}
-DEVICE_FN int acc_row(int i, unsigned int lane) { return static_cast<int>(lane >> 2) + 8 * ((i >> 1) & 1); }
-DEVICE_FN int acc_col(int i, unsigned int lane) { return 8 * (i >> 2) + 2 * static_cast<int>(lane & 3u) + (i & 1); }
-template <typename U> DEVICE_FN void mma16(Acc16& acc, const U* A, int lda, const U* B, int ldb, unsigned int lane) {
-  for (int i = 0; i < 8; ++i) {
-    const int r = acc_row(i, lane), c = acc_col(i, lane);
-    float s = 0.0f;
-    for (int k = 0; k < 16; ++k) s += static_cast<float>(A[r * lda + k]) * static_cast<float>(B[k * ldb + c]);
-    acc.c[i] += s;
-  }
-}
-template <typename U> DEVICE_FN unsigned int alloy_pack2(U lo, U hi) {
+ALLOY_ACC16_LOOPStemplate <typename U> DEVICE_FN unsigned int alloy_pack2(U lo, U hi) {
   return static_cast<unsigned int>(*reinterpret_cast<const unsigned short*>(&lo))
        | (static_cast<unsigned int>(*reinterpret_cast<const unsigned short*>(&hi)) << 16);
 }
@@ -205,9 +213,6 @@ DEVICE_FN void mma16(Acc16& acc, const __nv_bfloat16* A, int lda, const __nv_bfl
 }
 DEVICE_FN void mma16(Acc16& acc, const __half* A, int lda, const __half* B, int ldb, unsigned int lane) {
   alloy_mma16_tc(acc, A, lda, B, ldb, lane);
-}
-template <typename V> DEVICE_FN void acc_store(const Acc16& acc, V* C, int ldc, unsigned int lane) {
-  for (int i = 0; i < 8; ++i) C[acc_row(i, lane) * ldc + acc_col(i, lane)] = static_cast<V>(acc.c[i]);
 }
 DEVICE_FN unsigned int alloy_atom_add_acq_rel(unsigned int* p, unsigned int v) {
   unsigned int old;
@@ -293,6 +298,8 @@ DEVICE_FN void grid_sync(const unsigned int* counter, unsigned int target, unsig
 }
 template <typename U> DEVICE_FN void prefetch_l2(const U* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
 """
+
+_CUDA_HEADER = _CUDA_HEADER.replace("ALLOY_ACC16_LOOPS", ACC16_LOOPS)
 
 _METAL_HEADER = """\
 #define SHARED threadgroup
