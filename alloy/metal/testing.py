@@ -6,6 +6,9 @@
     assert_grads_match(op, args, cts, impl, ref_impl, tol)
                         the gradients of sum_i <op(*args)[i], cts[i]> w.r.t. every argument agree
                         between op(..., impl=impl) and op(..., impl=ref_impl)
+    assert_decode_matches(step, fast, ref, tok, state, steps, tol)
+                        decoding with params `fast` (e.g. `prepare_decode`'s) and `ref` side by side
+                        gives the same logits and every layer's mixer states
 """
 from __future__ import annotations
 
@@ -37,3 +40,18 @@ def assert_grads_match(op, args, cts, impl: str, ref_impl: str, tol: float) -> N
     n = tuple(range(len(args)))
     for a, b in zip(mx.grad(loss(impl), argnums=n)(*args), mx.grad(loss(ref_impl), argnums=n)(*args)):
         assert rel_err(a, b) <= tol
+
+
+def assert_decode_matches(step, fast, ref, tok, state, *, steps: int, tol: float) -> None:
+    """``steps`` decode tokens through ``step(params, tok, state)`` (a model's apply, compiled or not)
+    with ``fast`` and with ``ref`` params, each from its own states (both start at ``state``; the
+    next token comes from ref's logits): logits and every mixer state of every layer within tol."""
+    s_f, s_r = state, state
+    for _ in range(steps):
+        l_f, s_f = step(fast, tok, s_f)
+        l_r, s_r = step(ref, tok, s_r)
+        assert rel_err(l_f, l_r) <= tol
+        for a, b in zip(s_f["layers"], s_r["layers"]):
+            for key in b["mixer"]:
+                assert rel_err(a["mixer"][key], b["mixer"][key]) <= tol, key
+        tok = mx.argmax(l_r[:, -1], -1)[:, None]

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from alloy import metal
-from alloy.metal.testing import DTYPES, arr, assert_grads_match, pos, rel_err
+from alloy.metal.testing import DTYPES, arr, assert_decode_matches, assert_grads_match, pos, rel_err
 from alloy.ops import (causal_conv1d, causal_conv1d_ref, selective_scan, selective_scan_ref,
                        selective_scan_step, ssd, ssd_chunked, ssd_ref, ssd_step)
 
@@ -247,19 +247,9 @@ def test_mamba2_stack_decode_matches_per_layer_path(monkeypatch, groups, batch, 
         prepared = prepare_decode(cfg, params)
         assert "decode_stack" in prepared
         prompt = mx.array(np.random.default_rng(1).integers(0, 97, (batch, 9)))
-        logits, s1 = m.apply(params, prompt, m.init_state(batch, 32))
-        s2 = s1
-        step = mx.compile(m.apply)
-        tok = mx.argmax(logits[:, -1], -1)[:, None]
-        tol = 2e-4 if dtype == "float32" else 3e-2
-        for _ in range(5):
-            l1, s1 = step(prepared, tok, s1)
-            l2, s2 = step(params, tok, s2)
-            assert rel_err(l1, l2) <= tol
-            for a, b in zip(s1["layers"], s2["layers"]):
-                assert rel_err(a["mixer"]["ssm"], b["mixer"]["ssm"]) <= tol
-                assert rel_err(a["mixer"]["conv"], b["mixer"]["conv"]) <= tol
-            tok = mx.argmax(l2[:, -1], -1)[:, None]
+        logits, state = m.apply(params, prompt, m.init_state(batch, 32))
+        assert_decode_matches(mx.compile(m.apply), prepared, params, mx.argmax(logits[:, -1], -1)[:, None], state,
+                              steps=5, tol=2e-4 if dtype == "float32" else 3e-2)
         assert calls, "the whole-stack kernel did not run"
     finally:
         monkeypatch.delenv("ALLOY_PERSISTENT_GROUPS", raising=False)
@@ -286,19 +276,9 @@ def test_hybrid_mamba2_stretch_decodes_in_one_launch(monkeypatch, dtype):
     prepared = prepare_decode(cfg, params)
     assert sorted(prepared["decode_stack"]) == ["1"]
     prompt = mx.array(np.random.default_rng(1).integers(0, 97, (1, 9)))
-    logits, s1 = m.apply(params, prompt, m.init_state(1, 32))
-    s2 = s1
-    step = mx.compile(m.apply)
-    tok = mx.argmax(logits[:, -1], -1)[:, None]
-    tol = 2e-4 if dtype == "float32" else 3e-2
-    for _ in range(4):
-        l1, s1 = step(prepared, tok, s1)
-        l2, s2 = step(params, tok, s2)
-        assert rel_err(l1, l2) <= tol
-        for a, b in zip(s1["layers"], s2["layers"]):
-            for key in b["mixer"]:
-                assert rel_err(a["mixer"][key], b["mixer"][key]) <= tol, key
-        tok = mx.argmax(l2[:, -1], -1)[:, None]
+    logits, state = m.apply(params, prompt, m.init_state(1, 32))
+    assert_decode_matches(mx.compile(m.apply), prepared, params, mx.argmax(logits[:, -1], -1)[:, None], state,
+                          steps=4, tol=2e-4 if dtype == "float32" else 3e-2)
     assert calls, "the whole-stack kernel did not run"
 
 
