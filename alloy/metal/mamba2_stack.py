@@ -45,7 +45,7 @@ threadgroups); elsewhere the per-layer fused path runs.
 
 Shapes: x (MB, DM) in T; nw (NL, DM), gw (NL, DIN) float32 norm weights; win (NL, DP, DM), wout
 (NL, DM, DIN) in the weight dtype; cw (NL, CD, K); cb (NL, CD) (any array when HAS_BIAS is false);
-dtb, alog, dsk (NL, H); prm float32 [eps, norm_eps, dt_lo, dt_hi]; bar (>= 1024,) uint32 zeros (the
+dtb, alog, dsk (NL, H); prm float32 [eps, norm_eps, dt_lo, dt_hi]; bar (1024,) uint32 zeros (the
 barrier's counters; bigger than 8 bytes so that MLX-CUDA takes it from device memory — its <= 8-byte
 pool is managed memory, where the spinning made every barrier ~0.6 ms); conv states c<l>
 (MB, K-1, CD) in S; ssm states s<l> (MB, H, HD, NS) float32. Outputs: h (MB, DM) in T, scratch res
@@ -494,15 +494,6 @@ def applies(stack: dict, x: mx.array, act_dtype, d_state: int, norm_groups: int)
             and fits(dims_of(stack, d_state, norm_groups), x.shape[0], act_dtype, resident_groups()))
 
 
-def _barrier_scratch(stack: dict) -> mx.array:
-    """Zeroed counters for one launch's grid barriers. `mx.compile` merges identical constant arrays,
-    so two launches in one compiled step (the Mamba-2 stretches of a hybrid) would share one zeros
-    buffer and the second would pass its barriers at once: the length includes the stack's
-    ``segment_tag`` (a shape that differs per stretch, `alloy.layers.stack.prepare_decode`)."""
-    tag = stack.get("segment_tag")
-    return mx.zeros((1024 + (0 if tag is None else tag.shape[0]),), dtype=mx.uint32)
-
-
 def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, norm_groups: int, eps: float,
            norm_eps: float, dt_lim: tuple, nb: int | None = None, threads: int = NT, run=None,
            cu: int | None = None, pf: int | None = None):
@@ -521,7 +512,7 @@ def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, n
     cb = stack.get("cb")
     inputs = [x, stack["nw"], stack["gw"], stack["win"], stack["wout"], stack["cw"],
               stack["cw"] if cb is None else cb, stack["dtb"], stack["alog"], stack["dsk"], prm,
-              _barrier_scratch(stack), *conv_states, *ssm_states]
+              mx.zeros((1024,), dtype=mx.uint32), *conv_states, *ssm_states]
     cdt = conv_states[0].dtype
     outs = (run or kernel(NL))(
         inputs,
