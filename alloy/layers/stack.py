@@ -249,11 +249,10 @@ def prepare_decode(cfg: ModelConfig, params: dict) -> dict:
     so the returned tree holds one copy of them (drop the original tree to free the old buffers).
     Otherwise ``params`` unchanged. Inference only: transform (quantize, LoRA-merge) before
     preparing, and do not train or save the prepared tree."""
-    blocks = resolve(cfg)
-    calls = {} if cfg.shared is None else cfg.shared.calls()
     if "decode_stack" in params:
         return params
-    segments = _segments(cfg, blocks, calls)
+    blocks = resolve(cfg)
+    segments = _segments(cfg, blocks, {} if cfg.shared is None else cfg.shared.calls())
     if len(segments) != 1:
         # one stretch per model for now: with two persistent launches in one compiled decode step,
         # MLX-CUDA returned wrong logits (every layer's state exact, the last stretch's output not;
