@@ -278,17 +278,26 @@ def bench_gdn(quick):
                 record("gated delta", shape, "recurrent kernel (alloy.metal.gated_delta_recurrent)",
                        timeit(lambda: gated_delta_recurrent(q, k, v, g, beta, s0, True), reps=5),
                        nbytes, flops, base)
-            record("gated delta", shape, "chunked + pass kernel (gated_delta impl='kernel')",
-                   timeit(lambda: gated_delta(q, k, v, g, beta, s0, impl="kernel"), reps=10), nbytes, flops, base)
-            from alloy.metal.gated_delta_chunked import chunk_pass
-            from alloy.ops.gated_delta import _compiled_pass_path
-            prep, _ = _compiled_pass_path(True, 64)
-            record("gated delta", shape, "  of which: chunk-local prep (compiled MLX)",
-                   timeit(lambda: prep(q, k, v, g, beta), reps=10), nbytes, flops)
-            parts = prep(q, k, v, g, beta)
+            record("gated delta", shape, "tensor-core WY kernels (gated_delta impl='kernel')",
+                   timeit(lambda: gated_delta(q, k, v, g, beta, s0, impl="kernel"), reps=20), nbytes, flops, base)
+            record("gated delta", shape, "tensor-core WY kernels, 4 calls per sync (amortized)",
+                   timeit(lambda: gated_delta(q, k, v, g, beta, s0, impl="kernel"), reps=10, batch=4),
+                   nbytes, flops, base)
+            from alloy.metal import gated_delta_wy as wy
+            parts = wy.prep(q, k, v, g, beta, True)
             mx.eval(parts)
-            record("gated delta", shape, "  of which: pass kernel alone",
-                   timeit(lambda: chunk_pass(*parts[:5], s0), reps=10), nbytes, flops)
+            record("gated delta", shape, "  of which: WY prep kernel",
+                   timeit(lambda: wy.prep(q, k, v, g, beta, True), reps=20), nbytes, flops)
+            w, u, kd, qd, attn, dlast = parts
+            passed = wy.state_pass(w, u, kd, dlast, s0)
+            mx.eval(passed)
+            record("gated delta", shape, "  of which: state pass kernel",
+                   timeit(lambda: wy.state_pass(w, u, kd, dlast, s0), reps=20), nbytes, flops)
+            record("gated delta", shape, "  of which: output matmuls (MLX)",
+                   timeit(lambda: wy._finish(T)(qd, passed[1], attn, passed[0]), reps=20), nbytes, flops)
+            record("gated delta", shape, "chunked + SIMT pass kernel (previous path)",
+                   timeit(lambda: gated_delta_chunked(q, k, v, g, beta, s0, pass_kernel=True), reps=10),
+                   nbytes, flops, base)
 
 
 def main(argv=None):

@@ -40,6 +40,11 @@ prelude maps onto each dialect:
         mma16(a, A, lda, B, ldb, lane)   acc_row(i, lane), acc_col(i, lane)); mma16 adds A B for 16 x 16
         acc_store(a, C, ldc, lane)       tiles in group-shared memory (CUDA bf16 / fp16: tensor-core
                                 mma.sync; other types and Metal: loops with the same layout)
+        mma16t(a, A, lda, Bt, ldb, lane) the same with B given transposed (Bt: 16 x 16 row-major [n][k]):
+                                A Bt^T, e.g. q k^T from two row-major tiles. lda / ldb even, the
+                                tiles 4-byte aligned (CUDA loads element pairs as 32-bit words)
+        str8(r, p)              store a Raw8's eight elements to group-shared p (one 16-byte store
+                                for bf16/fp16 on CUDA: p 16-byte aligned)
         grid_arrive(c, n, tid)  grid_sync in two halves: writes before grid_arrive are visible after
         grid_wait(c, n, tid)    grid_wait; in between, only loads that need no other group's writes
                                 (weights): they overlap the wait
@@ -100,6 +105,14 @@ template <typename U> DEVICE_FN void mma16(Acc16& acc, const U* A, int lda, cons
     const int r = acc_row(i, lane), c = acc_col(i, lane);
     float s = 0.0f;
     for (int k = 0; k < 16; ++k) s += static_cast<float>(A[r * lda + k]) * static_cast<float>(B[k * ldb + c]);
+    acc.c[i] += s;
+  }
+}
+template <typename U> DEVICE_FN void mma16t(Acc16& acc, const U* A, int lda, const U* Bt, int ldb, unsigned int lane) {
+  for (int i = 0; i < 8; ++i) {
+    const int r = acc_row(i, lane), c = acc_col(i, lane);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += static_cast<float>(A[r * lda + k]) * static_cast<float>(Bt[c * ldb + k]);
     acc.c[i] += s;
   }
 }
@@ -181,6 +194,11 @@ DEVICE_FN void cvt8(const Raw8<__half>& r, float* o) {
     o[2 * j + 1] = f.y;
   }
 }
+template <typename U> DEVICE_FN void str8(const Raw8<U>& r, U* p) {
+  for (int j = 0; j < 8; ++j) p[j] = r.v[j];
+}
+DEVICE_FN void str8(const Raw8<__nv_bfloat16>& r, __nv_bfloat16* p) { *reinterpret_cast<uint4*>(p) = r.q; }
+DEVICE_FN void str8(const Raw8<__half>& r, __half* p) { *reinterpret_cast<uint4*>(p) = r.q; }
 DEVICE_FN float ld_cg(const float* p) { return __ldcg(p); }
 ALLOY_ACC16_LOOPStemplate <typename U> DEVICE_FN unsigned int alloy_pack2(U lo, U hi) {
   return static_cast<unsigned int>(*reinterpret_cast<const unsigned short*>(&lo))
@@ -196,16 +214,31 @@ DEVICE_FN void alloy_mma_m16n8k16(float* c, const unsigned int* a, unsigned int 
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+template <typename U> DEVICE_FN unsigned int alloy_ld2(const U* p) { return *reinterpret_cast<const unsigned int*>(p); }
+template <typename U> DEVICE_FN void alloy_frag_a(unsigned int* a, const U* A, int lda, unsigned int lane) {
+  const int g = static_cast<int>(lane >> 2), t = static_cast<int>(lane & 3u);
+  a[0] = alloy_ld2(A + g * lda + 2 * t);
+  a[1] = alloy_ld2(A + (g + 8) * lda + 2 * t);
+  a[2] = alloy_ld2(A + g * lda + 2 * t + 8);
+  a[3] = alloy_ld2(A + (g + 8) * lda + 2 * t + 8);
+}
 template <typename U> DEVICE_FN void alloy_mma16_tc(Acc16& acc, const U* A, int lda, const U* B, int ldb, unsigned int lane) {
   const int g = static_cast<int>(lane >> 2), t = static_cast<int>(lane & 3u);
-  const unsigned int a[4] = {alloy_pack2(A[g * lda + 2 * t], A[g * lda + 2 * t + 1]),
-                             alloy_pack2(A[(g + 8) * lda + 2 * t], A[(g + 8) * lda + 2 * t + 1]),
-                             alloy_pack2(A[g * lda + 2 * t + 8], A[g * lda + 2 * t + 9]),
-                             alloy_pack2(A[(g + 8) * lda + 2 * t + 8], A[(g + 8) * lda + 2 * t + 9])};
+  unsigned int a[4];
+  alloy_frag_a(a, A, lda, lane);
   for (int h = 0; h < 2; ++h) {
     const int n = 8 * h + g;
     alloy_mma_m16n8k16(acc.c + 4 * h, a, alloy_pack2(B[(2 * t) * ldb + n], B[(2 * t + 1) * ldb + n]),
                        alloy_pack2(B[(2 * t + 8) * ldb + n], B[(2 * t + 9) * ldb + n]), A);
+  }
+}
+template <typename U> DEVICE_FN void alloy_mma16t_tc(Acc16& acc, const U* A, int lda, const U* Bt, int ldb, unsigned int lane) {
+  const int g = static_cast<int>(lane >> 2), t = static_cast<int>(lane & 3u);
+  unsigned int a[4];
+  alloy_frag_a(a, A, lda, lane);
+  for (int h = 0; h < 2; ++h) {
+    const U* row = Bt + (8 * h + g) * ldb + 2 * t;
+    alloy_mma_m16n8k16(acc.c + 4 * h, a, alloy_ld2(row), alloy_ld2(row + 8), A);
   }
 }
 DEVICE_FN void mma16(Acc16& acc, const __nv_bfloat16* A, int lda, const __nv_bfloat16* B, int ldb, unsigned int lane) {
@@ -213,6 +246,12 @@ DEVICE_FN void mma16(Acc16& acc, const __nv_bfloat16* A, int lda, const __nv_bfl
 }
 DEVICE_FN void mma16(Acc16& acc, const __half* A, int lda, const __half* B, int ldb, unsigned int lane) {
   alloy_mma16_tc(acc, A, lda, B, ldb, lane);
+}
+DEVICE_FN void mma16t(Acc16& acc, const __nv_bfloat16* A, int lda, const __nv_bfloat16* Bt, int ldb, unsigned int lane) {
+  alloy_mma16t_tc(acc, A, lda, Bt, ldb, lane);
+}
+DEVICE_FN void mma16t(Acc16& acc, const __half* A, int lda, const __half* Bt, int ldb, unsigned int lane) {
+  alloy_mma16t_tc(acc, A, lda, Bt, ldb, lane);
 }
 DEVICE_FN unsigned int alloy_atom_add_acq_rel(unsigned int* p, unsigned int v) {
   unsigned int old;
@@ -330,6 +369,9 @@ template <typename U> DEVICE_FN Raw8<U> ldr8(const device U* p) {
 template <typename U> DEVICE_FN void cvt8(Raw8<U> r, thread float* o) {
   for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(r.v[j]);
 }
+template <typename U> DEVICE_FN void str8(Raw8<U> r, threadgroup U* p) {
+  for (int j = 0; j < 8; ++j) p[j] = r.v[j];
+}
 template <typename U> DEVICE_FN void prefetch_l2(const device U* p) {}
 // Acc16 / mma16 / acc_store: the layout of the CUDA dialect, computed by plain loops (no
 // simdgroup_matrix yet)
@@ -345,6 +387,15 @@ template <typename U> DEVICE_FN void mma16(thread Acc16& acc, const threadgroup 
     const int r = acc_row(i, lane), c = acc_col(i, lane);
     float s = 0.0f;
     for (int k = 0; k < 16; ++k) s += static_cast<float>(A[r * lda + k]) * static_cast<float>(B[k * ldb + c]);
+    acc.c[i] += s;
+  }
+}
+template <typename U> DEVICE_FN void mma16t(thread Acc16& acc, const threadgroup U* A, int lda, const threadgroup U* Bt,
+                                            int ldb, unsigned int lane) {
+  for (int i = 0; i < 8; ++i) {
+    const int r = acc_row(i, lane), c = acc_col(i, lane);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += static_cast<float>(A[r * lda + k]) * static_cast<float>(Bt[c * ldb + k]);
     acc.c[i] += s;
   }
 }

@@ -202,16 +202,20 @@ _PASS_CHUNK = 64  # chunk length of the kernel path's chunked form
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_path(chunked: bool, l2norm: bool):
-    """The GPU kernel for one (form, l2norm), with its gradient: the recurrent kernel (VJP through
-    the reference) or the chunked form with the pass kernel (VJP through the MLX chunked form)."""
+def _kernel_path(form: str, l2norm: bool):
+    """The GPU kernels of one form, with their gradient: "recurrent" (VJP through the reference),
+    "pass" (the chunked form with the pass kernel) or "wy" (the tensor-core chunked kernels of
+    `alloy.metal.gated_delta_wy`), both with the VJP through the MLX chunked form."""
     from alloy import metal
     from alloy.metal.gated_delta_recurrent import gated_delta_recurrent
+    from alloy.metal.gated_delta_wy import gated_delta_wy
 
-    if chunked:
+    chunked_vjp = lambda *a: gated_delta_chunked(*a, l2norm, _PASS_CHUNK)  # noqa: E731
+    if form == "wy":
+        return metal.differentiable(lambda *a: gated_delta_wy(*a, l2norm), chunked_vjp)
+    if form == "pass":
         return metal.differentiable(
-            lambda *a: gated_delta_chunked(*a, l2norm, _PASS_CHUNK, pass_kernel=True),
-            lambda *a: gated_delta_chunked(*a, l2norm, _PASS_CHUNK))
+            lambda *a: gated_delta_chunked(*a, l2norm, _PASS_CHUNK, pass_kernel=True), chunked_vjp)
     return metal.differentiable(lambda *a: gated_delta_recurrent(*a, l2norm),
                                 lambda *a: gated_delta_ref(*a, l2norm))
 
@@ -228,9 +232,10 @@ def gated_delta(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk
                 impl: str = "auto"):
     """Public gated delta rule. impl: "ref", "chunked", "kernel" or "auto" (the kernels on a GPU,
     else the recurrent reference for T == 1 and the chunked form). The kernel path: up to 64 tokens
-    the recurrent kernel (`alloy.metal.gated_delta_recurrent`, gradient through the reference),
-    beyond the chunked form with its sweep across chunks in `alloy.metal.gated_delta_chunked`
-    (gradient through the MLX chunked form)."""
+    the recurrent kernel (`alloy.metal.gated_delta_recurrent`, gradient through the reference);
+    beyond, for 16-bit inputs with K = 128 and one decay per head, the tensor-core chunked kernels
+    (`alloy.metal.gated_delta_wy`), else the chunked form with its sweep across chunks in
+    `alloy.metal.gated_delta_chunked` (both with the gradient through the MLX chunked form)."""
     if impl == "ref":
         return gated_delta_ref(q, k, v, g, beta, initial_state, l2norm)
     if impl == "chunked":
@@ -248,9 +253,12 @@ def gated_delta(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk
         H, V = v.shape[2], v.shape[3]
         s = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
         from alloy.metal.gated_delta_chunked import applies as pass_applies
+        from alloy.metal.gated_delta_wy import applies as wy_applies
 
-        chunked = T > _RECURRENT_MAX_T and pass_applies(K, _PASS_CHUNK)
-        return _kernel_path(chunked, bool(l2norm))(q, k, v, g, beta, s)
+        form = "recurrent"
+        if T > _RECURRENT_MAX_T:
+            form = "wy" if wy_applies(q, k, v, g) else "pass" if pass_applies(K, _PASS_CHUNK) else form
+        return _kernel_path(form, bool(l2norm))(q, k, v, g, beta, s)
     if T == 1:
         return gated_delta_ref(q, k, v, g, beta, initial_state, l2norm)
     return gated_delta_chunked(q, k, v, g, beta, initial_state, l2norm, min(chunk_size, max(8, T)))

@@ -355,6 +355,38 @@ def test_gated_delta_chunk_pass_kernel_matches_ref(b, T, hk, r, K, V, per_channe
     assert o.dtype == orf.dtype and rel_err(o, orf) <= tol and rel_err(s, sr) <= tol
 
 
+# ---------------------------------------------------------------- gated delta rule, tensor-core WY kernels
+@given(b=st.integers(1, 2), T=st.sampled_from([65, 130, 1000]), hk=st.sampled_from([1, 2]), r=st.sampled_from([1, 2]),
+       V=st.sampled_from([32, 64, 128]), l2=st.booleans(), dt=st.sampled_from(["bf16", "f16"]),
+       state=st.booleans(), seed=st.integers(0, 2**16))
+def test_gated_delta_wy_kernels_match_ref(b, T, hk, r, V, l2, dt, state, seed):
+    from alloy.metal import gated_delta_wy as wy
+    from alloy.ops.gated_delta import gated_delta, gated_delta_ref
+    rng = np.random.default_rng(seed)
+    dtype, H, K = {"bf16": mx.bfloat16, "f16": mx.float16}[dt], hk * r, 128
+    q, k = arr(rng, (b, T, hk, K), dtype), arr(rng, (b, T, hk, K), dtype)
+    if not l2:
+        q, k = q * (K ** -0.5), k * (K ** -0.5)
+    v = arr(rng, (b, T, H, V), dtype)
+    g = -pos(rng, (b, T, H), 0.01, 0.5)
+    beta = pos(rng, (b, T, H), 0.05, 0.95)
+    s0 = arr(rng, (b, H, K, V)) if state else None
+    assert wy.applies(q, k, v, g)
+    o, s = gated_delta(q, k, v, g, beta, s0, l2norm=l2, impl="kernel")
+    orf, sr = gated_delta_ref(q, k, v, g, beta, s0, l2norm=l2)
+    assert o.dtype == orf.dtype and rel_err(o, orf) <= 3e-2 and rel_err(s, sr) <= 3e-2
+
+
+def test_gated_delta_wy_gradients_match_chunked():
+    from alloy.ops.gated_delta import gated_delta
+    rng = np.random.default_rng(6)
+    bf = mx.bfloat16
+    q, k, v = arr(rng, (1, 80, 1, 128), bf), arr(rng, (1, 80, 1, 128), bf), arr(rng, (1, 80, 2, 32), bf)
+    g, beta, s0 = -pos(rng, (1, 80, 2), 0.01, 0.5), pos(rng, (1, 80, 2), 0.1, 0.9), arr(rng, (1, 2, 128, 32))
+    ct = arr(rng, (1, 80, 2, 32), bf)
+    assert_grads_match(gated_delta, (q, k, v, g, beta, s0), (ct,), "kernel", "chunked", 3e-2)
+
+
 def test_gated_delta_chunk_pass_gradients_match_chunked():
     from alloy.ops.gated_delta import gated_delta
     rng = np.random.default_rng(5)

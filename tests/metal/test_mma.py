@@ -16,7 +16,8 @@ from alloy.metal.prelude import Kernel, backend
 from alloy.metal.testing import rel_err
 
 # C (M, N) float32 = A (M, K) B (K, N); M, N, K multiples of 16. Each warp owns one 16 x 16 tile of C:
-# per 16-wide slice of K its lanes copy the A and B tiles into group-shared memory, then mma16.
+# per 16-wide slice of K its lanes copy the A and B tiles into group-shared memory, then mma16. TRANS:
+# b is given as B^T (N, K), staged as [n][k], and the product is mma16t.
 MATMUL = Kernel(
     name="alloy_test_mma_matmul",
     inputs=("a", "b"),
@@ -24,7 +25,7 @@ MATMUL = Kernel(
     body="""
   const int M = a_shape[0];
   const int K = a_shape[1];
-  const int N = b_shape[1];
+  const int N = TRANS ? b_shape[0] : b_shape[1];
   constexpr int NWP = NT / 32;
   SHARED T ta[NWP][16 * 16];
   SHARED T tb[NWP][16 * 16];
@@ -37,20 +38,27 @@ MATMUL = Kernel(
   for (int k0 = 0; k0 < K; k0 += 16) {
     for (int e = lane; e < 256; e += 32) {
       ta[warp][e] = a[(tm * 16 + e / 16) * K + k0 + e % 16];
-      tb[warp][e] = b[(k0 + e / 16) * N + tn * 16 + e % 16];
+      tb[warp][e] = TRANS ? b[(tn * 16 + e / 16) * K + k0 + e % 16] : b[(k0 + e / 16) * N + tn * 16 + e % 16];
     }
     warp_sync();
-    mma16(acc, ta[warp], 16, tb[warp], 16, lane);
+    if (TRANS) {
+      mma16t(acc, ta[warp], 16, tb[warp], 16, lane);
+    } else {
+      mma16(acc, ta[warp], 16, tb[warp], 16, lane);
+    }
     warp_sync();
   }
   acc_store(acc, c + (tm * 16) * N + tn * 16, N, lane);
 """)
 
 
-def _run(run, a, b, nt=64):
+def _run(run, a, b, nt=64, trans=False):
     M, N = a.shape[0], b.shape[1]
     tiles = (M // 16) * (N // 16)
-    return run(MATMUL, [a, b], template=[("T", a.dtype), ("NT", nt)], grid=(-(-tiles // (nt // 32)), 1, 1),
+    if trans:
+        b = mx.contiguous(b.T)
+    return run(MATMUL, [a, b], template=[("T", a.dtype), ("NT", nt), ("TRANS", trans)],
+               grid=(-(-tiles // (nt // 32)), 1, 1),
                threadgroup=nt, output_shapes=[(M, N)], output_dtypes=[mx.float32])[0]
 
 
@@ -64,16 +72,17 @@ def _case(dtype, M=32, K=48, N=32, seed=0):
 
 @pytest.mark.skipif(not emulate.available(), reason="the CPU kernel emulator needs g++")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
-def test_mma16_matmul_on_emulator(dtype):
+@pytest.mark.parametrize("trans", [False, True])
+def test_mma16_matmul_on_emulator(dtype, trans):
     a, b, ref = _case(dtype)
-    got = _run(lambda k, inputs, **kw: emulate.run(k, inputs, **kw), a, b)
+    got = _run(lambda k, inputs, **kw: emulate.run(k, inputs, **kw), a, b, trans=trans)
     assert rel_err(got, ref) <= 1e-5
     # the check can fail: the same kernel with the accumulator's columns swapped in pairs
     bad = Kernel(MATMUL.name + "_bad", MATMUL.inputs, MATMUL.outputs,
                  MATMUL.body.replace("acc_store(acc, c + (tm * 16) * N + tn * 16, N, lane);",
                                      "for (int i = 0; i < 8; ++i) c[(tm * 16 + acc_row(i, lane)) * N + tn * 16 + "
                                      "(acc_col(i, lane) ^ 1)] = acc.c[i];"))
-    wrong = _run(lambda k, inputs, **kw: emulate.run(bad, inputs, **kw), a, b)
+    wrong = _run(lambda k, inputs, **kw: emulate.run(bad, inputs, **kw), a, b, trans=trans)
     assert rel_err(wrong, ref) > 1e-2
 
 
@@ -85,7 +94,7 @@ def test_mma16_cuda_dialect_compiles(ctype, tmp_path):
     src = ('#include "mlx/backend/cuda/device/utils.cuh"\n' + header + "namespace mlx::core::cu {\n__global__ void k("
            f"const {ctype}* a, const __grid_constant__ Shape a_shape, const {ctype}* b, "
            "const __grid_constant__ Shape b_shape, float* c) {\n"
-           f"  using T = {ctype};\n  constexpr int NT = 64;\n" + body + "\n}\n}\n")
+           f"  using T = {ctype};\n  constexpr int NT = 64;\n  constexpr bool TRANS = false;\n" + body + "\n}\n}\n")
     path = tmp_path / "k.cu"
     path.write_text(src)
     res = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-I", os.environ["ALLOY_MLX_CUDA_INCLUDE"], "-c",
@@ -99,7 +108,8 @@ def test_mma16_cuda_dialect_compiles(ctype, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(backend() is None, reason="needs a GPU backend")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
-def test_mma16_matmul_on_gpu(dtype):
+@pytest.mark.parametrize("trans", [False, True])
+def test_mma16_matmul_on_gpu(dtype, trans):
     a, b, ref = _case(dtype, M=64, K=128, N=48, seed=1)
-    got = _run(lambda k, inputs, **kw: k(inputs, **kw), a, b, nt=128)
+    got = _run(lambda k, inputs, **kw: k(inputs, **kw), a, b, nt=128, trans=trans)
     assert rel_err(got, ref) <= 1e-4  # fp32 accumulation of exactly representable products

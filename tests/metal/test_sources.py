@@ -109,7 +109,7 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
                                                     ("NL", 4), ("DM", 2048), ("DIN", 4096), ("NS", 128), ("NGR", 1), ("MB", 1),
                                                     ("NB", 132), ("NT", 256), ("CU", 8), ("QB", 4), ("XMAX", 4096), ("PF", 2))
         if re.search(rf"\b{n}\b", body)) + "".join(
-        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM") if n in body)
+        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM", "L2") if re.search(rf"\b{n}\b", body))
     for alias in ("S", "W"):
         if re.search(rf"\b{alias}\b", body) and alias not in kernel.inputs:
             tmpl = f"  using {alias} = __nv_bfloat16;\n" + tmpl
