@@ -66,7 +66,8 @@ def _case(dtype, M=32, K=48, N=32, seed=0):
     rng = np.random.default_rng(seed)
     a = mx.array(rng.standard_normal((M, K)).astype(np.float32)).astype(dtype)
     b = mx.array(rng.standard_normal((K, N)).astype(np.float32)).astype(dtype)
-    ref = a.astype(mx.float32) @ b.astype(mx.float32)
+    f64 = lambda x: np.array(x.astype(mx.float32)).astype(np.float64)  # noqa: E731 (GPU fp32 matmul is TF32)
+    ref = mx.array((f64(a) @ f64(b)).astype(np.float32))
     return a, b, ref
 
 
