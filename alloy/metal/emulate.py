@@ -167,7 +167,7 @@ struct alloy_emu_thread {
 
 # The CPU dialect. It must define every name of prelude._CUDA_HEADER / _METAL_HEADER:
 #   SHARED (rewritten by `_rewrite_shared`; a leftover is an error)  BARRIER()  DEVICE_FN  DEV  ALIGN16
-#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum warp_sync  f4 / float4 (.x .y .z .w)  ld8  ldr8 / cvt8 / str8 / Raw8  ld_cg  grid_sync  grid_arrive / grid_wait  prefetch_l2  Acc16 acc_zero mma16 mma16t acc_store acc_row acc_col
+#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum warp_sync  f4 / float4 (.x .y .z .w)  ld8  ldr8 / cvt8 / str8 / Raw8  st8 st2  ld_cg  grid_sync  grid_arrive / grid_wait  prefetch_l2  Acc16 acc_zero mma16 mma16t acc_store acc_row acc_col
 # and the index names of prelude._INDEX (see _INDEX_CPU). A name the prelude gains goes here
 # (a DEVICE_FN function; runtime services through alloy_emu_self->ops, see _RUNTIME).
 _DIALECT = r"""
@@ -241,6 +241,21 @@ template <typename U> DEVICE_FN Raw8<U> ldr8(const U* p) {
 }
 template <typename U> DEVICE_FN void cvt8(const Raw8<U>& r, float* o) {
   for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(r.v[j]);
+}
+template <typename U> DEVICE_FN void st8(U* p, const float* o) {
+  if constexpr (std::is_same_v<U, alloy_bf16> || std::is_same_v<U, alloy_half>) {
+    if (reinterpret_cast<uintptr_t>(p) & 15u)
+      alloy_emu_fail("st8: a bf16/fp16 pointer that is not 16-byte aligned (CUDA stores the 8 elements as one uint4)");
+  }
+  for (int j = 0; j < 8; ++j) p[j] = static_cast<U>(o[j]);
+}
+template <typename U> DEVICE_FN void st2(U* p, float a, float b) {
+  if constexpr (std::is_same_v<U, alloy_bf16> || std::is_same_v<U, alloy_half>) {
+    if (reinterpret_cast<uintptr_t>(p) & 3u)
+      alloy_emu_fail("st2: a bf16/fp16 pointer that is not 4-byte aligned (CUDA stores the pair as one 32-bit word)");
+  }
+  p[0] = static_cast<U>(a);
+  p[1] = static_cast<U>(b);
 }
 template <typename U> DEVICE_FN void str8(const Raw8<U>& r, U* p) {
   if constexpr (std::is_same_v<U, alloy_bf16> || std::is_same_v<U, alloy_half>) {

@@ -45,6 +45,10 @@ prelude maps onto each dialect:
                                 tiles 4-byte aligned (CUDA loads element pairs as 32-bit words)
         str8(r, p)              store a Raw8's eight elements to group-shared p (one 16-byte store
                                 for bf16/fp16 on CUDA: p 16-byte aligned)
+        st8(p, o)               p[0..8) = o[0..8) converted, p a buffer or group-shared array (one
+                                16-byte store for bf16/fp16 on CUDA: p 16-byte aligned)
+        st2(p, a, b)            p[0] = a, p[1] = b converted (one 32-bit store for bf16/fp16 on
+                                CUDA: p 4-byte aligned), e.g. an Acc16's column pair (entries i, i+1)
         grid_arrive(c, n, tid)  grid_sync in two halves: writes before grid_arrive are visible after
         grid_wait(c, n, tid)    grid_wait; in between, only loads that need no other group's writes
                                 (weights): they overlap the wait
@@ -199,6 +203,27 @@ template <typename U> DEVICE_FN void str8(const Raw8<U>& r, U* p) {
 }
 DEVICE_FN void str8(const Raw8<__nv_bfloat16>& r, __nv_bfloat16* p) { *reinterpret_cast<uint4*>(p) = r.q; }
 DEVICE_FN void str8(const Raw8<__half>& r, __half* p) { *reinterpret_cast<uint4*>(p) = r.q; }
+template <typename U> DEVICE_FN void st8(U* p, const float* o) {
+  for (int j = 0; j < 8; ++j) p[j] = static_cast<U>(o[j]);
+}
+DEVICE_FN void st8(__nv_bfloat16* p, const float* o) {
+  uint4 v;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+  for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(o[2 * j], o[2 * j + 1]);
+  *reinterpret_cast<uint4*>(p) = v;
+}
+DEVICE_FN void st8(__half* p, const float* o) {
+  uint4 v;
+  __half2* h = reinterpret_cast<__half2*>(&v);
+  for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(o[2 * j], o[2 * j + 1]);
+  *reinterpret_cast<uint4*>(p) = v;
+}
+template <typename U> DEVICE_FN void st2(U* p, float a, float b) {
+  p[0] = static_cast<U>(a);
+  p[1] = static_cast<U>(b);
+}
+DEVICE_FN void st2(__nv_bfloat16* p, float a, float b) { *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b); }
+DEVICE_FN void st2(__half* p, float a, float b) { *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b); }
 DEVICE_FN float ld_cg(const float* p) { return __ldcg(p); }
 ALLOY_ACC16_LOOPStemplate <typename U> DEVICE_FN unsigned int alloy_pack2(U lo, U hi) {
   return static_cast<unsigned int>(*reinterpret_cast<const unsigned short*>(&lo))
@@ -371,6 +396,20 @@ template <typename U> DEVICE_FN void cvt8(Raw8<U> r, thread float* o) {
 }
 template <typename U> DEVICE_FN void str8(Raw8<U> r, threadgroup U* p) {
   for (int j = 0; j < 8; ++j) p[j] = r.v[j];
+}
+template <typename U> DEVICE_FN void st8(device U* p, thread const float* o) {
+  for (int j = 0; j < 8; ++j) p[j] = static_cast<U>(o[j]);
+}
+template <typename U> DEVICE_FN void st8(threadgroup U* p, thread const float* o) {
+  for (int j = 0; j < 8; ++j) p[j] = static_cast<U>(o[j]);
+}
+template <typename U> DEVICE_FN void st2(device U* p, float a, float b) {
+  p[0] = static_cast<U>(a);
+  p[1] = static_cast<U>(b);
+}
+template <typename U> DEVICE_FN void st2(threadgroup U* p, float a, float b) {
+  p[0] = static_cast<U>(a);
+  p[1] = static_cast<U>(b);
 }
 template <typename U> DEVICE_FN void prefetch_l2(const device U* p) {}
 // Acc16 / mma16 / acc_store: the layout of the CUDA dialect, computed by plain loops (no
