@@ -105,7 +105,7 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
         f"  constexpr int {n} = {v};\n" for n, v in (("K", 4), ("TILE", 16), ("LANES", 16),
                                                     ("NJ", 1), ("KC", 64), ("TB", 8), ("CBLK", 8),
                                                     ("CG", 1), ("PC", 64), ("SB", 32),
-                                                    ("HD", 64), ("DS", 128), ("IN", 2048), ("NG", 1), ("RB", 16), ("UNROLL", 16), ("RPB", 8), ("KD", 128), ("CH", 64), ("NW", 8),
+                                                    ("HD", 64), ("DS", 128), ("IN", 2048), ("NG", 1), ("RB", 16), ("UNROLL", 16), ("RPB", 8), ("KD", 128), ("VD", 128), ("VB", 64), ("CH", 64), ("NW", 8),
                                                     ("NL", 4), ("DM", 2048), ("DIN", 4096), ("NS", 128), ("NGR", 1), ("MB", 1),
                                                     ("NB", 132), ("NT", 256), ("CU", 8), ("QB", 4), ("XMAX", 4096), ("PF", 2))
         if re.search(rf"\b{n}\b", body)) + "".join(
