@@ -380,10 +380,10 @@ OUT = Kernel(
   const int H = qd_shape[1];
   const int n = qd_shape[2];
   constexpr int NVB = VD / VB;
-  const int c = bid_x;
+  const int c = bid_x / NVB;                 // the V slices of one chunk run side by side (L2 reuse of qd, attn)
   const int h = bid_y;
-  const int b = bid_z / NVB;
-  const int n0 = (bid_z % NVB) * VB;
+  const int b = bid_z;
+  const int n0 = (bid_x % NVB) * VB;
   const int bhc = (b * H + h) * n + c;
   constexpr int KP = KD + 8;
   constexpr int TP = CH + 8;
@@ -485,7 +485,7 @@ def output(qd, hs, attn, vt, g):
     return OUT(
         [qd, hs, attn, vt, g],
         template=[("T", qd.dtype), ("KD", K), ("VD", V), ("VB", VB), ("CH", C), ("NT", NT)],
-        grid=(n, H, B * (V // VB)), threadgroup=NT,
+        grid=(n * (V // VB), H, B), threadgroup=NT,
         output_shapes=[(B, g.shape[1], H, V)], output_dtypes=[qd.dtype])[0]
 
 
