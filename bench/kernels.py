@@ -248,13 +248,13 @@ def gdn_args(B, T, Hk, H, K, V, seed=0):
     return q, k, v, g, beta, mx.zeros((B, H, K, V), F32)
 
 
-def bench_gdn(quick):
+def bench_gdn(quick, lengths=None):
     """Gated delta rule (32 heads, K = V = 128, bf16, B = 1): the recurrent kernel for decode and
     short prompts, and the long-prompt paths at the issue's anchor shapes."""
     from alloy.ops.gated_delta import gated_delta_chunked, gated_delta_ref
     H = K = V = 128
     H = 32
-    for T in (1, 16, 64) + (() if quick else (4096, 16384)):
+    for T in lengths or ((1, 16, 64) + (() if quick else (4096, 16384))):
         q, k, v, g, beta, s0 = gdn_args(1, T, H, H, K, V)
         nbytes = 2 * T * H * (2 * K + V) + 8 * T * H + 2 * 4 * H * K * V + 2 * T * H * V
         flops = T * H * K * V * 8
@@ -293,8 +293,8 @@ def bench_gdn(quick):
             mx.eval(passed)
             record("gated delta", shape, "  of which: state pass kernel",
                    timeit(lambda: wy.state_pass(w, u, kd, dlast, s0), reps=20), nbytes, flops)
-            record("gated delta", shape, "  of which: output matmuls (MLX)",
-                   timeit(lambda: wy._finish(T)(qd, passed[1], attn, passed[0]), reps=20), nbytes, flops)
+            record("gated delta", shape, "  of which: output kernel",
+                   timeit(lambda: wy.output(qd, passed[1], attn, passed[0], g), reps=20), nbytes, flops)
             record("gated delta", shape, "chunked + SIMT pass kernel (previous path)",
                    timeit(lambda: gated_delta_chunked(q, k, v, g, beta, s0, pass_kernel=True), reps=10),
                    nbytes, flops, base)
@@ -305,6 +305,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="conv,steps,ssd,stages,sscan,gdn,decode")
+    ap.add_argument("--gdn-lengths", help="comma list of T for the gdn rows (default 1,16,64,4096,16384)")
     a = ap.parse_args(argv)
     print(json.dumps({"device": str(mx.default_device()), "backend": metal.backend(), "mlx": mx.__version__}))
     if metal.backend() is None:
@@ -315,7 +316,7 @@ def main(argv=None):
     for name, fn in (("conv", lambda: bench_conv(a.quick)), ("steps", bench_steps),
                      ("ssd", lambda: bench_ssd(a.quick)),
                      ("stages", lambda: [bench_ssd_stages(16384, k) for k in (128, 64)]), ("sscan", lambda: bench_selective_scan(a.quick)),
-                     ("gdn", lambda: bench_gdn(a.quick)),
+                     ("gdn", lambda: bench_gdn(a.quick, a.gdn_lengths and tuple(int(t) for t in a.gdn_lengths.split(",")))),
                      ("decode", lambda: decode.update(bench_decode(a.quick)))):
         if name in only:
             try:

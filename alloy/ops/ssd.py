@@ -200,11 +200,15 @@ def _kernel_chunk(T, chunk_size):
     return min(k, max(16, min(chunk_size, _KERNEL_MAX_CHUNK) // 16 * 16))
 
 
+_VJP_CHUNK = None  # chunk length of the MLX chunked form the kernel path's gradient differentiates (None: the kernel's)
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_chunked(chunk):
+    vjp_chunk = _VJP_CHUNK or chunk
     return metal.differentiable(
         lambda *a: _chunk_kernels.ssd_chunked(*a, chunk),
-        lambda *a: ssd_chunked(*a, chunk),
+        lambda *a: ssd_chunked(*a, vjp_chunk),
     )
 
 
