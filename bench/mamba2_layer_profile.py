@@ -1,0 +1,96 @@
+"""Forward + backward of one Mamba-2 mixer of the toy config, piece by piece, on the default device.
+
+    python bench/mamba2_layer_profile.py [--batch 16] [--T 2048]
+
+Rows (median ms, compiled gradient of sum(out * ct), bf16 activations and weights): the whole mixer,
+and each of its parts alone on inputs of the shapes it sees there: in_proj, causal conv1d + SiLU,
+the SSD scan, the gated RMSNorm, out_proj, and the dt softplus.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import time
+
+import alloy  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+
+from alloy.config import ModelConfig
+from alloy.model import build
+from alloy.ops import causal_conv1d, gated_rms_norm
+from alloy.params import cast
+from alloy.train.loop import load_train_config
+
+mamba2 = importlib.import_module("alloy.layers.mamba2")
+ssd_mod = importlib.import_module("alloy.ops.ssd")
+
+
+def timeit(fn, reps=5, warm=2):
+    for _ in range(warm):
+        mx.eval(fn())
+    mx.synchronize()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def grad_time(f, *args):
+    """ms of the compiled gradient of sum(f(*args) * ct) w.r.t. every argument."""
+    out = f(*args)
+    ct = mx.random.normal(out.shape, key=mx.random.key(9)).astype(out.dtype)
+    g = mx.compile(mx.grad(lambda *a: (f(*a) * ct).astype(mx.float32).sum(), argnums=tuple(range(len(args)))))
+    return timeit(lambda: g(*args))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--T", type=int, default=2048)
+    a = ap.parse_args(argv)
+    base = load_train_config("toy")[0].to_dict()
+    cfg = ModelConfig.from_dict(dict(base, name="one-mamba2", layer_types=["mamba2"], ffn_types=["mlp"],
+                                     mixers={"mamba2": base["mixers"]["mamba2"]}))
+    _, s = cfg.mixer(0)
+    p = cast(build(cfg).init(mx.random.key(0)), mx.bfloat16)["layers"][0]["mixer"]
+    mx.eval(p)
+    B, T, d = a.batch, a.T, cfg.d_model
+    ks = mx.random.split(mx.random.key(1), 4)
+    x = mx.random.normal((B, T, d), key=ks[0]).astype(mx.bfloat16)
+    gn = s.n_groups * s.d_state
+    conv_c = s.d_inner + 2 * gn
+    xbc = mx.random.normal((B, T, conv_c), key=ks[1]).astype(mx.bfloat16)
+    y = mx.random.normal((B, T, s.d_inner), key=ks[2]).astype(mx.bfloat16)
+    z = mx.random.normal((B, T, s.d_inner), key=ks[3]).astype(mx.bfloat16)
+    dt_raw = mx.random.normal((B, T, s.n_heads)).astype(mx.bfloat16)
+    rows = [
+        ("whole mixer", grad_time(lambda x, w_in, w_out: mamba2.apply(
+            dict(p, in_proj={"weight": w_in}, out_proj={"weight": w_out}), x, None, s)[0],
+            x, p["in_proj"]["weight"], p["out_proj"]["weight"])),
+        ("in_proj", grad_time(lambda x, w: x @ w.T, x, p["in_proj"]["weight"])),
+        ("conv1d + silu", grad_time(lambda v, w, b: causal_conv1d(v, w, b, None, activation="silu")[0],
+                                    xbc, p["conv1d"]["weight"], p["conv1d"]["bias"])),
+        ("dt softplus", grad_time(lambda v, b: nn.softplus(v.astype(mx.float32) + b.astype(mx.float32)),
+                                  dt_raw, p["dt_bias"])),
+        ("SSD", grad_time(lambda xs, dt, Bm, Cm: ssd_mod.ssd(xs, dt, -mx.exp(p["A_log"].astype(mx.float32)), Bm, Cm,
+                                                             p["D"], None, chunk_size=s.chunk_size)[0],
+                          xbc[..., :s.d_inner].reshape(B, T, s.n_heads, s.head_dim),
+                          nn.softplus(dt_raw.astype(mx.float32)),
+                          xbc[..., s.d_inner:s.d_inner + gn].reshape(B, T, s.n_groups, s.d_state),
+                          xbc[..., s.d_inner + gn:].reshape(B, T, s.n_groups, s.d_state))),
+        ("gated rms norm", grad_time(lambda y, z, w: gated_rms_norm(y, z, w, s.norm_eps, group_size=s.d_inner // s.n_groups),
+                                     y, z, p["norm"]["weight"])),
+        ("out_proj", grad_time(lambda y, w: y @ w.T, y, p["out_proj"]["weight"])),
+    ]
+    print(f"\n| part (B={B}, T={T}, toy Mamba-2 mixer) | fwd+bwd ms |\n|---|---|")
+    for r, m in rows:
+        print(f"| {r} | {m:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
