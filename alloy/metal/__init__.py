@@ -4,7 +4,8 @@ or Metal (`mx.fast.metal_kernel`) by `alloy.metal.prelude`.
 Kernels (each an inference kernel; the public ops in `alloy.ops` attach VJPs through their
 differentiable MLX paths with `differentiable`):
 
-    conv1d               fused causal depthwise conv1d + SiLU, state in/out (prefill and step)
+    conv1d               fused causal depthwise conv1d + SiLU, state in/out (prefill and step), and
+                         its gradient in one launch
     ssd_step             Mamba-2 decode step: state update + readout + D skip
     gated_delta_recurrent  gated delta rule token by token, state in registers (decode, short prompts)
     gated_delta_chunked  the chunked gated delta rule's sweep across chunks, state in registers
@@ -29,17 +30,18 @@ from alloy.metal.prelude import DIALECTS, Kernel, backend  # noqa: F401
 
 KERNELS = {
     k.name: k
-    for k in (conv1d.KERNEL, gemv.KERNEL, gated_delta_recurrent.KERNEL, gated_delta_chunked.KERNEL, ssd_step.KERNEL, mamba2_step.KERNEL, selective_scan_step.KERNEL, selective_scan.KERNEL,
+    for k in (conv1d.KERNEL, conv1d.BWD, gemv.KERNEL, gated_delta_recurrent.KERNEL, gated_delta_chunked.KERNEL, ssd_step.KERNEL, mamba2_step.KERNEL, selective_scan_step.KERNEL, selective_scan.KERNEL,
               ssd_chunked.PREP, ssd_chunked.PASS, ssd_chunked.OUT, mamba2_stack.kernel(4),
               gated_delta_wy.PREP, gated_delta_wy.PASS)
 }
 
 
-def differentiable(fast, slow):
+def differentiable(fast, slow, vjp=None):
     """`fast` with the gradient of `slow`: an `mx.custom_function` whose forward runs `fast` and
-    whose VJP differentiates `slow` (the same math as a differentiable MLX composition).
+    whose VJP differentiates `slow` (the same math as a differentiable MLX composition), or, when
+    given, calls ``vjp(*primals, *cotangents)`` (a hand-written gradient, e.g. a kernel) instead.
 
-    Both take the same positional arrays and return a tuple of arrays."""
+    All take the same positional arrays and return a tuple of arrays."""
 
     @mx.custom_function
     def f(*args):
@@ -47,6 +49,8 @@ def differentiable(fast, slow):
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
+        if vjp is not None:
+            return tuple(vjp(*primals, *cotangents))
         _, grads = mx.vjp(lambda *a: list(slow(*a)), list(primals), list(cotangents))
         return tuple(grads)
 

@@ -11,8 +11,12 @@ its loads are all in flight at once.
 
 Shapes: x (B, T, C), weight (C, K) with K >= 2, bias (C,), state (B, K-1, C) -> y (B, T, C) in
 x.dtype, new_state (B, K-1, C) in x.dtype. The state is rounded to x.dtype before use, as in
-`alloy.ops.conv.causal_conv1d_ref`. Inference kernel; `alloy.ops.conv` gives it a VJP through the
-reference ops.
+`alloy.ops.conv.causal_conv1d_ref`.
+
+`BWD` is its gradient in one launch with the same work items: the tile's pre-activations are
+recomputed from x (and the K-1 steps after the tile, whose gradients reach the tile's inputs),
+dx / dstate are the transposed convolution of d pre-activation, and each work item writes its
+share of dweight / dbias (summed by MLX afterwards, no atomics).
 """
 from __future__ import annotations
 
@@ -65,6 +69,92 @@ KERNEL = Kernel(
   }
 """,
 )
+
+
+BWD = Kernel(
+    name="alloy_causal_conv1d_bwd",
+    inputs=("x", "w", "bias", "state", "dy", "dns"),
+    outputs=("dx", "dstate", "dwb"),
+    body="""
+  const int Tn = x_shape[1];
+  const int Cn = x_shape[2];
+  const int c = bid_x * nthreads + tid;
+  const int t0 = bid_y * TILE;
+  const int b = bid_z;
+  const int nt = (Tn + TILE - 1) / TILE;
+  if (c < Cn && t0 < Tn) {
+    float wk[K];
+    for (int k = 0; k < K; ++k) wk[k] = static_cast<float>(w[c * K + k]);
+    const float bv = static_cast<float>(bias[c]);
+    // xp[t0 .. t0 + TILE + 2K - 3] (x from t0 - K + 1; the carried state before 0) and dy on the
+    // tile and the K-1 steps after it: every load before any store
+    float xs[TILE + 2 * (K - 1)];
+    for (int k = 0; k < TILE + 2 * (K - 1); ++k) {
+      const int i = t0 + k - (K - 1);
+      xs[k] = i < 0 ? static_cast<float>(static_cast<T>(state[(b * (K - 1) + i + K - 1) * Cn + c]))
+            : (i < Tn ? static_cast<float>(x[(b * Tn + i) * Cn + c]) : 0.0f);
+    }
+    float dp[TILE + K - 1];                 // d pre-activation at t0 .. t0 + TILE + K - 2 (0 past the end)
+    for (int u = 0; u < TILE + K - 1; ++u) {
+      const int t = t0 + u;
+      float g = t < Tn ? static_cast<float>(dy[(b * Tn + t) * Cn + c]) : 0.0f;
+      if (SILU && t < Tn) {
+        float pre = bv;
+        for (int k = 0; k < K; ++k) pre += wk[k] * xs[u + k];
+        const float sg = 1.0f / (1.0f + fexp(-pre));
+        g *= sg * (1.0f + pre * (1.0f - sg));
+      }
+      dp[u] = g;
+    }
+    // this tile's share of dw[k] = sum_t dp[t] xp[t + k] and db = sum_t dp[t]
+    float dwk[K + 1];
+    for (int k = 0; k <= K; ++k) dwk[k] = 0.0f;
+    for (int u = 0; u < TILE; ++u) {
+      for (int k = 0; k < K; ++k) dwk[k] += dp[u] * xs[u + k];
+      dwk[K] += dp[u];
+    }
+    for (int k = 0; k <= K; ++k) dwb[((b * nt + bid_y) * Cn + c) * (K + 1) + k] = dwk[k];
+    // dx[i] = sum_k w[k] dp[i + K - 1 - k] (+ the new state's cotangent on the last K - 1 inputs)
+    for (int u = 0; u < TILE; ++u) {
+      const int i = t0 + u;
+      if (i < Tn) {
+        float acc = 0.0f;
+        for (int k = 0; k < K; ++k) acc += wk[k] * dp[u + K - 1 - k];
+        const int m = i + K - 1 - Tn;        // new_state[m] = x[i]
+        if (m >= 0) acc += static_cast<float>(dns[(b * (K - 1) + m) * Cn + c]);
+        dx[(b * Tn + i) * Cn + c] = static_cast<T>(acc);
+      }
+    }
+    if (t0 == 0) {                           // dstate[j] = sum_k w[k] dp[j - k] (+ dns where T < K - 1)
+      for (int j = 0; j < K - 1; ++j) {
+        float acc = 0.0f;
+        for (int k = 0; k <= j; ++k) acc += wk[k] * dp[j - k];
+        if (j >= Tn) acc += static_cast<float>(dns[(b * (K - 1) + j - Tn) * Cn + c]);
+        dstate[(b * (K - 1) + j) * Cn + c] = static_cast<T>(acc);
+      }
+    }
+  }
+""",
+)
+
+
+def causal_conv1d_vjp(x, weight, bias, state, dy, dns, silu: bool):
+    """The gradient of `causal_conv1d` (same arguments; dy, dns: cotangents of y and new_state) ->
+    (dx, dweight (C, K), dbias (C,), dstate) in the argument dtypes. One launch (per-tile shares of
+    dweight / dbias in float32, summed here)."""
+    B, T, C = x.shape
+    K = weight.shape[1]
+    nt = groups(T, TILE)
+    dx, dstate, dwb = BWD(
+        [x, weight, bias, state, dy.astype(x.dtype), dns.astype(x.dtype)],
+        template=[("T", x.dtype), ("K", K), ("TILE", TILE), ("SILU", bool(silu))],
+        grid=(groups(C, GROUP), nt, B),
+        threadgroup=GROUP,
+        output_shapes=[(B, T, C), (B, K - 1, C), (B, nt, C, K + 1)],
+        output_dtypes=[x.dtype, x.dtype, mx.float32],
+    )
+    dwb = dwb.sum(axis=(0, 1))
+    return dx, dwb[:, :K].astype(weight.dtype), dwb[:, K].astype(bias.dtype), dstate.astype(state.dtype)
 
 
 def causal_conv1d(x, weight, bias, state, silu: bool):

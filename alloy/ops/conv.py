@@ -70,10 +70,13 @@ def causal_conv1d_ref(x, weight, bias=None, state=None, activation=None):
 
 @functools.lru_cache(maxsize=None)
 def _fused(activation):
-    """The kernel with the reference's VJP, for one activation (all four arguments arrays)."""
+    """The kernel with its gradient kernel (the reference's math), for one activation (all four
+    arguments arrays)."""
+    silu = activation == "silu"
     return metal.differentiable(
-        lambda x, w, b, s: _conv_kernel.causal_conv1d(x, w, b, s, activation == "silu"),
+        lambda x, w, b, s: _conv_kernel.causal_conv1d(x, w, b, s, silu),
         lambda x, w, b, s: causal_conv1d_ref(x, w, b, s, activation),
+        lambda x, w, b, s, dy, dns: _conv_kernel.causal_conv1d_vjp(x, w, b, s, dy, dns, silu),
     )
 
 

@@ -279,3 +279,21 @@ def test_compile_error_names_the_source():
     with pytest.raises(emulate.EmulatorCompileError, match=r"(?s)\.cpp.*no_such_helper.*not declared: no_such_helper"):
         emulate.run(k, [np.zeros(32, np.float32)], template=[], grid=(1, 1, 1), threadgroup=32,
                     output_shapes=[(32,)], output_dtypes=[mx.float32])
+
+
+@pytest.mark.parametrize("dt,silu,T", [("f32", True, 19), ("f32", False, 2), ("bf16", True, 40)])
+def test_conv1d_gradient_kernel(dt, silu, T):
+    """The gradient kernel against MLX autodiff of the reference (T = 2 < K - 1 reaches the state
+    through new_state's cotangent too)."""
+    rng = np.random.default_rng(4)
+    B, C, K = 2, 70, 4
+    dtype = DTYPES[dt]
+    x, w = arr(rng, (B, T, C), dtype), arr(rng, (C, K), dtype, 0.5)
+    bias, s = arr(rng, (C,), dtype), arr(rng, (B, K - 1, C), dtype)
+    dy, dns = arr(rng, (B, T, C), dtype), arr(rng, (B, K - 1, C), dtype)
+    with emulate.patch(conv_mod, poison=True):
+        got = conv_mod.causal_conv1d_vjp(x, w, bias, s, dy, dns, silu)
+    _, want = mx.vjp(lambda *a: list(causal_conv1d_ref(*a, "silu" if silu else None)), [x, w, bias, s], [dy, dns])
+    for g, r in zip(got, want):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        assert rel_err(g, r) <= (1e-5 if dt == "f32" else 2e-2)
