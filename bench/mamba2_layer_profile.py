@@ -3,8 +3,9 @@
     python bench/mamba2_layer_profile.py [--batch 16] [--T 2048]
 
 Rows (median ms, compiled gradient of sum(out * ct), bf16 activations and weights): the whole mixer,
-and each of its parts alone on inputs of the shapes it sees there: in_proj, causal conv1d + SiLU,
-the SSD scan, the gated RMSNorm, out_proj, and the dt softplus.
+and each of its parts alone on inputs of the shapes it sees there: in_proj, causal conv1d + SiLU
+(gradient by autodiff of the reference, and by the gradient kernel), the SSD scan, the gated
+RMSNorm, out_proj, and the dt softplus.
 """
 from __future__ import annotations
 
@@ -48,6 +49,15 @@ def grad_time(f, *args):
     return timeit(lambda: g(*args))
 
 
+def with_conv_kernel(run):
+    conv_ops = importlib.import_module("alloy.ops.conv")
+    conv_ops.GRADIENT_KERNEL = True
+    try:
+        return run()
+    finally:
+        conv_ops.GRADIENT_KERNEL = False
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -73,6 +83,8 @@ def main(argv=None):
         ("in_proj", lambda: grad_time(lambda x, w: x @ w.T, x, p["in_proj"]["weight"])),
         ("conv1d + silu", lambda: grad_time(lambda v, w, b: causal_conv1d(v, w, b, None, activation="silu")[0],
                                     xbc, p["conv1d"]["weight"], p["conv1d"]["bias"])),
+        ("conv1d + silu, gradient kernel (alloy.ops.conv.GRADIENT_KERNEL)", lambda: with_conv_kernel(lambda: grad_time(
+            lambda v, w, b: causal_conv1d(v, w, b, None, activation="silu")[0], xbc, p["conv1d"]["weight"], p["conv1d"]["bias"]))),
         ("dt softplus", lambda: grad_time(lambda v, b: nn.softplus(v.astype(mx.float32) + b.astype(mx.float32)),
                                   dt_raw, p["dt_bias"])),
         ("SSD", lambda: grad_time(lambda xs, dt, Bm, Cm: ssd_mod.ssd(xs, dt, -mx.exp(p["A_log"].astype(mx.float32)), Bm, Cm,

@@ -61,6 +61,25 @@ def test_conv1d_kernel_gradients_and_3d_weight():
                        "kernel", "ref", 1e-5)
 
 
+@pytest.mark.parametrize("dt", ["f32", "bf16"])
+@pytest.mark.parametrize("T", [2, 19, 300])
+def test_conv1d_gradient_kernel_matches_autodiff(monkeypatch, dt, T):
+    """alloy.ops.conv.GRADIENT_KERNEL on: the kernel path's gradient is the BWD kernel's."""
+    import alloy.ops.conv as conv_ops
+    from alloy.metal import conv1d as conv_mod
+    monkeypatch.setattr(conv_ops, "GRADIENT_KERNEL", True)
+    rng = np.random.default_rng(1)
+    dtype = DTYPES[dt]
+    x, w, bv, s = arr(rng, (2, T, 72), dtype), arr(rng, (72, 1, 4), dtype), arr(rng, (72,), dtype), arr(rng, (2, 3, 72), dtype)
+    ct = arr(rng, (2, T, 72), dtype)
+    used = []
+    real = conv_mod.causal_conv1d_vjp
+    monkeypatch.setattr(conv_mod, "causal_conv1d_vjp", lambda *a: used.append(1) or real(*a))
+    assert_grads_match(lambda *a, impl: causal_conv1d(*a, "silu", impl=impl), (x, w, bv, s), (ct,),
+                       "kernel", "ref", 1e-5 if dt == "f32" else 3e-2)
+    assert used  # the gradient came from the kernel
+
+
 # ---------------------------------------------------------------- Mamba-2 SSD
 def ssd_inputs(rng, b, l, g, r, p, n, dtype, state=True):
     h = g * r
