@@ -5,7 +5,8 @@
 Rows (median ms, compiled gradient of sum(out * ct), bf16 activations and weights): the whole mixer,
 and each of its parts alone on inputs of the shapes it sees there: in_proj, causal conv1d + SiLU
 (gradient by autodiff of the reference, and by the gradient kernel), the SSD scan, the gated
-RMSNorm, out_proj, and the dt softplus.
+RMSNorm (MLX ops, and the fused kernels), out_proj, and the dt softplus; and the whole mixer again
+with the kernels that wait for their GPU test switched on.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import alloy  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 
+from alloy import metal
 from alloy.config import ModelConfig
 from alloy.model import build
 from alloy.ops import causal_conv1d, gated_rms_norm
@@ -50,12 +52,14 @@ def grad_time(f, *args):
 
 
 def with_conv_kernel(run):
+    """run() with the kernels that wait for their GPU test switched on (conv gradient, gated norm)."""
     conv_ops = importlib.import_module("alloy.ops.conv")
-    conv_ops.GRADIENT_KERNEL = True
+    norm_ops = importlib.import_module("alloy.ops.norm")
+    conv_ops.GRADIENT_KERNEL = norm_ops.GATED_KERNEL = True
     try:
         return run()
     finally:
-        conv_ops.GRADIENT_KERNEL = False
+        conv_ops.GRADIENT_KERNEL = norm_ops.GATED_KERNEL = False
 
 
 def main(argv=None):
@@ -95,12 +99,21 @@ def main(argv=None):
                           xbc[..., s.d_inner + gn:].reshape(B, T, s.n_groups, s.d_state))),
         ("gated rms norm", lambda: grad_time(lambda y, z, w: gated_rms_norm(y, z, w, s.norm_eps, group_size=s.d_inner // s.n_groups),
                                      y, z, p["norm"]["weight"])),
+        ("gated rms norm, fused kernels (impl='kernel')", lambda: grad_time(
+            lambda y, z, w: gated_rms_norm(y, z, w, s.norm_eps, group_size=s.d_inner // s.n_groups, impl="kernel"),
+            y, z, p["norm"]["weight"])),
         ("out_proj", lambda: grad_time(lambda y, w: y @ w.T, y, p["out_proj"]["weight"])),
         ("whole mixer", lambda: grad_time(lambda x, w_in, w_out: mamba2.apply(
             dict(p, in_proj={"weight": w_in}, out_proj={"weight": w_out}), x, None, s)[0],
             x, p["in_proj"]["weight"], p["out_proj"]["weight"])),
+        ("whole mixer, conv gradient kernel + fused gated norm", lambda: with_conv_kernel(lambda: grad_time(
+            lambda x, w_in, w_out: mamba2.apply(dict(p, in_proj={"weight": w_in}, out_proj={"weight": w_out}),
+                                                x, None, s)[0],
+            x, p["in_proj"]["weight"], p["out_proj"]["weight"]))),
     ]
     for name, run in parts:  # one row at a time: a run cut short still reports what it measured
+        if metal.backend() is None and ("kernel" in name):
+            continue  # the kernel rows need a GPU
         print(f"| {name} | {run():.2f} |", flush=True)
 
 

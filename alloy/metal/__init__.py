@@ -11,6 +11,7 @@ differentiable MLX paths with `differentiable`):
     gated_delta_chunked  the chunked gated delta rule's sweep across chunks, state in registers
     gated_delta_wy       the chunked gated delta rule on tensor cores (16-bit, K = 128): a chunk-local
                          WY kernel and a state pass of warp tile products
+    gated_norm           gated RMSNorm forward and gradient, one warp per row
     gemv                 decode matrix-vector product, optionally behind a grouped RMSNorm
     mamba2_step          the whole Mamba-2 mixer between its projections for one decode token
                          (conv step + dt + SSD step + D + gate), one launch per layer
@@ -25,12 +26,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from alloy.metal import conv1d, gated_delta_chunked, gated_delta_recurrent, gated_delta_wy, gemv, mamba2_stack, mamba2_step, selective_scan, selective_scan_step, ssd_chunked, ssd_step
+from alloy.metal import conv1d, gated_delta_chunked, gated_delta_recurrent, gated_delta_wy, gated_norm, gemv, mamba2_stack, mamba2_step, selective_scan, selective_scan_step, ssd_chunked, ssd_step
 from alloy.metal.prelude import DIALECTS, Kernel, backend  # noqa: F401
 
 KERNELS = {
     k.name: k
-    for k in (conv1d.KERNEL, conv1d.BWD, gemv.KERNEL, gated_delta_recurrent.KERNEL, gated_delta_chunked.KERNEL, ssd_step.KERNEL, mamba2_step.KERNEL, selective_scan_step.KERNEL, selective_scan.KERNEL,
+    for k in (conv1d.KERNEL, conv1d.BWD, gated_norm.FWD, gated_norm.BWD, gemv.KERNEL, gated_delta_recurrent.KERNEL, gated_delta_chunked.KERNEL, ssd_step.KERNEL, mamba2_step.KERNEL, selective_scan_step.KERNEL, selective_scan.KERNEL,
               ssd_chunked.PREP, ssd_chunked.PASS, ssd_chunked.OUT, mamba2_stack.kernel(4),
               gated_delta_wy.PREP, gated_delta_wy.PASS)
 }

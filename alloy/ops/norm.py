@@ -9,6 +9,8 @@ Statistics are computed in float32 whatever the input dtype.
 """
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
 
@@ -64,10 +66,40 @@ def gated_rms_norm_ref(
     return h.astype(dtype)
 
 
+# The fused kernels (`alloy.metal.gated_norm`: forward and gradient) pass their CPU-emulator tests
+# but have not run on a GPU yet: until their GPU test
+# (tests/metal/test_kernels_gpu.py::test_gated_rms_norm_kernels_match_ref) is logged, "auto" takes
+# them only when this is switched on (bench/mamba2_layer_profile.py times both).
+GATED_KERNEL = False
+
+
+@functools.lru_cache(maxsize=None)
+def _gated_kernel(eps: float, group_size, norm_before_gate: bool):
+    from alloy import metal
+    from alloy.metal import gated_norm
+
+    return metal.differentiable(
+        lambda x, z, w: (gated_norm.gated_rms_norm(x, z, w, eps, group_size, norm_before_gate),),
+        lambda x, z, w: (gated_rms_norm_ref(x, z, w, eps, group_size, norm_before_gate),),
+        lambda x, z, w, dy: gated_norm.gated_rms_norm_vjp(x, z, w, eps, group_size, norm_before_gate, dy))
+
+
 def gated_rms_norm(x, z, weight, eps: float = 1e-6, group_size: int | None = None,
                    norm_before_gate: bool = False, impl: str = "auto") -> mx.array:
-    """Public gated RMSNorm (see module docstring). Dispatches to the reference on every backend
-    for now; fused kernels live in ``alloy.metal``."""
-    if impl not in ("auto", "ref"):
-        raise ValueError(f"gated_rms_norm: impl must be 'auto' or 'ref', got {impl!r}")
+    """Public gated RMSNorm (see module docstring). impl: "ref" (MLX ops), "kernel" (the fused
+    forward and gradient kernels of `alloy.metal.gated_norm`; a GPU, a gate and a weight, D and the
+    group size multiples of 32) or "auto" (the kernels when `GATED_KERNEL` is on and they apply)."""
+    if impl not in ("auto", "ref", "kernel"):
+        raise ValueError(f"gated_rms_norm: impl must be 'auto', 'ref' or 'kernel', got {impl!r}")
+    if impl != "ref":
+        from alloy import metal
+        from alloy.metal import gated_norm
+
+        on_gpu = metal.backend() is not None and gated_norm.applies(x, z, weight, group_size)
+        if impl == "kernel" and not on_gpu:
+            raise ValueError("gated_rms_norm: impl='kernel' needs a GPU default device, a gate z of x's dtype "
+                             f"and shape, a weight, and D and group size multiples of 32 (D={x.shape[-1]}, "
+                             f"group_size={group_size})")
+        if on_gpu and (impl == "kernel" or GATED_KERNEL):
+            return _gated_kernel(float(eps), group_size, bool(norm_before_gate))(x, z, weight)[0]
     return gated_rms_norm_ref(x, z, weight, eps, group_size, norm_before_gate)

@@ -80,6 +80,21 @@ def test_conv1d_gradient_kernel_matches_autodiff(monkeypatch, dt, T):
     assert used  # the gradient came from the kernel
 
 
+@pytest.mark.parametrize("dt", ["f32", "bf16"])
+@pytest.mark.parametrize("nbg,G", [(False, None), (False, 256), (True, None)])
+def test_gated_rms_norm_kernels_match_ref(dt, nbg, G):
+    """The fused gated RMSNorm (forward and gradient) against the reference and its autodiff."""
+    from alloy.ops.norm import gated_rms_norm
+    rng = np.random.default_rng(2)
+    dtype = DTYPES[dt]
+    x, z, w = arr(rng, (4, 301, 1536), dtype), arr(rng, (4, 301, 1536), dtype), arr(rng, (1536,), dtype)
+    ct = arr(rng, (4, 301, 1536), dtype)
+    y = gated_rms_norm(x, z, w, 1e-5, G, nbg, impl="kernel")
+    assert rel_err(y, gated_rms_norm(x, z, w, 1e-5, G, nbg, impl="ref")) <= TOL[dt]
+    assert_grads_match(lambda *a, impl: (gated_rms_norm(*a, 1e-5, G, nbg, impl=impl),), (x, z, w), (ct,),
+                       "kernel", "ref", 1e-4 if dt == "f32" else 3e-2)
+
+
 # ---------------------------------------------------------------- Mamba-2 SSD
 def ssd_inputs(rng, b, l, g, r, p, n, dtype, state=True):
     h = g * r
