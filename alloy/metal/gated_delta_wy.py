@@ -445,9 +445,12 @@ OUT = Kernel(
 
 def applies(q, k, v, g) -> bool:
     """Static facts under which the tensor-core path runs (else the chunk-pass path)."""
-    K, V = q.shape[-1], v.shape[-1]
+    B, T, _, K = q.shape
+    H, V = v.shape[2], v.shape[3]
+    padded = -(-T // CH) * CH
     return (K == KD and V % 32 == 0 and V <= KD and g.ndim == 3
-            and q.dtype in (mx.bfloat16, mx.float16) and k.dtype == q.dtype and v.dtype == q.dtype)
+            and q.dtype in (mx.bfloat16, mx.float16) and k.dtype == q.dtype and v.dtype == q.dtype
+            and B * H * padded * KD < 2**31)  # the kernels index with 32-bit ints
 
 
 def prep(q, k, v, g, beta, l2norm: bool):

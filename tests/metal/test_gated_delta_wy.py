@@ -62,3 +62,5 @@ def test_applies():
     assert not wy.applies(q.astype(mx.float32), k, v, g)
     assert not wy.applies(q, k, v, mx.stack([g] * wy.KD, -1))
     assert not wy.applies(q[..., :64], k[..., :64], v, g)
+    big = mx.zeros((1, 2**20, 32, wy.KD), mx.bfloat16)  # lazy, never evaluated: 2^32 elements per input
+    assert not wy.applies(big, big, big, mx.zeros((1, 2**20, 32)))
