@@ -221,11 +221,14 @@ def _kernel_path(form: str, l2norm: bool):
 
 
 def kernel_applies(q, v) -> bool:
-    """Static facts under which `impl="auto"` takes the GPU recurrent kernel."""
+    """Static facts under which `impl="auto"` takes the GPU kernels: a GPU, the recurrent kernel's
+    shape limits, and element offsets that fit the kernels' 32-bit ints (with a chunk of padding)."""
     from alloy import metal
     from alloy.metal.gated_delta_recurrent import applies
 
-    return metal.backend() is not None and applies(q, v)
+    B, T, _, K = q.shape
+    H, V = v.shape[2], v.shape[3]
+    return metal.backend() is not None and applies(q, v) and B * H * (T + _PASS_CHUNK) * max(K, V) < 2**31
 
 
 def gated_delta(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk_size: int = 64,
