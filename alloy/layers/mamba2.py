@@ -138,9 +138,10 @@ def stack_prepare(layers: list, cfg: Mamba2Settings):
     return stacked, layers
 
 
-def stack_decode(stacked: dict, h, states: list, norm_eps: float, cfg: Mamba2Settings):
+def stack_decode(stacked: dict, h, states: list, norm_eps: float, cfg: Mamba2Settings, tag: int = 0):
     """One decode token through every layer in one persistent launch (CUDA); None elsewhere or
-    for padded rows / more batch rows than the kernel takes (the stack then runs layer by layer)."""
+    for padded rows / more batch rows than the kernel takes (the stack then runs layer by layer).
+    ``tag``: distinct per stretch of one model (see `alloy.metal.mamba2_stack.launch`)."""
     from alloy.metal import mamba2_stack as K
 
     norm_groups = cfg.n_groups if cfg.rms_norm else 0
@@ -149,7 +150,7 @@ def stack_decode(stacked: dict, h, states: list, norm_eps: float, cfg: Mamba2Set
         return None
     out, convs, ssms = K.launch(stacked, h[:, 0], [s["conv"] for s in states], [s["ssm"] for s in states],
                                 d_state=cfg.d_state, norm_groups=norm_groups, eps=norm_eps, norm_eps=cfg.norm_eps,
-                                dt_lim=(cfg.dt_clamp_min, cfg.dt_clamp_max or float("inf")))
+                                dt_lim=(cfg.dt_clamp_min, cfg.dt_clamp_max or float("inf")), tag=tag)
     return out[:, None], [{"conv": c, "ssm": s} for c, s in zip(convs, ssms)]
 
 

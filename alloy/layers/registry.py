@@ -72,7 +72,8 @@ class LayerSpec:
     # optional whole-stack decode for models whose every depth is this mixer (same settings, pre-norm,
     # no FFN): stack_prepare(layer_params_list, settings) -> (stacked dict, layer params list sharing
     # the stacks' buffers) | None (once per model, see ``alloy.layers.stack.prepare_decode``); stack_decode(stacked, h (B, 1, D), [mixer states],
-    # norm_eps, settings) -> (h after the last block, [mixer states]) | None where it does not apply
+    # norm_eps, settings, tag=first depth of the stretch) -> (h after the last block, [mixer states]) | None
+    # where it does not apply
     stack_prepare: Callable | None = None
     stack_decode: Callable | None = None
 

@@ -496,14 +496,17 @@ def applies(stack: dict, x: mx.array, act_dtype, d_state: int, norm_groups: int)
 
 def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, norm_groups: int, eps: float,
            norm_eps: float, dt_lim: tuple, nb: int | None = None, threads: int = NT, run=None,
-           cu: int | None = None, pf: int | None = None):
+           cu: int | None = None, pf: int | None = None, tag: int = 0):
     """Run the stack on one token: x (MB, DM) the embedded token in the activation dtype; per-layer
     conv states (MB, K-1, CD) and SSM states (MB, H, HD, NS) float32. Returns (h (MB, DM), [new
     conv states], [new ssm states]). ``nb`` / ``threads``: grid and group size (defaults: one group
     per SM, NT threads); ``run``: a launcher with Kernel.__call__'s signature (default: the kernel
     on the running backend; tests pass the CPU emulator); ``cu``: 8-column blocks per lane and work
     unit (default `unit_blocks` of the weight dtype; tests shrink it to split rows into units); ``pf``:
-    units prefetched into L2 beyond the two held in registers (default PREFETCH_UNITS)."""
+    units prefetched into L2 beyond the two held in registers (default PREFETCH_UNITS); ``tag``: a
+    number distinct for each launch of one decode step (a hybrid's stretches: their first depth) —
+    it sizes the barrier scratch (1024 + 32 tag words, the kernel uses the first 1024), so that
+    `mx.compile` cannot merge two launches' zeroed scratch into one buffer."""
     d = dims_of(stack, d_state, norm_groups)
     NL = d["NL"]
     MB = x.shape[0]
@@ -512,7 +515,7 @@ def launch(stack: dict, x: mx.array, conv_states, ssm_states, *, d_state: int, n
     cb = stack.get("cb")
     inputs = [x, stack["nw"], stack["gw"], stack["win"], stack["wout"], stack["cw"],
               stack["cw"] if cb is None else cb, stack["dtb"], stack["alog"], stack["dsk"], prm,
-              mx.zeros((1024,), dtype=mx.uint32), *conv_states, *ssm_states]
+              mx.zeros((1024 + 32 * tag,), dtype=mx.uint32), *conv_states, *ssm_states]
     cdt = conv_states[0].dtype
     outs = (run or kernel(NL))(
         inputs,

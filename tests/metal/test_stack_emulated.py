@@ -108,3 +108,30 @@ def test_hybrid_mamba2_stretch_runs_in_one_launch(emulated_stack):
     _, state = m.apply(params, prompt, m.init_state(1, 16))
     assert_decode_matches(m.apply, prepared, params, mx.array([[7]]), state, steps=1, tol=1e-5)
     assert emulated_stack == [(1, 32)]
+
+
+def test_hybrid_two_stretches_run_in_one_launch_each(emulated_stack, monkeypatch):
+    """With `alloy.layers.stack.MULTI_STRETCH` on, each of two Mamba-2 stretches decodes in its own
+    launch (each with its own barrier scratch), matching the general path."""
+    from alloy.layers import stack
+    from alloy.metal import mamba2_stack
+    from alloy.model import as_config, build
+    monkeypatch.setattr(stack, "MULTI_STRETCH", True)
+    sizes = []
+    real_zeros = mx.zeros
+    monkeypatch.setattr(mamba2_stack.mx, "zeros", lambda shape, *a, **k: sizes.append(shape) or real_zeros(shape, *a, **k))
+    cfg = as_config({"name": "m", "vocab_size": 53, "d_model": 32,
+                     "layer_types": ["mamba2", "mamba2", "attention", "mamba2", "mamba2"],
+                     "ffn_types": ["none", "none", "mlp", "none", "none"], "ffns": {"mlp": {"d_ff": 64}},
+                     "dtype": "float32", "tie_embeddings": True,
+                     "mixers": {"mamba2": {"d_state": 32, "head_dim": 8},
+                                "attention": {"n_heads": 4, "n_kv_heads": 2, "head_dim": 8}}})
+    m = build(cfg)
+    params = m.init(mx.random.key(6))
+    prepared = stack.prepare_decode(cfg, params)
+    assert sorted(prepared["decode_stack"]) == ["0", "3"]
+    prompt = mx.array(np.random.default_rng(3).integers(0, 53, (1, 5)))
+    _, state = m.apply(params, prompt, m.init_state(1, 16))
+    assert_decode_matches(m.apply, prepared, params, mx.array([[9]]), state, steps=1, tol=1e-5)
+    assert emulated_stack == [(1, 32), (1, 32)]
+    assert (1024,) in sizes and (1024 + 32 * 3,) in sizes  # a scratch buffer of its own per stretch
