@@ -1,4 +1,4 @@
-"""The chunked gated delta rule on tensor cores: a chunk-local WY kernel, a state pass, two matmuls.
+"""The chunked gated delta rule on tensor cores: a chunk-local WY kernel, a state pass, an output kernel.
 
 Per head, with chunks of C = 64 tokens, K = 128 and the log decay cum_i summed from the chunk start
 (see `alloy.ops.gated_delta`), the chunked form needs
@@ -27,12 +27,13 @@ Three launches replace the compiled MLX prep and the SIMT sweep of `gated_delta_
   S^T <- e^last S^T + v_new^T kd (`mma16`). w and kd rows load two chunks ahead into registers.
   Writes v_new^T and the state entering every chunk (S_c^T, as (V, K) rows) in the input type, and
   the final state (fp32).
-* `OUT`: one group per (chunk, head, batch row, 64-column slice of V): o = qd S_c + attn v_new as
+* `OUT`: one group per (chunk x 64-column slice of V, head, batch row): o = qd S_c + attn v_new as
   tile products (S_c^T and v_new^T rows are the transposed operands of `mma16t`), written straight
   into (B, T, H, V).
 
-Limits (`applies`): K = 128, V a multiple of 32 up to 128, one decay per head (not per key channel);
-group-shared memory is sized for 16-bit types on the GPU (fp32 runs on the CPU emulator only).
+Limits (`applies`): K = 128, V a multiple of 32 up to 128, one decay per head (not per key channel),
+B H T K < 2^31 (32-bit offsets); group-shared memory is sized for 16-bit types on the GPU (fp32
+runs on the CPU emulator only). Measured against flash-linear-attention: docs/kernels.md, session 5.
 """
 from __future__ import annotations
 
