@@ -160,6 +160,108 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     return y.astype(x.dtype), final_state
 
 
+def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64):
+    """The gradient of `ssd_chunked` written out (not autodiff): the same chunk decomposition run
+    backwards. Arguments as `ssd_chunked` (D and initial_state arrays), dy (b, l, h, p) and dstate
+    (b, h, p, n) the cotangents of y and of the final state. Returns (dx, ddt, dA, dB, dC, dD,
+    dinitial_state) in the argument dtypes.
+
+    Per chunk (acs = cumsum of dt A inside it, X = dt x, E[l, s] = exp(acs_l - acs_s) for s <= l,
+    H_c the state entering chunk c, S_c its own end state, y = (C B^T o E) X + e^acs C H_c + D x):
+    the state term's adjoint gives dH_c and dC; the adjoints G_c of the states entering each chunk
+    follow the states' recurrence backwards (G_c = dH_c + e^tot_c G_c+1, one (c+1)^2 product as in
+    the forward); dS_c = G_c+1 gives dX and dB through the decayed inputs; the diagonal block gives
+    dX = (C B^T o E)^T dy, dC, dB through dCB = sum over a group's heads of E o (dy X^T), and the
+    decay gradients through (C B^T o E o dy X^T) row and column sums; acs -> dt A by a reverse cumsum.
+    """
+    _check(x, dt, A, B, C, D, initial_state)
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r, K = h // g, chunk_size
+    pad = -l % K
+    c = (l + pad) // K
+
+    def chunks(v):  # (b, l, ...) -> (b, c, K, ...) float32, zero padded at the end
+        v = v.astype(_F32)
+        if pad:
+            v = mx.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+        return v.reshape(b, c, K, *v.shape[2:])
+
+    def unchunk(v):
+        return v.reshape(b, c * K, *v.shape[3:])[:, :l]
+
+    Af = A.astype(_F32)
+    dtc, xc, dyc = chunks(dt), chunks(x), chunks(dy)          # (b,c,K,h), (b,c,K,h,p) x2
+    Bc, Cc = chunks(B), chunks(C)                               # (b,c,K,g,n)
+    X = xc * dtc[..., None]
+    a = dtc * Af                                                # (b,c,K,h)
+    acs = mx.cumsum(a, axis=2)
+    E = mx.exp(_segsum(a.transpose(0, 1, 3, 2)))                # (b,c,h,K,K): exp(acs_l - acs_s), s <= l
+    wS = E[..., -1, :].transpose(0, 1, 3, 2)                    # (b,c,K,h): decay from s to the chunk end
+    grp = lambda v: v.reshape(*v.shape[:3], g, r, *v.shape[4:])  # noqa: E731  (.., h, ..) -> (.., g, r, ..)
+
+    # recompute: chunk end states S_c, states entering each chunk H_c (and the final state)
+    Xw = X * wS[..., None]
+    S = mx.einsum("bcsgn,bcsgrp->bcgrpn", Bc, grp(Xw)).reshape(b, c, h, p, n)
+    h0 = mx.zeros((b, h, p, n), _F32) if initial_state is None else initial_state.astype(_F32)
+    states = mx.concatenate([h0[:, None], S], axis=1)           # (b, c+1, h, p, n)
+    tot = acs[:, :, -1].transpose(0, 2, 1)                      # (b, h, c)
+    seg_in = mx.pad(tot, [(0, 0), (0, 0), (1, 0)])
+    dchunk = mx.exp(_segsum(seg_in))                            # (b, h, c+1, c+1)
+    Hall = mx.einsum("bhzc,bchpn->bzhpn", dchunk, states)
+    H = Hall[:, :-1]
+    eo = mx.exp(acs)
+
+    # D and the state term y_off = e^acs C H_c
+    dD = (dyc * xc).sum(axis=(0, 1, 2, 4)) if D is not None else None
+    dxc = dyc * D.astype(_F32)[:, None] if D is not None else mx.zeros_like(dyc)
+    dys = dyc * eo[..., None]
+    dH = mx.einsum("bclgrp,bclgn->bcgrpn", grp(dys), Cc).reshape(b, c, h, p, n)
+    dC = mx.einsum("bcgrpn,bclgrp->bclgn", H.reshape(b, c, g, r, p, n), grp(dys))
+    yoff = mx.einsum("bclgn,bcgrpn->bclgrp", Cc, H.reshape(b, c, g, r, p, n)).reshape(b, c, K, h, p) * eo[..., None]
+    dacs = (dyc * yoff).sum(-1)                                 # (b,c,K,h)
+
+    # adjoint of the state passing: gradients of the passed states, of h0 and of the chunk decays
+    dnew = mx.concatenate([dH, (mx.zeros_like(h0) if dstate is None else dstate.astype(_F32))[:, None]], axis=1)
+    dstates = mx.einsum("bhzc,bzhpn->bchpn", dchunk, dnew)
+    dh0, dS = dstates[:, 0], dstates[:, 1:]
+    ddchunk = mx.einsum("bzhpn,bchpn->bhzc", dnew, states)
+    _, (dseg,) = mx.vjp(lambda v: (mx.exp(_segsum(v)),), (seg_in,), (ddchunk,))
+    dtot = dseg[..., 1:].transpose(0, 2, 1)                     # (b, c, h)
+
+    # chunk end states S_c = sum_s wS_s X_s B_s^T
+    dXw = mx.einsum("bcsgn,bcgrpn->bcsgrp", Bc, dS.reshape(b, c, g, r, p, n)).reshape(b, c, K, h, p)
+    dB = mx.einsum("bcsgrp,bcgrpn->bcsgn", grp(Xw), dS.reshape(b, c, g, r, p, n))
+    dX = dXw * wS[..., None]
+    dw = (dXw * Xw).sum(-1)                                     # d wS_s times wS_s
+    dtot = dtot + dw.sum(axis=2)
+    dacs = dacs - dw
+
+    # diagonal blocks y_diag = (C B^T o E) X
+    CB = mx.einsum("bclgn,bcsgn->bcgls", Cc, Bc)                # (b,c,g,K,K)
+    CBh = mx.repeat(CB, r, axis=2)                              # (b,c,h,K,K)
+    Gd = mx.einsum("bclhp,bcshp->bchls", dyc, X)                # dy_l . X_s
+    dX = dX + mx.einsum("bchls,bclhp->bcshp", CBh * E, dyc)
+    EG = E * Gd
+    W = CBh * EG
+    dacs = dacs + W.sum(-1).transpose(0, 1, 3, 2) - W.sum(-2).transpose(0, 1, 3, 2)
+    dCB = EG.reshape(b, c, g, r, K, K).sum(axis=3)
+    dC = dC + mx.einsum("bcgls,bcsgn->bclgn", dCB, Bc)
+    dB = dB + mx.einsum("bcgls,bclgn->bcsgn", dCB, Cc)
+
+    # acs = cumsum(dt A) (tot is its last entry); X = dt x
+    dacs = dacs + mx.concatenate([mx.zeros((b, c, K - 1, h), _F32), dtot[:, :, None]], axis=2)
+    da = mx.cumsum(dacs, axis=2, reverse=True)
+    ddt = da * Af + (dX * xc).sum(-1)
+    dA = (da * dtc).sum(axis=(0, 1, 2))
+    dxc = dxc + dX * dtc[..., None]
+    out = (unchunk(dxc).astype(x.dtype), unchunk(ddt).astype(dt.dtype), dA.astype(A.dtype),
+           unchunk(dB).astype(B.dtype), unchunk(dC).astype(C.dtype),
+           None if D is None else dD.astype(D.dtype),
+           None if initial_state is None else dh0.astype(initial_state.dtype))
+    return out
+
+
 def ssd_step(x, dt, A, B, C, D, state):
     """One decode step. x (b, h, p), dt (b, h), A (h,), B/C (b, g, n), D (h,) | None,
     state (b, h, p, n) f32 | None (zeros)  ->  y (b, h, p) in x.dtype, new state f32."""
@@ -200,15 +302,34 @@ def _kernel_chunk(T, chunk_size):
     return min(k, max(16, min(chunk_size, _KERNEL_MAX_CHUNK) // 16 * 16))
 
 
-_VJP_CHUNK = None  # chunk length of the MLX chunked form the kernel path's gradient differentiates (None: the kernel's)
+_VJP_CHUNK = None  # chunk length of the kernel path's gradient (None: the kernel's)
+# The kernel path's gradient: "autodiff" (MLX autodiff of `ssd_chunked`) or "explicit"
+# (`ssd_chunked_vjp`, the same math written out; equal to autodiff within fp32 rounding).
+# "explicit" becomes the default once bench/ssd_vjp.py shows it faster on a GPU.
+GRADIENT = "autodiff"
+# The chunked path's gradient where no kernel runs (the CPU): "explicit" measured 1.2-1.45x faster
+# than autodiff for forward + backward on this project's CPU (bench/ssd_vjp.py, docs/benchmarks.md).
+CPU_GRADIENT = "explicit"
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_chunked(chunk):
+def _explicit_chunked(chunk):
+    """`ssd_chunked` with the written-out gradient `ssd_chunked_vjp` (D and the state arrays)."""
+    return metal.differentiable(
+        lambda *a: ssd_chunked(*a, chunk),
+        lambda *a: ssd_chunked(*a, chunk),
+        lambda x, dt, A, B, C, D, s, dy, ds: ssd_chunked_vjp(x, dt, A, B, C, D, s, dy, ds, chunk),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_chunked(chunk, gradient: str = "autodiff"):
     vjp_chunk = _VJP_CHUNK or chunk
+    explicit = (lambda x, dt, A, B, C, D, s, dy, ds: ssd_chunked_vjp(x, dt, A, B, C, D, s, dy, ds, vjp_chunk))
     return metal.differentiable(
         lambda *a: _chunk_kernels.ssd_chunked(*a, chunk),
         lambda *a: ssd_chunked(*a, vjp_chunk),
+        explicit if gradient == "explicit" else None,
     )
 
 
@@ -230,7 +351,9 @@ def _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size):
     if T == 1:
         y, state = _fused_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, initial_state)
         return y[:, None], state
-    y, state = _fused_chunked(_kernel_chunk(T, chunk_size))(x, dt, A, B, C, D, initial_state)
+    if GRADIENT not in ("autodiff", "explicit"):
+        raise ValueError(f"alloy.ops.ssd.GRADIENT must be 'autodiff' or 'explicit', got {GRADIENT!r}")
+    y, state = _fused_chunked(_kernel_chunk(T, chunk_size), GRADIENT)(x, dt, A, B, C, D, initial_state)
     return y, state
 
 
@@ -257,7 +380,13 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size=256, impl="auto")
     if T == 1:
         y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, initial_state)
         return y[:, None], state
-    return ssd_chunked(x, dt, A, B, C, D, initial_state, _balanced_chunk(T, chunk_size))
+    K = _balanced_chunk(T, chunk_size)
+    if CPU_GRADIENT == "explicit":
+        b, _, h, p = x.shape
+        Dz = mx.zeros((h,), mx.float32) if D is None else D  # D = 0, h0 = 0: the same y and state
+        s0 = mx.zeros((b, h, p, B.shape[-1]), mx.float32) if initial_state is None else initial_state
+        return _explicit_chunked(K)(x, dt, A, B, C, Dz, s0)
+    return ssd_chunked(x, dt, A, B, C, D, initial_state, K)
 
 
 # ---------------------------------------------------------------------------------------------
