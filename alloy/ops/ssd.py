@@ -307,7 +307,7 @@ _VJP_CHUNK = None  # chunk length of the kernel path's gradient (None: the kerne
 # (`ssd_chunked_vjp`, the same math written out; equal to autodiff within fp32 rounding).
 # "explicit" becomes the default once bench/ssd_vjp.py shows it faster on a GPU.
 GRADIENT = "autodiff"
-# The chunked path's gradient where no kernel runs (the CPU): "explicit" measured 1.2-1.45x faster
+# The chunked path's gradient where no kernel runs (the CPU): "explicit" measured 1.13-1.66x faster
 # than autodiff for forward + backward on this project's CPU (bench/ssd_vjp.py, docs/benchmarks.md).
 CPU_GRADIENT = "explicit"
 
