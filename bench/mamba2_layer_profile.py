@@ -5,8 +5,10 @@
 Rows (median ms, compiled gradient of sum(out * ct), bf16 activations and weights): the whole mixer,
 and each of its parts alone on inputs of the shapes it sees there: in_proj, causal conv1d + SiLU
 (gradient by autodiff of the reference, and by the gradient kernel), the SSD scan, the gated
-RMSNorm (MLX ops, and the fused kernels), out_proj, and the dt softplus; and the whole mixer again
-with the kernels that wait for their GPU test switched on.
+RMSNorm (MLX ops, and the fused kernels), out_proj, and the dt softplus; the whole mixer with
+gradients for every parameter (as in training) and one column sum of the size a bias gradient
+reduces (to test whether such reductions explain the in-model cost); and the whole mixer again with
+the kernels that wait for their GPU test switched on.
 """
 from __future__ import annotations
 
@@ -106,11 +108,17 @@ def main(argv=None):
         ("whole mixer", lambda: grad_time(lambda x, w_in, w_out: mamba2.apply(
             dict(p, in_proj={"weight": w_in}, out_proj={"weight": w_out}), x, None, s)[0],
             x, p["in_proj"]["weight"], p["out_proj"]["weight"])),
+        ("whole mixer, gradients for every parameter (as in training)", lambda: grad_time(
+            lambda x, mp: mamba2.apply(mp, x, None, s)[0], x, p)),
+        ("column sum of a (B*T, 1792) float32 array (a bias / depthwise-weight gradient's reduction)",
+         lambda: timeit(lambda: colsum(flat))),
         ("whole mixer, conv gradient kernel + fused gated norm", lambda: with_conv_kernel(lambda: grad_time(
             lambda x, w_in, w_out: mamba2.apply(dict(p, in_proj={"weight": w_in}, out_proj={"weight": w_out}),
                                                 x, None, s)[0],
             x, p["in_proj"]["weight"], p["out_proj"]["weight"]))),
     ]
+    colsum = mx.compile(lambda v: v.astype(mx.float32).sum(axis=0))
+    flat = xbc.reshape(-1, conv_c)
     for name, run in parts:  # one row at a time: a run cut short still reports what it measured
         if metal.backend() is None and ("kernel" in name):
             continue  # the kernel rows need a GPU
