@@ -16,25 +16,12 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
-import time
 
 import mlx.core as mx
 
 from alloy.metal import gated_delta_wy as wy
+from bench_timing import timeit_ms as timeit
 
-
-def timeit(fn, reps=20, warm=3):
-    for _ in range(warm):
-        mx.eval(fn())
-    mx.synchronize()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def variant(kernel, suffix, *edits, launch_bounds=None):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -23,6 +22,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import alloy.metal as metal
+from bench_timing import timeit
 from alloy.metal import ssd_chunked as ssd_kernels
 from alloy.ops import causal_conv1d, causal_conv1d_ref, selective_scan, ssd
 from alloy.ops.gated_delta import gated_delta
@@ -34,22 +34,6 @@ PEAK = 990e12
 BF16 = mx.bfloat16
 F32 = mx.float32
 
-
-def timeit(fn, reps=20, warm=3, batch=1):
-    """Median seconds per call. batch > 1 evaluates `batch` independent calls together and
-    divides, amortizing the per-evaluation host/sync cost (~0.1 ms on MLX-CUDA) the way a
-    CUDA-event timer of the kernels alone would."""
-    run = fn if batch == 1 else (lambda: [fn() for _ in range(batch)])
-    for _ in range(warm):
-        mx.eval(run())
-    mx.synchronize()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval(run())
-        mx.synchronize()
-        ts.append((time.perf_counter() - t) / batch)
-    return statistics.median(ts)
 
 
 def chained(step, st, n=32):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
-import time
 
 import alloy  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
@@ -27,29 +25,20 @@ from alloy.model import build
 from alloy.ops import causal_conv1d, gated_rms_norm
 from alloy.params import cast
 from alloy.train.loop import load_train_config
+from bench_timing import compiled_grad, timeit_ms
 
 mamba2 = importlib.import_module("alloy.layers.mamba2")
 ssd_mod = importlib.import_module("alloy.ops.ssd")
 
 
-def timeit(fn, reps=3, warm=1):
-    for _ in range(warm):
-        mx.eval(fn())
-    mx.synchronize()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+
+def timeit(fn):
+    return timeit_ms(fn, reps=3, warm=1)
 
 
 def grad_time(f, *args):
     """ms of the compiled gradient of sum(f(*args) * ct) w.r.t. every argument."""
-    out = f(*args)
-    ct = mx.random.normal(out.shape, key=mx.random.key(9)).astype(out.dtype)
-    g = mx.compile(mx.grad(lambda *a: (f(*a) * ct).astype(mx.float32).sum(), argnums=tuple(range(len(args)))))
+    g = compiled_grad(f, *args)
     return timeit(lambda: g(*args))
 
 

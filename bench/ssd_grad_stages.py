@@ -18,33 +18,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
-import time
 
 import mlx.core as mx
+
+from bench_timing import compiled_grad, timeit_ms
 
 ssd_mod = importlib.import_module("alloy.ops.ssd")
 F32 = mx.float32
 
 
-def timeit(fn, reps=3, warm=1):
-    for _ in range(warm):
-        mx.eval(fn())
-    mx.synchronize()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+
+def timeit(fn):
+    return timeit_ms(fn, reps=3, warm=1)
 
 
 def fwd_and_grad(f, *args):
-    out = f(*args)
-    ct = mx.random.normal(out.shape, key=mx.random.key(7)).astype(out.dtype)
     fc = mx.compile(f)
-    g = mx.compile(mx.grad(lambda *a: (f(*a) * ct).sum(), argnums=tuple(range(len(args)))))
+    g = compiled_grad(f, *args, seed=7)
     return timeit(lambda: fc(*args)), timeit(lambda: g(*args))
 
 

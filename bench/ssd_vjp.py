@@ -14,27 +14,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import statistics
-import time
 
 import mlx.core as mx
 
 from alloy import metal
+from bench_timing import timeit_ms
 
 ssd_mod = importlib.import_module("alloy.ops.ssd")  # the package re-exports a function named ssd
 
 
-def timeit(fn, reps=5, warm=2):
-    for _ in range(warm):
-        mx.eval(fn())
-    mx.synchronize()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+def timeit(fn):
+    return timeit_ms(fn, reps=5, warm=2)
+
 
 
 def main(argv=None):

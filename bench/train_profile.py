@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import alloy  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
@@ -29,19 +27,12 @@ from alloy.params import cast
 from alloy.train import adamw, make_train_step, warmup_cosine
 from alloy.train.loop import load_train_config
 from alloy.train.step import make_lm_loss
+from bench_timing import timeit_ms
 
 
-def timeit(fn, reps=5, warm=2):
-    for _ in range(warm):
-        mx.eval(fn())
-    mx.synchronize()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+def timeit(fn):
+    return timeit_ms(fn, reps=5, warm=2)
+
 
 
 def main(argv=None):
