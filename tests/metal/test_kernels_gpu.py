@@ -291,44 +291,22 @@ def test_mamba2_stack_decode_matches_per_layer_path(monkeypatch, groups, batch, 
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_hybrid_mamba2_stretch_decodes_in_one_launch(monkeypatch, dtype):
-    """A hybrid whose one Mamba-2 stretch sits between attention + MLP blocks: the stretch runs through
-    the persistent kernel, against the per-layer path under compile."""
-    from alloy.layers.stack import prepare_decode
-    from alloy.metal import mamba2_stack
-    from alloy.model import as_config, build
-    calls = []
-    monkeypatch.setattr(mamba2_stack, "launch", lambda *a, _f=mamba2_stack.launch, **k: calls.append(1) or _f(*a, **k))
-    types = ["attention", "mamba2", "mamba2", "mamba2", "attention", "mamba2"]
-    cfg = as_config({"name": "m", "vocab_size": 97, "d_model": 128, "layer_types": types,
-                     "ffn_types": ["mlp" if t == "attention" else "none" for t in types],
-                     "ffns": {"mlp": {"d_ff": 256}}, "dtype": dtype, "tie_embeddings": True,
-                     "mixers": {"mamba2": {"d_state": 64, "head_dim": 32},
-                                "attention": {"n_heads": 4, "n_kv_heads": 2, "head_dim": 32}}})
-    m = build(cfg)
-    params = m.init(mx.random.key(0))
-    prepared = prepare_decode(cfg, params)
-    assert sorted(prepared["decode_stack"]) == ["1"]
-    prompt = mx.array(np.random.default_rng(1).integers(0, 97, (1, 9)))
-    logits, state = m.apply(params, prompt, m.init_state(1, 32))
-    assert_decode_matches(mx.compile(m.apply), prepared, params, mx.argmax(logits[:, -1], -1)[:, None], state,
-                          steps=4, tol=2e-4 if dtype == "float32" else 3e-2)
-    assert calls, "the whole-stack kernel did not run"
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_hybrid_mamba2_stretches_decode_in_one_launch_each(monkeypatch, dtype):
-    """A Zamba2-style hybrid with `alloy.layers.stack.MULTI_STRETCH` on: each Mamba-2 stretch between
-    attention + MLP blocks runs through the persistent kernel (two launches per token, each with its
-    own barrier scratch), against the per-layer path under compile. Session 4 saw wrong logits here
-    with one shared-shape scratch; this decides whether MULTI_STRETCH can be switched on."""
+@pytest.mark.parametrize("types,stretches", [
+    (["attention", "mamba2", "mamba2", "mamba2", "attention", "mamba2"], ["1"]),
+    (["mamba2", "mamba2", "mamba2", "attention", "mamba2", "mamba2", "attention", "mamba2"], ["0", "4"]),
+], ids=["one-stretch", "two-stretches"])
+def test_hybrid_mamba2_stretches_decode_in_one_launch_each(monkeypatch, dtype, types, stretches):
+    """A hybrid whose Mamba-2 stretches sit between attention + MLP blocks: each stretch runs through
+    the persistent kernel (one launch per stretch and token, each with its own barrier scratch),
+    against the per-layer path under compile. Two stretches need `alloy.layers.stack.MULTI_STRETCH`:
+    session 4 saw wrong logits there with one shared-shape scratch; this case decides whether
+    MULTI_STRETCH can be switched on."""
     from alloy.layers import stack
     from alloy.metal import mamba2_stack
     from alloy.model import as_config, build
-    monkeypatch.setattr(stack, "MULTI_STRETCH", True)
+    monkeypatch.setattr(stack, "MULTI_STRETCH", len(stretches) > 1)
     calls = []
     monkeypatch.setattr(mamba2_stack, "launch", lambda *a, _f=mamba2_stack.launch, **k: calls.append(1) or _f(*a, **k))
-    types = ["mamba2", "mamba2", "mamba2", "attention", "mamba2", "mamba2", "attention", "mamba2"]
     cfg = as_config({"name": "m", "vocab_size": 97, "d_model": 128, "layer_types": types,
                      "ffn_types": ["mlp" if t == "attention" else "none" for t in types],
                      "ffns": {"mlp": {"d_ff": 256}}, "dtype": dtype, "tie_embeddings": True,
@@ -337,12 +315,12 @@ def test_hybrid_mamba2_stretches_decode_in_one_launch_each(monkeypatch, dtype):
     m = build(cfg)
     params = m.init(mx.random.key(0))
     prepared = stack.prepare_decode(cfg, params)
-    assert sorted(prepared["decode_stack"]) == ["0", "4"]
+    assert sorted(prepared["decode_stack"]) == stretches
     prompt = mx.array(np.random.default_rng(1).integers(0, 97, (1, 9)))
     logits, state = m.apply(params, prompt, m.init_state(1, 32))
     assert_decode_matches(mx.compile(m.apply), prepared, params, mx.argmax(logits[:, -1], -1)[:, None], state,
                           steps=4, tol=2e-4 if dtype == "float32" else 3e-2)
-    assert len(calls) >= 2, "the whole-stack kernel did not run for each stretch"
+    assert len(calls) >= len(stretches), "the whole-stack kernel did not run for each stretch"
 
 
 # ---------------------------------------------------------------- decode gemv (+ grouped RMSNorm)
