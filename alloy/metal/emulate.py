@@ -222,19 +222,20 @@ DEVICE_FN float shfl_xor(float v, int m) { return alloy_emu_self->ops->shfl_xor(
 DEVICE_FN float warp_sum(float v) { return alloy_emu_self->ops->warp_sum(alloy_emu_self->rt, v); }
 DEVICE_FN void warp_sync() { (void)alloy_emu_self->ops->warp_sum(alloy_emu_self->rt, 0.0f); }  // the exchange is a warp barrier
 DEVICE_FN float4 f4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
-template <typename U> DEVICE_FN void ld8(const U* p, float* o) {
+// bf16 / fp16 accesses that CUDA makes as one wide word (ld8, ldr8, st8, str8: 16 bytes; st2: 4)
+// need that word's alignment there: fail with `msg` where the pointer lacks it
+template <typename U> DEVICE_FN void alloy_emu_aligned(const void* p, unsigned int bytes, const char* msg) {
   if constexpr (std::is_same_v<U, alloy_bf16> || std::is_same_v<U, alloy_half>) {
-    if (reinterpret_cast<uintptr_t>(p) & 15u)
-      alloy_emu_fail("ld8: a bf16/fp16 pointer that is not 16-byte aligned (CUDA loads the 8 elements as one uint4)");
+    if (reinterpret_cast<uintptr_t>(p) & (bytes - 1u)) alloy_emu_fail(msg);
   }
+}
+template <typename U> DEVICE_FN void ld8(const U* p, float* o) {
+  alloy_emu_aligned<U>(p, 16u, "ld8: a bf16/fp16 pointer that is not 16-byte aligned (CUDA loads the 8 elements as one uint4)");
   for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(p[j]);
 }
 template <typename U> struct Raw8 { U v[8]; };
 template <typename U> DEVICE_FN Raw8<U> ldr8(const U* p) {
-  if constexpr (std::is_same_v<U, alloy_bf16> || std::is_same_v<U, alloy_half>) {
-    if (reinterpret_cast<uintptr_t>(p) & 15u)
-      alloy_emu_fail("ldr8: a bf16/fp16 pointer that is not 16-byte aligned (CUDA loads the 8 elements as one uint4)");
-  }
+  alloy_emu_aligned<U>(p, 16u, "ldr8: a bf16/fp16 pointer that is not 16-byte aligned (CUDA loads the 8 elements as one uint4)");
   Raw8<U> r;
   for (int j = 0; j < 8; ++j) r.v[j] = p[j];
   return r;
@@ -243,25 +244,16 @@ template <typename U> DEVICE_FN void cvt8(const Raw8<U>& r, float* o) {
   for (int j = 0; j < 8; ++j) o[j] = static_cast<float>(r.v[j]);
 }
 template <typename U> DEVICE_FN void st8(U* p, const float* o) {
-  if constexpr (std::is_same_v<U, alloy_bf16> || std::is_same_v<U, alloy_half>) {
-    if (reinterpret_cast<uintptr_t>(p) & 15u)
-      alloy_emu_fail("st8: a bf16/fp16 pointer that is not 16-byte aligned (CUDA stores the 8 elements as one uint4)");
-  }
+  alloy_emu_aligned<U>(p, 16u, "st8: a bf16/fp16 pointer that is not 16-byte aligned (CUDA stores the 8 elements as one uint4)");
   for (int j = 0; j < 8; ++j) p[j] = static_cast<U>(o[j]);
 }
 template <typename U> DEVICE_FN void st2(U* p, float a, float b) {
-  if constexpr (std::is_same_v<U, alloy_bf16> || std::is_same_v<U, alloy_half>) {
-    if (reinterpret_cast<uintptr_t>(p) & 3u)
-      alloy_emu_fail("st2: a bf16/fp16 pointer that is not 4-byte aligned (CUDA stores the pair as one 32-bit word)");
-  }
+  alloy_emu_aligned<U>(p, 4u, "st2: a bf16/fp16 pointer that is not 4-byte aligned (CUDA stores the pair as one 32-bit word)");
   p[0] = static_cast<U>(a);
   p[1] = static_cast<U>(b);
 }
 template <typename U> DEVICE_FN void str8(const Raw8<U>& r, U* p) {
-  if constexpr (std::is_same_v<U, alloy_bf16> || std::is_same_v<U, alloy_half>) {
-    if (reinterpret_cast<uintptr_t>(p) & 15u)
-      alloy_emu_fail("str8: a bf16/fp16 pointer that is not 16-byte aligned (CUDA stores the 8 elements as one uint4)");
-  }
+  alloy_emu_aligned<U>(p, 16u, "str8: a bf16/fp16 pointer that is not 16-byte aligned (CUDA stores the 8 elements as one uint4)");
   for (int j = 0; j < 8; ++j) p[j] = r.v[j];
 }
 ALLOY_ACC16_LOOPSDEVICE_FN float ld_cg(const float* p) {
