@@ -27,28 +27,35 @@ from alloy.metal.prelude import Kernel, groups
 TILE = 16  # time steps per work item: halo overhead (K-1)/TILE, still B*C*T/TILE work items
 GROUP = 128  # threads per group, along channels
 
-KERNEL = Kernel(
-    name="alloy_causal_conv1d",
-    inputs=("x", "w", "bias", "state"),
-    outputs=("y", "new_state"),
-    body="""
+
+def _work_item(nx: str) -> str:
+    """The opening both kernels share: one channel c of batch row b over the TILE steps from t0;
+    its weights and bias, and xs = xp[t0 .. t0 + nx - 1] (the K-1 inputs before the tile come from
+    x or the carried state; past the end: 0), loaded before any store so that all loads are in
+    flight at once (outputs may alias x as far as the compiler knows). Opens the work item's `if`."""
+    return f"""
   const int Tn = x_shape[1];
   const int Cn = x_shape[2];
   const int c = bid_x * nthreads + tid;
   const int t0 = bid_y * TILE;
   const int b = bid_z;
-  if (c < Cn && t0 < Tn) {
+  if (c < Cn && t0 < Tn) {{
     float wk[K];
     for (int k = 0; k < K; ++k) wk[k] = static_cast<float>(w[c * K + k]);
     const float bv = static_cast<float>(bias[c]);
-    // the tile and the K-1 inputs before it, xp[t0 .. t0 + TILE + K - 2], loaded before any
-    // store so that all loads are in flight at once (y may alias x as far as the compiler knows)
-    float xs[TILE + K - 1];
-    for (int k = 0; k < TILE + K - 1; ++k) {
+    float xs[{nx}];
+    for (int k = 0; k < {nx}; ++k) {{
       const int i = t0 + k - (K - 1);  // index into x; negative -> the carried state
       xs[k] = i < 0 ? static_cast<float>(static_cast<T>(state[(b * (K - 1) + i + K - 1) * Cn + c]))
             : (i < Tn ? static_cast<float>(x[(b * Tn + i) * Cn + c]) : 0.0f);
-    }
+    }}"""
+
+
+KERNEL = Kernel(
+    name="alloy_causal_conv1d",
+    inputs=("x", "w", "bias", "state"),
+    outputs=("y", "new_state"),
+    body=_work_item("TILE + K - 1") + """
     for (int u = 0; u < TILE; ++u) {
       if (t0 + u < Tn) {
         float acc = 0.0f;
@@ -75,25 +82,9 @@ BWD = Kernel(
     name="alloy_causal_conv1d_bwd",
     inputs=("x", "w", "bias", "state", "dy", "dns"),
     outputs=("dx", "dstate", "dwb"),
-    body="""
-  const int Tn = x_shape[1];
-  const int Cn = x_shape[2];
-  const int c = bid_x * nthreads + tid;
-  const int t0 = bid_y * TILE;
-  const int b = bid_z;
-  const int nt = (Tn + TILE - 1) / TILE;
-  if (c < Cn && t0 < Tn) {
-    float wk[K];
-    for (int k = 0; k < K; ++k) wk[k] = static_cast<float>(w[c * K + k]);
-    const float bv = static_cast<float>(bias[c]);
-    // xp[t0 .. t0 + TILE + 2K - 3] (x from t0 - K + 1; the carried state before 0) and dy on the
-    // tile and the K-1 steps after it: every load before any store
-    float xs[TILE + 2 * (K - 1)];
-    for (int k = 0; k < TILE + 2 * (K - 1); ++k) {
-      const int i = t0 + k - (K - 1);
-      xs[k] = i < 0 ? static_cast<float>(static_cast<T>(state[(b * (K - 1) + i + K - 1) * Cn + c]))
-            : (i < Tn ? static_cast<float>(x[(b * Tn + i) * Cn + c]) : 0.0f);
-    }
+    body=_work_item("TILE + 2 * (K - 1)") + """
+    const int nt = (Tn + TILE - 1) / TILE;
+    // dy on the tile and the K-1 steps after it (their gradients reach the tile's inputs)
     float dp[TILE + K - 1];                 // d pre-activation at t0 .. t0 + TILE + K - 2 (0 past the end)
     for (int u = 0; u < TILE + K - 1; ++u) {
       const int t = t0 + u;
