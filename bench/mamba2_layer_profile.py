@@ -2,13 +2,12 @@
 
     python bench/mamba2_layer_profile.py [--batch 16] [--T 2048]
 
-Rows (median ms, compiled gradient of sum(out * ct), bf16 activations and weights): the whole mixer,
-and each of its parts alone on inputs of the shapes it sees there: in_proj, causal conv1d + SiLU
-(gradient by autodiff of the reference, and by the gradient kernel), the SSD scan, the gated
-RMSNorm (MLX ops, and the fused kernels), out_proj, and the dt softplus; the whole mixer with
-gradients for every parameter (as in training) and one column sum of the size a bias gradient
-reduces (to test whether such reductions explain the in-model cost); and the whole mixer again with
-the kernels that wait for their GPU test switched on.
+Rows (median ms, compiled gradient of sum(out * ct), bf16 activations and weights): each part of
+the mixer alone on inputs of the shapes it sees there: in_proj, causal conv1d + SiLU (gradient by
+autodiff of the reference, and by the gradient kernel), the SSD scan, the gated RMSNorm (MLX ops,
+and the fused kernels), out_proj, and the dt softplus; the whole mixer with the conv / norm
+gradients by MLX ops and with the kernels (the defaults); the whole mixer with gradients for every
+parameter (as in training); and one column sum of the size a bias gradient reduces.
 """
 from __future__ import annotations
 
@@ -42,15 +41,16 @@ def grad_time(f, *args):
     return timeit(lambda: g(*args))
 
 
-def with_conv_kernel(run):
-    """run() with the kernels that wait for their GPU test switched on (conv gradient, gated norm)."""
+def kernels(on: bool, run):
+    """run() with the conv1d gradient kernel and the fused gated norm switched on or off."""
     conv_ops = importlib.import_module("alloy.ops.conv")
     norm_ops = importlib.import_module("alloy.ops.norm")
-    conv_ops.GRADIENT_KERNEL = norm_ops.GATED_KERNEL = True
+    was = conv_ops.GRADIENT_KERNEL, norm_ops.GATED_KERNEL
+    conv_ops.GRADIENT_KERNEL = norm_ops.GATED_KERNEL = on
     try:
         return run()
     finally:
-        conv_ops.GRADIENT_KERNEL = norm_ops.GATED_KERNEL = False
+        conv_ops.GRADIENT_KERNEL, norm_ops.GATED_KERNEL = was
 
 
 def main(argv=None):
@@ -76,9 +76,9 @@ def main(argv=None):
     print(f"| part (B={B}, T={T}, toy Mamba-2 mixer) | fwd+bwd ms |\n|---|---|", flush=True)
     parts = [
         ("in_proj", lambda: grad_time(lambda x, w: x @ w.T, x, p["in_proj"]["weight"])),
-        ("conv1d + silu", lambda: grad_time(lambda v, w, b: causal_conv1d(v, w, b, None, activation="silu")[0],
-                                    xbc, p["conv1d"]["weight"], p["conv1d"]["bias"])),
-        ("conv1d + silu, gradient kernel (alloy.ops.conv.GRADIENT_KERNEL)", lambda: with_conv_kernel(lambda: grad_time(
+        ("conv1d + silu, gradient by autodiff of the reference", lambda: kernels(False, lambda: grad_time(
+            lambda v, w, b: causal_conv1d(v, w, b, None, activation="silu")[0], xbc, p["conv1d"]["weight"], p["conv1d"]["bias"]))),
+        ("conv1d + silu, gradient kernel (alloy.ops.conv.GRADIENT_KERNEL)", lambda: kernels(True, lambda: grad_time(
             lambda v, w, b: causal_conv1d(v, w, b, None, activation="silu")[0], xbc, p["conv1d"]["weight"], p["conv1d"]["bias"]))),
         ("dt softplus", lambda: grad_time(lambda v, b: nn.softplus(v.astype(mx.float32) + b.astype(mx.float32)),
                                   dt_raw, p["dt_bias"])),
@@ -88,20 +88,22 @@ def main(argv=None):
                           nn.softplus(dt_raw.astype(mx.float32)),
                           xbc[..., s.d_inner:s.d_inner + gn].reshape(B, T, s.n_groups, s.d_state),
                           xbc[..., s.d_inner + gn:].reshape(B, T, s.n_groups, s.d_state))),
-        ("gated rms norm", lambda: grad_time(lambda y, z, w: gated_rms_norm(y, z, w, s.norm_eps, group_size=s.d_inner // s.n_groups),
+        ("gated rms norm, MLX ops (impl='ref')", lambda: grad_time(lambda y, z, w: gated_rms_norm(
+            y, z, w, s.norm_eps, group_size=s.d_inner // s.n_groups, impl="ref"),
                                      y, z, p["norm"]["weight"])),
         ("gated rms norm, fused kernels (impl='kernel')", lambda: grad_time(
             lambda y, z, w: gated_rms_norm(y, z, w, s.norm_eps, group_size=s.d_inner // s.n_groups, impl="kernel"),
             y, z, p["norm"]["weight"])),
         ("out_proj", lambda: grad_time(lambda y, w: y @ w.T, y, p["out_proj"]["weight"])),
-        ("whole mixer", lambda: grad_time(lambda x, w_in, w_out: mamba2.apply(
-            dict(p, in_proj={"weight": w_in}, out_proj={"weight": w_out}), x, None, s)[0],
-            x, p["in_proj"]["weight"], p["out_proj"]["weight"])),
+        ("whole mixer, conv gradient and gated norm by MLX ops", lambda: kernels(False, lambda: grad_time(
+            lambda x, w_in, w_out: mamba2.apply(dict(p, in_proj={"weight": w_in}, out_proj={"weight": w_out}),
+                                                x, None, s)[0],
+            x, p["in_proj"]["weight"], p["out_proj"]["weight"]))),
         ("whole mixer, gradients for every parameter (as in training)", lambda: grad_time(
             lambda x, mp: mamba2.apply(mp, x, None, s)[0], x, p)),
         ("column sum of a (B*T, 1792) float32 array (a bias / depthwise-weight gradient's reduction)",
          lambda: timeit(lambda: colsum(flat))),
-        ("whole mixer, conv gradient kernel + fused gated norm", lambda: with_conv_kernel(lambda: grad_time(
+        ("whole mixer (conv gradient kernel + fused gated norm, the defaults)", lambda: kernels(True, lambda: grad_time(
             lambda x, w_in, w_out: mamba2.apply(dict(p, in_proj={"weight": w_in}, out_proj={"weight": w_out}),
                                                 x, None, s)[0],
             x, p["in_proj"]["weight"], p["out_proj"]["weight"]))),

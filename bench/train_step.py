@@ -56,19 +56,26 @@ def model_flops_per_token(cfg, T: int) -> float:
     return flops
 
 
-def switch_grads(spec: str) -> list[str]:
-    """Turn on the named gradient paths (see --grads); returns the names switched on."""
+GRAD_PATHS = ("conv", "norm", "ssd")
+
+
+def switch_grads(spec: str | None) -> list[str]:
+    """Set the gradient paths (see --grads): exactly the named ones on, the others off; None keeps
+    the library's defaults. Returns the names on."""
     import importlib
-    names = ["conv", "norm", "ssd"] if spec == "all" else [v for v in spec.split(",") if v]
+    conv = importlib.import_module("alloy.ops.conv")
+    norm = importlib.import_module("alloy.ops.norm")
+    ssd = importlib.import_module("alloy.ops.ssd")
+    if spec is None:
+        return [n for n, on in zip(GRAD_PATHS, (conv.GRADIENT_KERNEL, norm.GATED_KERNEL, ssd.GRADIENT == "explicit"))
+                if on]
+    names = list(GRAD_PATHS) if spec == "all" else [v for v in spec.split(",") if v and v != "none"]
     for name in names:
-        if name == "conv":
-            importlib.import_module("alloy.ops.conv").GRADIENT_KERNEL = True
-        elif name == "norm":
-            importlib.import_module("alloy.ops.norm").GATED_KERNEL = True
-        elif name == "ssd":
-            importlib.import_module("alloy.ops.ssd").GRADIENT = "explicit"
-        else:
-            raise SystemExit(f"--grads: unknown name {name!r} (conv, norm, ssd, all)")
+        if name not in GRAD_PATHS:
+            raise SystemExit(f"--grads: unknown name {name!r} ({', '.join(GRAD_PATHS)}, all, none)")
+    conv.GRADIENT_KERNEL = "conv" in names
+    norm.GATED_KERNEL = "norm" in names
+    ssd.GRADIENT = "explicit" if "ssd" in names else "autodiff"
     return names
 
 
@@ -84,12 +91,12 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.4)
     p.add_argument("--small", action="store_true", help="tiny model, B 4 x T 64, 3 steps: a CPU smoke run")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--grads", default="",
-                   help="comma list of the gradient paths that wait for a GPU measurement to switch on: "
-                        "conv (alloy.ops.conv.GRADIENT_KERNEL), norm (alloy.ops.norm.GATED_KERNEL), "
-                        "ssd (alloy.ops.ssd.GRADIENT = 'explicit'), or 'all'")
+    p.add_argument("--grads", default=None,
+                   help="the gradient paths on, the others off (default: the library's defaults): a comma "
+                        "list of conv (alloy.ops.conv.GRADIENT_KERNEL), norm (alloy.ops.norm.GATED_KERNEL), "
+                        "ssd (alloy.ops.ssd.GRADIENT = 'explicit'), or 'all' / 'none'")
     a = p.parse_args(argv)
-    switch_grads(a.grads)
+    grads = ",".join(switch_grads(a.grads)) or "none"
     if a.small:
         cfg = alloy.ModelConfig.from_dict(SMALL)
         a.batch_size, a.seq_len, a.steps, a.warmup = 4, 64, 3, 1
@@ -110,7 +117,7 @@ def main(argv=None):
     device = mx.device_info().get("device_name", str(mx.default_device()))
     n = count_params(params)
     print(f"device: {device} ({mx.default_device()}); model {cfg.name}: {n / 1e6:.1f}M params; "
-          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths switched on: {a.grads or 'none'}")
+          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}")
     t0 = time.perf_counter()
     for i in range(a.warmup):
         params, opt_state, m = step(params, opt_state, batch, key)
@@ -132,7 +139,7 @@ def main(argv=None):
            "remat": a.remat, "step_s_median": med, "step_s_min": min(times), "tokens_per_s": tok_s,
            "model_flops_per_token": fpt, "model_tflops": tflops, "peak_tflops": a.peak_tflops,
            "mfu": tflops / a.peak_tflops, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-           "final_loss": float(m["loss"]), "grads": a.grads}
+           "final_loss": float(m["loss"]), "grads": grads}
     print(f"step {med * 1e3:.1f} ms median (min {min(times) * 1e3:.1f}) over {a.steps}: {tok_s:,.0f} tokens/s, "
           f"{fpt / 1e6:.1f} MFLOP/token -> {tflops:.2f} TFLOP/s = {100 * res['mfu']:.2f}% MFU of "
           f"{a.peak_tflops:g} TFLOP/s; peak memory {res['peak_memory_gb']:.2f} GB")

@@ -240,14 +240,19 @@ def _segments(cfg: ModelConfig, blocks, calls) -> dict:
     return out
 
 
-MULTI_STRETCH = False  # stack every stretch of a hybrid (see prepare_decode), not only a single one
+# Stack every stretch of a hybrid (see prepare_decode), not only a single one. Each persistent launch
+# gets a barrier buffer of its own size (`tag`): with one shared size, mx.compile merged the two
+# launches' identical zeroed buffers and MLX-CUDA returned wrong logits (session 4). The GPU test
+# (tests/metal/test_kernels_gpu.py::test_hybrid_mamba2_stretches_decode_in_one_launch_each) passes
+# with it on (H100, session 6).
+MULTI_STRETCH = True
 
 
 def prepare_decode(cfg: ModelConfig, params: dict) -> dict:
-    """Params for fast decoding: for the run of blocks whose mixer has a whole-stack decode
-    (`LayerSpec.stack_prepare` / `stack_decode`, e.g. Mamba-2; see `_segments`; a model with one
-    such run: a pure Mamba-2 stack, or a hybrid with one Mamba-2 stretch), a copy of the tree
-    with that run's weights stacked under ``params["decode_stack"][str(first depth)]`` and the
+    """Params for fast decoding: for each run of blocks whose mixer has a whole-stack decode
+    (`LayerSpec.stack_prepare` / `stack_decode`, e.g. Mamba-2; see `_segments`: a pure Mamba-2
+    stack is one run, a hybrid has one per stretch between its other layers), a copy of the tree
+    with each run's weights stacked under ``params["decode_stack"][str(first depth)]`` and the
     layers' big weights replaced by views of the stacks (the mixer's ``stack_prepare`` picks them),
     so the returned tree holds one copy of them (drop the original tree to free the old buffers).
     Otherwise ``params`` unchanged. Inference only: transform (quantize, LoRA-merge) before
@@ -257,12 +262,6 @@ def prepare_decode(cfg: ModelConfig, params: dict) -> dict:
     blocks = resolve(cfg)
     segments = _segments(cfg, blocks, {} if cfg.shared is None else cfg.shared.calls())
     if len(segments) != 1 and not MULTI_STRETCH:
-        # one stretch per model by default: with two persistent launches in one compiled decode
-        # step, MLX-CUDA returned wrong logits (session 4; eager calls exact). Suspected cause:
-        # mx.compile merging the two launches' identical zeroed barrier buffers; each launch now
-        # gets a buffer of its own size (`tag`). MULTI_STRETCH stays off until the GPU test
-        # (tests/metal/test_kernels_gpu.py::test_hybrid_mamba2_stretches_decode_in_one_launch_each)
-        # passes with it on.
         return params
     layers, stacks = list(params["layers"]), {}
     for i0, i1 in segments.items():

@@ -102,6 +102,28 @@ def _segsum(a):
     return mx.where(mx.tril(mx.ones((T, T), mx.bool_), k=0), s, -mx.inf)
 
 
+def _head_sum(v):
+    """(..., h, p) -> (h,): the sum over every axis but the heads' (the D gradient's reduction), as a
+    row reduction over p and then a column reduction over the rest. MLX-CUDA's one reduction over
+    axes (0, 1, 3) of a (b, l, h, p) array took ~13 ms on an H100 at 16 x 2048 x 24 x 64 (a third of
+    a toy Mamba-2 layer's forward + backward; bench/layer_ablation.py, docs/benchmarks.md)."""
+    return v.sum(-1).reshape(-1, v.shape[-2]).sum(0)
+
+
+@mx.custom_function
+def _skip(x, D):
+    """D x per head in float32 ((b, l, h, p), (h,)): the skip term, with its D gradient reduced by
+    `_head_sum` rather than by the broadcast's strided reduction."""
+    return D.astype(_F32)[:, None] * x.astype(_F32)
+
+
+@_skip.vjp
+def _skip_vjp(primals, cotangent, output):
+    x, D = primals
+    dy = cotangent.astype(_F32)
+    return (dy * D.astype(_F32)[:, None]).astype(x.dtype), _head_sum(dy * x.astype(_F32)).astype(D.dtype)
+
+
 def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     """Chunked SSD (ssd_minimal): diagonal blocks by attention-like quadratic form,
     off-diagonal blocks through chunk states passed along by a segsum over chunks.
@@ -156,7 +178,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
 
     y = (Y_diag + Y_off).reshape(b, c * K, h, p)[:, :l]
     if D is not None:
-        y = y + D.astype(_F32)[:, None] * x.astype(_F32)
+        y = y + _skip(x, D)
     return y.astype(x.dtype), final_state
 
 
@@ -213,7 +235,7 @@ def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64)
     eo = mx.exp(acs)
 
     # D and the state term y_off = e^acs C H_c
-    dD = (dyc * xc).sum(axis=(0, 1, 2, 4)) if D is not None else None
+    dD = _head_sum(dyc * xc) if D is not None else None
     dxc = dyc * D.astype(_F32)[:, None] if D is not None else mx.zeros_like(dyc)
     dys = dyc * eo[..., None]
     dH = mx.einsum("bclgrp,bclgn->bcgrpn", grp(dys), Cc).reshape(b, c, h, p, n)
@@ -305,8 +327,9 @@ def _kernel_chunk(T, chunk_size):
 _VJP_CHUNK = None  # chunk length of the kernel path's gradient (None: the kernel's)
 # The kernel path's gradient: "autodiff" (MLX autodiff of `ssd_chunked`) or "explicit"
 # (`ssd_chunked_vjp`, the same math written out; equal to autodiff within fp32 rounding).
-# "explicit" becomes the default once bench/ssd_vjp.py shows it faster on a GPU.
-GRADIENT = "autodiff"
+# bench/ssd_vjp.py on an H100 (session 6), toy shape 16 x 2048 x 24 x 64, N 128, chunk 128: kernel
+# forward + explicit gradient 11.75 ms, + autodiff 13.77 ms (docs/benchmarks.md).
+GRADIENT = "explicit"
 # The chunked path's gradient where no kernel runs (the CPU): "explicit" measured 1.13-1.66x faster
 # than autodiff for forward + backward on this project's CPU (bench/ssd_vjp.py, docs/benchmarks.md).
 CPU_GRADIENT = "explicit"

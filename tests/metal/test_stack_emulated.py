@@ -84,10 +84,11 @@ def test_emulated_stack_check_can_fail(emulated_stack, monkeypatch):
     assert rel_err(lk, lr) > 1e-3
 
 
-def test_hybrid_mamba2_stretch_runs_in_one_launch(emulated_stack):
+def test_hybrid_mamba2_stretch_runs_in_one_launch(emulated_stack, monkeypatch):
     """A hybrid with one Mamba-2 stretch between attention + MLP blocks: the stretch decodes in one
-    launch of the kernel, and logits and every layer's state match the general path. A hybrid with
-    two stretches is not stacked (see `alloy.layers.stack.prepare_decode`)."""
+    launch of the kernel, and logits and every layer's state match the general path. With
+    `alloy.layers.stack.MULTI_STRETCH` off, a hybrid with two stretches is not stacked."""
+    from alloy.layers import stack
     from alloy.layers.stack import prepare_decode
     from alloy.model import as_config, build
 
@@ -98,7 +99,10 @@ def test_hybrid_mamba2_stretch_runs_in_one_launch(emulated_stack):
                           "mixers": {"mamba2": {"d_state": 32, "head_dim": 8},
                                      "attention": {"n_heads": 4, "n_kv_heads": 2, "head_dim": 8}}})
     two = config(["mamba2", "mamba2", "attention", "mamba2", "mamba2"])
+    monkeypatch.setattr(stack, "MULTI_STRETCH", False)
     assert "decode_stack" not in prepare_decode(two, build(two).init(mx.random.key(5)))
+    monkeypatch.setattr(stack, "MULTI_STRETCH", True)
+    assert sorted(prepare_decode(two, build(two).init(mx.random.key(5)))["decode_stack"]) == ["0", "3"]
     cfg = config(["attention", "mamba2", "mamba2", "mamba2", "attention", "mamba2"])
     m = build(cfg)
     params = m.init(mx.random.key(5))
@@ -111,8 +115,8 @@ def test_hybrid_mamba2_stretch_runs_in_one_launch(emulated_stack):
 
 
 def test_hybrid_two_stretches_run_in_one_launch_each(emulated_stack, monkeypatch):
-    """With `alloy.layers.stack.MULTI_STRETCH` on, each of two Mamba-2 stretches decodes in its own
-    launch (each with its own barrier scratch), matching the general path."""
+    """With `alloy.layers.stack.MULTI_STRETCH` on (the default), each of two Mamba-2 stretches decodes
+    in its own launch (each with its own barrier scratch), matching the general path."""
     from alloy.layers import stack
     from alloy.metal import mamba2_stack
     from alloy.model import as_config, build
