@@ -5,7 +5,8 @@ differentiated MLX chunked form is fastest (forward kernels + backward through `
 
 Shape: the toy config's Mamba-2 mixer (24 heads x 64, d_state 128, 1 group), bf16 inputs. Prints the
 median ms of forward + backward per chunk length: on a GPU the kernel forward with its gradient by
-MLX autodiff of `ssd_chunked` and by the written-out `ssd_chunked_vjp` (`alloy.ops.ssd.GRADIENT`);
+MLX autodiff of `ssd_chunked`, by the written-out `ssd_chunked_vjp`, and by the latter with its
+diagonal blocks in GPU kernels (`alloy.ops.ssd.GRADIENT`: autodiff / explicit / kernels);
 everywhere the MLX chunked form with autodiff and with `ssd_chunked_vjp` (the CPU path's choice,
 `alloy.ops.ssd.CPU_GRADIENT`). `--heads/--head-dim/--d-state` change the shape.
 """
@@ -60,13 +61,14 @@ def main(argv=None):
         ssd_mod._VJP_CHUNK = vc
         ssd_mod._fused_chunked.cache_clear()
         if metal.backend() is not None:
-            for grad_mode in ("autodiff", "explicit"):
+            was = ssd_mod.GRADIENT
+            for grad_mode in ("autodiff", "explicit", "kernels"):
                 ssd_mod.GRADIENT = grad_mode
                 g = mx.compile(mx.grad(loss("kernel", 256), argnums=(0, 1, 2, 3)))
                 rows.append({"row": f"kernel forward, gradient {grad_mode} (chunk {vc})",
                              "fwd+bwd ms": timeit(lambda: g(x, dt, B, C))})
                 print(json.dumps(rows[-1]), flush=True)
-            ssd_mod.GRADIENT = "autodiff"
+            ssd_mod.GRADIENT = was
         g2 = mx.compile(mx.grad(loss("chunked", vc), argnums=(0, 1, 2, 3)))
         rows.append({"row": f"MLX ssd_chunked(chunk {vc}) forward + autodiff backward", "fwd+bwd ms": timeit(lambda: g2(x, dt, B, C))})
         print(json.dumps(rows[-1]), flush=True)

@@ -56,7 +56,7 @@ def model_flops_per_token(cfg, T: int) -> float:
     return flops
 
 
-GRAD_PATHS = ("conv", "norm", "ssd")
+GRAD_PATHS = ("conv", "norm", "ssd", "ssd-kernels")
 
 
 def switch_grads(spec: str | None) -> list[str]:
@@ -67,15 +67,17 @@ def switch_grads(spec: str | None) -> list[str]:
     norm = importlib.import_module("alloy.ops.norm")
     ssd = importlib.import_module("alloy.ops.ssd")
     if spec is None:
-        return [n for n, on in zip(GRAD_PATHS, (conv.GRADIENT_KERNEL, norm.GATED_KERNEL, ssd.GRADIENT == "explicit"))
-                if on]
-    names = list(GRAD_PATHS) if spec == "all" else [v for v in spec.split(",") if v and v != "none"]
+        return [n for n, on in zip(GRAD_PATHS, (conv.GRADIENT_KERNEL, norm.GATED_KERNEL, ssd.GRADIENT == "explicit",
+                                                ssd.GRADIENT == "kernels")) if on]
+    names = ["conv", "norm", "ssd-kernels"] if spec == "all" else [v for v in spec.split(",") if v and v != "none"]
     for name in names:
         if name not in GRAD_PATHS:
             raise SystemExit(f"--grads: unknown name {name!r} ({', '.join(GRAD_PATHS)}, all, none)")
     conv.GRADIENT_KERNEL = "conv" in names
     norm.GATED_KERNEL = "norm" in names
-    ssd.GRADIENT = "explicit" if "ssd" in names else "autodiff"
+    if "ssd" in names and "ssd-kernels" in names:
+        raise SystemExit("--grads: ssd and ssd-kernels are two choices of one gradient; name one")
+    ssd.GRADIENT = "kernels" if "ssd-kernels" in names else "explicit" if "ssd" in names else "autodiff"
     return names
 
 
@@ -94,7 +96,8 @@ def main(argv=None):
     p.add_argument("--grads", default=None,
                    help="the gradient paths on, the others off (default: the library's defaults): a comma "
                         "list of conv (alloy.ops.conv.GRADIENT_KERNEL), norm (alloy.ops.norm.GATED_KERNEL), "
-                        "ssd (alloy.ops.ssd.GRADIENT = 'explicit'), or 'all' / 'none'")
+                        "ssd (alloy.ops.ssd.GRADIENT = 'explicit'), ssd-kernels (= 'kernels'), or 'all' "
+                        "(conv,norm,ssd-kernels) / 'none'")
     a = p.parse_args(argv)
     grads = ",".join(switch_grads(a.grads)) or "none"
     if a.small:

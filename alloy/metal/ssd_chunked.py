@@ -82,13 +82,16 @@ PREP = Kernel(
 """,
 )
 
+# a[o..o+4) += m * v (v a float4): the 4-column step of the shared-tile products below
+_FMA4 = """
+#define FMA4(a, o, m, v) a[o] += (m) * (v).x; a[o + 1] += (m) * (v).y; a[o + 2] += (m) * (v).z; a[o + 3] += (m) * (v).w;
+"""
+
 OUT = Kernel(
     name="alloy_ssd_chunk_out",
     inputs=("CB", "acs", "x", "dt", "Yo", "D"),
     outputs=("y",),
-    helpers="""
-#define FMA4(a, o, m, v) a[o] += (m) * (v).x; a[o + 1] += (m) * (v).y; a[o + 2] += (m) * (v).z; a[o + 3] += (m) * (v).w;
-""",
+    helpers=_FMA4,
     body="""
   // one group of 128 threads per (block of 64 rows, head, batch * chunk):
   //   y[l] = sum_{s <= l} CB[l, s] exp(acs_l - acs_s) dt_s x_s + exp(acs_l) Yo[l] + D x_l
@@ -219,6 +222,258 @@ PASS = Kernel(
   }
 """,
 )
+
+# ---------------------------------------------------------------------------------------------
+# The gradient of the diagonal blocks, y_l = sum_{s <= l} CB[l, s] E[l, s] X_s with
+# E[l, s] = exp(acs_l - acs_s) and X = dt x, for a cotangent dy (per chunk, per head):
+#     dX_s   = sum_{l >= s} CB[l, s] E[l, s] dy_l                     kernel `BWD_DX`
+#     EG     = E o (dy X^T),  W = CB o EG                               kernel `BWD_SCORES`
+#     dCB    = sum over the group's heads of EG                         (b, c, g, K, K)
+#     dacs_l += sum_s W[l, s],  dacs_s -= sum_l W[l, s]                 row / column sums
+# without the (b, c, h, K, K) tensors (E, dy X^T, EG, W) that the MLX form writes and reads.
+
+BWD_SCORES = Kernel(
+    name="alloy_ssd_bwd_scores",
+    inputs=("CB", "acs", "x", "dt", "dy"),
+    outputs=("dCB", "rsum", "csum"),
+    helpers=_FMA4,
+    body="""
+  // one group of 128 threads per (64 x 64 tile (ti, tj) of a chunk's K x K scores, group g,
+  // batch * chunk), looping over the group's heads. Thread (ty, tx) = (tid / 16, tid % 16) owns rows
+  // l0 + 4 ty + {0..3}, l0 + 32 + 4 ty + {0..3} and columns s0 + 4 tx + {0..3}.
+  // Outputs (pre-zeroed): dCB (b, c, g, K, K) = sum over heads of E o (dy X^T); rsum (b, c, h, NT, K)
+  // [.., tj, l] = sum over the tile's columns of W[l, s]; csum [.., ti, s] = sum over its rows.
+  const int L = x_shape[1];
+  const int H = x_shape[2];
+  const int P = x_shape[3];
+  const int G = CB_shape[2];
+  const int R = H / G;
+  const int nc = CB_shape[1];
+  const int NT = (KC + 63) / 64;
+  const int ti = bid_x / NT;
+  const int tj = bid_x % NT;
+  if (tj > ti) return;                        // above the diagonal: every score is masked
+  const int g = bid_y;
+  const long bc = bid_z;
+  const long b = bc / nc;
+  const long t0 = (bc % nc) * KC;
+  const int l0 = ti * 64;
+  const int s0 = tj * 64;
+  const int tx = tid % 16;
+  const int ty = tid / 16;
+  SHARED float4 Dq[PB][17];                   // dy rows: Dq[p][rq] = dy[l0 + 4 rq + {0..3}][p]
+  SHARED float4 Xq[PB][17];                   // X columns: Xq[p][cq] = X[s0 + 4 cq + {0..3}][p]
+  SHARED float csh[8][64];
+  int rows[8];
+  for (int i = 0; i < 8; ++i) rows[i] = l0 + (i < 4 ? 4 * ty + i : 32 + 4 * ty + i - 4);
+  float cb[8][4];
+  float dcb[8][4];
+  for (int i = 0; i < 8; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      const int s = s0 + 4 * tx + j;
+      cb[i][j] = (rows[i] < KC && s < KC) ? static_cast<float>(CB[((bc * G + g) * KC + rows[i]) * KC + s]) : 0.0f;
+      dcb[i][j] = 0.0f;
+    }
+  }
+  for (int hr = 0; hr < R; ++hr) {
+    const int h = g * R + hr;
+    float al[8];
+    float ac[4];
+    for (int i = 0; i < 8; ++i) al[i] = rows[i] < KC ? acs[(bc * H + h) * KC + rows[i]] : 0.0f;
+    for (int j = 0; j < 4; ++j) ac[j] = s0 + 4 * tx + j < KC ? acs[(bc * H + h) * KC + s0 + 4 * tx + j] : 0.0f;
+    float acc[8][4];
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    for (int p0 = 0; p0 < P; p0 += PB) {
+      for (int idx = tid; idx < PB * 16; idx += 128) {   // along p: coalesced reads of dy and x rows
+        const int p = idx % PB;
+        const int q4 = idx / PB;
+        float dv[4];
+        float xv[4];
+        for (int q = 0; q < 4; ++q) {
+          const int l = l0 + 4 * q4 + q;
+          const int s = s0 + 4 * q4 + q;
+          const long tl = t0 + l;
+          const long ts = t0 + s;
+          const bool okp = p0 + p < P;
+          dv[q] = (okp && l < KC && tl < L) ? static_cast<float>(dy[((b * L + tl) * H + h) * P + p0 + p]) : 0.0f;
+          xv[q] = (okp && s < KC && ts < L)
+              ? static_cast<float>(dt[(b * L + ts) * H + h]) * static_cast<float>(x[((b * L + ts) * H + h) * P + p0 + p])
+              : 0.0f;
+        }
+        Dq[p][q4] = f4(dv[0], dv[1], dv[2], dv[3]);
+        Xq[p][q4] = f4(xv[0], xv[1], xv[2], xv[3]);
+      }
+      BARRIER();
+      for (int p = 0; p < PB; ++p) {
+        const float4 d0 = Dq[p][ty];
+        const float4 d1 = Dq[p][8 + ty];
+        const float4 xv = Xq[p][tx];
+        FMA4(acc[0], 0, d0.x, xv)
+        FMA4(acc[1], 0, d0.y, xv)
+        FMA4(acc[2], 0, d0.z, xv)
+        FMA4(acc[3], 0, d0.w, xv)
+        FMA4(acc[4], 0, d1.x, xv)
+        FMA4(acc[5], 0, d1.y, xv)
+        FMA4(acc[6], 0, d1.z, xv)
+        FMA4(acc[7], 0, d1.w, xv)
+      }
+      BARRIER();
+    }
+    float rs[8];
+    float cs[4];
+    for (int j = 0; j < 4; ++j) cs[j] = 0.0f;
+    for (int i = 0; i < 8; ++i) {
+      rs[i] = 0.0f;
+      for (int j = 0; j < 4; ++j) {
+        const int s = s0 + 4 * tx + j;
+        const float e = (s <= rows[i] && rows[i] < KC) ? fexp(al[i] - ac[j]) : 0.0f;
+        const float eg = e * acc[i][j];
+        const float w = cb[i][j] * eg;
+        dcb[i][j] += eg;
+        rs[i] += w;
+        cs[j] += w;
+      }
+    }
+    for (int i = 0; i < 8; ++i) {             // row sums over the 16 threads of a row (lanes tx)
+      float v = rs[i];
+      v += shfl_xor(v, 1);
+      v += shfl_xor(v, 2);
+      v += shfl_xor(v, 4);
+      v += shfl_xor(v, 8);
+      if (tx == 0 && rows[i] < KC) rsum[((bc * H + h) * NT + tj) * KC + rows[i]] = v;
+    }
+    for (int j = 0; j < 4; ++j) csh[ty][4 * tx + j] = cs[j];
+    BARRIER();
+    if (tid < 64 && s0 + tid < KC) {          // column sums over the 8 row groups
+      float v = 0.0f;
+      for (int y = 0; y < 8; ++y) v += csh[y][tid];
+      csum[((bc * H + h) * NT + ti) * KC + s0 + tid] = v;
+    }
+    BARRIER();
+  }
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 4; ++j)
+      if (rows[i] < KC && s0 + 4 * tx + j < KC) dCB[((bc * G + g) * KC + rows[i]) * KC + s0 + 4 * tx + j] = dcb[i][j];
+""",
+)
+
+BWD_DX = Kernel(
+    name="alloy_ssd_bwd_dx",
+    inputs=("CB", "acs", "dy"),
+    outputs=("dX",),
+    helpers=_FMA4,
+    body="""
+  // one group of 128 threads per (block of 64 rows s, head, batch * chunk):
+  //   dX[s] = sum_{l >= s} CB[l, s] exp(acs_l - acs_s) dy_l      (float32, (b, c K, h, p))
+  // thread (ty, tx) owns rows r0 + 4 ty + {0..3}, r0 + 32 + 4 ty + {0..3} and columns 64 j + 4 tx
+  // + {0..3} (j < CG), as in OUT with the roles of l and s exchanged
+  const int L = dy_shape[1];
+  const int H = dy_shape[2];
+  const int G = CB_shape[2];
+  const int R = H / G;
+  const int nc = CB_shape[1];
+  const int h = bid_y;
+  const int g = h / R;
+  const long bc = bid_z;
+  const long b = bc / nc;
+  const long t0 = (bc % nc) * KC;
+  const int r0 = bid_x * 64;
+  const int tx = tid % 16;
+  const int ty = tid / 16;
+  SHARED float sacs[KC];
+  SHARED float4 Ys[SB][16 * CG];              // dy_l, 4 columns per entry
+  SHARED float4 Ms[SB][17];                   // Ms[l][rq]: rows s = r0 + 4 rq + {0..3}
+  for (int l = tid; l < KC; l += 128) sacs[l] = acs[(bc * H + h) * KC + l];
+  float acc[8][4 * CG];
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 4 * CG; ++j) acc[i][j] = 0.0f;
+  BARRIER();
+  for (int l0 = r0; l0 < KC; l0 += SB) {      // causal: l >= s >= r0
+    for (int idx = tid; idx < SB * 16 * CG; idx += 128) {
+      const int li = idx / (16 * CG);
+      const int p = 4 * (idx % (16 * CG));
+      const long t = t0 + l0 + li;
+      const bool ok = l0 + li < KC && t < L;
+      float v[4];
+      for (int q = 0; q < 4; ++q)
+        v[q] = (ok && p + q < PC) ? static_cast<float>(dy[((b * L + t) * H + h) * PC + p + q]) : 0.0f;
+      Ys[li][idx % (16 * CG)] = f4(v[0], v[1], v[2], v[3]);
+    }
+    for (int idx = tid; idx < SB * 16; idx += 128) {   // along s: coalesced reads of CB rows
+      const int rq = idx % 16;
+      const int li = idx / 16;
+      const int l = l0 + li;
+      float v[4];
+      for (int q = 0; q < 4; ++q) {
+        const int s = r0 + 4 * rq + q;
+        v[q] = (s <= l && l < KC)
+            ? static_cast<float>(CB[((bc * G + g) * KC + l) * KC + s]) * fexp(sacs[l] - sacs[s])
+            : 0.0f;
+      }
+      Ms[li][rq] = f4(v[0], v[1], v[2], v[3]);
+    }
+    BARRIER();
+    for (int li = 0; li < SB; ++li) {
+      const float4 m0 = Ms[li][ty];
+      const float4 m1 = Ms[li][8 + ty];
+      for (int j = 0; j < CG; ++j) {
+        const float4 yv = Ys[li][16 * j + tx];
+        FMA4(acc[0], 4 * j, m0.x, yv)
+        FMA4(acc[1], 4 * j, m0.y, yv)
+        FMA4(acc[2], 4 * j, m0.z, yv)
+        FMA4(acc[3], 4 * j, m0.w, yv)
+        FMA4(acc[4], 4 * j, m1.x, yv)
+        FMA4(acc[5], 4 * j, m1.y, yv)
+        FMA4(acc[6], 4 * j, m1.z, yv)
+        FMA4(acc[7], 4 * j, m1.w, yv)
+      }
+    }
+    BARRIER();
+  }
+  for (int i = 0; i < 8; ++i) {
+    const int s = r0 + (i < 4 ? 4 * ty + i : 32 + 4 * ty + i - 4);
+    if (s < KC) {
+      for (int j = 0; j < 4 * CG; ++j) {
+        const int p = 64 * (j / 4) + 4 * tx + j % 4;
+        if (p < PC) dX[((b * nc * KC + t0 + s) * H + h) * PC + p] = acc[i][j];
+      }
+    }
+  }
+""",
+)
+
+
+def ssd_chunked_diag_bwd(CB, acs, x, dt, dy):
+    """The diagonal blocks' gradient on the GPU (see `BWD_SCORES` / `BWD_DX`). CB (b, c, g, K, K)
+    float32 = C B^T per chunk; acs (b, c, h, K) float32 (cumsum of dt A inside each chunk); x, dy
+    (b, l, h, p) and dt (b, l, h) unchunked (l <= c K; steps past l count as zero). Returns
+    dX (b, c, K, h, p), dacs (b, c, K, h) and dCB (b, c, g, K, K), all float32; dX is the gradient
+    with respect to X = dt x."""
+    b, l, H, P = x.shape
+    _, nc, G, K, _ = CB.shape
+    nt = groups(K, 64)
+    dy = dy.astype(x.dtype)
+    dCB, rsum, csum = BWD_SCORES(
+        [CB, acs, x, dt, dy],
+        template=[("T", x.dtype), ("KC", K), ("PB", 32)],
+        grid=(nt * nt, G, b * nc),
+        threadgroup=128,
+        output_shapes=[(b, nc, G, K, K), (b, nc, H, nt, K), (b, nc, H, nt, K)],
+        output_dtypes=[_F32, _F32, _F32],
+        init_value=0.0,
+    )
+    (dX,) = BWD_DX(
+        [CB, acs, dy],
+        template=[("T", x.dtype), ("KC", K), ("PC", P), ("CG", groups(P, 64)), ("SB", 32)],
+        grid=(nt, H, b * nc),
+        threadgroup=128,
+        output_shapes=[(b, nc * K, H, P)],
+        output_dtypes=[_F32],
+    )
+    dacs = (rsum.sum(axis=3) - csum.sum(axis=3)).transpose(0, 1, 3, 2)
+    return dX.reshape(b, nc, K, H, P), dacs, dCB
+
 
 def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int):
     """Chunked SSD forward on the GPU. x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n),

@@ -38,8 +38,9 @@ def assert_grads_match(op, args, cts, impl: str, ref_impl: str, tol: float) -> N
     def loss(i):
         return lambda *a: sum((o * c).sum() for o, c in zip(op(*a, impl=i), cts))
     n = tuple(range(len(args)))
-    for a, b in zip(mx.grad(loss(impl), argnums=n)(*args), mx.grad(loss(ref_impl), argnums=n)(*args)):
-        assert rel_err(a, b) <= tol
+    got, want = mx.grad(loss(impl), argnums=n)(*args), mx.grad(loss(ref_impl), argnums=n)(*args)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert rel_err(a, b) <= tol, f"gradient of argument {i}: relative error {rel_err(a, b):.3g} > {tol:g}"
 
 
 def assert_decode_matches(step, fast, ref, tok, state, *, steps: int, tol: float) -> None:

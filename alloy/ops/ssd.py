@@ -182,11 +182,29 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     return y.astype(x.dtype), final_state
 
 
-def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64):
+def _diag_bwd_ops(CB, a, X, dyc, r):
+    """The diagonal blocks' gradient in MLX ops (`ssd_chunked_vjp`'s default; the GPU kernels of
+    `alloy.metal.ssd_chunked.ssd_chunked_diag_bwd` compute the same): CB (b, c, g, K, K), a = dt A
+    (b, c, K, h), X = dt x and dyc (b, c, K, h, p), float32 -> dX (b, c, K, h, p), dacs (b, c, K, h),
+    dCB (b, c, g, K, K)."""
+    b, c, g, K, _ = CB.shape
+    E = mx.exp(_segsum(a.transpose(0, 1, 3, 2)))                # (b,c,h,K,K): exp(acs_l - acs_s), s <= l
+    CBh = mx.repeat(CB, r, axis=2)                              # (b,c,h,K,K)
+    Gd = mx.einsum("bclhp,bcshp->bchls", dyc, X)                # dy_l . X_s
+    dX = mx.einsum("bchls,bclhp->bcshp", CBh * E, dyc)
+    EG = E * Gd
+    W = CBh * EG
+    dacs = W.sum(-1).transpose(0, 1, 3, 2) - W.sum(-2).transpose(0, 1, 3, 2)
+    dCB = EG.reshape(b, c, g, r, K, K).sum(axis=3)
+    return dX, dacs, dCB
+
+
+def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64, diag_kernels=False):
     """The gradient of `ssd_chunked` written out (not autodiff): the same chunk decomposition run
     backwards. Arguments as `ssd_chunked` (D and initial_state arrays), dy (b, l, h, p) and dstate
     (b, h, p, n) the cotangents of y and of the final state. Returns (dx, ddt, dA, dB, dC, dD,
-    dinitial_state) in the argument dtypes.
+    dinitial_state) in the argument dtypes. diag_kernels: the diagonal blocks' part by the GPU kernels
+    of `alloy.metal.ssd_chunked.ssd_chunked_diag_bwd` instead of MLX ops (`_diag_bwd_ops`).
 
     Per chunk (acs = cumsum of dt A inside it, X = dt x, E[l, s] = exp(acs_l - acs_s) for s <= l,
     H_c the state entering chunk c, S_c its own end state, y = (C B^T o E) X + e^acs C H_c + D x):
@@ -218,8 +236,7 @@ def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64)
     X = xc * dtc[..., None]
     a = dtc * Af                                                # (b,c,K,h)
     acs = mx.cumsum(a, axis=2)
-    E = mx.exp(_segsum(a.transpose(0, 1, 3, 2)))                # (b,c,h,K,K): exp(acs_l - acs_s), s <= l
-    wS = E[..., -1, :].transpose(0, 1, 3, 2)                    # (b,c,K,h): decay from s to the chunk end
+    wS = mx.exp(acs[:, :, -1:] - acs)                           # (b,c,K,h): decay from s to the chunk end
     grp = lambda v: v.reshape(*v.shape[:3], g, r, *v.shape[4:])  # noqa: E731  (.., h, ..) -> (.., g, r, ..)
 
     # recompute: chunk end states S_c, states entering each chunk H_c (and the final state)
@@ -261,13 +278,13 @@ def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64)
 
     # diagonal blocks y_diag = (C B^T o E) X
     CB = mx.einsum("bclgn,bcsgn->bcgls", Cc, Bc)                # (b,c,g,K,K)
-    CBh = mx.repeat(CB, r, axis=2)                              # (b,c,h,K,K)
-    Gd = mx.einsum("bclhp,bcshp->bchls", dyc, X)                # dy_l . X_s
-    dX = dX + mx.einsum("bchls,bclhp->bcshp", CBh * E, dyc)
-    EG = E * Gd
-    W = CBh * EG
-    dacs = dacs + W.sum(-1).transpose(0, 1, 3, 2) - W.sum(-2).transpose(0, 1, 3, 2)
-    dCB = EG.reshape(b, c, g, r, K, K).sum(axis=3)
+    if diag_kernels:
+        from alloy.metal.ssd_chunked import ssd_chunked_diag_bwd
+        dXd, dacsd, dCB = ssd_chunked_diag_bwd(CB, acs.transpose(0, 1, 3, 2), x, dt, dy)
+    else:
+        dXd, dacsd, dCB = _diag_bwd_ops(CB, a, X, dyc, r)
+    dX = dX + dXd
+    dacs = dacs + dacsd
     dC = dC + mx.einsum("bcgls,bcsgn->bclgn", dCB, Bc)
     dB = dB + mx.einsum("bcgls,bclgn->bcsgn", dCB, Cc)
 
@@ -325,11 +342,13 @@ def _kernel_chunk(T, chunk_size):
 
 
 _VJP_CHUNK = None  # chunk length of the kernel path's gradient (None: the kernel's)
-# The kernel path's gradient: "autodiff" (MLX autodiff of `ssd_chunked`) or "explicit"
-# (`ssd_chunked_vjp`, the same math written out; equal to autodiff within fp32 rounding).
+# The kernel path's gradient: "autodiff" (MLX autodiff of `ssd_chunked`), "explicit"
+# (`ssd_chunked_vjp`, the same math written out; equal to autodiff within fp32 rounding) or
+# "kernels" (`ssd_chunked_vjp` with its diagonal blocks' part in GPU kernels).
 # bench/ssd_vjp.py on an H100 (session 6), toy shape 16 x 2048 x 24 x 64, N 128, chunk 128: kernel
-# forward + explicit gradient 11.75 ms, + autodiff 13.77 ms (docs/benchmarks.md).
-GRADIENT = "explicit"
+# forward + explicit gradient 11.75 ms, + autodiff 13.77 ms; the toy train step (bench/train_step.py,
+# 16 x 2048) 184.3 ms with "kernels" (docs/benchmarks.md).
+GRADIENT = "kernels"
 # The chunked path's gradient where no kernel runs (the CPU): "explicit" measured 1.13-1.66x faster
 # than autodiff for forward + backward on this project's CPU (bench/ssd_vjp.py, docs/benchmarks.md).
 CPU_GRADIENT = "explicit"
@@ -348,11 +367,13 @@ def _explicit_chunked(chunk):
 @functools.lru_cache(maxsize=None)
 def _fused_chunked(chunk, gradient: str = "autodiff"):
     vjp_chunk = _VJP_CHUNK or chunk
-    explicit = (lambda x, dt, A, B, C, D, s, dy, ds: ssd_chunked_vjp(x, dt, A, B, C, D, s, dy, ds, vjp_chunk))
+    kernels = gradient == "kernels"
+    explicit = (lambda x, dt, A, B, C, D, s, dy, ds:
+                ssd_chunked_vjp(x, dt, A, B, C, D, s, dy, ds, vjp_chunk, diag_kernels=kernels))
     return metal.differentiable(
         lambda *a: _chunk_kernels.ssd_chunked(*a, chunk),
         lambda *a: ssd_chunked(*a, vjp_chunk),
-        explicit if gradient == "explicit" else None,
+        None if gradient == "autodiff" else explicit,
     )
 
 
@@ -374,8 +395,8 @@ def _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size):
     if T == 1:
         y, state = _fused_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, initial_state)
         return y[:, None], state
-    if GRADIENT not in ("autodiff", "explicit"):
-        raise ValueError(f"alloy.ops.ssd.GRADIENT must be 'autodiff' or 'explicit', got {GRADIENT!r}")
+    if GRADIENT not in ("autodiff", "explicit", "kernels"):
+        raise ValueError(f"alloy.ops.ssd.GRADIENT must be 'autodiff', 'explicit' or 'kernels', got {GRADIENT!r}")
     y, state = _fused_chunked(_kernel_chunk(T, chunk_size), GRADIENT)(x, dt, A, B, C, D, initial_state)
     return y, state
 

@@ -1,0 +1,71 @@
+"""The SSD diagonal blocks' gradient kernels (`alloy.metal.ssd_chunked.BWD_SCORES` / `BWD_DX`) on
+the CPU emulator, against the MLX form they replace (`alloy.ops.ssd._diag_bwd_ops`), and the whole
+written-out gradient with them (`ssd_chunked_vjp(diag_kernels=True)`) against MLX autodiff of
+`ssd_chunked`. Lengths that are not whole chunks, one or two 64-row tiles per chunk, head dims
+below, at and above 64, grouped B / C. The GPU run is in tests/metal/test_kernels_gpu.py."""
+import importlib
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from alloy.metal import emulate
+from alloy.metal import ssd_chunked as kern
+from alloy.metal.testing import DTYPES, arr, pos, rel_err
+
+ssd_mod = importlib.import_module("alloy.ops.ssd")
+
+pytestmark = pytest.mark.skipif(not emulate.available(), reason="no g++ for the CPU kernel emulator")
+
+
+def inputs(rng, dt, b, l, h, g, p, n):
+    dtype = DTYPES[dt]
+    x = arr(rng, (b, l, h, p), dtype)
+    dtv = pos(rng, (b, l, h), 0.01, 0.3)
+    A = -pos(rng, (h,), 0.5, 4.0)
+    B, C = arr(rng, (b, l, g, n), dtype), arr(rng, (b, l, g, n), dtype)
+    D = arr(rng, (h,))
+    s0 = arr(rng, (b, h, p, n))
+    dy = arr(rng, (b, l, h, p), dtype)
+    ds = arr(rng, (b, h, p, n))
+    return x, dtv, A, B, C, D, s0, dy, ds
+
+
+def chunked(v, K):
+    b, l = v.shape[:2]
+    pad = -l % K
+    v = mx.pad(v.astype(mx.float32), [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+    return v.reshape(b, (l + pad) // K, K, *v.shape[2:])
+
+
+@pytest.mark.parametrize("dt,b,l,h,g,p,K", [("f32", 1, 40, 2, 1, 16, 32),
+                                             ("f32", 2, 150, 4, 2, 80, 64),
+                                             ("f32", 1, 200, 2, 1, 64, 128),
+                                             ("bf16", 1, 130, 2, 2, 32, 128)])
+def test_diag_kernels_match_ops(dt, b, l, h, g, p, K):
+    rng = np.random.default_rng(K + l)
+    x, dtv, A, B, C, _, _, dy, _ = inputs(rng, dt, b, l, h, g, p, 16)
+    Bc, Cc, dtc = chunked(B, K), chunked(C, K), chunked(dtv, K)
+    a = dtc * A
+    acs = mx.cumsum(a, axis=2)
+    CB = mx.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
+    X = chunked(x, K) * dtc[..., None]
+    want = ssd_mod._diag_bwd_ops(CB, a, X, chunked(dy, K), h // g)
+    with emulate.patch(kern, poison=True):
+        got = kern.ssd_chunked_diag_bwd(CB, acs.transpose(0, 1, 3, 2), x, dtv, dy)
+    for name, gv, wv in zip(("dX", "dacs", "dCB"), got, want):
+        assert gv.shape == wv.shape and gv.dtype == mx.float32, name
+        assert rel_err(gv, wv) <= 1e-5, (name, rel_err(gv, wv))
+
+
+def test_written_out_gradient_with_kernels_matches_autodiff():
+    rng = np.random.default_rng(3)
+    b, l, h, g, p, n, K = 1, 150, 4, 2, 32, 16, 64
+    prim = inputs(rng, "f32", b, l, h, g, p, n)
+    x, dtv, A, B, C, D, s0, dy, ds = prim
+    _, want = mx.vjp(lambda *a: list(ssd_mod.ssd_chunked(*a, K)), [x, dtv, A, B, C, D, s0], [dy, ds])
+    with emulate.patch(kern, poison=True):
+        got = ssd_mod.ssd_chunked_vjp(*prim, K, diag_kernels=True)
+    for i, (gv, wv) in enumerate(zip(got, want)):
+        assert gv.shape == wv.shape, i
+        assert rel_err(gv, wv) <= 1e-4, (i, rel_err(gv, wv))
