@@ -232,70 +232,75 @@ PASS = Kernel(
 #     dacs_l += sum_s W[l, s],  dacs_s -= sum_l W[l, s]                 row / column sums
 # without the (b, c, h, K, K) tensors (E, dy X^T, EG, W) that the MLX form writes and reads.
 
+_SCORE_HEADS = 4  # heads per BWD_SCORES group at most (the group's heads split into slices of this many)
+
 BWD_SCORES = Kernel(
     name="alloy_ssd_bwd_scores",
     inputs=("CB", "acs", "x", "dt", "dy"),
     outputs=("dCB", "rsum", "csum"),
     helpers=_FMA4,
     body="""
-  // one group of 128 threads per (64 x 64 tile (ti, tj) of a chunk's K x K scores, group g,
-  // batch * chunk), looping over the group's heads. Thread (ty, tx) = (tid / 16, tid % 16) owns rows
-  // l0 + 4 ty + {0..3}, l0 + 32 + 4 ty + {0..3} and columns s0 + 4 tx + {0..3}.
-  // Outputs (pre-zeroed): dCB (b, c, g, K, K) = sum over heads of E o (dy X^T); rsum (b, c, h, NT, K)
-  // [.., tj, l] = sum over the tile's columns of W[l, s]; csum [.., ti, s] = sum over its rows.
+  // one group of 256 threads per (64 x 64 tile (ti, tj) of a chunk's K x K scores, slice of RS of
+  // group g's heads, batch * chunk), looping over the slice's heads. Thread (ty, tx) = (tid / 16,
+  // tid % 16) owns rows l0 + 4 ty + {0..3} and columns s0 + 4 tx + {0..3}.
+  // Outputs (pre-zeroed): dCB (NS, b, c, g, K, K) [k] = sum over slice k's heads of E o (dy X^T);
+  // rsum (b, c, h, NT, K) [.., tj, l] = sum over the tile's columns of W[l, s]; csum [.., ti, s] =
+  // sum over its rows.
   const int L = x_shape[1];
   const int H = x_shape[2];
   const int P = x_shape[3];
   const int G = CB_shape[2];
   const int R = H / G;
   const int nc = CB_shape[1];
+  const long nbc = CB_shape[0] * nc;
   const int NT = (KC + 63) / 64;
   const int ti = bid_x / NT;
   const int tj = bid_x % NT;
   if (tj > ti) return;                        // above the diagonal: every score is masked
-  const int g = bid_y;
+  const int NS = R / RS;                      // head slices per group
+  const int g = bid_y / NS;
+  const int ks = bid_y % NS;
   const long bc = bid_z;
   const long b = bc / nc;
   const long t0 = (bc % nc) * KC;
-  const int l0 = ti * 64;
-  const int s0 = tj * 64;
+  const int l0 = ti * 64 + 4 * (tid / 16);   // this thread's first row
+  const int c0 = tj * 64 + 4 * (tid % 16);   // and first column
   const int tx = tid % 16;
   const int ty = tid / 16;
-  SHARED float4 Dq[PB][17];                   // dy rows: Dq[p][rq] = dy[l0 + 4 rq + {0..3}][p]
-  SHARED float4 Xq[PB][17];                   // X columns: Xq[p][cq] = X[s0 + 4 cq + {0..3}][p]
-  SHARED float csh[8][64];
-  int rows[8];
-  for (int i = 0; i < 8; ++i) rows[i] = l0 + (i < 4 ? 4 * ty + i : 32 + 4 * ty + i - 4);
-  float cb[8][4];
-  float dcb[8][4];
-  for (int i = 0; i < 8; ++i) {
+  SHARED float4 Dq[PB][17];                   // dy rows: Dq[p][rq] = dy[ti * 64 + 4 rq + {0..3}][p]
+  SHARED float4 Xq[PB][17];                   // X columns: Xq[p][cq] = X[tj * 64 + 4 cq + {0..3}][p]
+  SHARED float csh[16][64];
+  float cb[4][4];
+  float dcb[4][4];
+  for (int i = 0; i < 4; ++i) {
     for (int j = 0; j < 4; ++j) {
-      const int s = s0 + 4 * tx + j;
-      cb[i][j] = (rows[i] < KC && s < KC) ? static_cast<float>(CB[((bc * G + g) * KC + rows[i]) * KC + s]) : 0.0f;
+      cb[i][j] = (l0 + i < KC && c0 + j < KC) ? CB[((bc * G + g) * KC + l0 + i) * KC + c0 + j] : 0.0f;
       dcb[i][j] = 0.0f;
     }
   }
-  for (int hr = 0; hr < R; ++hr) {
-    const int h = g * R + hr;
-    float al[8];
+  for (int hr = 0; hr < RS; ++hr) {
+    const int h = g * R + ks * RS + hr;
+    float al[4];
     float ac[4];
-    for (int i = 0; i < 8; ++i) al[i] = rows[i] < KC ? acs[(bc * H + h) * KC + rows[i]] : 0.0f;
-    for (int j = 0; j < 4; ++j) ac[j] = s0 + 4 * tx + j < KC ? acs[(bc * H + h) * KC + s0 + 4 * tx + j] : 0.0f;
-    float acc[8][4];
-    for (int i = 0; i < 8; ++i)
+    for (int i = 0; i < 4; ++i) {
+      al[i] = l0 + i < KC ? acs[(bc * H + h) * KC + l0 + i] : 0.0f;
+      ac[i] = c0 + i < KC ? acs[(bc * H + h) * KC + c0 + i] : 0.0f;
+    }
+    float acc[4][4];
+    for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
     for (int p0 = 0; p0 < P; p0 += PB) {
-      for (int idx = tid; idx < PB * 16; idx += 128) {   // along p: coalesced reads of dy and x rows
+      for (int idx = tid; idx < PB * 16; idx += 256) {   // along p: coalesced reads of dy and x rows
         const int p = idx % PB;
         const int q4 = idx / PB;
+        const bool okp = p0 + p < P;
         float dv[4];
         float xv[4];
         for (int q = 0; q < 4; ++q) {
-          const int l = l0 + 4 * q4 + q;
-          const int s = s0 + 4 * q4 + q;
+          const int l = ti * 64 + 4 * q4 + q;
+          const int s = tj * 64 + 4 * q4 + q;
           const long tl = t0 + l;
           const long ts = t0 + s;
-          const bool okp = p0 + p < P;
           dv[q] = (okp && l < KC && tl < L) ? static_cast<float>(dy[((b * L + tl) * H + h) * P + p0 + p]) : 0.0f;
           xv[q] = (okp && s < KC && ts < L)
               ? static_cast<float>(dt[(b * L + ts) * H + h]) * static_cast<float>(x[((b * L + ts) * H + h) * P + p0 + p])
@@ -306,28 +311,22 @@ BWD_SCORES = Kernel(
       }
       BARRIER();
       for (int p = 0; p < PB; ++p) {
-        const float4 d0 = Dq[p][ty];
-        const float4 d1 = Dq[p][8 + ty];
+        const float4 d = Dq[p][ty];
         const float4 xv = Xq[p][tx];
-        FMA4(acc[0], 0, d0.x, xv)
-        FMA4(acc[1], 0, d0.y, xv)
-        FMA4(acc[2], 0, d0.z, xv)
-        FMA4(acc[3], 0, d0.w, xv)
-        FMA4(acc[4], 0, d1.x, xv)
-        FMA4(acc[5], 0, d1.y, xv)
-        FMA4(acc[6], 0, d1.z, xv)
-        FMA4(acc[7], 0, d1.w, xv)
+        FMA4(acc[0], 0, d.x, xv)
+        FMA4(acc[1], 0, d.y, xv)
+        FMA4(acc[2], 0, d.z, xv)
+        FMA4(acc[3], 0, d.w, xv)
       }
       BARRIER();
     }
-    float rs[8];
+    float rs[4];
     float cs[4];
     for (int j = 0; j < 4; ++j) cs[j] = 0.0f;
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < 4; ++i) {
       rs[i] = 0.0f;
       for (int j = 0; j < 4; ++j) {
-        const int s = s0 + 4 * tx + j;
-        const float e = (s <= rows[i] && rows[i] < KC) ? fexp(al[i] - ac[j]) : 0.0f;
+        const float e = (c0 + j <= l0 + i && l0 + i < KC) ? fexp(al[i] - ac[j]) : 0.0f;
         const float eg = e * acc[i][j];
         const float w = cb[i][j] * eg;
         dcb[i][j] += eg;
@@ -335,26 +334,26 @@ BWD_SCORES = Kernel(
         cs[j] += w;
       }
     }
-    for (int i = 0; i < 8; ++i) {             // row sums over the 16 threads of a row (lanes tx)
+    for (int i = 0; i < 4; ++i) {             // row sums over the 16 threads of a row (lanes tx)
       float v = rs[i];
       v += shfl_xor(v, 1);
       v += shfl_xor(v, 2);
       v += shfl_xor(v, 4);
       v += shfl_xor(v, 8);
-      if (tx == 0 && rows[i] < KC) rsum[((bc * H + h) * NT + tj) * KC + rows[i]] = v;
+      if (tx == 0 && l0 + i < KC) rsum[((bc * H + h) * NT + tj) * KC + l0 + i] = v;
     }
     for (int j = 0; j < 4; ++j) csh[ty][4 * tx + j] = cs[j];
     BARRIER();
-    if (tid < 64 && s0 + tid < KC) {          // column sums over the 8 row groups
+    if (tid < 64 && tj * 64 + tid < KC) {     // column sums over the 16 row groups
       float v = 0.0f;
-      for (int y = 0; y < 8; ++y) v += csh[y][tid];
-      csum[((bc * H + h) * NT + ti) * KC + s0 + tid] = v;
+      for (int y = 0; y < 16; ++y) v += csh[y][tid];
+      csum[((bc * H + h) * NT + ti) * KC + tj * 64 + tid] = v;
     }
     BARRIER();
   }
-  for (int i = 0; i < 8; ++i)
+  for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4; ++j)
-      if (rows[i] < KC && s0 + 4 * tx + j < KC) dCB[((bc * G + g) * KC + rows[i]) * KC + s0 + 4 * tx + j] = dcb[i][j];
+      if (l0 + i < KC && c0 + j < KC) dCB[(((ks * nbc + bc) * G + g) * KC + l0 + i) * KC + c0 + j] = dcb[i][j];
 """,
 )
 
@@ -453,16 +452,19 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy):
     b, l, H, P = x.shape
     _, nc, G, K, _ = CB.shape
     nt = groups(K, 64)
+    rs = max(d for d in range(1, min(H // G, _SCORE_HEADS) + 1) if (H // G) % d == 0)
+    ns = H // G // rs
     dy = dy.astype(x.dtype)
     dCB, rsum, csum = BWD_SCORES(
         [CB, acs, x, dt, dy],
-        template=[("T", x.dtype), ("KC", K), ("PB", 32)],
-        grid=(nt * nt, G, b * nc),
-        threadgroup=128,
-        output_shapes=[(b, nc, G, K, K), (b, nc, H, nt, K), (b, nc, H, nt, K)],
+        template=[("T", x.dtype), ("KC", K), ("PB", 32), ("RS", rs)],
+        grid=(nt * nt, G * ns, b * nc),
+        threadgroup=256,
+        output_shapes=[(ns, b, nc, G, K, K), (b, nc, H, nt, K), (b, nc, H, nt, K)],
         output_dtypes=[_F32, _F32, _F32],
         init_value=0.0,
     )
+    dCB = dCB[0] if ns == 1 else dCB.sum(axis=0)
     (dX,) = BWD_DX(
         [CB, acs, dy],
         template=[("T", x.dtype), ("KC", K), ("PC", P), ("CG", groups(P, 64)), ("SB", 32)],

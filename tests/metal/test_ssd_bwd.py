@@ -41,7 +41,8 @@ def chunked(v, K):
 @pytest.mark.parametrize("dt,b,l,h,g,p,K", [("f32", 1, 40, 2, 1, 16, 32),
                                              ("f32", 2, 150, 4, 2, 80, 64),
                                              ("f32", 1, 200, 2, 1, 64, 128),
-                                             ("bf16", 1, 130, 2, 2, 32, 128)])
+                                             ("bf16", 1, 130, 2, 2, 32, 128),
+                                             ("f32", 1, 70, 8, 1, 16, 64)])
 def test_diag_kernels_match_ops(dt, b, l, h, g, p, K):
     rng = np.random.default_rng(K + l)
     x, dtv, A, B, C, _, _, dy, _ = inputs(rng, dt, b, l, h, g, p, 16)
