@@ -477,6 +477,22 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy):
     return dX.reshape(b, nc, K, H, P), dacs, dCB
 
 
+def state_pass(states, decay, init, dtype):
+    """`PASS`: states (b, c, g, n, r p) each chunk's own end state, decay (b, c, h) its total decay,
+    init (b, h, p, n) float32 -> (the states entering each chunk (b, c, g, n, r p) in dtype, the
+    final state (b, h, p, n) float32). Run over reversed chunks it passes adjoints backwards."""
+    b, nc, G, N, RP = states.shape
+    H, P = decay.shape[-1], init.shape[2]
+    return PASS(
+        [states, decay, init],
+        template=[("T", dtype), ("CBLK", 8)],
+        grid=(groups(b * G * N * RP, GROUP), 1, 1),
+        threadgroup=GROUP,
+        output_shapes=[states.shape, (b, H, P, N)],
+        output_dtypes=[dtype, _F32],
+    )
+
+
 def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int):
     """Chunked SSD forward on the GPU. x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n),
     D (h,), initial_state (b, h, p, n) -> y (b, l, h, p) in x.dtype, final state (b, h, p, n) f32.
@@ -505,15 +521,7 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int):
     Bc, Cc = chunks(B).transpose(0, 1, 3, 2, 4), chunks(C).transpose(0, 1, 3, 2, 4)  # (b, c, g, K, n)
     CB = Cc.astype(_F32) @ Bc.astype(_F32).swapaxes(-1, -2)  # (b, c, g, K, K) f32
     states = Bc.swapaxes(-1, -2).astype(dtype) @ xs  # (b, c, g, n, r p)
-    per = G * N * (H // G) * P
-    starts, final_state = PASS(
-        [states, decay, initial_state],
-        template=[("T", dtype), ("CBLK", 8)],
-        grid=(groups(b * per, GROUP), 1, 1),
-        threadgroup=GROUP,
-        output_shapes=[states.shape, (b, H, P, N)],
-        output_dtypes=[dtype, _F32],
-    )
+    starts, final_state = state_pass(states, decay, initial_state, dtype)
     Yo = Cc.astype(dtype) @ starts  # (b, c, g, K, r p)
     (y,) = OUT(
         [CB, acs, x, dt, Yo, D],

@@ -199,12 +199,11 @@ def _diag_bwd_ops(CB, a, X, dyc, r):
     return dX, dacs, dCB
 
 
-def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64, diag_kernels=False):
+def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64):
     """The gradient of `ssd_chunked` written out (not autodiff): the same chunk decomposition run
     backwards. Arguments as `ssd_chunked` (D and initial_state arrays), dy (b, l, h, p) and dstate
     (b, h, p, n) the cotangents of y and of the final state. Returns (dx, ddt, dA, dB, dC, dD,
-    dinitial_state) in the argument dtypes. diag_kernels: the diagonal blocks' part by the GPU kernels
-    of `alloy.metal.ssd_chunked.ssd_chunked_diag_bwd` instead of MLX ops (`_diag_bwd_ops`).
+    dinitial_state) in the argument dtypes. (`ssd_chunked_vjp_gpu`: the same for the GPU kernel path.)
 
     Per chunk (acs = cumsum of dt A inside it, X = dt x, E[l, s] = exp(acs_l - acs_s) for s <= l,
     H_c the state entering chunk c, S_c its own end state, y = (C B^T o E) X + e^acs C H_c + D x):
@@ -227,9 +226,6 @@ def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64,
             v = mx.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
         return v.reshape(b, c, K, *v.shape[2:])
 
-    def unchunk(v):
-        return v.reshape(b, c * K, *v.shape[3:])[:, :l]
-
     Af = A.astype(_F32)
     dtc, xc, dyc = chunks(dt), chunks(x), chunks(dy)          # (b,c,K,h), (b,c,K,h,p) x2
     Bc, Cc = chunks(B), chunks(C)                               # (b,c,K,g,n)
@@ -251,9 +247,7 @@ def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64,
     H = Hall[:, :-1]
     eo = mx.exp(acs)
 
-    # D and the state term y_off = e^acs C H_c
-    dD = _head_sum(dyc * xc) if D is not None else None
-    dxc = dyc * D.astype(_F32)[:, None] if D is not None else mx.zeros_like(dyc)
+    # the state term y_off = e^acs C H_c
     dys = dyc * eo[..., None]
     dH = mx.einsum("bclgrp,bclgn->bcgrpn", grp(dys), Cc).reshape(b, c, h, p, n)
     dC = mx.einsum("bcgrpn,bclgrp->bclgn", H.reshape(b, c, g, r, p, n), grp(dys))
@@ -278,27 +272,100 @@ def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64,
 
     # diagonal blocks y_diag = (C B^T o E) X
     CB = mx.einsum("bclgn,bcsgn->bcgls", Cc, Bc)                # (b,c,g,K,K)
-    if diag_kernels:
-        from alloy.metal.ssd_chunked import ssd_chunked_diag_bwd
-        dXd, dacsd, dCB = ssd_chunked_diag_bwd(CB, acs.transpose(0, 1, 3, 2), x, dt, dy)
-    else:
-        dXd, dacsd, dCB = _diag_bwd_ops(CB, a, X, dyc, r)
-    dX = dX + dXd
-    dacs = dacs + dacsd
+    dXd, dacsd, dCB = _diag_bwd_ops(CB, a, X, dyc, r)
     dC = dC + mx.einsum("bcgls,bcsgn->bclgn", dCB, Bc)
     dB = dB + mx.einsum("bcgls,bclgn->bcsgn", dCB, Cc)
+    return _vjp_finish(x, dt, A, B, C, D, initial_state, xc, dyc, dtc, dX + dXd, dacs + dacsd, dtot, dB, dC, dh0)
 
-    # acs = cumsum(dt A) (tot is its last entry); X = dt x
+
+def _vjp_finish(x, dt, A, B, C, D, initial_state, xc, dyc, dtc, dX, dacs, dtot, dB, dC, dh0):
+    """The end of both written-out gradients: acs = cumsum(dt A) inside each chunk (tot, its last
+    entry, gets dtot), X = dt x (dX its gradient), y += D x; chunked (b, c, K, ...) float32 arrays
+    back to the arguments' lengths and dtypes."""
+    b, l = x.shape[:2]
+    _, c, K, h = dtc.shape
     dacs = dacs + mx.concatenate([mx.zeros((b, c, K - 1, h), _F32), dtot[:, :, None]], axis=2)
     da = mx.cumsum(dacs, axis=2, reverse=True)
-    ddt = da * Af + (dX * xc).sum(-1)
+    ddt = da * A.astype(_F32) + (dX * xc).sum(-1)
     dA = (da * dtc).sum(axis=(0, 1, 2))
-    dxc = dxc + dX * dtc[..., None]
-    out = (unchunk(dxc).astype(x.dtype), unchunk(ddt).astype(dt.dtype), dA.astype(A.dtype),
-           unchunk(dB).astype(B.dtype), unchunk(dC).astype(C.dtype),
-           None if D is None else dD.astype(D.dtype),
-           None if initial_state is None else dh0.astype(initial_state.dtype))
-    return out
+    dxc = dX * dtc[..., None] + (dyc * D.astype(_F32)[:, None] if D is not None else 0.0)
+
+    def unchunk(v):
+        return v.reshape(b, c * K, *v.shape[3:])[:, :l]
+
+    return (unchunk(dxc).astype(x.dtype), unchunk(ddt).astype(dt.dtype), dA.astype(A.dtype),
+            unchunk(dB).astype(B.dtype), unchunk(dC).astype(C.dtype),
+            None if D is None else _head_sum(dyc * xc).astype(D.dtype),
+            None if initial_state is None else dh0.astype(initial_state.dtype))
+
+
+def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size):
+    """`ssd_chunked_vjp` for the GPU kernel path (same arguments and results, D and initial_state
+    arrays): the states entering each chunk recomputed and their adjoints passed backwards by the
+    forward's state-passing kernel (`alloy.metal.ssd_chunked.PASS`, the second time over the chunks
+    in reverse order) instead of the (c+1)^2 segsum products; every product a batched matmul in the
+    forward's chunk-major layouts ((b, c, g, K, r p) and states (b, c, g, n, r p)); the diagonal
+    blocks by `ssd_chunked_diag_bwd`. With G~ the adjoint of the state entering chunk c+1 (the
+    reverse pass: G~_c = dH_c + e^tot_c G~_c+1 from the final state's cotangent): dS_c = G~_c+1,
+    dtot_c = e^tot_c <G~_c+1, H_c>, dh0 = G~_0."""
+    from alloy.metal import ssd_chunked as kern
+
+    _check(x, dt, A, B, C, D, initial_state)
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r, K = h // g, chunk_size
+    pad = -l % K
+    c = (l + pad) // K
+
+    def chunks(v):  # (b, l, ...) -> (b, c, K, ...) float32, zero padded at the end
+        v = v.astype(_F32)
+        if pad:
+            v = mx.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+        return v.reshape(b, c, K, *v.shape[2:])
+
+    def gm(v):  # (b, c, K, h, p) -> (b, c, g, K, r p)
+        return v.reshape(b, c, K, g, r * p).transpose(0, 1, 3, 2, 4)
+
+    def hm(v):  # (b, c, g, K, r p) -> (b, c, K, h, p)
+        return v.transpose(0, 1, 3, 2, 4).reshape(b, c, K, h, p)
+
+    def per_head(v):  # (b, c, g, m, r p) -> sum over m and p -> (b, c, h)
+        return v.reshape(b, c, g, v.shape[3], r, p).sum(-1).sum(axis=3).reshape(b, c, h)
+
+    dtc, xc, dyc = chunks(dt), chunks(x), chunks(dy)            # (b,c,K,h), (b,c,K,h,p) x2
+    Bg, Cg = chunks(B).transpose(0, 1, 3, 2, 4), chunks(C).transpose(0, 1, 3, 2, 4)  # (b,c,g,K,n)
+    acs = mx.cumsum(dtc * A.astype(_F32), axis=2)               # (b,c,K,h)
+    wS = mx.exp(acs[:, :, -1:] - acs)                           # decay from s to the chunk end
+    decay = mx.exp(acs[:, :, -1])                               # (b,c,h): e^tot
+    Xw = gm(xc * (dtc * wS)[..., None])                         # (b,c,g,K,rp)
+    h0 = mx.zeros((b, h, p, n), _F32) if initial_state is None else initial_state.astype(_F32)
+    Hs, _ = kern.state_pass(Bg.swapaxes(-1, -2) @ Xw, decay, h0, _F32)        # states entering each chunk (b,c,g,n,rp)
+
+    # the state term y_off = e^acs C H_c
+    dys = gm(dyc * mx.exp(acs)[..., None])                      # (b,c,g,K,rp)
+    dH = Cg.swapaxes(-1, -2) @ dys                              # (b,c,g,n,rp)
+    dC = dys @ Hs.swapaxes(-1, -2)                              # (b,c,g,K,n)
+    dacs = (hm(dys * (Cg @ Hs))).sum(-1)                        # (b,c,K,h)
+
+    # the adjoints of the passed states, backwards over the chunks
+    ds = mx.zeros((b, h, p, n), _F32) if dstate is None else dstate.astype(_F32)
+    Grev, dh0 = kern.state_pass(dH[:, ::-1], decay[:, ::-1], ds, _F32)
+    dS = Grev[:, ::-1]                                          # (b,c,g,n,rp)
+    dtot = decay * per_head(dS * Hs)                            # (b,c,h)
+
+    # chunk end states S_c = B^T Xw
+    dXw = Bg @ dS                                               # (b,c,g,K,rp)
+    dB = Xw @ dS.swapaxes(-1, -2)                               # (b,c,g,K,n)
+    dw = hm(dXw * Xw).sum(-1)                                   # (b,c,K,h): d wS_s times wS_s
+    dX = hm(dXw) * wS[..., None]
+    dtot = dtot + dw.sum(axis=2)
+    dacs = dacs - dw
+
+    # diagonal blocks
+    dXd, dacsd, dCB = kern.ssd_chunked_diag_bwd(Cg @ Bg.swapaxes(-1, -2), acs.transpose(0, 1, 3, 2), x, dt, dy)
+    dC = (dC + dCB @ Bg).transpose(0, 1, 3, 2, 4)               # (b,c,K,g,n)
+    dB = (dB + dCB.swapaxes(-1, -2) @ Cg).transpose(0, 1, 3, 2, 4)
+    return _vjp_finish(x, dt, A, B, C, D, initial_state, xc, dyc, dtc, dX + dXd, dacs + dacsd, dtot, dB, dC, dh0)
 
 
 def ssd_step(x, dt, A, B, C, D, state):
@@ -344,7 +411,7 @@ def _kernel_chunk(T, chunk_size):
 _VJP_CHUNK = None  # chunk length of the kernel path's gradient (None: the kernel's)
 # The kernel path's gradient: "autodiff" (MLX autodiff of `ssd_chunked`), "explicit"
 # (`ssd_chunked_vjp`, the same math written out; equal to autodiff within fp32 rounding) or
-# "kernels" (`ssd_chunked_vjp` with its diagonal blocks' part in GPU kernels).
+# "kernels" (`ssd_chunked_vjp_gpu`: the state passing and the diagonal blocks in GPU kernels).
 # bench/ssd_vjp.py on an H100 (session 6), toy shape 16 x 2048 x 24 x 64, N 128, chunk 128: kernel
 # forward + explicit gradient 11.75 ms, + autodiff 13.77 ms; the toy train step (bench/train_step.py,
 # 16 x 2048) 184.3 ms with "kernels" (docs/benchmarks.md).
@@ -367,9 +434,8 @@ def _explicit_chunked(chunk):
 @functools.lru_cache(maxsize=None)
 def _fused_chunked(chunk, gradient: str = "autodiff"):
     vjp_chunk = _VJP_CHUNK or chunk
-    kernels = gradient == "kernels"
-    explicit = (lambda x, dt, A, B, C, D, s, dy, ds:
-                ssd_chunked_vjp(x, dt, A, B, C, D, s, dy, ds, vjp_chunk, diag_kernels=kernels))
+    vjp = ssd_chunked_vjp_gpu if gradient == "kernels" else ssd_chunked_vjp
+    explicit = (lambda x, dt, A, B, C, D, s, dy, ds: vjp(x, dt, A, B, C, D, s, dy, ds, vjp_chunk))
     return metal.differentiable(
         lambda *a: _chunk_kernels.ssd_chunked(*a, chunk),
         lambda *a: ssd_chunked(*a, vjp_chunk),

@@ -1,7 +1,7 @@
 """The SSD diagonal blocks' gradient kernels (`alloy.metal.ssd_chunked.BWD_SCORES` / `BWD_DX`) on
-the CPU emulator, against the MLX form they replace (`alloy.ops.ssd._diag_bwd_ops`), and the whole
-written-out gradient with them (`ssd_chunked_vjp(diag_kernels=True)`) against MLX autodiff of
-`ssd_chunked`. Lengths that are not whole chunks, one or two 64-row tiles per chunk, head dims
+the CPU emulator, against the MLX form they replace (`alloy.ops.ssd._diag_bwd_ops`), and the GPU
+path's whole gradient with them and the state-passing kernel (`ssd_chunked_vjp_gpu`) against MLX
+autodiff of `ssd_chunked`. Lengths that are not whole chunks, one or two 64-row tiles per chunk, head dims
 below, at and above 64, grouped B / C. The GPU run is in tests/metal/test_kernels_gpu.py."""
 import importlib
 
@@ -59,14 +59,14 @@ def test_diag_kernels_match_ops(dt, b, l, h, g, p, K):
         assert rel_err(gv, wv) <= 1e-5, (name, rel_err(gv, wv))
 
 
-def test_written_out_gradient_with_kernels_matches_autodiff():
+def test_gpu_gradient_matches_autodiff():
     rng = np.random.default_rng(3)
     b, l, h, g, p, n, K = 1, 150, 4, 2, 32, 16, 64
     prim = inputs(rng, "f32", b, l, h, g, p, n)
     x, dtv, A, B, C, D, s0, dy, ds = prim
     _, want = mx.vjp(lambda *a: list(ssd_mod.ssd_chunked(*a, K)), [x, dtv, A, B, C, D, s0], [dy, ds])
     with emulate.patch(kern, poison=True):
-        got = ssd_mod.ssd_chunked_vjp(*prim, K, diag_kernels=True)
+        got = ssd_mod.ssd_chunked_vjp_gpu(*prim, K)
     for i, (gv, wv) in enumerate(zip(got, want)):
         assert gv.shape == wv.shape, i
         assert rel_err(gv, wv) <= 1e-4, (i, rel_err(gv, wv))
