@@ -443,6 +443,96 @@ BWD_DX = Kernel(
 )
 
 
+BWD_FIN = Kernel(
+    name="alloy_ssd_bwd_finish",
+    inputs=("x", "dy", "dt", "acs", "CH", "dXw", "dXd", "D"),
+    outputs=("dx", "ra", "rw", "rx", "rd"),
+    body="""
+  // the gradient's elementwise end and its sums over p, one pass: 8 lanes per (batch, chunk step,
+  // head), lane j taking p = j, j + 8, ... With wS = exp(acs_end - acs_l), X = dt x, Xw = X wS:
+  //   dX = dXw wS + dXd;  dx = dX dt + D dy  (written for steps < L, in x's dtype)
+  //   ra = sum_p dy e^acs_l CH - sum_p dXw Xw,  rw = sum_p dXw Xw,  rx = sum_p dX x,  rd = sum_p dy x
+  // (b, c, K, h) float32. CH = C_l H_c and dXw = B_l dS_c are chunk-major (b, c, g, K, r p); dXd
+  // (b, c K, h, p); x, dy (b, L, h, p), dt (b, L, h) unpadded.
+  const int L = x_shape[1];
+  const int H = x_shape[2];
+  const int P = x_shape[3];
+  const int nc = acs_shape[1];
+  const int G = CH_shape[2];
+  const int R = H / G;
+  const long total = (long)acs_shape[0] * nc * KC * H;
+  const long item = ((long)bid_x * nthreads + tid) / 8;
+  const int j = tid % 8;
+  const bool live = item < total;
+  const long it = live ? item : 0;
+  const int h = it % H;
+  const long bt = it / H;                      // b * (nc K) + padded step
+  const long b = bt / (nc * KC);
+  const long t = bt % (nc * KC);
+  const long c = t / KC;
+  const int l = t % KC;
+  const bool real = live && t < L;
+  const float al = acs[it];
+  const float ws = fexp(acs[((b * nc + c) * KC + KC - 1) * H + h] - al);
+  const float eo = fexp(al);
+  const float dtv = real ? static_cast<float>(dt[(b * L + t) * H + h]) : 0.0f;
+  const float dh = static_cast<float>(D[h]);
+  const long cm = (((b * nc + c) * G + h / R) * KC + l) * (long)(R * P) + (h % R) * P;
+  const long xm = ((b * L + (real ? t : 0)) * H + h) * P;
+  const long dm = (bt * H + h) * P;
+  float sa = 0.0f;
+  float sw = 0.0f;
+  float sx = 0.0f;
+  float sd = 0.0f;
+  for (int p = j; p < P; p += 8) {
+    const float xv = real ? static_cast<float>(x[xm + p]) : 0.0f;
+    const float dyv = real ? static_cast<float>(dy[xm + p]) : 0.0f;
+    const float dxw = live ? dXw[cm + p] : 0.0f;
+    const float xw = dtv * xv * ws;
+    sa += dyv * eo * (live ? CH[cm + p] : 0.0f);
+    sw += dxw * xw;
+    const float dX = dxw * ws + (live ? dXd[dm + p] : 0.0f);
+    sx += dX * xv;
+    sd += dyv * xv;
+    if (real) dx[xm + p] = static_cast<T>(dX * dtv + dyv * dh);
+  }
+  sa += shfl_xor(sa, 1);
+  sa += shfl_xor(sa, 2);
+  sa += shfl_xor(sa, 4);
+  sw += shfl_xor(sw, 1);
+  sw += shfl_xor(sw, 2);
+  sw += shfl_xor(sw, 4);
+  sx += shfl_xor(sx, 1);
+  sx += shfl_xor(sx, 2);
+  sx += shfl_xor(sx, 4);
+  sd += shfl_xor(sd, 1);
+  sd += shfl_xor(sd, 2);
+  sd += shfl_xor(sd, 4);
+  if (live && j == 0) {
+    ra[item] = sa - sw;
+    rw[item] = sw;
+    rx[item] = sx;
+    rd[item] = sd;
+  }
+""",
+)
+
+
+def bwd_finish(x, dy, dt, acs, CH, dXw, dXd, D):
+    """`BWD_FIN`: acs (b, c, K, h) float32; CH, dXw (b, c, g, K, r p) float32; dXd (b, c, K, h, p)
+    float32; D (h,) -> dx (x's shape and dtype), and ra, rw, rx, rd (b, c, K, h) float32."""
+    b, nc, K, H = acs.shape
+    n = b * nc * K * H
+    return BWD_FIN(
+        [x, dy.astype(x.dtype), dt, acs, CH, dXw, dXd, D],
+        template=[("T", x.dtype), ("KC", K)],
+        grid=(groups(8 * n, 256), 1, 1),
+        threadgroup=256,
+        output_shapes=[x.shape] + [(b, nc, K, H)] * 4,
+        output_dtypes=[x.dtype] + [_F32] * 4,
+    )
+
+
 def ssd_chunked_diag_bwd(CB, acs, x, dt, dy):
     """The diagonal blocks' gradient on the GPU (see `BWD_SCORES` / `BWD_DX`). CB (b, c, g, K, K)
     float32 = C B^T per chunk; acs (b, c, h, K) float32 (cumsum of dt A inside each chunk); x, dy

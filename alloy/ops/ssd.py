@@ -278,16 +278,23 @@ def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64)
     return _vjp_finish(x, dt, A, B, C, D, initial_state, xc, dyc, dtc, dX + dXd, dacs + dacsd, dtot, dB, dC, dh0)
 
 
+def _acs_grads(dacs, dtot, dtc, A):
+    """acs = cumsum(dt A) inside each chunk, tot its last entry: from the gradients of acs (b, c, K, h)
+    and of tot (b, c, h), (da A (b, c, K, h), dA (h,)) with da the gradient of a = dt A."""
+    b, c, K, h = dtc.shape
+    dacs = dacs + mx.concatenate([mx.zeros((b, c, K - 1, h), _F32), dtot[:, :, None]], axis=2)
+    da = mx.cumsum(dacs, axis=2, reverse=True)
+    return da * A.astype(_F32), (da * dtc).sum(axis=(0, 1, 2))
+
+
 def _vjp_finish(x, dt, A, B, C, D, initial_state, xc, dyc, dtc, dX, dacs, dtot, dB, dC, dh0):
     """The end of both written-out gradients: acs = cumsum(dt A) inside each chunk (tot, its last
     entry, gets dtot), X = dt x (dX its gradient), y += D x; chunked (b, c, K, ...) float32 arrays
     back to the arguments' lengths and dtypes."""
     b, l = x.shape[:2]
     _, c, K, h = dtc.shape
-    dacs = dacs + mx.concatenate([mx.zeros((b, c, K - 1, h), _F32), dtot[:, :, None]], axis=2)
-    da = mx.cumsum(dacs, axis=2, reverse=True)
-    ddt = da * A.astype(_F32) + (dX * xc).sum(-1)
-    dA = (da * dtc).sum(axis=(0, 1, 2))
+    da_A, dA = _acs_grads(dacs, dtot, dtc, A)
+    ddt = da_A + (dX * xc).sum(-1)
     dxc = dX * dtc[..., None] + (dyc * D.astype(_F32)[:, None] if D is not None else 0.0)
 
     def unchunk(v):
@@ -305,7 +312,8 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     forward's state-passing kernel (`alloy.metal.ssd_chunked.PASS`, the second time over the chunks
     in reverse order) instead of the (c+1)^2 segsum products; every product a batched matmul in the
     forward's chunk-major layouts ((b, c, g, K, r p) and states (b, c, g, n, r p)); the diagonal
-    blocks by `ssd_chunked_diag_bwd`. With G~ the adjoint of the state entering chunk c+1 (the
+    blocks by `ssd_chunked_diag_bwd`; the elementwise end and the sums over p by one kernel
+    (`bwd_finish`). With G~ the adjoint of the state entering chunk c+1 (the
     reverse pass: G~_c = dH_c + e^tot_c G~_c+1 from the final state's cotangent): dS_c = G~_c+1,
     dtot_c = e^tot_c <G~_c+1, H_c>, dh0 = G~_0."""
     from alloy.metal import ssd_chunked as kern
@@ -326,9 +334,6 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     def gm(v):  # (b, c, K, h, p) -> (b, c, g, K, r p)
         return v.reshape(b, c, K, g, r * p).transpose(0, 1, 3, 2, 4)
 
-    def hm(v):  # (b, c, g, K, r p) -> (b, c, K, h, p)
-        return v.transpose(0, 1, 3, 2, 4).reshape(b, c, K, h, p)
-
     def per_head(v):  # (b, c, g, m, r p) -> sum over m and p -> (b, c, h)
         return v.reshape(b, c, g, v.shape[3], r, p).sum(-1).sum(axis=3).reshape(b, c, h)
 
@@ -345,7 +350,6 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     dys = gm(dyc * mx.exp(acs)[..., None])                      # (b,c,g,K,rp)
     dH = Cg.swapaxes(-1, -2) @ dys                              # (b,c,g,n,rp)
     dC = dys @ Hs.swapaxes(-1, -2)                              # (b,c,g,K,n)
-    dacs = (hm(dys * (Cg @ Hs))).sum(-1)                        # (b,c,K,h)
 
     # the adjoints of the passed states, backwards over the chunks
     ds = mx.zeros((b, h, p, n), _F32) if dstate is None else dstate.astype(_F32)
@@ -353,19 +357,24 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     dS = Grev[:, ::-1]                                          # (b,c,g,n,rp)
     dtot = decay * per_head(dS * Hs)                            # (b,c,h)
 
-    # chunk end states S_c = B^T Xw
-    dXw = Bg @ dS                                               # (b,c,g,K,rp)
+    # chunk end states S_c = B^T Xw; the diagonal blocks
     dB = Xw @ dS.swapaxes(-1, -2)                               # (b,c,g,K,n)
-    dw = hm(dXw * Xw).sum(-1)                                   # (b,c,K,h): d wS_s times wS_s
-    dX = hm(dXw) * wS[..., None]
-    dtot = dtot + dw.sum(axis=2)
-    dacs = dacs - dw
-
-    # diagonal blocks
     dXd, dacsd, dCB = kern.ssd_chunked_diag_bwd(Cg @ Bg.swapaxes(-1, -2), acs.transpose(0, 1, 3, 2), x, dt, dy)
     dC = (dC + dCB @ Bg).transpose(0, 1, 3, 2, 4)               # (b,c,K,g,n)
     dB = (dB + dCB.swapaxes(-1, -2) @ Cg).transpose(0, 1, 3, 2, 4)
-    return _vjp_finish(x, dt, A, B, C, D, initial_state, xc, dyc, dtc, dX + dXd, dacs + dacsd, dtot, dB, dC, dh0)
+
+    # the elementwise end and the sums over p in one kernel (see BWD_FIN): dx, and per (step, head)
+    # the state term's and the end-decay's acs gradients, sum_p dX x, sum_p dy x
+    Dv = mx.zeros((h,), _F32) if D is None else D.astype(_F32)
+    dx, ra, rw, rx, rd = kern.bwd_finish(x, dy, dt, acs, Cg @ Hs, Bg @ dS, dXd, Dv)
+    da_A, dA = _acs_grads(ra + dacsd, dtot + rw.sum(axis=2), dtc, A)
+
+    def unchunk(v):
+        return v.reshape(b, c * K, *v.shape[3:])[:, :l]
+
+    return (dx, unchunk(da_A + rx).astype(dt.dtype), dA.astype(A.dtype), unchunk(dB).astype(B.dtype),
+            unchunk(dC).astype(C.dtype), None if D is None else rd.sum(axis=(0, 1, 2)).astype(D.dtype),
+            None if initial_state is None else dh0.astype(initial_state.dtype))
 
 
 def ssd_step(x, dt, A, B, C, D, state):
