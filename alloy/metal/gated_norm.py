@@ -5,7 +5,8 @@
     rstd_g(h) = 1 / sqrt(mean over the row's group g of h^2 + eps)       (groups of G along the row)
 
 Rows are the flattened leading axes, D the last; lane l of a warp owns columns l, l + 32, ...
-(coalesced across lanes), so D and G are multiples of 32. Statistics and arithmetic in float32, as
+(coalesced across lanes), so D and G are multiples of 32; where G is a multiple of 256, lane l owns
+the eight columns 8 l .. 8 l + 7 of each 256-column chunk instead (16-byte loads and stores). Statistics and arithmetic in float32, as
 `alloy.ops.norm.gated_rms_norm_ref`.
 
 `FWD` writes y. `BWD` recomputes h and the group statistics and writes dx, dz and, per warp, its
@@ -26,9 +27,9 @@ NWP = 8  # warps (rows) per group
 RPW = 8  # rows per warp in the gradient kernel (its dw share covers these rows)
 
 _COMMON = """
-  constexpr int J = D / 32;                  // columns per lane
+  constexpr int J = D / (32 * VW);           // chunks of VW columns per lane
   constexpr int NGP = D / G;                  // groups per row
-  constexpr int JG = G / 32;                 // a lane's columns per group
+  constexpr int JG = G / (32 * VW);          // a lane's chunks per group
   const float ep = eps[0];
 """
 
@@ -40,22 +41,40 @@ FWD = Kernel(
   const int R = x_shape[0];
   const int row = static_cast<int>(bid_x * NWP + warp);
   if (row < R) {
-    const int base = row * D + static_cast<int>(lane);
+    const int base = row * D + VW * static_cast<int>(lane);
     float ss[NGP];
     for (int g = 0; g < NGP; ++g) ss[g] = 0.0f;
     for (int j = 0; j < J; ++j) {
-      const float xv = static_cast<float>(x[base + 32 * j]);
-      const float h = NBG ? xv : xv * fsilu(static_cast<float>(z[base + 32 * j]));
-      ss[j / JG] += h * h;
+      float xv[VW];
+      float zv[VW];
+      LDV(x, base + 32 * VW * j, xv);
+      LDV(z, base + 32 * VW * j, zv);
+      for (int u = 0; u < VW; ++u) {
+        const float h = NBG ? xv[u] : xv[u] * fsilu(zv[u]);
+        ss[j / JG] += h * h;
+      }
     }
     for (int g = 0; g < NGP; ++g) ss[g] = frsqrt(warp_sum(ss[g]) / static_cast<float>(G) + ep);
     for (int j = 0; j < J; ++j) {
-      const float xv = static_cast<float>(x[base + 32 * j]);
-      const float s = fsilu(static_cast<float>(z[base + 32 * j]));
-      const float wv = static_cast<float>(w[static_cast<int>(lane) + 32 * j]);
-      y[base + 32 * j] = static_cast<T>(NBG ? xv * ss[j / JG] * wv * s : xv * s * ss[j / JG] * wv);
+      float xv[VW];
+      float zv[VW];
+      float wv[VW];
+      float yv[VW];
+      LDV(x, base + 32 * VW * j, xv);
+      LDV(z, base + 32 * VW * j, zv);
+      LDV(w, VW * static_cast<int>(lane) + 32 * VW * j, wv);
+      for (int u = 0; u < VW; ++u) {
+        const float s = fsilu(zv[u]);
+        yv[u] = NBG ? xv[u] * ss[j / JG] * wv[u] * s : xv[u] * s * ss[j / JG] * wv[u];
+      }
+      STV(y, base + 32 * VW * j, yv);
     }
   }
+""",
+    helpers="""
+// VW consecutive elements p[o..o+VW) <-> float o_[VW]: one 16-byte access for VW = 8 (bf16 / fp16)
+#define LDV(p, o, v) if (VW == 8) { ld8(p + (o), v); } else { v[0] = static_cast<float>(p[o]); }
+#define STV(p, o, v) if (VW == 8) { st8(p + (o), v); } else { p[o] = static_cast<T>(v[0]); }
 """,
 )
 
@@ -66,57 +85,71 @@ BWD = Kernel(
     body=_COMMON + """
   const int R = x_shape[0];
   const int wid = static_cast<int>(bid_x * NWP + warp);   // this warp's rows: wid * RPW ...
-  float wv[J];
-  float dw[J];
-#pragma unroll
-  for (int j = 0; j < J; ++j) {
-    wv[j] = static_cast<float>(w[static_cast<int>(lane) + 32 * j]);
-    dw[j] = 0.0f;
-  }
+  float dw[J * VW];                          // the weight is re-read per row (L1), not held
+  for (int j = 0; j < J * VW; ++j) dw[j] = 0.0f;
   for (int q = 0; q < RPW; ++q) {
     const int row = wid * RPW + q;
     if (row >= R) break;
-    const int base = row * D + static_cast<int>(lane);
+    const int base = row * D + VW * static_cast<int>(lane);
     float ss[NGP];
     float hu[NGP];
     for (int g = 0; g < NGP; ++g) {
       ss[g] = 0.0f;
       hu[g] = 0.0f;
     }
-#pragma unroll
     for (int j = 0; j < J; ++j) {
-      const float xv = static_cast<float>(x[base + 32 * j]);
-      const float s = fsilu(static_cast<float>(z[base + 32 * j]));
-      const float h = NBG ? xv : xv * s;
-      const float u = wv[j] * static_cast<float>(dy[base + 32 * j]) * (NBG ? s : 1.0f);
-      ss[j / JG] += h * h;
-      hu[j / JG] += h * u;
+      float xv[VW];
+      float zv[VW];
+      float dyv[VW];
+      float wv[VW];
+      LDV(x, base + 32 * VW * j, xv);
+      LDV(z, base + 32 * VW * j, zv);
+      LDV(dy, base + 32 * VW * j, dyv);
+      LDV(w, VW * static_cast<int>(lane) + 32 * VW * j, wv);
+      for (int u = 0; u < VW; ++u) {
+        const float s = fsilu(zv[u]);
+        const float h = NBG ? xv[u] : xv[u] * s;
+        const float uu = wv[u] * dyv[u] * (NBG ? s : 1.0f);
+        ss[j / JG] += h * h;
+        hu[j / JG] += h * uu;
+      }
     }
     for (int g = 0; g < NGP; ++g) {
       const float r = frsqrt(warp_sum(ss[g]) / static_cast<float>(G) + ep);
       ss[g] = r;
       hu[g] = r * r * r * warp_sum(hu[g]) / static_cast<float>(G);
     }
-#pragma unroll
     for (int j = 0; j < J; ++j) {
-      const float xv = static_cast<float>(x[base + 32 * j]);
-      const float zv = static_cast<float>(z[base + 32 * j]);
-      const float dyv = static_cast<float>(dy[base + 32 * j]);
-      const float sg = 1.0f / (1.0f + fexp(-zv));
-      const float s = zv * sg;
-      const float ds = sg * (1.0f + zv * (1.0f - sg));
+      float xv[VW];
+      float zv[VW];
+      float dyv[VW];
+      float dxv[VW];
+      float dzv[VW];
+      float wv[VW];
+      LDV(x, base + 32 * VW * j, xv);
+      LDV(z, base + 32 * VW * j, zv);
+      LDV(dy, base + 32 * VW * j, dyv);
+      LDV(w, VW * static_cast<int>(lane) + 32 * VW * j, wv);
       const float r = ss[j / JG];
-      const float h = NBG ? xv : xv * s;
-      const float u = wv[j] * dyv * (NBG ? s : 1.0f);
-      const float dh = r * u - hu[j / JG] * h;
-      dx[base + 32 * j] = static_cast<T>(NBG ? dh : dh * s);
-      dz[base + 32 * j] = static_cast<T>(NBG ? dyv * wv[j] * h * r * ds : dh * xv * ds);
-      dw[j] += dyv * h * r * (NBG ? s : 1.0f);
+      for (int u = 0; u < VW; ++u) {
+        const float sg = 1.0f / (1.0f + fexp(-zv[u]));
+        const float s = zv[u] * sg;
+        const float ds = sg * (1.0f + zv[u] * (1.0f - sg));
+        const float h = NBG ? xv[u] : xv[u] * s;
+        const float uu = wv[u] * dyv[u] * (NBG ? s : 1.0f);
+        const float dh = r * uu - hu[j / JG] * h;
+        dxv[u] = NBG ? dh : dh * s;
+        dzv[u] = NBG ? dyv[u] * wv[u] * h * r * ds : dh * xv[u] * ds;
+        dw[VW * j + u] += dyv[u] * h * r * (NBG ? s : 1.0f);
+      }
+      STV(dx, base + 32 * VW * j, dxv);
+      STV(dz, base + 32 * VW * j, dzv);
     }
   }
-#pragma unroll
-  for (int j = 0; j < J; ++j) dwp[wid * D + static_cast<int>(lane) + 32 * j] = dw[j];
+  for (int j = 0; j < J; ++j)
+    for (int u = 0; u < VW; ++u) dwp[wid * D + VW * static_cast<int>(lane) + 32 * VW * j + u] = dw[VW * j + u];
 """,
+    helpers=FWD.helpers,
 )
 
 
@@ -129,7 +162,10 @@ def applies(x, z, weight, group_size) -> bool:
 
 
 def _template(x, D, G, nbg):
-    return [("T", x.dtype), ("D", D), ("G", G), ("NBG", bool(nbg)), ("NWP", NWP), ("RPW", RPW)]
+    # eight consecutive columns per lane (16-byte loads and stores) where every group spans whole
+    # 256-column chunks; else one column per lane, 32 apart
+    vw = 8 if G % 256 == 0 else 1
+    return [("T", x.dtype), ("D", D), ("G", G), ("NBG", bool(nbg)), ("NWP", NWP), ("RPW", RPW), ("VW", vw)]
 
 
 def gated_rms_norm(x, z, weight, eps: float, group_size, norm_before_gate: bool):

@@ -233,6 +233,7 @@ PASS = Kernel(
 # without the (b, c, h, K, K) tensors (E, dy X^T, EG, W) that the MLX form writes and reads.
 
 _SCORE_HEADS = 4  # heads per BWD_SCORES group at most (the group's heads split into slices of this many)
+_SCORE_PB = 32    # head-dim columns per shared tile load in BWD_SCORES
 
 BWD_SCORES = Kernel(
     name="alloy_ssd_bwd_scores",
@@ -547,7 +548,7 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy):
     dy = dy.astype(x.dtype)
     dCB, rsum, csum = BWD_SCORES(
         [CB, acs, x, dt, dy],
-        template=[("T", x.dtype), ("KC", K), ("PB", 32), ("RS", rs)],
+        template=[("T", x.dtype), ("KC", K), ("PB", _SCORE_PB), ("RS", rs)],
         grid=(nt * nt, G * ns, b * nc),
         threadgroup=256,
         output_shapes=[(ns, b, nc, G, K, K), (b, nc, H, nt, K), (b, nc, H, nt, K)],

@@ -299,16 +299,17 @@ def test_conv1d_gradient_kernel(dt, silu, T):
         assert rel_err(g, r) <= (1e-5 if dt == "f32" else 2e-2)
 
 
-@pytest.mark.parametrize("dt,nbg,G", [("f32", False, None), ("f32", True, 32), ("bf16", False, 64)])
-def test_gated_rms_norm_kernels(dt, nbg, G):
+@pytest.mark.parametrize("dt,nbg,G,D", [("f32", False, None, 128), ("f32", True, 32, 128), ("bf16", False, 64, 128),
+                                        ("bf16", False, 256, 512), ("f32", True, None, 256)])
+def test_gated_rms_norm_kernels(dt, nbg, G, D):
     """Forward and gradient kernels against the reference and its autodiff (rows not a multiple of
-    the rows per group / warp, one and several groups per row)."""
+    the rows per group / warp, one and several groups per row, one and eight columns per lane)."""
     from alloy.metal import gated_norm as gn_mod
     from alloy.ops.norm import gated_rms_norm_ref
     rng = np.random.default_rng(5)
     dtype = DTYPES[dt]
-    x, z, w = arr(rng, (3, 23, 128), dtype), arr(rng, (3, 23, 128), dtype), arr(rng, (128,), dtype)
-    dy = arr(rng, (3, 23, 128), dtype)
+    x, z, w = arr(rng, (3, 23, D), dtype), arr(rng, (3, 23, D), dtype), arr(rng, (D,), dtype)
+    dy = arr(rng, (3, 23, D), dtype)
     ref = lambda x, z, w: gated_rms_norm_ref(x, z, w, 1e-5, G, nbg)  # noqa: E731
     with emulate.patch(gn_mod, poison=True):
         y = gn_mod.gated_rms_norm(x, z, w, 1e-5, G, nbg)
