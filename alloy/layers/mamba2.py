@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from alloy import metal
 from alloy.layers.common import conv_tail, decode_linear, dense, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
 from alloy.ops.conv import causal_conv1d
@@ -162,8 +161,6 @@ def apply(params, x, state, cfg: Mamba2Settings):
     gn = cfg.n_groups * cfg.d_state
     if _fused_applies(params, x, state, cfg):
         return _fused_decode(params, x, state, cfg)
-    if state is None and _split_applies(params):
-        return _apply_split(params, x, cfg)
     zxbcdt = dense(params["in_proj"], x)
     z, xBC, dt = mx.split(zxbcdt, [cfg.d_inner, 2 * cfg.d_inner + 2 * gn], axis=-1)
     valid = None if state is None else state.get("valid")
@@ -174,66 +171,25 @@ def apply(params, x, state, cfg: Mamba2Settings):
     xs = xs.reshape(Bsz, T, cfg.n_heads, cfg.head_dim)
     Bm = Bm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
     Cm = Cm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
-    dt = _dt(params, dt, cfg)
+    dt = nn.softplus(dt.astype(mx.float32) + params["dt_bias"].astype(mx.float32))
+    if cfg.dt_clamp_min > 0.0 or cfg.dt_clamp_max > 0.0:
+        dt = mx.clip(dt, cfg.dt_clamp_min or None, cfg.dt_clamp_max or None)
     if valid is not None:
         dt = mx.where(live_mask(valid, T)[..., None], dt, 0.0)
         conv_state = conv_tail(state["conv"], xBC_in, valid)
     A = -mx.exp(params["A_log"].astype(mx.float32))
     y, ssm_state = ssd(xs, dt, A, Bm, Cm, params["D"], None if state is None else state["ssm"],
                        chunk_size=cfg.chunk_size)
-    out = dense(params["out_proj"], _gate_norm(params, y.reshape(Bsz, T, cfg.d_inner), z, cfg))
+    y = y.reshape(Bsz, T, cfg.d_inner)
+    if cfg.rms_norm:
+        y = gated_rms_norm(y, z, params["norm"]["weight"], cfg.norm_eps,
+                           group_size=cfg.d_inner // cfg.n_groups, norm_before_gate=cfg.norm_before_gate)
+    else:
+        y = (y.astype(mx.float32) * nn.silu(z.astype(mx.float32))).astype(y.dtype)
+    out = dense(params["out_proj"], y)
     if state is None:
         return out, None
     return out, {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}
-
-
-# Stateless calls (training, scoring) on a GPU compute in_proj as five products (z, x, B, C, dt) and
-# the conv as three launches (x, B, C), so that every array a kernel reads is contiguous: slices of
-# one in_proj output are strided views, and each kernel launch copied them (MLX makes kernel inputs
-# row-contiguous): ~8 copies per layer and step in the toy config's profile (H100, session 6).
-# None: on a GPU; True / False force it (tests).
-SPLIT_PROJECTIONS = None
-
-
-def _split_applies(params) -> bool:
-    on = metal.backend() is not None if SPLIT_PROJECTIONS is None else SPLIT_PROJECTIONS
-    return on and set(params["in_proj"]) <= {"weight", "bias"}
-
-
-def _apply_split(params, x, cfg: Mamba2Settings):
-    """`apply` without state, in_proj / conv split by output rows (views of the same weights)."""
-    Bsz, T, _ = x.shape
-    gn = cfg.n_groups * cfg.d_state
-    DI = cfg.d_inner
-    cuts = [0, DI, 2 * DI, 2 * DI + gn, 2 * DI + 2 * gn, 2 * DI + 2 * gn + cfg.n_heads]
-    W, bias = params["in_proj"]["weight"], params["in_proj"].get("bias")
-    z, xs, Bm, Cm, dt = [dense({"weight": W[a:b], **({} if bias is None else {"bias": bias[a:b]})}, x)
-                         for a, b in zip(cuts[:-1], cuts[1:])]
-    cw, cb = params["conv1d"]["weight"], params["conv1d"].get("bias")
-    ccuts = [0, DI, DI + gn, DI + 2 * gn]
-    xs, Bm, Cm = [causal_conv1d(v, cw[a:b], None if cb is None else cb[a:b], None, activation="silu")[0]
-                  for v, a, b in zip((xs, Bm, Cm), ccuts[:-1], ccuts[1:])]
-    y, _ = ssd(xs.reshape(Bsz, T, cfg.n_heads, cfg.head_dim), _dt(params, dt, cfg), -mx.exp(params["A_log"].astype(mx.float32)),
-               Bm.reshape(Bsz, T, cfg.n_groups, cfg.d_state), Cm.reshape(Bsz, T, cfg.n_groups, cfg.d_state),
-               params["D"], None, chunk_size=cfg.chunk_size)
-    return dense(params["out_proj"], _gate_norm(params, y.reshape(Bsz, T, DI), z, cfg)), None
-
-
-def _dt(params, dt, cfg: Mamba2Settings):
-    """softplus(dt + dt_bias) in float32, clipped to the configured limits."""
-    dt = nn.softplus(dt.astype(mx.float32) + params["dt_bias"].astype(mx.float32))
-    if cfg.dt_clamp_min > 0.0 or cfg.dt_clamp_max > 0.0:
-        dt = mx.clip(dt, cfg.dt_clamp_min or None, cfg.dt_clamp_max or None)
-    return dt
-
-
-def _gate_norm(params, y, z, cfg: Mamba2Settings):
-    """The output gate and norm: rms_norm(y * silu(z)) (grouped; or the norm before the gate), or the
-    bare gate without a norm."""
-    if cfg.rms_norm:
-        return gated_rms_norm(y, z, params["norm"]["weight"], cfg.norm_eps,
-                              group_size=cfg.d_inner // cfg.n_groups, norm_before_gate=cfg.norm_before_gate)
-    return (y.astype(mx.float32) * nn.silu(z.astype(mx.float32))).astype(y.dtype)
 
 
 def _fused_applies(params, x, state, cfg: Mamba2Settings) -> bool:

@@ -158,25 +158,3 @@ def test_prepare_decode_stacks_a_pure_mamba2_stack_and_keeps_its_outputs():
         c = as_config(other)
         p = build(c).init(mx.random.key(0))
         assert "decode_stack" not in prepare_decode(c, p)
-
-
-@pytest.mark.parametrize("n_groups,conv_bias,rms_norm,bias", [(1, True, True, False), (2, False, False, True)])
-def test_split_projections_equal_one_in_proj(monkeypatch, n_groups, conv_bias, rms_norm, bias):
-    """The stateless path with in_proj / conv split by output rows (`mamba2.SPLIT_PROJECTIONS`, the
-    GPU default) gives the values and the gradients of the one-product path."""
-    cfg = mamba2.Mamba2Settings(d_model=16, head_dim=8, d_state=8, n_groups=n_groups, conv_bias=conv_bias,
-                                rms_norm=rms_norm, bias=bias, chunk_size=8)
-    params = mamba2.init(mx.random.key(3), cfg)
-    x = mx.random.normal((2, 13, 16), key=mx.random.key(4))
-    ct = mx.random.normal((2, 13, 16), key=mx.random.key(5))
-    out = {}
-    for split in (False, True):
-        monkeypatch.setattr(mamba2, "SPLIT_PROJECTIONS", split)
-        f = lambda p, x: (mamba2.apply(p, x, None, cfg)[0] * ct).sum()  # noqa: E731
-        out[split] = mx.value_and_grad(f, argnums=(0, 1))(params, x)
-    (v0, (gp0, gx0)), (v1, (gp1, gx1)) = out[False], out[True]
-    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
-    np.testing.assert_allclose(np.array(gx1), np.array(gx0), rtol=1e-4, atol=1e-5)
-    from alloy.params import flatten
-    for k, g in flatten(gp0).items():
-        np.testing.assert_allclose(np.array(flatten(gp1)[k]), np.array(g), rtol=1e-4, atol=1e-5, err_msg=k)
