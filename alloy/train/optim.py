@@ -65,30 +65,12 @@ def decay_rule(decay_embeddings: bool = False) -> Callable[[str, object], bool]:
     return rule
 
 
-def _fuse_default() -> bool:
-    """Whether the optimizer math runs on leaves joined into flat buffers (see ``adamw(fused=)``): on
-    a GPU, where per-leaf launches dominate (H100, toy config's 146 leaves: clip + AdamW 7.7 ms per
-    leaf against 1.7 ms over one flat buffer, bench/optim_step.py); not on the CPU, where the joins
-    are extra passes over memory."""
-    return mx.default_device() == mx.gpu
-
-
-def _flat(xs: list) -> mx.array:
-    """The arrays raveled and joined (float32), one buffer."""
-    xs = [x.reshape(-1).astype(mx.float32) for x in xs]
-    return xs[0] if len(xs) == 1 else mx.concatenate(xs)
-
-
-def global_norm(tree, fused: bool | None = None) -> mx.array:
+def global_norm(tree) -> mx.array:
     """sqrt(sum over floating leaves of sum(x^2)), in float32; 0 for a tree without leaves.
-    (Integer leaves are frozen tables: their "gradients" carry nothing.) fused (default: on a GPU):
-    one reduction over the leaves joined into one buffer instead of one per leaf."""
-    xs = [x for x in leaves(tree) if mx.issubdtype(x.dtype, mx.floating)]
-    if not xs:
+    (Integer leaves are frozen tables: their "gradients" carry nothing.)"""
+    sq = [mx.sum(mx.square(x.astype(mx.float32))) for x in leaves(tree) if mx.issubdtype(x.dtype, mx.floating)]
+    if not sq:
         return mx.array(0.0, dtype=mx.float32)
-    if _fuse_default() if fused is None else fused:
-        return mx.sqrt(mx.sum(mx.square(_flat(xs))))
-    sq = [mx.sum(mx.square(x.astype(mx.float32))) for x in xs]
     return mx.sqrt(sum(sq[1:], sq[0]))
 
 
@@ -118,13 +100,10 @@ def _zeros32(params):
 
 
 def adamw(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
-          decay: Callable[[str, object], bool] | None = None, fused: bool | None = None) -> Optimizer:
+          decay: Callable[[str, object], bool] | None = None) -> Optimizer:
     """AdamW with decoupled weight decay where ``decay(path, leaf)`` (default ``decay_rule()``).
 
     State: ``{"step": int32 scalar (updates done), "mu": tree, "nu": tree}`` (fp32 moments).
-    fused (default: on a GPU): the update runs on the leaves joined into one flat buffer per
-    (dtype, decayed or not) group and split back (views), a few launches instead of a few per leaf;
-    the same arithmetic, the same state trees.
     """
     for name, v in (("b1", b1), ("b2", b2)):
         if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
@@ -144,26 +123,19 @@ def adamw(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: fl
         c2 = 1.0 - mx.power(mx.array(b2, mx.float32), t)
         lr = mx.array(lr, dtype=mx.float32) if not isinstance(lr, mx.array) else lr.astype(mx.float32)
 
-        def math(decayed, p, g, m, v):
+        def leaf(path, p, g, m, v):
+            if not mx.issubdtype(p.dtype, mx.floating):
+                return _Leaf(p, m, v)
             g = g.astype(mx.float32)
             m = b1 * m + (1.0 - b1) * g
             v = b2 * v + (1.0 - b2) * mx.square(g)
             p32 = p.astype(mx.float32)
             u = (m / c1) / (mx.sqrt(v / c2) + eps)
-            if decayed:
+            if weight_decay and rule(path, p):
                 u = u + weight_decay * p32
             return _Leaf((p32 - lr * u).astype(p.dtype), m, v)
 
-        def leaf(path, p, g, m, v):
-            if not mx.issubdtype(p.dtype, mx.floating):
-                return _Leaf(p, m, v)
-            return math(bool(weight_decay and rule(path, p)), p, g, m, v)
-
-        if _fuse_default() if fused is None else fused:
-            out = _grouped(lambda path, p: (p.dtype, bool(weight_decay and rule(path, p))),
-                           lambda k, *a: math(k[1], *a), leaf, params, grads, state["mu"], state["nu"])
-        else:
-            out = tree_map_with_path(leaf, params, grads, state["mu"], state["nu"])
+        out = tree_map_with_path(leaf, params, grads, state["mu"], state["nu"])
         return _pick(out, 0), {"step": state["step"] + 1, "mu": _pick(out, 1), "nu": _pick(out, 2)}
 
     return Optimizer(init, update)
@@ -197,33 +169,6 @@ def sgd(momentum: float = 0.0, weight_decay: float = 0.0,
         return _pick(out, 0), {"step": state["step"] + 1, "mu": _pick(out, 1)}
 
     return Optimizer(init, update)
-
-
-def _grouped(key: Callable, group: Callable, leaf: Callable, params, *rest):
-    """``tree_map_with_path(leaf, params, *rest)`` where, for floating leaves, ``leaf`` is elementwise
-    math whose choices depend on ``key(path, p)`` only: the floating leaves of one key run as one
-    ``group(key, p, *rest)`` call on their arrays raveled and joined (float32), and the results are
-    split back into the leaves' shapes and dtypes (component 0 in the parameter's dtype, the others
-    float32). Other leaves go through ``leaf`` alone."""
-    groups: dict = {}
-
-    def collect(path, p, *r):
-        if mx.issubdtype(p.dtype, mx.floating):
-            groups.setdefault(key(path, p), []).append((path, p, r))
-        return None
-
-    tree_map_with_path(collect, params, *rest)
-    done: dict = {}
-    for k, members in groups.items():
-        joined = [_flat([m[1] for m in members])] + [_flat([m[2][i] for m in members]) for i in range(len(rest))]
-        res = group(k, *joined).items
-        cuts = [0]
-        for _, p, _ in members:
-            cuts.append(cuts[-1] + p.size)
-        for i, (path, p, _) in enumerate(members):
-            done[path] = _Leaf(*[(r[cuts[i]:cuts[i + 1]].reshape(p.shape)).astype(p.dtype if j == 0 else r.dtype)
-                                 for j, r in enumerate(res)])
-    return tree_map_with_path(lambda path, p, *r: done[path] if path in done else leaf(path, p, *r), params, *rest)
 
 
 class _Leaf:
