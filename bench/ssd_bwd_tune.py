@@ -1,6 +1,6 @@
 """The SSD diagonal-block gradient kernels alone (`alloy.metal.ssd_chunked.ssd_chunked_diag_bwd`) at
 the toy training shape, for a few launch shapes of BWD_SCORES (heads per group, head-dim columns per
-shared tile load); on a GPU.
+shared tile load) and of BWD_SCORES_TC (tensor cores; heads per group); on a GPU.
 
     python bench/ssd_bwd_tune.py [--batch 16] [--T 2048] [--chunk 128]
 """
@@ -30,10 +30,12 @@ def main(argv=None):
     CB = mx.random.normal((b, c, 1, K, K), key=ks[3])
     mx.eval(x, dy, dt, acs, CB)
     print(f"| BWD_SCORES heads per group, columns per load (b={b}, T={T}, K={K}) | diag gradient ms |\n|---|---|")
-    for rs, pb in [(4, 32), (4, 64), (2, 32), (8, 32), (8, 64), (24, 32)]:
-        kern._SCORE_HEADS, kern._SCORE_PB = rs, pb
+    for tc, rs, pb in [(False, 4, 32), (True, 4, 0), (True, 8, 0), (True, 2, 0), (False, 4, 64), (False, 2, 32),
+                       (False, 8, 32), (False, 8, 64), (False, 24, 32)]:
+        kern.SCORES_TC, kern._SCORE_HEADS, kern._SCORE_PB = tc, rs, pb or 32
         f = mx.compile(lambda *v: kern.ssd_chunked_diag_bwd(*v))
-        print(f"| {rs}, {pb} | {timeit_ms(lambda: f(CB, acs, x, dt, dy), reps=10, warm=3):.3f} |", flush=True)
+        name = f"BWD_SCORES_TC, {rs}" if tc else f"{rs}, {pb}"
+        print(f"| {name} | {timeit_ms(lambda: f(CB, acs, x, dt, dy), reps=10, warm=3):.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -234,6 +234,10 @@ PASS = Kernel(
 
 _SCORE_HEADS = 4  # heads per BWD_SCORES group at most (the group's heads split into slices of this many)
 _SCORE_PB = 32    # head-dim columns per shared tile load in BWD_SCORES
+# BWD_SCORES_TC (dy X^T on tensor cores) instead of BWD_SCORES where the head dim allows (a multiple
+# of 16, at most 128 for 16-bit inputs, 64 for float32). Passes its CPU-emulator tests; off until
+# measured on a GPU (BWD_SCORES: 1.15 ms per toy layer, bench/ssd_bwd_tune.py times both).
+SCORES_TC = False
 
 BWD_SCORES = Kernel(
     name="alloy_ssd_bwd_scores",
@@ -355,6 +359,142 @@ BWD_SCORES = Kernel(
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4; ++j)
       if (l0 + i < KC && c0 + j < KC) dCB[(((ks * nbc + bc) * G + g) * KC + l0 + i) * KC + c0 + j] = dcb[i][j];
+""",
+)
+
+BWD_SCORES_TC = Kernel(
+    name="alloy_ssd_bwd_scores_tc",
+    inputs=("CB", "acs", "x", "dt", "dy"),
+    outputs=("dCB", "rsum", "csum"),
+    body="""
+  // `BWD_SCORES` with dy X^T as warp tile products (`mma16t`: tensor cores for bf16 / fp16, X = dt x
+  // rounded to T as the operand). One group of 8 warps per (64 x 64 tile (ti, tj), slice of RS of
+  // group g's heads, batch * chunk); warp w owns the 16 x 32 strip of rows 16 (w / 2) and columns
+  // 32 (w % 2) of the tile: two accumulator tiles. Same outputs as BWD_SCORES.
+  const int L = x_shape[1];
+  const int H = x_shape[2];
+  const int G = CB_shape[2];
+  const int R = H / G;
+  const int nc = CB_shape[1];
+  const long nbc = CB_shape[0] * nc;
+  const int NT = (KC + 63) / 64;
+  const int ti = bid_x / NT;
+  const int tj = bid_x % NT;
+  if (tj > ti) return;                        // above the diagonal: every score is masked
+  const int NS = R / RS;
+  const int g = bid_y / NS;
+  const int ks = bid_y % NS;
+  const long bc = bid_z;
+  const long b = bc / nc;
+  const long t0 = (bc % nc) * KC;
+  const int l0 = ti * 64;
+  const int s0 = tj * 64;
+  constexpr int PP = PC + 8;                 // padded rows: conflict-free fragment loads
+  constexpr int U8 = PC / 8;                 // 8-element units per row
+  ALIGN16 SHARED T sdy[64 * PP];             // dy rows l0 ..
+  ALIGN16 SHARED T sxx[64 * PP];             // X = dt x rows s0 ..
+  SHARED float sal[64];
+  SHARED float sac[64];
+  SHARED float rsp[2][64];                   // row sums of the two column halves
+  SHARED float csp[4][64];                   // column sums of the four row tiles
+  const int rt = static_cast<int>(warp) / 2;
+  const int ct0 = 2 * (static_cast<int>(warp) % 2);
+  float cbf[2][8];
+  float dcb[2][8];
+  for (int t = 0; t < 2; ++t) {
+    for (int i = 0; i < 8; ++i) {
+      const int l = l0 + 16 * rt + acc_row(i, lane);
+      const int s = s0 + 16 * (ct0 + t) + acc_col(i, lane);
+      cbf[t][i] = (l < KC && s < KC) ? CB[((bc * G + g) * KC + l) * KC + s] : 0.0f;
+      dcb[t][i] = 0.0f;
+    }
+  }
+  for (int hr = 0; hr < RS; ++hr) {
+    const int h = g * R + ks * RS + hr;
+    for (int idx = static_cast<int>(tid); idx < 64 * U8; idx += 256) {   // 8-element units, row-major
+      const int r = idx / U8;
+      const int u = 8 * (idx % U8);
+      float dv[8];
+      float xv[8];
+      const long tl = t0 + l0 + r;
+      const long ts = t0 + s0 + r;
+      if (l0 + r < KC && tl < L) {
+        ld8(dy + ((b * L + tl) * H + h) * PC + u, dv);
+      } else {
+        for (int q = 0; q < 8; ++q) dv[q] = 0.0f;
+      }
+      if (s0 + r < KC && ts < L) {
+        ld8(x + ((b * L + ts) * H + h) * PC + u, xv);
+        const float d = static_cast<float>(dt[(b * L + ts) * H + h]);
+        for (int q = 0; q < 8; ++q) xv[q] *= d;
+      } else {
+        for (int q = 0; q < 8; ++q) xv[q] = 0.0f;
+      }
+      st8(sdy + r * PP + u, dv);
+      st8(sxx + r * PP + u, xv);
+    }
+    if (tid < 64) {
+      sal[tid] = l0 + static_cast<int>(tid) < KC ? acs[(bc * H + h) * KC + l0 + tid] : 0.0f;
+      sac[tid] = s0 + static_cast<int>(tid) < KC ? acs[(bc * H + h) * KC + s0 + tid] : 0.0f;
+    }
+    BARRIER();
+    Acc16 acc[2];
+    acc_zero(acc[0]);
+    acc_zero(acc[1]);
+    for (int k0 = 0; k0 < PC; k0 += 16) {
+      mma16t(acc[0], sdy + 16 * rt * PP + k0, PP, sxx + 16 * ct0 * PP + k0, PP, lane);
+      mma16t(acc[1], sdy + 16 * rt * PP + k0, PP, sxx + 16 * (ct0 + 1) * PP + k0, PP, lane);
+    }
+    float rs[2] = {0.0f, 0.0f};                // this lane's two rows
+    float cs[2][4];                            // its four columns in each accumulator tile
+    for (int t = 0; t < 2; ++t) {
+      for (int q = 0; q < 4; ++q) cs[t][q] = 0.0f;
+      for (int i = 0; i < 8; ++i) {
+        const int row = 16 * rt + acc_row(i, lane);
+        const int col = 16 * (ct0 + t) + acc_col(i, lane);
+        const bool on = s0 + col <= l0 + row && l0 + row < KC;
+        const float eg = on ? fexp(sal[row] - sac[col]) * acc[t].c[i] : 0.0f;
+        const float w = cbf[t][i] * eg;
+        dcb[t][i] += eg;
+        rs[(i >> 1) & 1] += w;
+        cs[t][2 * (i >> 2) + (i & 1)] += w;
+      }
+    }
+    for (int a = 0; a < 2; ++a) {              // lanes of one row: lane & 3
+      rs[a] += shfl_xor(rs[a], 1);
+      rs[a] += shfl_xor(rs[a], 2);
+    }
+    for (int t = 0; t < 2; ++t) {              // lanes of one column: lane >> 2
+      for (int q = 0; q < 4; ++q) {
+        cs[t][q] += shfl_xor(cs[t][q], 4);
+        cs[t][q] += shfl_xor(cs[t][q], 8);
+        cs[t][q] += shfl_xor(cs[t][q], 16);
+      }
+    }
+    if ((lane & 3u) == 0u) {
+      rsp[warp % 2][16 * rt + static_cast<int>(lane >> 2)] = rs[0];
+      rsp[warp % 2][16 * rt + static_cast<int>(lane >> 2) + 8] = rs[1];
+    }
+    if (lane < 4u) {
+      for (int t = 0; t < 2; ++t)
+        for (int q = 0; q < 4; ++q)
+          csp[rt][16 * (ct0 + t) + 8 * (q >> 1) + 2 * static_cast<int>(lane) + (q & 1)] = cs[t][q];
+    }
+    BARRIER();
+    if (tid < 64 && l0 + static_cast<int>(tid) < KC)
+      rsum[((bc * H + h) * NT + tj) * KC + l0 + tid] = rsp[0][tid] + rsp[1][tid];
+    if (tid >= 64 && tid < 128 && s0 + static_cast<int>(tid) - 64 < KC)
+      csum[((bc * H + h) * NT + ti) * KC + s0 + tid - 64] =
+          csp[0][tid - 64] + csp[1][tid - 64] + csp[2][tid - 64] + csp[3][tid - 64];
+    BARRIER();
+  }
+  for (int t = 0; t < 2; ++t) {
+    for (int i = 0; i < 8; ++i) {
+      const int l = l0 + 16 * rt + acc_row(i, lane);
+      const int s = s0 + 16 * (ct0 + t) + acc_col(i, lane);
+      if (l < KC && s < KC) dCB[(((ks * nbc + bc) * G + g) * KC + l) * KC + s] = dcb[t][i];
+    }
+  }
 """,
 )
 
@@ -546,9 +686,11 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy):
     rs = max(d for d in range(1, min(H // G, _SCORE_HEADS) + 1) if (H // G) % d == 0)
     ns = H // G // rs
     dy = dy.astype(x.dtype)
-    dCB, rsum, csum = BWD_SCORES(
+    tc = SCORES_TC and P % 16 == 0 and P <= (128 if x.dtype in (mx.bfloat16, mx.float16) else 64)
+    dCB, rsum, csum = (BWD_SCORES_TC if tc else BWD_SCORES)(
         [CB, acs, x, dt, dy],
-        template=[("T", x.dtype), ("KC", K), ("PB", _SCORE_PB), ("RS", rs)],
+        template=([("T", x.dtype), ("KC", K), ("PC", P), ("RS", rs)] if tc
+                  else [("T", x.dtype), ("KC", K), ("PB", _SCORE_PB), ("RS", rs)]),
         grid=(nt * nt, G * ns, b * nc),
         threadgroup=256,
         output_shapes=[(ns, b, nc, G, K, K), (b, nc, H, nt, K), (b, nc, H, nt, K)],

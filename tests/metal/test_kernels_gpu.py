@@ -146,14 +146,16 @@ def test_ssd_kernel_at_model_shape_and_under_compile():
     assert rel_err(y, yr) <= TOL_SSD["bf16"] and rel_err(s, sr) <= TOL_SSD["bf16"]
 
 
-@pytest.mark.parametrize("mode", ["autodiff", "explicit", "kernels"])
+@pytest.mark.parametrize("mode", ["autodiff", "explicit", "kernels", "kernels-tc"])
 @pytest.mark.parametrize("b,l,g,r,p,n,chunk,tol", [(2, 37, 2, 2, 4, 8, 16, 1e-3), (1, 300, 1, 3, 64, 32, 256, 1e-2)])
 def test_ssd_kernel_gradients_match_ref(monkeypatch, mode, b, l, g, r, p, n, chunk, tol):
     """Each gradient of the kernel path (alloy.ops.ssd.GRADIENT), at a small shape and at one with
-    two 64-row tiles per chunk (T = 300: chunks of 128) and head dim 64. The larger shape's tolerance
+    two 64-row tiles per chunk (T = 300: chunks of 128) and head dim 64 ("kernels-tc": the diagonal
+    blocks' scores on tensor cores, `alloy.metal.ssd_chunked.SCORES_TC`). The larger shape's tolerance
     covers MLX-CUDA's float32 matmuls, which run as TF32 (autodiff / explicit failed 1e-3 there on
     an H100; the kernels' own products are float32)."""
-    monkeypatch.setattr(ssd_mod, "GRADIENT", mode)
+    monkeypatch.setattr(ssd_mod, "GRADIENT", mode.removesuffix("-tc"))
+    monkeypatch.setattr(importlib.import_module("alloy.metal.ssd_chunked"), "SCORES_TC", mode.endswith("-tc"))
     rng = np.random.default_rng(2)
     args = ssd_inputs(rng, b, l, g, r, p, n, mx.float32)
     ct = arr(rng, (b, l, g * r, p))
