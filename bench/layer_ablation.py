@@ -66,12 +66,13 @@ def main(argv=None):
         ("every parameter, bf16 parameters (no cast)", lambda: vg_time(cast(p32, mx.bfloat16), lambda path, v: True)),
         ("outside the mixer only", lambda: vg_time(p32, lambda path, v: not in_mixer(path))),
     ]
-    rows += [
-        ("outside the mixer + in_proj / out_proj", lambda: vg_time(p32, lambda path, v: not in_mixer(path) or proj(path))),
-    ]
+    def outside(also=lambda path: False):
+        return lambda path, v: not in_mixer(path) or proj(path) or also(path)
+
+    rows.append(("outside the mixer + in_proj / out_proj", lambda: vg_time(p32, outside())))
     for name in (("D",) if a.quick else SMALL):
         rows.append((f"outside + projections + {name}",
-                     lambda name=name: vg_time(p32, lambda path, v: not in_mixer(path) or proj(path) or path.endswith(name))))
+                     lambda name=name: vg_time(p32, outside(lambda path: path.endswith(name)))))
     print(f"| gradients asked for (one Mamba-2 layer + MLP, B={B}, T={T}) | ms |\n|---|---|", flush=True)
     for name, run in rows:
         print(f"| {name} | {run():.2f} |", flush=True)

@@ -6,8 +6,8 @@
 
 Rows are the flattened leading axes, D the last; lane l of a warp owns columns l, l + 32, ...
 (coalesced across lanes), so D and G are multiples of 32; where G is a multiple of 256, lane l owns
-the eight columns 8 l .. 8 l + 7 of each 256-column chunk instead (16-byte loads and stores). Statistics and arithmetic in float32, as
-`alloy.ops.norm.gated_rms_norm_ref`.
+the eight columns 8 l .. 8 l + 7 of each 256-column chunk instead (16-byte loads and stores).
+Statistics and arithmetic in float32, as `alloy.ops.norm.gated_rms_norm_ref`.
 
 `FWD` writes y. `BWD` recomputes h and the group statistics and writes dx, dz and, per warp, its
 rows' share of dw (float32, summed by MLX afterwards):

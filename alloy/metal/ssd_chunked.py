@@ -307,9 +307,9 @@ BWD_SCORES = Kernel(
           const long tl = t0 + l;
           const long ts = t0 + s;
           dv[q] = (okp && l < KC && tl < L) ? static_cast<float>(dy[((b * L + tl) * H + h) * P + p0 + p]) : 0.0f;
+          const long xi = ((b * L + ts) * H + h) * P + p0 + p;
           xv[q] = (okp && s < KC && ts < L)
-              ? static_cast<float>(dt[(b * L + ts) * H + h]) * static_cast<float>(x[((b * L + ts) * H + h) * P + p0 + p])
-              : 0.0f;
+              ? static_cast<float>(dt[(b * L + ts) * H + h]) * static_cast<float>(x[xi]) : 0.0f;
         }
         Dq[p][q4] = f4(dv[0], dv[1], dv[2], dv[3]);
         Xq[p][q4] = f4(xv[0], xv[1], xv[2], xv[3]);

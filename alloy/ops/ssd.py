@@ -313,9 +313,9 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     in reverse order) instead of the (c+1)^2 segsum products; every product a batched matmul in the
     forward's chunk-major layouts ((b, c, g, K, r p) and states (b, c, g, n, r p)); the diagonal
     blocks by `ssd_chunked_diag_bwd`; the elementwise end and the sums over p by one kernel
-    (`bwd_finish`). With G~ the adjoint of the state entering chunk c+1 (the
-    reverse pass: G~_c = dH_c + e^tot_c G~_c+1 from the final state's cotangent): dS_c = G~_c+1,
-    dtot_c = e^tot_c <G~_c+1, H_c>, dh0 = G~_0."""
+    (`bwd_finish`). With G~ the adjoint of the state entering chunk c+1 (the reverse pass: G~_c =
+    dH_c + e^tot_c G~_c+1 from the final state's cotangent): dS_c = G~_c+1, dtot_c = e^tot_c
+    <G~_c+1, H_c>, dh0 = G~_0."""
     from alloy.metal import ssd_chunked as kern
 
     _check(x, dt, A, B, C, D, initial_state)
@@ -344,7 +344,7 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     decay = mx.exp(acs[:, :, -1])                               # (b,c,h): e^tot
     Xw = gm(xc * (dtc * wS)[..., None])                         # (b,c,g,K,rp)
     h0 = mx.zeros((b, h, p, n), _F32) if initial_state is None else initial_state.astype(_F32)
-    Hs, _ = kern.state_pass(Bg.swapaxes(-1, -2) @ Xw, decay, h0, _F32)        # states entering each chunk (b,c,g,n,rp)
+    Hs, _ = kern.state_pass(Bg.swapaxes(-1, -2) @ Xw, decay, h0, _F32)  # states entering the chunks
 
     # the state term y_off = e^acs C H_c
     dys = gm(dyc * mx.exp(acs)[..., None])                      # (b,c,g,K,rp)
