@@ -163,6 +163,24 @@ def test_ssd_kernel_gradients_match_ref(monkeypatch, mode, b, l, g, r, p, n, chu
     assert_grads_match(lambda *a, impl: ssd(*a, chunk_size=chunk, impl=impl), args, (ct, cs), "kernel", "ref", tol)
 
 
+@pytest.mark.parametrize("tc", [False, True])
+def test_ssd_kernel_gradient_in_bf16_matches_written_out_ops(monkeypatch, tc):
+    """bf16 inputs at a model-like shape (head dim 64, d_state 128, two 64-row tiles per chunk): the
+    kernels' gradient ("kernels", with the scores on tensor cores when tc) against the written-out
+    MLX ops ("explicit")."""
+    monkeypatch.setattr(importlib.import_module("alloy.metal.ssd_chunked"), "SCORES_TC", tc)
+    rng = np.random.default_rng(7)
+    args = ssd_inputs(rng, 2, 300, 1, 4, 64, 128, mx.bfloat16)
+    ct = arr(rng, (2, 300, 4, 64), mx.bfloat16)
+    grads = {}
+    for mode in ("explicit", "kernels"):
+        monkeypatch.setattr(ssd_mod, "GRADIENT", mode)
+        loss = lambda *a: (ssd(*a, chunk_size=256, impl="kernel")[0] * ct).astype(mx.float32).sum()  # noqa: E731
+        grads[mode] = mx.grad(loss, argnums=tuple(range(len(args))))(*args)
+    for i, (a, b) in enumerate(zip(grads["kernels"], grads["explicit"])):
+        assert rel_err(a, b) <= 3e-2, f"gradient of argument {i}: relative error {rel_err(a, b):.3g}"
+
+
 # ---------------------------------------------------------------- Mamba-1 selective scan
 def ss_inputs(rng, b, l, d, n, dtype, gate, state):
     x = arr(rng, (b, l, d), dtype)
