@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from alloy.metal.prelude import Kernel
+from alloy.metal.prelude import Kernel, fits_int32
 
 CH = 64   # chunk length
 KD = 128  # key width the tiles are laid out for
@@ -451,7 +451,7 @@ def applies(q, k, v, g) -> bool:
     padded = -(-T // CH) * CH
     return (K == KD and V % 32 == 0 and V <= KD and g.ndim == 3
             and q.dtype in (mx.bfloat16, mx.float16) and k.dtype == q.dtype and v.dtype == q.dtype
-            and B * H * padded * KD < 2**31)  # the kernels index with 32-bit ints
+            and fits_int32(B, H, padded, KD))  # the kernels index with 32-bit ints
 
 
 def prep(q, k, v, g, beta, l2norm: bool):

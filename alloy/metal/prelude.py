@@ -563,6 +563,15 @@ def backend() -> str | None:
     return None
 
 
+def fits_int32(*dims: int) -> bool:
+    """Whether an array of these dimensions can be indexed with 32-bit ints (kernels that use `int`
+    offsets: element count below 2^31)."""
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n < 2**31
+
+
 def groups(n: int, size: int) -> int:
     """Number of groups of `size` covering `n` work items."""
     return max(1, -(-n // size))

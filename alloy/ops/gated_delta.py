@@ -226,9 +226,16 @@ def kernel_applies(q, v) -> bool:
     from alloy import metal
     from alloy.metal.gated_delta_recurrent import applies
 
+    return metal.backend() is not None and applies(q, v) and _fits_int32(q, v)
+
+
+def _fits_int32(q, v) -> bool:
+    """The kernels' element offsets (with a chunk of padding) fit their 32-bit ints."""
+    from alloy.metal.prelude import fits_int32
+
     B, T, _, K = q.shape
     H, V = v.shape[2], v.shape[3]
-    return metal.backend() is not None and applies(q, v) and B * H * (T + _PASS_CHUNK) * max(K, V) < 2**31
+    return fits_int32(B, H, T + _PASS_CHUNK, max(K, V))
 
 
 def gated_delta(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk_size: int = 64,
@@ -252,6 +259,10 @@ def gated_delta(q, k, v, g, beta, initial_state=None, l2norm: bool = True, chunk
         if metal.backend() is None:
             raise ValueError("gated_delta: impl='kernel' needs a CUDA or Metal default device")
         _check(q, k, v, g, beta)
+        if not _fits_int32(q, v):
+            raise ValueError(f"gated_delta: impl='kernel' indexes with 32-bit ints: batch x heads x (length + "
+                             f"{_PASS_CHUNK}) x max(K, V) must stay below 2^31, got q {tuple(q.shape)}, "
+                             f"v {tuple(v.shape)}; use impl='auto' (the MLX chunked form there) or split the batch")
         B, _, _, K = q.shape
         H, V = v.shape[2], v.shape[3]
         s = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)

@@ -131,3 +131,21 @@ def test_per_channel_gradients_equal_sequential():
     got = mx.grad(loss(lambda *b: gated_delta_chunked(*b, chunk_size=4)), argnums=tuple(range(6)))(*args)
     for a, b in zip(got, ref):
         close(a, b, 2e-3)
+
+
+def test_kernel_impl_names_shapes_past_32_bit_offsets(monkeypatch):
+    """impl='kernel' with element offsets past 2^31 (the kernels' int indices) raises a ValueError
+    naming the shapes (a GPU backend is faked: the check runs before any launch; the arrays stay
+    lazy), and impl='auto' does not take the kernels there."""
+    from alloy import metal
+    from alloy.ops.gated_delta import kernel_applies
+
+    monkeypatch.setattr(metal, "backend", lambda: "cuda")
+    B, T, H, K = 1, 2**16, 256, 128  # B * H * (T + chunk) * K >= 2^31
+    q, k = mx.zeros((B, T, H, K), mx.bfloat16), mx.zeros((B, T, H, K), mx.bfloat16)
+    v = mx.zeros((B, T, H, K), mx.bfloat16)
+    g, beta = mx.zeros((B, T, H)), mx.zeros((B, T, H))
+    with pytest.raises(ValueError, match="32-bit ints.*q \\(1, 65536, 256, 128\\)"):
+        gated_delta(q, k, v, g, beta, impl="kernel")
+    assert not kernel_applies(q, v)
+    assert kernel_applies(q[:, :64, :8], v[:, :64, :8])
