@@ -93,6 +93,8 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.4)
     p.add_argument("--small", action="store_true", help="tiny model, B 4 x T 64, 3 steps: a CPU smoke run")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--fused-gate", action="store_true",
+                   help="gated SiLU MLPs through swiglu(fused=True) (alloy.layers.mlp.FUSED_GATE)")
     p.add_argument("--pack", action="store_true",
                    help="make the Mamba-2 kernels' strided inputs contiguous once per layer "
                         "(alloy.layers.mamba2.PACK_KERNEL_INPUTS)")
@@ -105,6 +107,8 @@ def main(argv=None):
     grads = ",".join(switch_grads(a.grads)) or "none"
     if a.pack:
         importlib.import_module("alloy.layers.mamba2").PACK_KERNEL_INPUTS = True
+    if a.fused_gate:
+        importlib.import_module("alloy.layers.mlp").FUSED_GATE = True
     if a.small:
         cfg = alloy.ModelConfig.from_dict(SMALL)
         a.batch_size, a.seq_len, a.steps, a.warmup = 4, 64, 3, 1
@@ -125,7 +129,7 @@ def main(argv=None):
     device = mx.device_info().get("device_name", str(mx.default_device()))
     n = count_params(params)
     print(f"device: {device} ({mx.default_device()}); model {cfg.name}: {n / 1e6:.1f}M params; "
-          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}, pack {a.pack}")
+          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}, pack {a.pack}, fused gate {a.fused_gate}")
     t0 = time.perf_counter()
     for i in range(a.warmup):
         params, opt_state, m = step(params, opt_state, batch, key)
@@ -147,7 +151,7 @@ def main(argv=None):
            "remat": a.remat, "step_s_median": med, "step_s_min": min(times), "tokens_per_s": tok_s,
            "model_flops_per_token": fpt, "model_tflops": tflops, "peak_tflops": a.peak_tflops,
            "mfu": tflops / a.peak_tflops, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-           "final_loss": float(m["loss"]), "grads": grads, "pack": a.pack}
+           "final_loss": float(m["loss"]), "grads": grads, "pack": a.pack, "fused_gate": a.fused_gate}
     print(f"step {med * 1e3:.1f} ms median (min {min(times) * 1e3:.1f}) over {a.steps}: {tok_s:,.0f} tokens/s, "
           f"{fpt / 1e6:.1f} MFLOP/token -> {tflops:.2f} TFLOP/s = {100 * res['mfu']:.2f}% MFU of "
           f"{a.peak_tflops:g} TFLOP/s; peak memory {res['peak_memory_gb']:.2f} GB")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from alloy.layers.common import dense
 from alloy.layers.registry import LayerSettings, register_ffn
-from alloy.ops.activations import ACTIVATIONS, activation
+from alloy.ops.activations import ACTIVATIONS, activation, swiglu
 from alloy.params import init as I
 
 
@@ -43,9 +43,19 @@ def init(key, cfg: MLPSettings) -> dict:
     return p
 
 
+# Gated SiLU MLPs through `alloy.ops.swiglu(fused=True)` (one elementwise pass each way, float32
+# inside). The toy train step's profile on an H100 shows autodiff's chain as ~5 launches per MLP over
+# (tokens, d_ff) bf16 arrays (a Sigmoid, three Multiplies, one fused kernel; docs/benchmarks.md,
+# session 6). Off until measured on a GPU (bench/train_step.py --fused-gate).
+FUSED_GATE = False
+
+
 @register_ffn("mlp", settings=MLPSettings, init=init)
 def apply(params, x, state, cfg: MLPSettings):
-    act = activation(cfg.activation)
     h = dense(params["up_proj"], x)
-    h = act(dense(params["gate_proj"], x)) * h if cfg.gated else act(h)
+    if cfg.gated and cfg.activation == "silu" and FUSED_GATE:
+        h = swiglu(dense(params["gate_proj"], x), h, fused=True)
+    else:
+        act = activation(cfg.activation)
+        h = act(dense(params["gate_proj"], x)) * h if cfg.gated else act(h)
     return dense(params["down_proj"], h), state

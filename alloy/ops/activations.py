@@ -5,9 +5,30 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up (Shazeer 2020). gate, up: (..., F)."""
+def swiglu(gate: mx.array, up: mx.array, fused: bool = False) -> mx.array:
+    """silu(gate) * up (Shazeer 2020). gate, up: (..., F).
+
+    fused (gate and up of one dtype): computed in float32 and rounded once, with a written-out
+    gradient (dgate = dy up s (1 + gate (1 - s)), dup = dy gate s, s = sigmoid(gate)), so that a
+    compiled step runs one elementwise pass each way instead of autodiff's chain (which keeps
+    sigmoid(gate) as its own launch for the backward)."""
+    if fused and gate.dtype == up.dtype:
+        return _swiglu_fused(gate, up)
     return nn.silu(gate) * up
+
+
+@mx.custom_function
+def _swiglu_fused(gate, up):
+    g = gate.astype(mx.float32)
+    return (g * mx.sigmoid(g) * up.astype(mx.float32)).astype(gate.dtype)
+
+
+@_swiglu_fused.vjp
+def _swiglu_fused_vjp(primals, cotangent, output):
+    gate, up = primals
+    g, u, d = gate.astype(mx.float32), up.astype(mx.float32), cotangent.astype(mx.float32)
+    s = mx.sigmoid(g)
+    return (d * u * s * (1.0 + g * (1.0 - s))).astype(gate.dtype), (d * g * s).astype(up.dtype)
 
 
 def relu2(x: mx.array) -> mx.array:
