@@ -82,9 +82,26 @@ PREP = Kernel(
 """,
 )
 
-# a[o..o+4) += m * v (v a float4): the 4-column step of the shared-tile products below
-_FMA4 = """
+# a[o..o+4) += m * v (v a float4): the 4-column step of the shared-tile products below; ROWS8_STEP:
+# one reduction step of OUT / BWD_DX, acc[0..8)[0..4 CG) += this thread's 8 rows of the mask tile
+# (float4s M[k][ty], M[k][8 + ty]) times its CG float4 columns V[k][16 j + tx]
+_FMA4 = r"""
 #define FMA4(a, o, m, v) a[o] += (m) * (v).x; a[o + 1] += (m) * (v).y; a[o + 2] += (m) * (v).z; a[o + 3] += (m) * (v).w;
+#define ROWS8_STEP(M, V, k) {                   \
+    const float4 m0 = M[k][ty];                 \
+    const float4 m1 = M[k][8 + ty];             \
+    for (int j = 0; j < CG; ++j) {              \
+      const float4 vv = V[k][16 * j + tx];      \
+      FMA4(acc[0], 4 * j, m0.x, vv)             \
+      FMA4(acc[1], 4 * j, m0.y, vv)             \
+      FMA4(acc[2], 4 * j, m0.z, vv)             \
+      FMA4(acc[3], 4 * j, m0.w, vv)             \
+      FMA4(acc[4], 4 * j, m1.x, vv)             \
+      FMA4(acc[5], 4 * j, m1.y, vv)             \
+      FMA4(acc[6], 4 * j, m1.z, vv)             \
+      FMA4(acc[7], 4 * j, m1.w, vv)             \
+    }                                           \
+  }
 """
 
 OUT = Kernel(
@@ -145,21 +162,7 @@ OUT = Kernel(
       Ms[s][rq] = f4(v[0], v[1], v[2], v[3]);
     }
     BARRIER();
-    for (int s = 0; s < SB; ++s) {
-      const float4 m0 = Ms[s][ty];
-      const float4 m1 = Ms[s][8 + ty];
-      for (int j = 0; j < CG; ++j) {
-        const float4 xv = Xs[s][16 * j + tx];
-        FMA4(acc[0], 4 * j, m0.x, xv)
-        FMA4(acc[1], 4 * j, m0.y, xv)
-        FMA4(acc[2], 4 * j, m0.z, xv)
-        FMA4(acc[3], 4 * j, m0.w, xv)
-        FMA4(acc[4], 4 * j, m1.x, xv)
-        FMA4(acc[5], 4 * j, m1.y, xv)
-        FMA4(acc[6], 4 * j, m1.z, xv)
-        FMA4(acc[7], 4 * j, m1.w, xv)
-      }
-    }
+    for (int s = 0; s < SB; ++s) ROWS8_STEP(Ms, Xs, s)
     BARRIER();
   }
   const float dh = static_cast<float>(D[h]);
@@ -554,21 +557,7 @@ BWD_DX = Kernel(
       Ms[li][rq] = f4(v[0], v[1], v[2], v[3]);
     }
     BARRIER();
-    for (int li = 0; li < SB; ++li) {
-      const float4 m0 = Ms[li][ty];
-      const float4 m1 = Ms[li][8 + ty];
-      for (int j = 0; j < CG; ++j) {
-        const float4 yv = Ys[li][16 * j + tx];
-        FMA4(acc[0], 4 * j, m0.x, yv)
-        FMA4(acc[1], 4 * j, m0.y, yv)
-        FMA4(acc[2], 4 * j, m0.z, yv)
-        FMA4(acc[3], 4 * j, m0.w, yv)
-        FMA4(acc[4], 4 * j, m1.x, yv)
-        FMA4(acc[5], 4 * j, m1.y, yv)
-        FMA4(acc[6], 4 * j, m1.z, yv)
-        FMA4(acc[7], 4 * j, m1.w, yv)
-      }
-    }
+    for (int li = 0; li < SB; ++li) ROWS8_STEP(Ms, Ys, li)
     BARRIER();
   }
   for (int i = 0; i < 8; ++i) {
