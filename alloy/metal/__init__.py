@@ -29,11 +29,13 @@ import mlx.core as mx
 from alloy.metal import conv1d, gated_delta_chunked, gated_delta_recurrent, gated_delta_wy, gated_norm, gemv, mamba2_stack, mamba2_step, selective_scan, selective_scan_step, ssd_chunked, ssd_step
 from alloy.metal.prelude import DIALECTS, Kernel, backend  # noqa: F401
 
+# every kernel: the module-level `Kernel`s of each kernel module (as `emulate.patch` finds them), and
+# the persistent stack kernel, which is built per layer count (one instance stands for them)
 KERNELS = {
     k.name: k
-    for k in (conv1d.KERNEL, conv1d.BWD, gated_norm.FWD, gated_norm.BWD, gemv.KERNEL, gated_delta_recurrent.KERNEL, gated_delta_chunked.KERNEL, ssd_step.KERNEL, mamba2_step.KERNEL, selective_scan_step.KERNEL, selective_scan.KERNEL,
-              ssd_chunked.PREP, ssd_chunked.PASS, ssd_chunked.OUT, mamba2_stack.kernel(4),
-              gated_delta_wy.PREP, gated_delta_wy.PASS)
+    for k in [v for mod in (conv1d, gated_norm, gemv, gated_delta_recurrent, gated_delta_chunked, gated_delta_wy,
+                            ssd_step, ssd_chunked, mamba2_step, selective_scan_step, selective_scan)
+              for v in vars(mod).values() if isinstance(v, Kernel)] + [mamba2_stack.kernel(4)]
 }
 
 
