@@ -124,6 +124,22 @@ def _skip_vjp(primals, cotangent, output):
     return (dy * D.astype(_F32)[:, None]).astype(x.dtype), _head_sum(dy * x.astype(_F32)).astype(D.dtype)
 
 
+def _chunks(v, K):
+    """(b, l, ...) -> (b, c, K, ...) float32 with c = ceil(l / K), zero padded at the end."""
+    b, l = v.shape[:2]
+    pad = -l % K
+    v = v.astype(_F32)
+    if pad:
+        v = mx.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+    return v.reshape(b, (l + pad) // K, K, *v.shape[2:])
+
+
+def _unchunks(v, l):
+    """(b, c, K, ...) -> (b, l, ...): `_chunks` undone, the padding dropped."""
+    b, c, K = v.shape[:3]
+    return v.reshape(b, c * K, *v.shape[3:])[:, :l]
+
+
 def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     """Chunked SSD (ssd_minimal): diagonal blocks by attention-like quadratic form,
     off-diagonal blocks through chunk states passed along by a segsum over chunks.
@@ -137,18 +153,10 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     r, K = h // g, chunk_size
-    pad = -l % K
-    c = (l + pad) // K
-
-    def chunks(v):  # (b, l, ...) f32 -> (b, c, K, ...), zero padded at the end
-        v = v.astype(_F32)
-        if pad:
-            v = mx.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
-        return v.reshape(b, c, K, *v.shape[2:])
-
-    dtc = chunks(dt)  # (b, c, K, h)
-    X = (chunks(x) * dtc[..., None]).reshape(b, c, K, g, r, p)  # Δ x, heads split by group
-    Bc, Cc = chunks(B), chunks(C)  # (b, c, K, g, n)
+    c = -(-l // K)
+    dtc = _chunks(dt, K)  # (b, c, K, h)
+    X = (_chunks(x, K) * dtc[..., None]).reshape(b, c, K, g, r, p)  # Δ x, heads split by group
+    Bc, Cc = _chunks(B, K), _chunks(C, K)  # (b, c, K, g, n)
     a = (dtc * A.astype(_F32)).transpose(0, 3, 1, 2)  # log decay Δ A: (b, h, c, K)
     a_cs = mx.cumsum(a, axis=-1)
 
@@ -217,18 +225,10 @@ def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64)
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     r, K = h // g, chunk_size
-    pad = -l % K
-    c = (l + pad) // K
-
-    def chunks(v):  # (b, l, ...) -> (b, c, K, ...) float32, zero padded at the end
-        v = v.astype(_F32)
-        if pad:
-            v = mx.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
-        return v.reshape(b, c, K, *v.shape[2:])
-
+    c = -(-l // K)
     Af = A.astype(_F32)
-    dtc, xc, dyc = chunks(dt), chunks(x), chunks(dy)          # (b,c,K,h), (b,c,K,h,p) x2
-    Bc, Cc = chunks(B), chunks(C)                               # (b,c,K,g,n)
+    dtc, xc, dyc = _chunks(dt, K), _chunks(x, K), _chunks(dy, K)  # (b,c,K,h), (b,c,K,h,p) x2
+    Bc, Cc = _chunks(B, K), _chunks(C, K)                       # (b,c,K,g,n)
     X = xc * dtc[..., None]
     a = dtc * Af                                                # (b,c,K,h)
     acs = mx.cumsum(a, axis=2)
@@ -291,17 +291,12 @@ def _vjp_finish(x, dt, A, B, C, D, initial_state, xc, dyc, dtc, dX, dacs, dtot, 
     """The end of both written-out gradients: acs = cumsum(dt A) inside each chunk (tot, its last
     entry, gets dtot), X = dt x (dX its gradient), y += D x; chunked (b, c, K, ...) float32 arrays
     back to the arguments' lengths and dtypes."""
-    b, l = x.shape[:2]
-    _, c, K, h = dtc.shape
+    l = x.shape[1]
     da_A, dA = _acs_grads(dacs, dtot, dtc, A)
     ddt = da_A + (dX * xc).sum(-1)
     dxc = dX * dtc[..., None] + (dyc * D.astype(_F32)[:, None] if D is not None else 0.0)
-
-    def unchunk(v):
-        return v.reshape(b, c * K, *v.shape[3:])[:, :l]
-
-    return (unchunk(dxc).astype(x.dtype), unchunk(ddt).astype(dt.dtype), dA.astype(A.dtype),
-            unchunk(dB).astype(B.dtype), unchunk(dC).astype(C.dtype),
+    return (_unchunks(dxc, l).astype(x.dtype), _unchunks(ddt, l).astype(dt.dtype), dA.astype(A.dtype),
+            _unchunks(dB, l).astype(B.dtype), _unchunks(dC, l).astype(C.dtype),
             None if D is None else _head_sum(dyc * xc).astype(D.dtype),
             None if initial_state is None else dh0.astype(initial_state.dtype))
 
@@ -322,14 +317,7 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     r, K = h // g, chunk_size
-    pad = -l % K
-    c = (l + pad) // K
-
-    def chunks(v):  # (b, l, ...) -> (b, c, K, ...) float32, zero padded at the end
-        v = v.astype(_F32)
-        if pad:
-            v = mx.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
-        return v.reshape(b, c, K, *v.shape[2:])
+    c = -(-l // K)
 
     def gm(v):  # (b, c, K, h, p) -> (b, c, g, K, r p)
         return v.reshape(b, c, K, g, r * p).transpose(0, 1, 3, 2, 4)
@@ -337,8 +325,8 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     def per_head(v):  # (b, c, g, m, r p) -> sum over m and p -> (b, c, h)
         return v.reshape(b, c, g, v.shape[3], r, p).sum(-1).sum(axis=3).reshape(b, c, h)
 
-    dtc, xc, dyc = chunks(dt), chunks(x), chunks(dy)            # (b,c,K,h), (b,c,K,h,p) x2
-    Bg, Cg = chunks(B).transpose(0, 1, 3, 2, 4), chunks(C).transpose(0, 1, 3, 2, 4)  # (b,c,g,K,n)
+    dtc, xc, dyc = _chunks(dt, K), _chunks(x, K), _chunks(dy, K)  # (b,c,K,h), (b,c,K,h,p) x2
+    Bg, Cg = _chunks(B, K).transpose(0, 1, 3, 2, 4), _chunks(C, K).transpose(0, 1, 3, 2, 4)  # (b,c,g,K,n)
     acs = mx.cumsum(dtc * A.astype(_F32), axis=2)               # (b,c,K,h)
     wS = mx.exp(acs[:, :, -1:] - acs)                           # decay from s to the chunk end
     decay = mx.exp(acs[:, :, -1])                               # (b,c,h): e^tot
@@ -368,12 +356,8 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     Dv = mx.zeros((h,), _F32) if D is None else D.astype(_F32)
     dx, ra, rw, rx, rd = kern.bwd_finish(x, dy, dt, acs, Cg @ Hs, Bg @ dS, dXd, Dv)
     da_A, dA = _acs_grads(ra + dacsd, dtot + rw.sum(axis=2), dtc, A)
-
-    def unchunk(v):
-        return v.reshape(b, c * K, *v.shape[3:])[:, :l]
-
-    return (dx, unchunk(da_A + rx).astype(dt.dtype), dA.astype(A.dtype), unchunk(dB).astype(B.dtype),
-            unchunk(dC).astype(C.dtype), None if D is None else rd.sum(axis=(0, 1, 2)).astype(D.dtype),
+    return (dx, _unchunks(da_A + rx, l).astype(dt.dtype), dA.astype(A.dtype), _unchunks(dB, l).astype(B.dtype),
+            _unchunks(dC, l).astype(C.dtype), None if D is None else rd.sum(axis=(0, 1, 2)).astype(D.dtype),
             None if initial_state is None else dh0.astype(initial_state.dtype))
 
 
