@@ -104,18 +104,14 @@ _FMA4 = r"""
   }
 """
 
-OUT = Kernel(
-    name="alloy_ssd_chunk_out",
-    inputs=("CB", "acs", "x", "dt", "Yo", "D"),
-    outputs=("y",),
-    helpers=_FMA4,
-    body="""
-  // one group of 128 threads per (block of 64 rows, head, batch * chunk):
-  //   y[l] = sum_{s <= l} CB[l, s] exp(acs_l - acs_s) dt_s x_s + exp(acs_l) Yo[l] + D x_l
-  // thread (ty, tx) = (tid / 16, tid % 16) owns rows r0 + 4 ty + {0..3} and r0 + 32 + 4 ty + {0..3},
-  // columns 64 j + 4 tx + {0..3} (j < CG): 32 CG accumulators, 3 float4 shared reads per step
-  const int L = x_shape[1];
-  const int H = x_shape[2];
+def _rows_item(src: str, tiles: str) -> str:
+    """The opening OUT and BWD_DX share: one group of 128 threads per (block of 64 rows from r0, head
+    h, batch x chunk bc), thread (ty, tx) = (tid / 16, tid % 16); the head's acs for the chunk in
+    shared memory, the 8 x 4 CG accumulators zeroed. `src`: the (b, L, h, p) input that gives L and
+    H; `tiles`: the kernel's own shared tile declarations."""
+    return f"""\
+  const int L = {src}_shape[1];
+  const int H = {src}_shape[2];
   const int G = CB_shape[2];
   const int R = H / G;
   const int nc = CB_shape[1];
@@ -128,13 +124,27 @@ OUT = Kernel(
   const int tx = tid % 16;
   const int ty = tid / 16;
   SHARED float sacs[KC];
-  SHARED float4 Xs[SB][16 * CG];              // dt_s x_s, 4 columns per entry
-  SHARED float4 Ms[SB][17];                   // mask tile, 4 rows per entry (padded: no bank conflicts)
+{tiles}
   for (int l = tid; l < KC; l += 128) sacs[l] = static_cast<float>(acs[(bc * H + h) * KC + l]);
   float acc[8][4 * CG];
   for (int i = 0; i < 8; ++i)
     for (int j = 0; j < 4 * CG; ++j) acc[i][j] = 0.0f;
-  BARRIER();
+  BARRIER();"""
+
+
+OUT = Kernel(
+    name="alloy_ssd_chunk_out",
+    inputs=("CB", "acs", "x", "dt", "Yo", "D"),
+    outputs=("y",),
+    helpers=_FMA4,
+    body="""
+  // one group of 128 threads per (block of 64 rows, head, batch * chunk):
+  //   y[l] = sum_{s <= l} CB[l, s] exp(acs_l - acs_s) dt_s x_s + exp(acs_l) Yo[l] + D x_l
+  // thread (ty, tx) = (tid / 16, tid % 16) owns rows r0 + 4 ty + {0..3} and r0 + 32 + 4 ty + {0..3},
+  // columns 64 j + 4 tx + {0..3} (j < CG): 32 CG accumulators, 3 float4 shared reads per step
+""" + _rows_item("x", """\
+  SHARED float4 Xs[SB][16 * CG];              // dt_s x_s, 4 columns per entry
+  SHARED float4 Ms[SB][17];                   // mask tile, 4 rows per entry (padded: no bank conflicts)""") + """
   const int s_end = r0 + 64 < KC ? r0 + 64 : KC;   // causal: no s beyond the block's last row
   for (int s0 = 0; s0 < s_end; s0 += SB) {
     for (int idx = tid; idx < SB * 16 * CG; idx += 128) {   // X tile
@@ -511,27 +521,9 @@ BWD_DX = Kernel(
   //   dX[s] = sum_{l >= s} CB[l, s] exp(acs_l - acs_s) dy_l      (float32, (b, c K, h, p))
   // thread (ty, tx) owns rows r0 + 4 ty + {0..3}, r0 + 32 + 4 ty + {0..3} and columns 64 j + 4 tx
   // + {0..3} (j < CG), as in OUT with the roles of l and s exchanged
-  const int L = dy_shape[1];
-  const int H = dy_shape[2];
-  const int G = CB_shape[2];
-  const int R = H / G;
-  const int nc = CB_shape[1];
-  const int h = bid_y;
-  const int g = h / R;
-  const long bc = bid_z;
-  const long b = bc / nc;
-  const long t0 = (bc % nc) * KC;
-  const int r0 = bid_x * 64;
-  const int tx = tid % 16;
-  const int ty = tid / 16;
-  SHARED float sacs[KC];
+""" + _rows_item("dy", """\
   SHARED float4 Ys[SB][16 * CG];              // dy_l, 4 columns per entry
-  SHARED float4 Ms[SB][17];                   // Ms[l][rq]: rows s = r0 + 4 rq + {0..3}
-  for (int l = tid; l < KC; l += 128) sacs[l] = acs[(bc * H + h) * KC + l];
-  float acc[8][4 * CG];
-  for (int i = 0; i < 8; ++i)
-    for (int j = 0; j < 4 * CG; ++j) acc[i][j] = 0.0f;
-  BARRIER();
+  SHARED float4 Ms[SB][17];                   // Ms[l][rq]: rows s = r0 + 4 rq + {0..3}""") + """
   for (int l0 = r0; l0 < KC; l0 += SB) {      // causal: l >= s >= r0
     for (int idx = tid; idx < SB * 16 * CG; idx += 128) {
       const int li = idx / (16 * CG);
