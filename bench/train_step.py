@@ -96,8 +96,8 @@ def main(argv=None):
     p.add_argument("--fused-gate", action="store_true",
                    help="gated SiLU MLPs through swiglu(fused=True) (alloy.layers.mlp.FUSED_GATE)")
     p.add_argument("--pack", action="store_true",
-                   help="make the Mamba-2 kernels' strided inputs contiguous once per layer "
-                        "(alloy.layers.mamba2.PACK_KERNEL_INPUTS)")
+                   help="make the kernels' strided inputs contiguous once per differentiable kernel op "
+                        "(alloy.metal.PACK_INPUTS)")
     p.add_argument("--grads", default=None,
                    help="the gradient paths on, the others off (default: the library's defaults): a comma "
                         "list of conv (alloy.ops.conv.GRADIENT_KERNEL), norm (alloy.ops.norm.GATED_KERNEL), "
@@ -106,7 +106,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     grads = ",".join(switch_grads(a.grads)) or "none"
     if a.pack:
-        importlib.import_module("alloy.layers.mamba2").PACK_KERNEL_INPUTS = True
+        importlib.import_module("alloy.metal").PACK_INPUTS = True
     if a.fused_gate:
         importlib.import_module("alloy.layers.mlp").FUSED_GATE = True
     if a.small:

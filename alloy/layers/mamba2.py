@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from alloy import metal
 from alloy.layers.common import conv_tail, decode_linear, dense, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
 from alloy.ops.conv import causal_conv1d
@@ -164,15 +163,12 @@ def apply(params, x, state, cfg: Mamba2Settings):
         return _fused_decode(params, x, state, cfg)
     zxbcdt = dense(params["in_proj"], x)
     z, xBC, dt = mx.split(zxbcdt, [cfg.d_inner, 2 * cfg.d_inner + 2 * gn], axis=-1)
-    packed = _pack_applies()
-    if packed:
-        z, xBC = mx.contiguous(z), mx.contiguous(xBC)
     valid = None if state is None else state.get("valid")
     xBC_in = xBC
     xBC, conv_state = causal_conv1d(xBC, params["conv1d"]["weight"], params["conv1d"].get("bias"),
                                     None if state is None else state["conv"], activation="silu")
     xs, Bm, Cm = mx.split(xBC, [cfg.d_inner, cfg.d_inner + gn], axis=-1)
-    xs = (mx.contiguous(xs) if packed else xs).reshape(Bsz, T, cfg.n_heads, cfg.head_dim)
+    xs = xs.reshape(Bsz, T, cfg.n_heads, cfg.head_dim)
     Bm = Bm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
     Cm = Cm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
     dt = nn.softplus(dt.astype(mx.float32) + params["dt_bias"].astype(mx.float32))
@@ -194,19 +190,6 @@ def apply(params, x, state, cfg: Mamba2Settings):
     if state is None:
         return out, None
     return out, {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}
-
-
-# Slices of one array (z / xBC of in_proj's output, x of the conv's) are strided views, and MLX copies
-# a strided input at every kernel launch that reads it: 8 copies per layer and train step on the
-# GPU path (conv forward + gradient, gated norm forward + gradient, and 4 SSD kernels; the toy
-# profile's 72 `copy_g_nd` bf16 launches, ~6 ms per step on an H100, docs/benchmarks.md session 6).
-# On: the layer makes them contiguous once (3 copies, kept for the backward: ~0.3 GB more per layer
-# at 16 x 2048). Off until measured on a GPU (bench/train_step.py with and without).
-PACK_KERNEL_INPUTS = False
-
-
-def _pack_applies() -> bool:
-    return PACK_KERNEL_INPUTS and metal.backend() is not None
 
 
 def _fused_applies(params, x, state, cfg: Mamba2Settings) -> bool:

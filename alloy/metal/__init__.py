@@ -39,12 +39,23 @@ KERNELS = {
 }
 
 
+# MLX copies a strided (sliced) kernel input at every launch that reads it: one array read by a
+# forward and a gradient kernel, or by several kernels of one side, is copied each time (the toy
+# train step: 8 copies per Mamba-2 layer — conv forward + gradient, gated norm forward + gradient,
+# 4 SSD kernels — the profile's 72 `copy_g_nd` bf16 launches, ~6 ms per step on an H100,
+# docs/benchmarks.md session 6). On: `differentiable` makes its arguments contiguous once on a GPU,
+# so the forward and the gradient share that copy (kept for the backward: ~0.3 GB more per toy
+# layer at 16 x 2048). Off until measured on a GPU (bench/train_step.py --pack).
+PACK_INPUTS = False
+
+
 def differentiable(fast, slow, vjp=None):
     """`fast` with the gradient of `slow`: an `mx.custom_function` whose forward runs `fast` and
     whose VJP differentiates `slow` (the same math as a differentiable MLX composition), or, when
     given, calls ``vjp(*primals, *cotangents)`` (a hand-written gradient, e.g. a kernel) instead.
 
-    All take the same positional arrays and return a tuple of arrays."""
+    All take the same positional arrays and return a tuple of arrays. With `PACK_INPUTS` on and a
+    GPU backend, the arrays are made contiguous before the call (once for both directions)."""
 
     @mx.custom_function
     def f(*args):
@@ -57,4 +68,9 @@ def differentiable(fast, slow, vjp=None):
         _, grads = mx.vjp(lambda *a: list(slow(*a)), list(primals), list(cotangents))
         return tuple(grads)
 
-    return f
+    def call(*args):
+        if PACK_INPUTS and backend() is not None:
+            args = [mx.contiguous(a) for a in args]
+        return f(*args)
+
+    return call

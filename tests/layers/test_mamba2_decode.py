@@ -158,26 +158,3 @@ def test_prepare_decode_stacks_a_pure_mamba2_stack_and_keeps_its_outputs():
         c = as_config(other)
         p = build(c).init(mx.random.key(0))
         assert "decode_stack" not in prepare_decode(c, p)
-
-
-def test_packed_kernel_inputs_change_nothing(monkeypatch):
-    """`mamba2.PACK_KERNEL_INPUTS` (contiguous copies of the kernels' strided inputs; a GPU backend
-    faked so the switch applies, the ops still run their MLX references here) leaves the layer's
-    values and gradients as they are."""
-    from alloy import metal
-    cfg = mamba2.Mamba2Settings(d_model=16, head_dim=8, d_state=8, n_groups=2, chunk_size=8)
-    params = mamba2.init(mx.random.key(3), cfg)
-    x = mx.random.normal((2, 13, 16), key=mx.random.key(4))
-    f = lambda p, x: (mamba2.apply(p, x, None, cfg)[0] ** 2).sum()  # noqa: E731
-    want = mx.value_and_grad(f, argnums=(0, 1))(params, x)
-    monkeypatch.setattr(mamba2, "PACK_KERNEL_INPUTS", True)
-    monkeypatch.setattr(mamba2.metal, "backend", lambda: "cuda")
-    assert mamba2._pack_applies()
-    monkeypatch.setattr(mamba2.metal, "backend", lambda: None)  # the ops' own dispatch: MLX references
-    monkeypatch.setattr(mamba2, "_pack_applies", lambda: True)
-    got = mx.value_and_grad(f, argnums=(0, 1))(params, x)
-    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
-    from alloy.params import flatten
-    for k, g in flatten(want[1][0]).items():
-        np.testing.assert_allclose(np.array(flatten(got[1][0])[k]), np.array(g), rtol=1e-6, atol=1e-7, err_msg=k)
-    np.testing.assert_allclose(np.array(got[1][1]), np.array(want[1][1]), rtol=1e-6, atol=1e-7)

@@ -139,3 +139,28 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
     res = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-I", os.environ["ALLOY_MLX_CUDA_INCLUDE"],
                           "-c", str(path), "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_differentiable_packs_strided_inputs_once(monkeypatch):
+    """`metal.differentiable` with `metal.PACK_INPUTS` on a GPU backend (faked here) hands `fast` and
+    the gradient contiguous copies of strided arguments, made once, and changes no value or gradient;
+    off, or without a GPU, it passes the arguments through."""
+    seen = []
+    fast = lambda a, b: (seen.append(a.shape) or a * b,)  # noqa: E731
+    f = metal.differentiable(fast, lambda a, b: (a * b,))
+    base = mx.random.normal((4, 6), key=mx.random.key(0))
+    a, b = base[:, 1:4], mx.random.normal((4, 3), key=mx.random.key(1))  # a: a strided view
+    loss = lambda a, b: f(a, b)[0].sum()  # noqa: E731
+    want = mx.value_and_grad(loss, argnums=(0, 1))(a, b)
+    made = []
+    real = mx.contiguous
+    monkeypatch.setattr(metal.mx, "contiguous", lambda v: made.append(v.shape) or real(v))
+    monkeypatch.setattr(metal, "PACK_INPUTS", True)
+    mx.value_and_grad(loss, argnums=(0, 1))(a, b)
+    assert made == []  # no GPU backend: nothing packed
+    monkeypatch.setattr(metal, "backend", lambda: "cuda")
+    got = mx.value_and_grad(loss, argnums=(0, 1))(a, b)
+    assert made == [(4, 3), (4, 3)]  # each argument once, for the forward and the gradient together
+    assert float(got[0]) == float(want[0])
+    for g, w in zip(got[1], want[1]):
+        assert mx.array_equal(g, w)
