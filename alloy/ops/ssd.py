@@ -275,7 +275,16 @@ def ssd_chunked_vjp(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size=64)
     dXd, dacsd, dCB = _diag_bwd_ops(CB, a, X, dyc, r)
     dC = dC + mx.einsum("bcgls,bcsgn->bclgn", dCB, Bc)
     dB = dB + mx.einsum("bcgls,bclgn->bcsgn", dCB, Cc)
-    return _vjp_finish(x, dt, A, B, C, D, initial_state, xc, dyc, dtc, dX + dXd, dacs + dacsd, dtot, dB, dC, dh0)
+    dX = dX + dXd
+
+    # acs = cumsum(dt A) inside each chunk (tot, its last entry, gets dtot); X = dt x; y += D x
+    da_A, dA = _acs_grads(dacs + dacsd, dtot, dtc, A)
+    ddt = da_A + (dX * xc).sum(-1)
+    dxc = dX * dtc[..., None] + (dyc * D.astype(_F32)[:, None] if D is not None else 0.0)
+    return (_unchunks(dxc, l).astype(x.dtype), _unchunks(ddt, l).astype(dt.dtype), dA.astype(A.dtype),
+            _unchunks(dB, l).astype(B.dtype), _unchunks(dC, l).astype(C.dtype),
+            None if D is None else _head_sum(dyc * xc).astype(D.dtype),
+            None if initial_state is None else dh0.astype(initial_state.dtype))
 
 
 def _acs_grads(dacs, dtot, dtc, A):
@@ -285,20 +294,6 @@ def _acs_grads(dacs, dtot, dtc, A):
     dacs = dacs + mx.concatenate([mx.zeros((b, c, K - 1, h), _F32), dtot[:, :, None]], axis=2)
     da = mx.cumsum(dacs, axis=2, reverse=True)
     return da * A.astype(_F32), (da * dtc).sum(axis=(0, 1, 2))
-
-
-def _vjp_finish(x, dt, A, B, C, D, initial_state, xc, dyc, dtc, dX, dacs, dtot, dB, dC, dh0):
-    """The end of both written-out gradients: acs = cumsum(dt A) inside each chunk (tot, its last
-    entry, gets dtot), X = dt x (dX its gradient), y += D x; chunked (b, c, K, ...) float32 arrays
-    back to the arguments' lengths and dtypes."""
-    l = x.shape[1]
-    da_A, dA = _acs_grads(dacs, dtot, dtc, A)
-    ddt = da_A + (dX * xc).sum(-1)
-    dxc = dX * dtc[..., None] + (dyc * D.astype(_F32)[:, None] if D is not None else 0.0)
-    return (_unchunks(dxc, l).astype(x.dtype), _unchunks(ddt, l).astype(dt.dtype), dA.astype(A.dtype),
-            _unchunks(dB, l).astype(B.dtype), _unchunks(dC, l).astype(C.dtype),
-            None if D is None else _head_sum(dyc * xc).astype(D.dtype),
-            None if initial_state is None else dh0.astype(initial_state.dtype))
 
 
 def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size):
