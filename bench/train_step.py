@@ -98,6 +98,8 @@ def main(argv=None):
     p.add_argument("--pack", action="store_true",
                    help="make the kernels' strided inputs contiguous once per differentiable kernel op "
                         "(alloy.metal.PACK_INPUTS)")
+    p.add_argument("--scores-tc", action="store_true",
+                   help="the SSD gradient's score product on tensor cores (alloy.metal.ssd_chunked.SCORES_TC)")
     p.add_argument("--grads", default=None,
                    help="the gradient paths on, the others off (default: the library's defaults): a comma "
                         "list of conv (alloy.ops.conv.GRADIENT_KERNEL), norm (alloy.ops.norm.GATED_KERNEL), "
@@ -109,6 +111,8 @@ def main(argv=None):
         importlib.import_module("alloy.metal").PACK_INPUTS = True
     if a.fused_gate:
         importlib.import_module("alloy.layers.mlp").FUSED_GATE = True
+    if a.scores_tc:
+        importlib.import_module("alloy.metal.ssd_chunked").SCORES_TC = True
     if a.small:
         cfg = alloy.ModelConfig.from_dict(SMALL)
         a.batch_size, a.seq_len, a.steps, a.warmup = 4, 64, 3, 1
@@ -129,7 +133,7 @@ def main(argv=None):
     device = mx.device_info().get("device_name", str(mx.default_device()))
     n = count_params(params)
     print(f"device: {device} ({mx.default_device()}); model {cfg.name}: {n / 1e6:.1f}M params; "
-          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}, pack {a.pack}, fused gate {a.fused_gate}")
+          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}, pack {a.pack}, fused gate {a.fused_gate}, scores on tensor cores {a.scores_tc}")
     t0 = time.perf_counter()
     for i in range(a.warmup):
         params, opt_state, m = step(params, opt_state, batch, key)

@@ -245,12 +245,14 @@ PASS = Kernel(
 #     dacs_l += sum_s W[l, s],  dacs_s -= sum_l W[l, s]                 row / column sums
 # without the (b, c, h, K, K) tensors (E, dy X^T, EG, W) that the MLX form writes and reads.
 
-_SCORE_HEADS = 4  # heads per BWD_SCORES group at most (the group's heads split into slices of this many)
+_SCORE_HEADS = 8  # heads per BWD_SCORES group at most (the group's heads split into slices of this many)
 _SCORE_PB = 32    # head-dim columns per shared tile load in BWD_SCORES
 # BWD_SCORES_TC (dy X^T on tensor cores) instead of BWD_SCORES where the head dim allows (a multiple
-# of 16, at most 128 for 16-bit inputs, 64 for float32). Passes its CPU-emulator tests; off until
-# measured on a GPU (BWD_SCORES: 1.15 ms per toy layer, bench/ssd_bwd_tune.py times both).
-SCORES_TC = False
+# of 16, at most 128 for 16-bit inputs, 64 for float32). H100, toy layer (b 16, T 2048, 24 heads of
+# 64, 1 group, chunk 128; bench/ssd_bwd_tune.py): diagonal-block gradient 1.217 ms with TC and 8 heads
+# per slice, 1.259 with 4; BWD_SCORES 1.868 ms with 8 heads, 1.993 with 4. Whole toy train step:
+# 137.5 ms with TC vs 148.8 / 146.2 without (docs/benchmarks.md, session 7).
+SCORES_TC = True
 
 BWD_SCORES = Kernel(
     name="alloy_ssd_bwd_scores",
