@@ -22,6 +22,7 @@ bf16; use 756 for H100 PCIe).
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import statistics
@@ -81,6 +82,23 @@ def switch_grads(spec: str | None) -> list[str]:
     return names
 
 
+def set_switch(item):
+    """'pkg.module.NAME=VALUE' -> sets it (VALUE a Python literal, else the string) and returns (key, value)."""
+    key, sep, text = item.partition("=")
+    mod, _, name = key.rpartition(".")
+    if not sep or not mod:
+        raise SystemExit(f"--set: expected MODULE.NAME=VALUE, got {item!r}")
+    module = importlib.import_module(mod)
+    if not hasattr(module, name):
+        raise SystemExit(f"--set: {mod} has no attribute {name!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    setattr(module, name, value)
+    return key, value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="toy")
@@ -98,8 +116,9 @@ def main(argv=None):
     p.add_argument("--pack", action="store_true",
                    help="make the kernels' strided inputs contiguous once per differentiable kernel op "
                         "(alloy.metal.PACK_INPUTS)")
-    p.add_argument("--scores-tc", action="store_true",
-                   help="the SSD gradient's score product on tensor cores (alloy.metal.ssd_chunked.SCORES_TC)")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="set a module-level switch before building the step, e.g. "
+                        "alloy.metal.ssd_chunked.SCORES_TC=0 (VALUE read as a Python literal); repeatable")
     p.add_argument("--grads", default=None,
                    help="the gradient paths on, the others off (default: the library's defaults): a comma "
                         "list of conv (alloy.ops.conv.GRADIENT_KERNEL), norm (alloy.ops.norm.GATED_KERNEL), "
@@ -111,8 +130,7 @@ def main(argv=None):
         importlib.import_module("alloy.metal").PACK_INPUTS = True
     if a.fused_gate:
         importlib.import_module("alloy.layers.mlp").FUSED_GATE = True
-    if a.scores_tc:
-        importlib.import_module("alloy.metal.ssd_chunked").SCORES_TC = True
+    switches = [set_switch(item) for item in a.set]
     if a.small:
         cfg = alloy.ModelConfig.from_dict(SMALL)
         a.batch_size, a.seq_len, a.steps, a.warmup = 4, 64, 3, 1
@@ -133,7 +151,8 @@ def main(argv=None):
     device = mx.device_info().get("device_name", str(mx.default_device()))
     n = count_params(params)
     print(f"device: {device} ({mx.default_device()}); model {cfg.name}: {n / 1e6:.1f}M params; "
-          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}, pack {a.pack}, fused gate {a.fused_gate}, scores on tensor cores {a.scores_tc}")
+          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}, pack {a.pack}, fused gate {a.fused_gate}"
+          + "".join(f", {k} = {v!r}" for k, v in switches))
     t0 = time.perf_counter()
     for i in range(a.warmup):
         params, opt_state, m = step(params, opt_state, batch, key)

@@ -611,11 +611,11 @@ BWD_FIN = Kernel(
   for (int p = j; p < P; p += 8) {
     const float xv = real ? static_cast<float>(x[xm + p]) : 0.0f;
     const float dyv = real ? static_cast<float>(dy[xm + p]) : 0.0f;
-    const float dxw = live ? dXw[cm + p] : 0.0f;
+    const float dxw = live ? static_cast<float>(dXw[cm + p]) : 0.0f;
     const float xw = dtv * xv * ws;
-    sa += dyv * eo * (live ? CH[cm + p] : 0.0f);
+    sa += dyv * eo * (live ? static_cast<float>(CH[cm + p]) : 0.0f);
     sw += dxw * xw;
-    const float dX = dxw * ws + (live ? dXd[dm + p] : 0.0f);
+    const float dX = dxw * ws + (live ? static_cast<float>(dXd[dm + p]) : 0.0f);
     sx += dX * xv;
     sd += dyv * xv;
     if (real) dx[xm + p] = static_cast<T>(dX * dtv + dyv * dh);
@@ -643,7 +643,7 @@ BWD_FIN = Kernel(
 
 
 def bwd_finish(x, dy, dt, acs, CH, dXw, dXd, D):
-    """`BWD_FIN`: acs (b, c, K, h) float32; CH, dXw (b, c, g, K, r p) float32; dXd (b, c, K, h, p)
+    """`BWD_FIN`: acs (b, c, K, h) float32; CH, dXw (b, c, g, K, r p) float32 or x's dtype; dXd (b, c, K, h, p)
     float32; D (h,) -> dx (x's shape and dtype), and ra, rw, rx, rd (b, c, K, h) float32."""
     b, nc, K, H = acs.shape
     n = b * nc * K * H

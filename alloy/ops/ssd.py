@@ -124,11 +124,11 @@ def _skip_vjp(primals, cotangent, output):
     return (dy * D.astype(_F32)[:, None]).astype(x.dtype), _head_sum(dy * x.astype(_F32)).astype(D.dtype)
 
 
-def _chunks(v, K):
-    """(b, l, ...) -> (b, c, K, ...) float32 with c = ceil(l / K), zero padded at the end."""
+def _chunks(v, K, dtype=_F32):
+    """(b, l, ...) -> (b, c, K, ...) in dtype with c = ceil(l / K), zero padded at the end."""
     b, l = v.shape[:2]
     pad = -l % K
-    v = v.astype(_F32)
+    v = v.astype(dtype)
     if pad:
         v = mx.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
     return v.reshape(b, (l + pad) // K, K, *v.shape[2:])
@@ -320,29 +320,33 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     def per_head(v):  # (b, c, g, m, r p) -> sum over m and p -> (b, c, h)
         return v.reshape(b, c, g, v.shape[3], r, p).sum(-1).sum(axis=3).reshape(b, c, h)
 
+    # operand dtype of the batched products (see GRADIENT_PRODUCTS_IN_INPUT_DTYPE)
+    op = x.dtype if GRADIENT_PRODUCTS_IN_INPUT_DTYPE and x.dtype in (mx.bfloat16, mx.float16) else _F32
     dtc, xc, dyc = _chunks(dt, K), _chunks(x, K), _chunks(dy, K)  # (b,c,K,h), (b,c,K,h,p) x2
-    Bg, Cg = _chunks(B, K).transpose(0, 1, 3, 2, 4), _chunks(C, K).transpose(0, 1, 3, 2, 4)  # (b,c,g,K,n)
+    Bg, Cg = _chunks(B, K, op).transpose(0, 1, 3, 2, 4), _chunks(C, K, op).transpose(0, 1, 3, 2, 4)  # (b,c,g,K,n)
     acs = mx.cumsum(dtc * A.astype(_F32), axis=2)               # (b,c,K,h)
     wS = mx.exp(acs[:, :, -1:] - acs)                           # decay from s to the chunk end
     decay = mx.exp(acs[:, :, -1])                               # (b,c,h): e^tot
-    Xw = gm(xc * (dtc * wS)[..., None])                         # (b,c,g,K,rp)
+    Xw = gm(xc * (dtc * wS)[..., None]).astype(op)              # (b,c,g,K,rp)
     h0 = mx.zeros((b, h, p, n), _F32) if initial_state is None else initial_state.astype(_F32)
-    Hs, _ = kern.state_pass(Bg.swapaxes(-1, -2) @ Xw, decay, h0, _F32)  # states entering the chunks
+    Hs, _ = kern.state_pass(Bg.swapaxes(-1, -2) @ Xw, decay, h0, op)  # states entering the chunks
 
     # the state term y_off = e^acs C H_c
-    dys = gm(dyc * mx.exp(acs)[..., None])                      # (b,c,g,K,rp)
+    dys = gm(dyc * mx.exp(acs)[..., None]).astype(op)           # (b,c,g,K,rp)
     dH = Cg.swapaxes(-1, -2) @ dys                              # (b,c,g,n,rp)
     dC = dys @ Hs.swapaxes(-1, -2)                              # (b,c,g,K,n)
 
     # the adjoints of the passed states, backwards over the chunks
     ds = mx.zeros((b, h, p, n), _F32) if dstate is None else dstate.astype(_F32)
-    Grev, dh0 = kern.state_pass(dH[:, ::-1], decay[:, ::-1], ds, _F32)
+    Grev, dh0 = kern.state_pass(dH[:, ::-1], decay[:, ::-1], ds, op)
     dS = Grev[:, ::-1]                                          # (b,c,g,n,rp)
-    dtot = decay * per_head(dS * Hs)                            # (b,c,h)
+    dtot = decay * per_head(dS.astype(_F32) * Hs.astype(_F32))  # (b,c,h)
 
     # chunk end states S_c = B^T Xw; the diagonal blocks
     dB = Xw @ dS.swapaxes(-1, -2)                               # (b,c,g,K,n)
-    dXd, dacsd, dCB = kern.ssd_chunked_diag_bwd(Cg @ Bg.swapaxes(-1, -2), acs.transpose(0, 1, 3, 2), x, dt, dy)
+    CB = Cg.astype(_F32) @ Bg.astype(_F32).swapaxes(-1, -2)     # (b,c,g,K,K) float32, as in the forward
+    dXd, dacsd, dCB = kern.ssd_chunked_diag_bwd(CB, acs.transpose(0, 1, 3, 2), x, dt, dy)
+    dCB = dCB.astype(op)
     dC = (dC + dCB @ Bg).transpose(0, 1, 3, 2, 4)               # (b,c,K,g,n)
     dB = (dB + dCB.swapaxes(-1, -2) @ Cg).transpose(0, 1, 3, 2, 4)
 
@@ -404,6 +408,11 @@ _VJP_CHUNK = None  # chunk length of the kernel path's gradient (None: the kerne
 # forward + explicit gradient 11.75 ms, + autodiff 13.77 ms; the toy train step (bench/train_step.py,
 # 16 x 2048) 184.3 ms with "kernels" (docs/benchmarks.md).
 GRADIENT = "kernels"
+# "kernels" with 16-bit inputs: the gradient's batched matmuls take operands in the input dtype
+# (float32 accumulation, results rounded to it), as the forward's state products do, instead of
+# float32 operands (TF32 on MLX-CUDA); the state passing still accumulates in float32. The toy step's
+# profile had ~8.4 ms of TF32 products (docs/benchmarks.md, session 7). Off until measured on a GPU.
+GRADIENT_PRODUCTS_IN_INPUT_DTYPE = False
 # The chunked path's gradient where no kernel runs (the CPU): "explicit" measured 1.13-1.66x faster
 # than autodiff for forward + backward on this project's CPU (bench/ssd_vjp.py, docs/benchmarks.md).
 CPU_GRADIENT = "explicit"
