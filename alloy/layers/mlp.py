@@ -46,7 +46,9 @@ def init(key, cfg: MLPSettings) -> dict:
 # Gated SiLU MLPs through `alloy.ops.swiglu(fused=True)` (one elementwise pass each way, float32
 # inside). The toy train step's profile on an H100 shows autodiff's chain as ~5 launches per MLP over
 # (tokens, d_ff) bf16 arrays (a Sigmoid, three Multiplies, one fused kernel; docs/benchmarks.md,
-# session 6). Off until measured on a GPU (bench/train_step.py --fused-gate).
+# session 6). Session 7, H100: the MLX-ops form of the fused gate (a custom VJP over float32 ops) made
+# the toy step slower (162.7 vs ~147 ms, peak memory 30.2 vs 24.9 GB); on a GPU it is now the
+# `alloy.metal.swiglu` kernels. Off until those are measured (bench/train_step.py --fused-gate).
 FUSED_GATE = False
 
 

@@ -1,6 +1,8 @@
 """Feed-forward activations: SwiGLU and friends."""
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -9,12 +11,26 @@ def swiglu(gate: mx.array, up: mx.array, fused: bool = False) -> mx.array:
     """silu(gate) * up (Shazeer 2020). gate, up: (..., F).
 
     fused (gate and up of one dtype): computed in float32 and rounded once, with a written-out
-    gradient (dgate = dy up s (1 + gate (1 - s)), dup = dy gate s, s = sigmoid(gate)), so that a
-    compiled step runs one elementwise pass each way instead of autodiff's chain (which keeps
-    sigmoid(gate) as its own launch for the backward)."""
+    gradient (dgate = dy up s (1 + gate (1 - s)), dup = dy gate s, s = sigmoid(gate)): on a GPU the
+    kernels of `alloy.metal.swiglu` (one pass each way instead of autodiff's chain, which keeps
+    sigmoid(gate) as its own launch for the backward), elsewhere the same math in MLX ops."""
     if fused and gate.dtype == up.dtype:
+        from alloy import metal
+        from alloy.metal import swiglu as kernels
+
+        if metal.backend() is not None and kernels.applies(gate, up):
+            return _swiglu_kernel()(gate, up)[0]
         return _swiglu_fused(gate, up)
     return nn.silu(gate) * up
+
+
+@functools.lru_cache(maxsize=None)
+def _swiglu_kernel():
+    from alloy import metal
+    from alloy.metal import swiglu as kernels
+
+    return metal.differentiable(lambda g, u: (kernels.swiglu(g, u),), lambda g, u: (_swiglu_fused(g, u),),
+                                kernels.swiglu_vjp)
 
 
 @mx.custom_function
