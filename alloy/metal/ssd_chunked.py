@@ -197,9 +197,12 @@ OUT = Kernel(
 
 PASS = Kernel(
     name="alloy_ssd_state_pass",
-    inputs=("states", "decay", "init"),
-    outputs=("starts", "final_state"),
+    inputs=("states", "decay", "init", "hs"),
+    outputs=("starts", "final_state", "dots"),
     body="""
+  // REV: the sweep runs from the last chunk to the first, reading and writing chunks in place (the
+  // gradient's adjoint pass, without reversed copies). DOT: also sum_p starts * hs per (chunk, n, head,
+  // 32-wide slice of p) into dots (P a multiple of 32: each warp holds 32 consecutive p).
   const int nc = states_shape[1];
   const int H = decay_shape[2];
   const int G = states_shape[2];
@@ -221,13 +224,21 @@ PASS = Kernel(
     for (int c0 = 0; c0 < nc; c0 += CBLK) {  // load CBLK chunks ahead of the sweep
       float st[CBLK];
       float dc[CBLK];
+      float hv[CBLK];
       for (int u = 0; u < CBLK; ++u) {
         const bool v = c0 + u < nc;
-        st[u] = v ? static_cast<float>(states[(b * nc + c0 + u) * per + r0]) : 0.0f;
-        dc[u] = v ? static_cast<float>(decay[(b * nc + c0 + u) * H + h]) : 1.0f;
+        const long cc = b * nc + (REV ? nc - 1 - (c0 + u) : c0 + u);
+        st[u] = v ? static_cast<float>(states[cc * per + r0]) : 0.0f;
+        dc[u] = v ? static_cast<float>(decay[cc * H + h]) : 1.0f;
+        hv[u] = (DOT && v) ? static_cast<float>(hs[cc * per + r0]) : 0.0f;
       }
       for (int u = 0; u < CBLK; ++u) {
-        if (c0 + u < nc) starts[(b * nc + c0 + u) * per + r0] = static_cast<T>(s);
+        const long cc = b * nc + (REV ? nc - 1 - (c0 + u) : c0 + u);
+        if (c0 + u < nc) starts[cc * per + r0] = static_cast<T>(s);
+        if (DOT) {
+          const float d = warp_sum(static_cast<float>(static_cast<T>(s)) * hv[u]);
+          if (lane == 0 && c0 + u < nc) dots[cc * (per / 32) + r0 / 32] = d;
+        }
         s = dc[u] * s + st[u];
       }
     }
@@ -693,20 +704,32 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy):
     return dX.reshape(b, nc, K, H, P), dacs, dCB
 
 
-def state_pass(states, decay, init, dtype):
+def state_pass(states, decay, init, dtype, reverse: bool = False, dot_with=None):
     """`PASS`: states (b, c, g, n, r p) each chunk's own end state, decay (b, c, h) its total decay,
     init (b, h, p, n) float32 -> (the states entering each chunk (b, c, g, n, r p) in dtype, the
-    final state (b, h, p, n) float32). Run over reversed chunks it passes adjoints backwards."""
+    final state (b, h, p, n) float32). reverse: the sweep runs from the last chunk to the first
+    (passing adjoints backwards), results in chunk order. dot_with (the shape of states; head dim a
+    multiple of 32): a third result (b, c, h), sum over n and p of the entering states (as
+    returned, in dtype) times dot_with."""
     b, nc, G, N, RP = states.shape
     H, P = decay.shape[-1], init.shape[2]
-    return PASS(
-        [states, decay, init],
-        template=[("T", dtype), ("CBLK", 8)],
-        grid=(groups(b * G * N * RP, GROUP), 1, 1),
+    dot = dot_with is not None
+    if dot and (P % 32 or dot_with.shape != states.shape):
+        raise ValueError(f"state_pass: dot_with needs the states' shape {states.shape} and a head dim "
+                         f"multiple of 32, got {dot_with.shape} and {P}")
+    per = G * N * RP
+    outs = PASS(
+        [states, decay, init, dot_with if dot else mx.zeros((1,), dtype)],
+        template=[("T", dtype), ("CBLK", 8), ("REV", bool(reverse)), ("DOT", dot)],
+        grid=(groups(b * per, GROUP), 1, 1),
         threadgroup=GROUP,
-        output_shapes=[states.shape, (b, H, P, N)],
-        output_dtypes=[dtype, _F32],
+        output_shapes=[states.shape, (b, H, P, N), (b, nc, per // 32) if dot else (1,)],
+        output_dtypes=[dtype, _F32, _F32],
     )
+    if not dot:
+        return outs[0], outs[1]
+    dots = outs[2].reshape(b, nc, G, N, H // G, P // 32).sum(axis=(3, 5)).reshape(b, nc, H)
+    return outs[0], outs[1], dots
 
 
 def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int):

@@ -338,9 +338,12 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
 
     # the adjoints of the passed states, backwards over the chunks
     ds = mx.zeros((b, h, p, n), _F32) if dstate is None else dstate.astype(_F32)
-    Grev, dh0 = kern.state_pass(dH[:, ::-1], decay[:, ::-1], ds, op)
-    dS = Grev[:, ::-1]                                          # (b,c,g,n,rp)
-    dtot = decay * per_head(dS.astype(_F32) * Hs.astype(_F32))  # (b,c,h)
+    if p % 32 == 0:  # the pass also sums dS * Hs per chunk and head
+        dS, dh0, dots = kern.state_pass(dH, decay, ds, op, reverse=True, dot_with=Hs)  # (b,c,g,n,rp)
+    else:
+        dS, dh0 = kern.state_pass(dH, decay, ds, op, reverse=True)
+        dots = per_head(dS.astype(_F32) * Hs.astype(_F32))
+    dtot = decay * dots                                         # (b,c,h)
 
     # chunk end states S_c = B^T Xw; the diagonal blocks
     dB = Xw @ dS.swapaxes(-1, -2)                               # (b,c,g,K,n)
