@@ -188,12 +188,13 @@ def test_ssd_kernel_gradients_match_ref(monkeypatch, mode, b, l, g, r, p, n, chu
     assert_grads_match(lambda *a, impl: ssd(*a, chunk_size=chunk, impl=impl), args, (ct, cs), "kernel", "ref", tol)
 
 
-@pytest.mark.parametrize("tc", [False, True])
-def test_ssd_kernel_gradient_in_bf16_matches_written_out_ops(monkeypatch, tc):
+@pytest.mark.parametrize("tc,products", [(False, False), (True, False), (True, True)])
+def test_ssd_kernel_gradient_in_bf16_matches_written_out_ops(monkeypatch, tc, products):
     """bf16 inputs at a model-like shape (head dim 64, d_state 128, two 64-row tiles per chunk): the
-    kernels' gradient ("kernels", with the scores on tensor cores when tc) against the written-out
-    MLX ops ("explicit")."""
+    kernels' gradient ("kernels", with the scores on tensor cores when tc, the batched products in
+    bf16 when products) against the written-out MLX ops ("explicit")."""
     monkeypatch.setattr(importlib.import_module("alloy.metal.ssd_chunked"), "SCORES_TC", tc)
+    monkeypatch.setattr(ssd_mod, "GRADIENT_PRODUCTS_IN_INPUT_DTYPE", products)
     rng = np.random.default_rng(7)
     args = ssd_inputs(rng, 2, 300, 1, 4, 64, 128, mx.bfloat16)
     ct = arr(rng, (2, 300, 4, 64), mx.bfloat16)
