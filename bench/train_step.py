@@ -34,6 +34,7 @@ import mlx.core as mx
 from alloy.model import build
 from alloy.params import count_params, flatten
 from alloy.train import adamw, make_train_step, warmup_cosine
+from alloy.train.step import init_opt_state
 from alloy.train.loop import load_train_config
 
 SMALL = {"name": "bench-small", "vocab_size": 256, "d_model": 64, "layer_types": ["mamba2", "attention"],
@@ -116,6 +117,9 @@ def main(argv=None):
     p.add_argument("--pack", action="store_true",
                    help="make the kernels' strided inputs contiguous once per differentiable kernel op "
                         "(alloy.metal.PACK_INPUTS)")
+    p.add_argument("--flat", action="store_true",
+                   help="the packed step: make_train_step(flat=True), one cast / norm / AdamW update per "
+                        "flat buffer instead of per leaf")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                    help="set a module-level switch before building the step, e.g. "
                         "alloy.metal.ssd_chunked.SCORES_TC=0 (VALUE read as a Python literal); repeatable")
@@ -140,10 +144,11 @@ def main(argv=None):
     params = model.init(mx.random.key(0))
     params = alloy.params.cast(params, mx.float32, keep=None)
     opt = adamw(weight_decay=0.1)
-    opt_state = opt.init(params)
-    mx.eval(params, opt_state)
     compute = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": None}[a.dtype]
-    step = make_train_step(model, opt, warmup_cosine(1e-3, 1000, 10), compute_dtype=compute, remat=a.remat)
+    opt_state = init_opt_state(opt, params, flat=a.flat, compute_dtype=compute)
+    mx.eval(params, opt_state)
+    step = make_train_step(model, opt, warmup_cosine(1e-3, 1000, 10), compute_dtype=compute, remat=a.remat,
+                           flat=a.flat)
     B, T = a.batch_size, a.seq_len
     tokens = mx.random.randint(0, cfg.vocab_size, (B, T + 1), key=mx.random.key(1)).astype(mx.int32)
     batch = {"tokens": tokens}
@@ -151,7 +156,7 @@ def main(argv=None):
     device = mx.device_info().get("device_name", str(mx.default_device()))
     n = count_params(params)
     print(f"device: {device} ({mx.default_device()}); model {cfg.name}: {n / 1e6:.1f}M params; "
-          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}, pack {a.pack}, fused gate {a.fused_gate}"
+          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}, pack {a.pack}, fused gate {a.fused_gate}, flat {a.flat}"
           + "".join(f", {k} = {v!r}" for k, v in switches))
     t0 = time.perf_counter()
     for i in range(a.warmup):

@@ -49,7 +49,7 @@ def init(key, cfg: MLPSettings) -> dict:
 # session 6). Session 7, H100: the MLX-ops form of the fused gate (a custom VJP over float32 ops) made
 # the toy step slower (162.7 vs ~147 ms, peak memory 30.2 vs 24.9 GB); on a GPU it is now the
 # `alloy.metal.swiglu` kernels. Off until those are measured (bench/train_step.py --fused-gate).
-FUSED_GATE = False
+FUSED_GATE = True
 
 
 @register_ffn("mlp", settings=MLPSettings, init=init)

@@ -415,7 +415,7 @@ GRADIENT = "kernels"
 # (float32 accumulation, results rounded to it), as the forward's state products do, instead of
 # float32 operands (TF32 on MLX-CUDA); the state passing still accumulates in float32. The toy step's
 # profile had ~8.4 ms of TF32 products (docs/benchmarks.md, session 7). Off until measured on a GPU.
-GRADIENT_PRODUCTS_IN_INPUT_DTYPE = False
+GRADIENT_PRODUCTS_IN_INPUT_DTYPE = True
 # The chunked path's gradient where no kernel runs (the CPU): "explicit" measured 1.13-1.66x faster
 # than autodiff for forward + backward on this project's CPU (bench/ssd_vjp.py, docs/benchmarks.md).
 CPU_GRADIENT = "explicit"

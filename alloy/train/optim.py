@@ -36,10 +36,15 @@ __all__ = ["Optimizer", "adamw", "sgd", "decay_rule", "global_norm", "clip_by_gl
 
 
 class Optimizer(NamedTuple):
-    """``init(params) -> state``; ``update(grads, state, params, lr) -> (params, state)``."""
+    """``init(params) -> state``; ``update(grads, state, params, lr, decay=None) -> (params, state)``.
+
+    ``decay`` is the optimizer's weight-decay rule ``(path, leaf) -> bool`` (None: it has none);
+    ``update(..., decay=rule)`` applies another rule for that call (e.g. per packed buffer, when the
+    leaves were regrouped by ``alloy.params.flat``)."""
 
     init: Callable
     update: Callable
+    decay: Callable | None = None
 
 
 def decay_rule(decay_embeddings: bool = False) -> Callable[[str, object], bool]:
@@ -117,7 +122,8 @@ def adamw(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: fl
     def init(params):
         return {"step": mx.array(0, dtype=mx.int32), "mu": _zeros32(params), "nu": _zeros32(params)}
 
-    def update(grads, state, params, lr):
+    def update(grads, state, params, lr, decay=None):
+        use = rule if decay is None else decay
         t = (state["step"] + 1).astype(mx.float32)
         c1 = 1.0 - mx.power(mx.array(b1, mx.float32), t)
         c2 = 1.0 - mx.power(mx.array(b2, mx.float32), t)
@@ -131,14 +137,14 @@ def adamw(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: fl
             v = b2 * v + (1.0 - b2) * mx.square(g)
             p32 = p.astype(mx.float32)
             u = (m / c1) / (mx.sqrt(v / c2) + eps)
-            if weight_decay and rule(path, p):
+            if weight_decay and use(path, p):
                 u = u + weight_decay * p32
             return _Leaf((p32 - lr * u).astype(p.dtype), m, v)
 
         out = tree_map_with_path(leaf, params, grads, state["mu"], state["nu"])
         return _pick(out, 0), {"step": state["step"] + 1, "mu": _pick(out, 1), "nu": _pick(out, 2)}
 
-    return Optimizer(init, update)
+    return Optimizer(init, update, rule)
 
 
 def sgd(momentum: float = 0.0, weight_decay: float = 0.0,
@@ -154,7 +160,8 @@ def sgd(momentum: float = 0.0, weight_decay: float = 0.0,
     def init(params):
         return {"step": mx.array(0, dtype=mx.int32), "mu": _zeros32(params)}
 
-    def update(grads, state, params, lr):
+    def update(grads, state, params, lr, decay=None):
+        use = rule if decay is None else decay
         lr = mx.array(lr, dtype=mx.float32) if not isinstance(lr, mx.array) else lr.astype(mx.float32)
 
         def leaf(path, p, g, b):
@@ -162,13 +169,13 @@ def sgd(momentum: float = 0.0, weight_decay: float = 0.0,
                 return _Leaf(p, b)
             b = momentum * b + g.astype(mx.float32)
             p32 = p.astype(mx.float32)
-            u = b + weight_decay * p32 if weight_decay and rule(path, p) else b
+            u = b + weight_decay * p32 if weight_decay and use(path, p) else b
             return _Leaf((p32 - lr * u).astype(p.dtype), b)
 
         out = tree_map_with_path(leaf, params, grads, state["mu"])
         return _pick(out, 0), {"step": state["step"] + 1, "mu": _pick(out, 1)}
 
-    return Optimizer(init, update)
+    return Optimizer(init, update, rule)
 
 
 class _Leaf:

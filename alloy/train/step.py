@@ -53,17 +53,18 @@ recomputed in the backward pass); same values and gradients, less memory.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import mlx.core as mx
 
 from alloy.layers import stack
 from alloy.ops.loss import cross_entropy
-from alloy.params.tree import cast, combine, partition, tree_map
+from alloy.params.flat import FlatLayout
+from alloy.params.tree import cast, combine, flatten, partition, tree_map
 from alloy.train.optim import Optimizer, accumulate, clip_by_global_norm
 
 __all__ = ["make_lm_loss", "make_step", "make_train_step", "init_opt_state", "make_eval_fn",
-           "bits_per_token"]
+           "bits_per_token", "FlatPlan", "lm_flat_plan"]
 
 
 def _split_batch(batch: dict):
@@ -102,15 +103,53 @@ def make_lm_loss(model, *, compute_dtype=None, remat: bool = False,
     return loss_fn
 
 
+class FlatPlan(NamedTuple):
+    """How a flat step packs the trainable tree (``lm_flat_plan``): the layout, each buffer's
+    compute dtype, and whether the optimizer decays it."""
+
+    layout: FlatLayout
+    compute: dict
+    decay: dict
+
+
+def lm_flat_plan(params, optimizer: Optimizer, compute_dtype=None) -> FlatPlan:
+    """The packing of ``make_train_step(..., flat=True)``: the floating leaves of ``params`` in one
+    flat float32 buffer per (compute dtype under ``alloy.params.cast``, weight decay under the
+    optimizer's rule) pair, e.g. ``bfloat16_decay`` / ``float32_nodecay``; other leaves stay a tree."""
+    if optimizer.decay is None:
+        raise ValueError("flat=True needs an optimizer with a weight-decay rule (Optimizer.decay), "
+                         "e.g. alloy.train.adamw() or sgd()")
+    target = flatten(cast(params, compute_dtype) if compute_dtype is not None else params)
+
+    def group(path, leaf):
+        if not isinstance(leaf, mx.array) or not mx.issubdtype(leaf.dtype, mx.floating):
+            return None
+        dt = str(target[path].dtype).rsplit(".", 1)[-1]
+        return f"{dt}_{'decay' if optimizer.decay(path, leaf) else 'nodecay'}"
+
+    layout = FlatLayout(params, group)
+    compute = {n: getattr(mx, n.rsplit("_", 1)[0]) for n in layout.groups}
+    decay = {n: n.endswith("_decay") for n in layout.groups}
+    return FlatPlan(layout, compute, decay)
+
+
 def make_step(loss_fn: Callable, optimizer: Optimizer, schedule: Callable, *,
               clip_norm: float | None = 1.0, accum_steps: int = 1,
-              grad_reduce: Callable | None = None, compile: bool = True) -> Callable:
+              grad_reduce: Callable | None = None, compile: bool = True,
+              flat: FlatPlan | None = None) -> Callable:
     """``step(trainable, opt_state, batch, key, frozen=None) -> (trainable, opt_state, metrics)``.
 
-    See the module docstring for the contract of ``loss_fn`` and ``grad_reduce``.
+    See the module docstring for the contract of ``loss_fn`` and ``grad_reduce``. With ``flat``
+    (a ``FlatPlan`` of the trainable tree), the step packs the trainable leaves into its buffers,
+    casts each buffer once, differentiates through ``FlatLayout.unpack_differentiable`` and runs the
+    norm, clipping and optimizer over the buffers (``opt_state`` from ``optimizer.init`` of the
+    packed buffers; ``init_opt_state(..., flat=...)``); same values, a few launches instead of
+    several per leaf.
     """
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"make_step: accum_steps must be a positive int, got {accum_steps!r}")
+    if flat is not None and accum_steps != 1:
+        raise ValueError(f"make_step: flat packing supports accum_steps=1, got {accum_steps}")
     vg = mx.value_and_grad(loss_fn)
     maybe = mx.compile if compile else (lambda f: f)
 
@@ -119,8 +158,36 @@ def make_step(loss_fn: Callable, optimizer: Optimizer, schedule: Callable, *,
             grads = grad_reduce(grads)
         grads, norm = clip_by_global_norm(grads, clip_norm)
         lr = schedule(opt_state["step"])
-        trainable, opt_state = optimizer.update(grads, opt_state, trainable, lr)
+        if flat is None:
+            trainable, opt_state = optimizer.update(grads, opt_state, trainable, lr)
+        else:
+            trainable, opt_state = optimizer.update(grads, opt_state, trainable, lr,
+                                                    decay=lambda path, _: flat.decay[path])
         return trainable, opt_state, {"loss": loss, "grad_norm": norm, "lr": lr, **aux}
+
+    if flat is not None:
+        layout = flat.layout
+
+        def flat_loss(bufs, rest, frozen, batch, key):
+            cast_bufs = {n: b.astype(flat.compute[n]) for n, b in bufs.items()}
+            return loss_fn(layout.unpack_differentiable(cast_bufs, rest), frozen, batch, key)
+
+        vg_flat = mx.value_and_grad(flat_loss)
+
+        def whole_flat(trainable, opt_state, batch, key, frozen):
+            packed, rest = layout.split(trainable)
+            bufs = layout.pack(packed)
+            (loss, aux), grads = vg_flat(bufs, rest, frozen, batch, key)
+            grads = {n: g.astype(mx.float32) for n, g in grads.items()}
+            bufs, opt_state, metrics = finish(bufs, opt_state, grads, loss, aux)
+            return layout.unpack(bufs, rest), opt_state, metrics
+
+        whole_flat_c = maybe(whole_flat)
+
+        def step(trainable, opt_state, batch, key, frozen=None):
+            return whole_flat_c(trainable, opt_state, batch, key, {} if frozen is None else frozen)
+
+        return step
 
     if accum_steps == 1:
         def whole(trainable, opt_state, batch, key, frozen):
@@ -170,9 +237,16 @@ def make_step(loss_fn: Callable, optimizer: Optimizer, schedule: Callable, *,
     return step
 
 
-def init_opt_state(optimizer: Optimizer, params, trainable: Callable | None = None):
+def init_opt_state(optimizer: Optimizer, params, trainable: Callable | None = None, *,
+                   flat: bool = False, compute_dtype=None):
     """The optimizer state for ``make_train_step(..., trainable=trainable)``: over the trainable
-    half of ``partition(trainable, params)`` (holes elsewhere), or over all of ``params``."""
+    half of ``partition(trainable, params)`` (holes elsewhere), or over all of ``params``; with
+    ``flat=True`` over the packed buffers of ``lm_flat_plan(params, optimizer, compute_dtype)``."""
+    if flat:
+        if trainable is not None:
+            raise ValueError("init_opt_state: flat=True covers the whole tree (trainable must be None)")
+        plan = lm_flat_plan(params, optimizer, compute_dtype)
+        return optimizer.init(plan.layout.pack(plan.layout.split(params)[0]))
     if trainable is None:
         return optimizer.init(params)
     return optimizer.init(partition(trainable, params)[0])
@@ -181,14 +255,31 @@ def init_opt_state(optimizer: Optimizer, params, trainable: Callable | None = No
 def make_train_step(model, optimizer: Optimizer, schedule: Callable, *, compute_dtype=None,
                     remat: bool = False, trainable: Callable | None = None,
                     clip_norm: float | None = 1.0, accum_steps: int = 1,
-                    grad_reduce: Callable | None = None, compile: bool = True) -> Callable:
+                    grad_reduce: Callable | None = None, compile: bool = True,
+                    flat: bool = False) -> Callable:
     """The language-model step ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
 
     ``params`` is the full tree (float32 master weights); with ``trainable`` only the matching
     leaves are updated (and ``opt_state`` must come from ``init_opt_state(optimizer, params,
-    trainable)``), the rest pass through unchanged.
+    trainable)``), the rest pass through unchanged. ``flat=True`` (whole tree, accum_steps 1):
+    the packed step of ``make_step(flat=lm_flat_plan(params, optimizer, compute_dtype))``, planned
+    at the first call; ``opt_state`` from ``init_opt_state(optimizer, params, flat=True,
+    compute_dtype=compute_dtype)``.
     """
     loss_fn = make_lm_loss(model, compute_dtype=compute_dtype, remat=remat)
+    if flat:
+        if trainable is not None:
+            raise ValueError("make_train_step: flat=True trains the whole tree (trainable must be None)")
+        built = {}
+
+        def flat_step(params, opt_state, batch, key):
+            if "step" not in built:
+                built["step"] = make_step(loss_fn, optimizer, schedule, clip_norm=clip_norm, accum_steps=accum_steps,
+                                          grad_reduce=grad_reduce, compile=compile,
+                                          flat=lm_flat_plan(params, optimizer, compute_dtype))
+            return built["step"](params, opt_state, batch, key)
+
+        return flat_step
     inner = make_step(loss_fn, optimizer, schedule, clip_norm=clip_norm, accum_steps=accum_steps,
                       grad_reduce=grad_reduce, compile=compile)
     if trainable is None:

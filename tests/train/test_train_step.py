@@ -213,3 +213,49 @@ def test_lora_adapters_train_through_make_step_with_the_base_frozen(tiny_cfg):
     merged = lora.merge_lora(params, new, cfg)
     assert abs(float(S.make_lm_loss(model)(merged, {}, batch, None)[0]) -
                float(loss_fn(new, params, batch, None)[0])) < 1e-5
+
+
+@pytest.mark.parametrize("compute", [None, mx.bfloat16])
+def test_flat_step_equals_the_per_leaf_step(tiny_cfg, compute):
+    """make_train_step(flat=True) (leaves packed per compute dtype and decay, one cast / norm /
+    AdamW update per buffer) gives the per-leaf step's params, moments and metrics over 3 steps, and
+    traces once."""
+    model, params = _setup(tiny_cfg)
+    opt = optim.adamw(weight_decay=0.1)
+    sched = schedule.warmup_cosine(1e-2, 20, 2)
+    ref_step = S.make_train_step(model, opt, sched, compute_dtype=compute)
+    flat_step = S.make_train_step(model, opt, sched, compute_dtype=compute, flat=True)
+    plan = S.lm_flat_plan(params, opt, compute)
+    want = (mx.bfloat16 if compute else mx.float32)
+    assert set(plan.layout.groups) == {f"{str(want).split('.')[-1]}_decay", f"{str(want).split('.')[-1]}_nodecay"} | (
+        {"float32_nodecay"} if compute else set())
+    rp, rs = params, opt.init(params)
+    fp, fs = params, S.init_opt_state(opt, params, flat=True, compute_dtype=compute)
+    tol = 1e-5 if compute is None else 2e-3
+    for i in range(3):
+        rp, rs, rm = ref_step(rp, rs, _batch(tiny_cfg, seed=i), mx.random.key(i))
+        fp, fs, fm = flat_step(fp, fs, _batch(tiny_cfg, seed=i), mx.random.key(i))
+        for k in ("loss", "grad_norm", "lr"):
+            np.testing.assert_allclose(float(fm[k]), float(rm[k]), rtol=tol, err_msg=k)
+    want_leaves, got_leaves = flatten(rp), flatten(fp)
+    assert list(got_leaves) == list(want_leaves)
+    for k, v in want_leaves.items():
+        assert got_leaves[k].shape == v.shape and got_leaves[k].dtype == v.dtype, k
+        np.testing.assert_allclose(np.array(got_leaves[k]), np.array(v), rtol=tol, atol=tol, err_msg=k)
+    mu = plan.layout.unpack(fs["mu"])
+    for k, v in flatten(rs["mu"]).items():
+        np.testing.assert_allclose(np.array(flatten(mu)[k]), np.array(v), rtol=10 * tol, atol=tol, err_msg=k)
+    assert int(fs["step"]) == 3
+
+
+def test_flat_step_refuses_what_it_does_not_cover(tiny_cfg):
+    model, params = _setup(tiny_cfg)
+    opt = optim.adamw()
+    with pytest.raises(ValueError, match="trainable must be None"):
+        S.make_train_step(model, opt, schedule.constant(1e-3), flat=True, trainable=lambda p, x: True)
+    bare = optim.Optimizer(opt.init, opt.update)
+    with pytest.raises(ValueError, match="weight-decay rule"):
+        S.init_opt_state(bare, params, flat=True)
+    with pytest.raises(ValueError, match="accum_steps=1"):
+        S.make_step(S.make_lm_loss(model), opt, schedule.constant(1e-3), accum_steps=2,
+                    flat=S.lm_flat_plan(params, opt))
