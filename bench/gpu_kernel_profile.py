@@ -3,6 +3,7 @@ on an NVIDIA GPU through MLX's CUDA backend, by CUPTI kernel records (PyTorch's 
 sees every kernel of the process, MLX's included).
 
     python bench/gpu_kernel_profile.py [--what step|ssd] [--batch-size 16] [--seq-len 2048] [--steps 3]
+                                       [--flat] [--set MODULE.NAME=VALUE ...]
 
 Runs warm-up calls (trace + compile) outside the profile, then `--steps` calls inside it, and
 prints the kernels by total GPU time per call (ms), their launch counts per call, and the sum.
@@ -21,6 +22,8 @@ from alloy.model import build
 from alloy.params import cast
 from alloy.train import adamw, make_train_step, warmup_cosine
 from alloy.train.loop import load_train_config
+from alloy.train.step import init_opt_state
+from train_step import set_switch
 
 
 def step_fn(a):
@@ -28,8 +31,8 @@ def step_fn(a):
     model = build(cfg)
     params = cast(model.init(mx.random.key(0)), mx.float32, keep=None)
     opt = adamw(weight_decay=0.1)
-    st = {"p": params, "o": opt.init(params)}
-    step = make_train_step(model, opt, warmup_cosine(1e-3, 1000, 10), compute_dtype=mx.bfloat16)
+    st = {"p": params, "o": init_opt_state(opt, params, flat=a.flat, compute_dtype=mx.bfloat16)}
+    step = make_train_step(model, opt, warmup_cosine(1e-3, 1000, 10), compute_dtype=mx.bfloat16, flat=a.flat)
     batch = {"tokens": mx.random.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len + 1)).astype(mx.int32)}
     key = mx.random.key(2)
     mx.eval(st)
@@ -65,7 +68,12 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=45)
+    ap.add_argument("--flat", action="store_true", help="the packed step (make_train_step(flat=True))")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                    help="a module-level switch, as in train_step.py; repeatable")
     a = ap.parse_args(argv)
+    for item in a.set:
+        set_switch(item)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
