@@ -112,17 +112,14 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.4)
     p.add_argument("--small", action="store_true", help="tiny model, B 4 x T 64, 3 steps: a CPU smoke run")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--fused-gate", action="store_true",
-                   help="gated SiLU MLPs through swiglu(fused=True) (alloy.layers.mlp.FUSED_GATE)")
-    p.add_argument("--pack", action="store_true",
-                   help="make the kernels' strided inputs contiguous once per differentiable kernel op "
-                        "(alloy.metal.PACK_INPUTS)")
     p.add_argument("--flat", action="store_true",
                    help="the packed step: make_train_step(flat=True), one cast / norm / AdamW update per "
                         "flat buffer instead of per leaf")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
-                   help="set a module-level switch before building the step, e.g. "
-                        "alloy.metal.ssd_chunked.SCORES_TC=0 (VALUE read as a Python literal); repeatable")
+                   help="set a module-level switch before building the step (VALUE read as a Python "
+                        "literal); repeatable. The A/B switches of docs/benchmarks.md: "
+                        "alloy.metal.ssd_chunked.SCORES_TC, alloy.metal.PACK_INPUTS, alloy.layers.mlp.FUSED_GATE, "
+                        "alloy.ops.ssd.GRADIENT_PRODUCTS_IN_INPUT_DTYPE (all on by default)")
     p.add_argument("--grads", default=None,
                    help="the gradient paths on, the others off (default: the library's defaults): a comma "
                         "list of conv (alloy.ops.conv.GRADIENT_KERNEL), norm (alloy.ops.norm.GATED_KERNEL), "
@@ -130,10 +127,6 @@ def main(argv=None):
                         "(conv,norm,ssd-kernels) / 'none'")
     a = p.parse_args(argv)
     grads = ",".join(switch_grads(a.grads)) or "none"
-    if a.pack:
-        importlib.import_module("alloy.metal").PACK_INPUTS = True
-    if a.fused_gate:
-        importlib.import_module("alloy.layers.mlp").FUSED_GATE = True
     switches = [set_switch(item) for item in a.set]
     if a.small:
         cfg = alloy.ModelConfig.from_dict(SMALL)
@@ -156,7 +149,7 @@ def main(argv=None):
     device = mx.device_info().get("device_name", str(mx.default_device()))
     n = count_params(params)
     print(f"device: {device} ({mx.default_device()}); model {cfg.name}: {n / 1e6:.1f}M params; "
-          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}, pack {a.pack}, fused gate {a.fused_gate}, flat {a.flat}"
+          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}, flat step {a.flat}"
           + "".join(f", {k} = {v!r}" for k, v in switches))
     t0 = time.perf_counter()
     for i in range(a.warmup):
@@ -179,7 +172,7 @@ def main(argv=None):
            "remat": a.remat, "step_s_median": med, "step_s_min": min(times), "tokens_per_s": tok_s,
            "model_flops_per_token": fpt, "model_tflops": tflops, "peak_tflops": a.peak_tflops,
            "mfu": tflops / a.peak_tflops, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-           "final_loss": float(m["loss"]), "grads": grads, "pack": a.pack, "fused_gate": a.fused_gate}
+           "final_loss": float(m["loss"]), "grads": grads, "flat": a.flat, "set": dict(switches)}
     print(f"step {med * 1e3:.1f} ms median (min {min(times) * 1e3:.1f}) over {a.steps}: {tok_s:,.0f} tokens/s, "
           f"{fpt / 1e6:.1f} MFLOP/token -> {tflops:.2f} TFLOP/s = {100 * res['mfu']:.2f}% MFU of "
           f"{a.peak_tflops:g} TFLOP/s; peak memory {res['peak_memory_gb']:.2f} GB")

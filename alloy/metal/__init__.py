@@ -46,8 +46,9 @@ KERNELS = {
 # 4 SSD kernels — the profile's 72 `copy_g_nd` bf16 launches, ~6 ms per step on an H100,
 # docs/benchmarks.md session 6). On: `differentiable` makes its arguments contiguous once on a GPU,
 # so the forward and the gradient share that copy (kept for the backward: ~0.3 GB more per toy
-# layer at 16 x 2048). Off until measured on a GPU (bench/train_step.py --pack).
-PACK_INPUTS = False
+# layer at 16 x 2048). H100, session 7, toy step: 104.1 / 101.8 ms on vs 111.7 / 105.7 off (same
+# job, alternating); 45 such copies per step instead of 72 (bench/gpu_kernel_profile.py).
+PACK_INPUTS = True
 
 
 def differentiable(fast, slow, vjp=None):

@@ -322,7 +322,8 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
 
     # operand dtype of the batched products (see GRADIENT_PRODUCTS_IN_INPUT_DTYPE)
     op = x.dtype if GRADIENT_PRODUCTS_IN_INPUT_DTYPE and x.dtype in (mx.bfloat16, mx.float16) else _F32
-    dtc, xc, dyc = _chunks(dt, K), _chunks(x, K), _chunks(dy, K)  # (b,c,K,h), (b,c,K,h,p) x2
+    # x, dy chunked in their own dtype: the float32 products below promote them inside one fused kernel
+    dtc, xc, dyc = _chunks(dt, K), _chunks(x, K, x.dtype), _chunks(dy, K, dy.dtype)  # (b,c,K,h), (b,c,K,h,p) x2
     Bg, Cg = _chunks(B, K, op).transpose(0, 1, 3, 2, 4), _chunks(C, K, op).transpose(0, 1, 3, 2, 4)  # (b,c,g,K,n)
     acs = mx.cumsum(dtc * A.astype(_F32), axis=2)               # (b,c,K,h)
     wS = mx.exp(acs[:, :, -1:] - acs)                           # decay from s to the chunk end
@@ -413,8 +414,9 @@ _VJP_CHUNK = None  # chunk length of the kernel path's gradient (None: the kerne
 GRADIENT = "kernels"
 # "kernels" with 16-bit inputs: the gradient's batched matmuls take operands in the input dtype
 # (float32 accumulation, results rounded to it), as the forward's state products do, instead of
-# float32 operands (TF32 on MLX-CUDA); the state passing still accumulates in float32. The toy step's
-# profile had ~8.4 ms of TF32 products (docs/benchmarks.md, session 7). Off until measured on a GPU.
+# float32 operands (TF32 on MLX-CUDA); the state passing still accumulates in float32. H100, session 7,
+# toy step (bench/train_step.py, 16 x 2048): 112.8 / 115.6 ms on vs 133.0 / 129.2 ms off (same job);
+# the ~8.4 ms of TF32 products left the profile (docs/benchmarks.md).
 GRADIENT_PRODUCTS_IN_INPUT_DTYPE = True
 # The chunked path's gradient where no kernel runs (the CPU): "explicit" measured 1.13-1.66x faster
 # than autodiff for forward + backward on this project's CPU (bench/ssd_vjp.py, docs/benchmarks.md).
