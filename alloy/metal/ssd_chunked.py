@@ -200,9 +200,11 @@ PASS = Kernel(
     inputs=("states", "decay", "init", "hs"),
     outputs=("starts", "final_state", "dots"),
     body="""
+  // Each thread carries VW consecutive elements of the chunk state (one head: P % VW == 0) through
+  // the chunks, loading CBLK chunks ahead (VW = 8: 16-byte loads and stores of 16-bit states).
   // REV: the sweep runs from the last chunk to the first, reading and writing chunks in place (the
-  // gradient's adjoint pass, without reversed copies). DOT: also sum_p starts * hs per (chunk, n, head,
-  // 32-wide slice of p) into dots (P a multiple of 32: each warp holds 32 consecutive p).
+  // gradient's adjoint pass, without reversed copies). DOT: also sum_p starts * hs per (chunk, n,
+  // head, 32-wide slice of p) into dots (P a multiple of 32; 32 / VW lanes hold one slice).
   const int nc = states_shape[1];
   const int H = decay_shape[2];
   const int G = states_shape[2];
@@ -210,7 +212,7 @@ PASS = Kernel(
   const int P = init_shape[2];
   const int R = H / G;
   const long per = (long)G * N * R * P;        // elements of one chunk state, layout (g, n, r, p)
-  const long e = (long)bid_x * nthreads + tid;
+  const long e = ((long)bid_x * nthreads + tid) * VW;
   if (e < states_shape[0] * per) {
     const long b = e / per;
     const long r0 = e % per;
@@ -219,31 +221,39 @@ PASS = Kernel(
     const int n = (r0 / (P * R)) % N;
     const int g = r0 / ((long)P * R * N);
     const int h = g * R + ri;
-    const long fi = ((b * H + h) * P + p) * N + n;
-    float s = static_cast<float>(init[fi]);
-    for (int c0 = 0; c0 < nc; c0 += CBLK) {  // load CBLK chunks ahead of the sweep
-      float st[CBLK];
+    const long fi = ((b * H + h) * P + p) * N + n;   // init / final_state (b, h, p, n): VW rows apart by N
+    float s[VW];
+    for (int k = 0; k < VW; ++k) s[k] = static_cast<float>(init[fi + (long)k * N]);
+    for (int c0 = 0; c0 < nc; c0 += CBLK) {
+      float st[CBLK][VW];
+      float hv[CBLK][VW];
       float dc[CBLK];
-      float hv[CBLK];
       for (int u = 0; u < CBLK; ++u) {
         const bool v = c0 + u < nc;
         const long cc = b * nc + (REV ? nc - 1 - (c0 + u) : c0 + u);
-        st[u] = v ? static_cast<float>(states[cc * per + r0]) : 0.0f;
+        if (v) { LDV(states, cc * per + r0, st[u]); } else { for (int k = 0; k < VW; ++k) st[u][k] = 0.0f; }
+        if (DOT && v) { LDV(hs, cc * per + r0, hv[u]); } else { for (int k = 0; k < VW; ++k) hv[u][k] = 0.0f; }
         dc[u] = v ? static_cast<float>(decay[cc * H + h]) : 1.0f;
-        hv[u] = (DOT && v) ? static_cast<float>(hs[cc * per + r0]) : 0.0f;
       }
       for (int u = 0; u < CBLK; ++u) {
         const long cc = b * nc + (REV ? nc - 1 - (c0 + u) : c0 + u);
-        if (c0 + u < nc) starts[cc * per + r0] = static_cast<T>(s);
+        if (c0 + u < nc) STV(starts, cc * per + r0, s);
         if (DOT) {
-          const float d = warp_sum(static_cast<float>(static_cast<T>(s)) * hv[u]);
-          if (lane == 0 && c0 + u < nc) dots[cc * (per / 32) + r0 / 32] = d;
+          float d = 0.0f;
+          for (int k = 0; k < VW; ++k) d += static_cast<float>(static_cast<T>(s[k])) * hv[u][k];
+          for (int m = 1; m < 32 / VW; m *= 2) d += shfl_xor(d, m);
+          if (lane % (32 / VW) == 0 && c0 + u < nc) dots[cc * (per / 32) + r0 / 32] = d;
         }
-        s = dc[u] * s + st[u];
+        for (int k = 0; k < VW; ++k) s[k] = dc[u] * s[k] + st[u][k];
       }
     }
-    final_state[fi] = s;
+    for (int k = 0; k < VW; ++k) final_state[fi + (long)k * N] = s[k];
   }
+""",
+    helpers="""
+// VW consecutive elements p[o..o+VW) <-> float v[VW]: one 16-byte access for VW = 8 (bf16 / fp16)
+#define LDV(p, o, v) if (VW == 8) { ld8(p + (o), v); } else { v[0] = static_cast<float>(p[o]); }
+#define STV(p, o, v) if (VW == 8) { st8(p + (o), v); } else { p[o] = static_cast<T>(v[0]); }
 """,
 )
 
@@ -718,10 +728,12 @@ def state_pass(states, decay, init, dtype, reverse: bool = False, dot_with=None)
         raise ValueError(f"state_pass: dot_with needs the states' shape {states.shape} and a head dim "
                          f"multiple of 32, got {dot_with.shape} and {P}")
     per = G * N * RP
+    # eight elements per thread where they share a head and whole warps cover whole chunk states
+    vw = 8 if P % 8 == 0 and per % 256 == 0 else 1
     outs = PASS(
         [states, decay, init, dot_with if dot else mx.zeros((1,), dtype)],
-        template=[("T", dtype), ("CBLK", 8), ("REV", bool(reverse)), ("DOT", dot)],
-        grid=(groups(b * per, GROUP), 1, 1),
+        template=[("T", dtype), ("CBLK", 4 if vw == 8 else 8), ("REV", bool(reverse)), ("DOT", dot), ("VW", vw)],
+        grid=(groups(b * per // vw, GROUP), 1, 1),
         threadgroup=GROUP,
         output_shapes=[states.shape, (b, H, P, N), (b, nc, per // 32) if dot else (1,)],
         output_dtypes=[dtype, _F32, _F32],

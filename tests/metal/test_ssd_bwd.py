@@ -96,3 +96,37 @@ def test_gpu_gradient_in_bf16_matches_float32_autodiff(monkeypatch, in_dtype):
     for i, (gv, wv) in enumerate(zip(got, want)):
         assert gv.shape == wv.shape, i
         assert rel_err(gv, wv) <= 3e-2, (i, rel_err(gv, wv))
+
+
+@pytest.mark.parametrize("dt", ["f32", "bf16"])
+@pytest.mark.parametrize("b,nc,g,n,r,p", [(2, 5, 1, 8, 2, 32), (1, 3, 2, 4, 3, 8), (1, 4, 1, 3, 1, 5)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_state_pass_matches_numpy(dt, b, nc, g, n, r, p, reverse):
+    """PASS against a numpy sweep: the states entering each chunk, the final state and (head dims
+    multiple of 32) the per-(chunk, head) sums with dot_with; eight elements per thread (whole
+    warps over whole chunk states) and one (the other shapes)."""
+    rng = np.random.default_rng(nc + p)
+    dtype = DTYPES[dt]
+    h = g * r
+    states = arr(rng, (b, nc, g, n, r * p), dtype)
+    decay = pos(rng, (b, nc, h), 0.2, 1.0)
+    init = arr(rng, (b, h, p, n))
+    other = arr(rng, (b, nc, g, n, r * p), dtype)
+    dot = p % 32 == 0
+    with emulate.patch(kern, poison=True):
+        out = kern.state_pass(states, decay, init, dtype, reverse=reverse, dot_with=other if dot else None)
+    S = np.array(states.astype(mx.float32)).reshape(b, nc, g, n, r, p)
+    dc = np.array(decay).reshape(b, nc, g, r)
+    s = np.array(init).reshape(b, g, r, p, n).transpose(0, 1, 4, 2, 3)  # (b, g, n, r, p)
+    starts = np.zeros_like(S)
+    for c in (range(nc - 1, -1, -1) if reverse else range(nc)):
+        starts[:, c] = s
+        s = dc[:, c][:, :, None, :, None] * s + S[:, c]
+    starts = np.array(mx.array(starts).astype(dtype).astype(mx.float32))  # rounded as returned
+    tol = 1e-5 if dt == "f32" else 1e-2
+    np.testing.assert_allclose(np.array(out[0].astype(mx.float32)).reshape(starts.shape), starts, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.array(out[1]), s.transpose(0, 1, 3, 4, 2).reshape(b, h, p, n), rtol=1e-4, atol=1e-4)
+    if dot:
+        O = np.array(other.astype(mx.float32)).reshape(starts.shape)
+        want = (starts * O).sum(axis=(3, 5)).reshape(b, nc, h)
+        np.testing.assert_allclose(np.array(out[2]), want, rtol=1e-4, atol=1e-3)
