@@ -51,10 +51,12 @@ KERNELS = {
 PACK_INPUTS = True
 
 
-def differentiable(fast, slow, vjp=None):
+def differentiable(fast, slow, vjp=None, vjp_outputs: bool = False):
     """`fast` with the gradient of `slow`: an `mx.custom_function` whose forward runs `fast` and
     whose VJP differentiates `slow` (the same math as a differentiable MLX composition), or, when
-    given, calls ``vjp(*primals, *cotangents)`` (a hand-written gradient, e.g. a kernel) instead.
+    given, calls ``vjp(*primals, *cotangents)`` (a hand-written gradient, e.g. a kernel) instead;
+    ``vjp(*primals, *cotangents, *outputs)`` with `vjp_outputs` (a gradient reusing what the forward
+    computed, e.g. an extra output kept for it).
 
     All take the same positional arrays and return a tuple of arrays. With `PACK_INPUTS` on and a
     GPU backend, the arrays are made contiguous before the call (once for both directions)."""
@@ -66,7 +68,7 @@ def differentiable(fast, slow, vjp=None):
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
         if vjp is not None:
-            return tuple(vjp(*primals, *cotangents))
+            return tuple(vjp(*primals, *cotangents, *(outputs if vjp_outputs else ())))
         _, grads = mx.vjp(lambda *a: list(slow(*a)), list(primals), list(cotangents))
         return tuple(grads)
 

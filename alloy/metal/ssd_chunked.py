@@ -744,10 +744,11 @@ def state_pass(states, decay, init, dtype, reverse: bool = False, dot_with=None)
     return outs[0], outs[1], dots
 
 
-def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int):
+def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: bool = False):
     """Chunked SSD forward on the GPU. x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n),
-    D (h,), initial_state (b, h, p, n) -> y (b, l, h, p) in x.dtype, final state (b, h, p, n) f32.
-    Any length: T is padded to whole chunks with dt = 0 (decay 1, no input)."""
+    D (h,), initial_state (b, h, p, n) -> y (b, l, h, p) in x.dtype, final state (b, h, p, n) f32
+    (and with_starts: the states entering each chunk, (b, c, g, n, r p) in x.dtype, for the
+    gradient). Any length: T is padded to whole chunks with dt = 0 (decay 1, no input)."""
     b, l, H, P = x.shape
     G, N = B.shape[-2:]
     K = chunk_size
@@ -782,4 +783,4 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int):
         output_shapes=[(b, l, H, P)],
         output_dtypes=[dtype],
     )
-    return y, final_state
+    return (y, final_state, starts) if with_starts else (y, final_state)

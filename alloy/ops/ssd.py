@@ -296,9 +296,11 @@ def _acs_grads(dacs, dtot, dtc, A):
     return da * A.astype(_F32), (da * dtc).sum(axis=(0, 1, 2))
 
 
-def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size):
+def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size, starts=None):
     """`ssd_chunked_vjp` for the GPU kernel path (same arguments and results, D and initial_state
-    arrays): the states entering each chunk recomputed and their adjoints passed backwards by the
+    arrays; `starts`: the forward kernel's states entering each chunk, (b, c, g, n, r p), reused
+    where they have the products' dtype): the states entering each chunk recomputed (unless given)
+    and their adjoints passed backwards by the
     forward's state-passing kernel (`alloy.metal.ssd_chunked.PASS`, the second time over the chunks
     in reverse order) instead of the (c+1)^2 segsum products; every product a batched matmul in the
     forward's chunk-major layouts ((b, c, g, K, r p) and states (b, c, g, n, r p)); the diagonal
@@ -329,8 +331,11 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     wS = mx.exp(acs[:, :, -1:] - acs)                           # decay from s to the chunk end
     decay = mx.exp(acs[:, :, -1])                               # (b,c,h): e^tot
     Xw = gm(xc * (dtc * wS)[..., None]).astype(op)              # (b,c,g,K,rp)
-    h0 = mx.zeros((b, h, p, n), _F32) if initial_state is None else initial_state.astype(_F32)
-    Hs, _ = kern.state_pass(Bg.swapaxes(-1, -2) @ Xw, decay, h0, op)  # states entering the chunks
+    if starts is not None and starts.dtype == op and starts.shape == (b, c, g, n, r * p):
+        Hs = starts                                             # states entering the chunks
+    else:
+        h0 = mx.zeros((b, h, p, n), _F32) if initial_state is None else initial_state.astype(_F32)
+        Hs, _ = kern.state_pass(Bg.swapaxes(-1, -2) @ Xw, decay, h0, op)
 
     # the state term y_off = e^acs C H_c
     dys = gm(dyc * mx.exp(acs)[..., None]).astype(op)           # (b,c,g,K,rp)
@@ -418,6 +423,10 @@ GRADIENT = "kernels"
 # toy step (bench/train_step.py, 16 x 2048): 112.8 / 115.6 ms on vs 133.0 / 129.2 ms off (same job);
 # the ~8.4 ms of TF32 products left the profile (docs/benchmarks.md).
 GRADIENT_PRODUCTS_IN_INPUT_DTYPE = True
+# "kernels": the forward kernels also return the states entering each chunk (kept for the backward:
+# (b, c, g, n, h/g p) in x's dtype, 100 MB per toy layer at 16 x 2048) and the gradient reuses them
+# instead of recomputing them (a batched product and a state pass per layer).
+REUSE_FORWARD_STATES = True
 # The chunked path's gradient where no kernel runs (the CPU): "explicit" measured 1.13-1.66x faster
 # than autodiff for forward + backward on this project's CPU (bench/ssd_vjp.py, docs/benchmarks.md).
 CPU_GRADIENT = "explicit"
@@ -434,8 +443,18 @@ def _explicit_chunked(chunk):
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_chunked(chunk, gradient: str = "autodiff"):
+def _fused_chunked(chunk, gradient: str = "autodiff", reuse_states: bool = False):
     vjp_chunk = _VJP_CHUNK or chunk
+    if gradient == "kernels" and vjp_chunk == chunk and reuse_states:
+        # the forward also returns the states entering each chunk; the gradient reuses them instead
+        # of recomputing them (a product and a state pass per layer)
+        def kernels_vjp(x, dt, A, B, C, D, s, dy, ds, _dstarts, _y, _fs, starts):
+            return ssd_chunked_vjp_gpu(x, dt, A, B, C, D, s, dy, ds, chunk, starts=starts)
+
+        return metal.differentiable(
+            lambda *a: _chunk_kernels.ssd_chunked(*a, chunk, with_starts=True),
+            lambda *a: ssd_chunked(*a, chunk),
+            kernels_vjp, vjp_outputs=True)
     vjp = ssd_chunked_vjp_gpu if gradient == "kernels" else ssd_chunked_vjp
     explicit = (lambda x, dt, A, B, C, D, s, dy, ds: vjp(x, dt, A, B, C, D, s, dy, ds, vjp_chunk))
     return metal.differentiable(
@@ -465,7 +484,8 @@ def _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size):
         return y[:, None], state
     if GRADIENT not in ("autodiff", "explicit", "kernels"):
         raise ValueError(f"alloy.ops.ssd.GRADIENT must be 'autodiff', 'explicit' or 'kernels', got {GRADIENT!r}")
-    y, state = _fused_chunked(_kernel_chunk(T, chunk_size), GRADIENT)(x, dt, A, B, C, D, initial_state)
+    y, state = _fused_chunked(_kernel_chunk(T, chunk_size), GRADIENT, REUSE_FORWARD_STATES)(
+        x, dt, A, B, C, D, initial_state)[:2]
     return y, state
 
 

@@ -130,3 +130,31 @@ def test_state_pass_matches_numpy(dt, b, nc, g, n, r, p, reverse):
         O = np.array(other.astype(mx.float32)).reshape(starts.shape)
         want = (starts * O).sum(axis=(3, 5)).reshape(b, nc, h)
         np.testing.assert_allclose(np.array(out[2]), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dt", ["f32", "bf16"])
+def test_kernel_path_gradient_reuses_the_forward_states(monkeypatch, dt):
+    """The kernel path with GRADIENT = "kernels" (forward kernels returning the chunk-entry states,
+    the gradient reusing them) against autodiff of the MLX chunked form; and the gradient with the
+    forward's states equals the one that recomputes them."""
+    rng = np.random.default_rng(11)
+    b, l, h, g, p, n, K = 1, 150, 4, 2, 32, 16, 64
+    prim = inputs(rng, dt, b, l, h, g, p, n)
+    x, dtv, A, B, C, D, s0, dy, ds = prim
+    up = [v.astype(mx.float32) for v in prim]
+    _, want = mx.vjp(lambda *a: list(ssd_mod.ssd_chunked(*a, K)), up[:7], up[7:])
+    monkeypatch.setattr(ssd_mod, "_VJP_CHUNK", None)
+    ssd_mod._fused_chunked.cache_clear()
+    with emulate.patch(kern, poison=True):
+        f = ssd_mod._fused_chunked(K, "kernels", True)
+        _, got = mx.vjp(lambda *a: list(f(*a)[:2]), [x, dtv, A, B, C, D, s0], [dy, ds])
+        y, fs, starts = kern.ssd_chunked(x, dtv, A, B, C, D, s0, K, with_starts=True)
+        reused = ssd_mod.ssd_chunked_vjp_gpu(*prim, K, starts=starts)
+        fresh = ssd_mod.ssd_chunked_vjp_gpu(*prim, K)
+    ssd_mod._fused_chunked.cache_clear()
+    tol = 1e-4 if dt == "f32" else 3e-2
+    for i, (gv, wv) in enumerate(zip(got, want)):
+        assert gv.shape == wv.shape, i
+        assert rel_err(gv, wv) <= tol, (i, rel_err(gv, wv))
+    for i, (a, c) in enumerate(zip(reused, fresh)):
+        assert rel_err(a, c) <= (1e-5 if dt == "f32" else 1e-2), (i, rel_err(a, c))
