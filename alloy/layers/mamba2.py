@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from alloy.layers.common import conv_tail, decode_linear, dense, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
-from alloy.ops.conv import causal_conv1d
+from alloy.ops.conv import causal_conv1d_split
 from alloy.ops.norm import gated_rms_norm
 from alloy.ops.ssd import mamba2_step, mamba2_step_kernel_applies, ssd
 from alloy.params import init as I
@@ -164,10 +164,11 @@ def apply(params, x, state, cfg: Mamba2Settings):
     zxbcdt = dense(params["in_proj"], x)
     z, xBC, dt = mx.split(zxbcdt, [cfg.d_inner, 2 * cfg.d_inner + 2 * gn], axis=-1)
     valid = None if state is None else state.get("valid")
-    xBC_in = xBC
-    xBC, conv_state = causal_conv1d(xBC, params["conv1d"]["weight"], params["conv1d"].get("bias"),
-                                    None if state is None else state["conv"], activation="silu")
-    xs, Bm, Cm = mx.split(xBC, [cfg.d_inner, cfg.d_inner + gn], axis=-1)
+    # x, B, C come out of the conv as three arrays (one launch on a GPU, each contiguous: no slicing
+    # copies before the SSD kernels, no concatenation of their gradients)
+    (xs, Bm, Cm), conv_state = causal_conv1d_split(
+        xBC, params["conv1d"]["weight"], params["conv1d"].get("bias"), None if state is None else state["conv"],
+        activation="silu", widths=(cfg.d_inner, gn, gn))
     xs = xs.reshape(Bsz, T, cfg.n_heads, cfg.head_dim)
     Bm = Bm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
     Cm = Cm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
@@ -176,7 +177,7 @@ def apply(params, x, state, cfg: Mamba2Settings):
         dt = mx.clip(dt, cfg.dt_clamp_min or None, cfg.dt_clamp_max or None)
     if valid is not None:
         dt = mx.where(live_mask(valid, T)[..., None], dt, 0.0)
-        conv_state = conv_tail(state["conv"], xBC_in, valid)
+        conv_state = conv_tail(state["conv"], xBC, valid)
     A = -mx.exp(params["A_log"].astype(mx.float32))
     y, ssm_state = ssd(xs, dt, A, Bm, Cm, params["D"], None if state is None else state["ssm"],
                        chunk_size=cfg.chunk_size)

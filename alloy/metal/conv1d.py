@@ -17,6 +17,11 @@ x.dtype, new_state (B, K-1, C) in x.dtype. The state is rounded to x.dtype befor
 recomputed from x (and the K-1 steps after the tile, whose gradients reach the tile's inputs),
 dx / dstate are the transposed convolution of d pre-activation, and each work item writes its
 share of dweight / dbias (summed by MLX afterwards, no atomics).
+
+`KERNEL_SPLIT` / `BWD_SPLIT` are the same kernels with y (and dy) as three arrays split along
+channels, y0 (B, T, C0), y1 (B, T, C1), y2 (B, T, C - C0 - C1), each contiguous: a consumer that
+splits the conv's output (Mamba-2's x, B, C) gets contiguous pieces with no slicing copies before
+the kernels that read them, and no concatenation of their cotangents in the backward.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ GROUP = 128  # threads per group, along channels
 
 
 def _work_item(nx: str) -> str:
-    """The opening both kernels share: one channel c of batch row b over the TILE steps from t0;
+    """The opening every kernel here shares: one channel c of batch row b over the TILE steps from t0;
     its weights and bias, and xs = xp[t0 .. t0 + nx - 1] (the K-1 inputs before the tile come from
     x or the carried state; past the end: 0), loaded before any store so that all loads are in
     flight at once (outputs may alias x as far as the compiler knows). Opens the work item's `if`."""
@@ -51,18 +56,32 @@ def _work_item(nx: str) -> str:
     }}"""
 
 
-KERNEL = Kernel(
-    name="alloy_causal_conv1d",
-    inputs=("x", "w", "bias", "state"),
-    outputs=("y", "new_state"),
-    body=_work_item("TILE + K - 1") + """
+def _rows(name: str, split: bool, qual: str = "") -> str:
+    """Defines `<NAME>_AT(t)`, the element of the (B, T, C) rows `name` at step t of the work item's
+    channel c. Split: the rows are the three arrays name0 / name1 / name2 of widths C0, C1 and
+    C - C0 - C1 along channels; c's array, row width and column are picked once per work item.
+    qual: "const " for an input."""
+    at = f"{name.upper()}_AT"
+    if not split:
+        return f"""
+#define {at}(t) {name}[(b * Tn + (t)) * Cn + c]"""
+    return f"""
+    const bool in0 = c < C0, in1 = c < C0 + C1;
+    {qual}DEV T* const {name}_p = in0 ? {name}0 : (in1 ? {name}1 : {name}2);
+    const int {name}_w = in0 ? C0 : (in1 ? C1 : Cn - C0 - C1);
+    const int {name}_c = in0 ? c : (in1 ? c - C0 : c - C0 - C1);
+#define {at}(t) {name}_p[(b * Tn + (t)) * {name}_w + {name}_c]"""
+
+
+def _forward(split: bool) -> str:
+    return _work_item("TILE + K - 1") + _rows("y", split) + """
     for (int u = 0; u < TILE; ++u) {
       if (t0 + u < Tn) {
         float acc = 0.0f;
         for (int k = 0; k < K; ++k) acc += wk[k] * xs[u + k];
         acc += bv;
         if (SILU) acc = fsilu(acc);
-        y[(b * Tn + t0 + u) * Cn + c] = static_cast<T>(acc);
+        Y_AT(t0 + u) = static_cast<T>(acc);
       }
     }
     if (t0 == 0) {  // new_state[j] = xp[T + j]
@@ -74,21 +93,17 @@ KERNEL = Kernel(
       }
     }
   }
-""",
-)
+"""
 
 
-BWD = Kernel(
-    name="alloy_causal_conv1d_bwd",
-    inputs=("x", "w", "bias", "state", "dy", "dns"),
-    outputs=("dx", "dstate", "dwb"),
-    body=_work_item("TILE + 2 * (K - 1)") + """
+def _backward(split: bool) -> str:
+    return _work_item("TILE + 2 * (K - 1)") + _rows("dy", split, "const ") + """
     const int nt = (Tn + TILE - 1) / TILE;
     // dy on the tile and the K-1 steps after it (their gradients reach the tile's inputs)
     float dp[TILE + K - 1];                 // d pre-activation at t0 .. t0 + TILE + K - 2 (0 past the end)
     for (int u = 0; u < TILE + K - 1; ++u) {
       const int t = t0 + u;
-      float g = t < Tn ? static_cast<float>(dy[(b * Tn + t) * Cn + c]) : 0.0f;
+      float g = t < Tn ? static_cast<float>(DY_AT(t)) : 0.0f;
       if (SILU && t < Tn) {
         float pre = bv;
         for (int k = 0; k < K; ++k) pre += wk[k] * xs[u + k];
@@ -125,20 +140,40 @@ BWD = Kernel(
       }
     }
   }
-""",
-)
+"""
 
 
-def causal_conv1d_vjp(x, weight, bias, state, dy, dns, silu: bool):
-    """The gradient of `causal_conv1d` (same arguments; dy, dns: cotangents of y and new_state) ->
-    (dx, dweight (C, K), dbias (C,), dstate) in the argument dtypes. One launch (per-tile shares of
-    dweight / dbias in float32, summed here)."""
+KERNEL = Kernel(name="alloy_causal_conv1d", inputs=("x", "w", "bias", "state"), outputs=("y", "new_state"),
+                body=_forward(False))
+BWD = Kernel(name="alloy_causal_conv1d_bwd", inputs=("x", "w", "bias", "state", "dy", "dns"),
+             outputs=("dx", "dstate", "dwb"), body=_backward(False))
+# template ints C0, C1: the widths of y0 / y1 (dy0 / dy1); y2 takes the remaining C - C0 - C1 channels
+KERNEL_SPLIT = Kernel(name="alloy_causal_conv1d_split", inputs=("x", "w", "bias", "state"),
+                      outputs=("y0", "y1", "y2", "new_state"), body=_forward(True))
+BWD_SPLIT = Kernel(name="alloy_causal_conv1d_split_bwd",
+                   inputs=("x", "w", "bias", "state", "dy0", "dy1", "dy2", "dns"),
+                   outputs=("dx", "dstate", "dwb"), body=_backward(True))
+
+
+def _template(x, K: int, silu: bool, widths) -> list:
+    """The template arguments; with ``widths`` (three channel counts summing to C) the split
+    kernels' C0, C1."""
+    t = [("T", x.dtype), ("K", K), ("TILE", TILE), ("SILU", bool(silu))]
+    if widths is None:
+        return t
+    if len(widths) != 3 or min(widths) < 1 or sum(widths) != x.shape[2]:
+        raise ValueError(f"conv1d: widths must be three positive channel counts summing to C = {x.shape[2]}, "
+                         f"got {tuple(widths)}")
+    return t + [("C0", int(widths[0])), ("C1", int(widths[1]))]
+
+
+def _vjp(kernel, x, weight, bias, state, dys, dns, silu: bool, widths=None):
     B, T, C = x.shape
     K = weight.shape[1]
     nt = groups(T, TILE)
-    dx, dstate, dwb = BWD(
-        [x, weight, bias, state, dy.astype(x.dtype), dns.astype(x.dtype)],
-        template=[("T", x.dtype), ("K", K), ("TILE", TILE), ("SILU", bool(silu))],
+    dx, dstate, dwb = kernel(
+        [x, weight, bias, state, *(d.astype(x.dtype) for d in dys), dns.astype(x.dtype)],
+        template=_template(x, K, silu, widths),
         grid=(groups(C, GROUP), nt, B),
         threadgroup=GROUP,
         output_shapes=[(B, T, C), (B, K - 1, C), (B, nt, C, K + 1)],
@@ -148,17 +183,42 @@ def causal_conv1d_vjp(x, weight, bias, state, dy, dns, silu: bool):
     return dx, dwb[:, :K].astype(weight.dtype), dwb[:, K].astype(bias.dtype), dstate.astype(state.dtype)
 
 
+def _forward_launch(kernel, x, weight, bias, state, silu: bool, widths=None):
+    B, T, C = x.shape
+    K = weight.shape[1]
+    return kernel(
+        [x, weight, bias, state],
+        template=_template(x, K, silu, widths),
+        grid=(groups(C, GROUP), groups(T, TILE), B),
+        threadgroup=GROUP,
+        output_shapes=[(B, T, w) for w in (widths or (C,))] + [(B, K - 1, C)],
+        output_dtypes=[x.dtype] * (len(widths or (C,)) + 1),
+    )
+
+
+def causal_conv1d_vjp(x, weight, bias, state, dy, dns, silu: bool):
+    """The gradient of `causal_conv1d` (same arguments; dy, dns: cotangents of y and new_state) ->
+    (dx, dweight (C, K), dbias (C,), dstate) in the argument dtypes. One launch (per-tile shares of
+    dweight / dbias in float32, summed here)."""
+    return _vjp(BWD, x, weight, bias, state, (dy,), dns, silu)
+
+
 def causal_conv1d(x, weight, bias, state, silu: bool):
     """Launch the fused kernel. x (B, T, C); weight (C, K), K >= 2; bias (C,); state (B, K-1, C)
     -> (y (B, T, C), new_state (B, K-1, C)), both in x.dtype."""
-    B, T, C = x.shape
-    K = weight.shape[1]
-    y, new_state = KERNEL(
-        [x, weight, bias, state],
-        template=[("T", x.dtype), ("K", K), ("TILE", TILE), ("SILU", bool(silu))],
-        grid=(groups(C, GROUP), groups(T, TILE), B),
-        threadgroup=GROUP,
-        output_shapes=[(B, T, C), (B, K - 1, C)],
-        output_dtypes=[x.dtype, x.dtype],
-    )
+    y, new_state = _forward_launch(KERNEL, x, weight, bias, state, silu)
     return y, new_state
+
+
+def causal_conv1d_split(x, weight, bias, state, silu: bool, widths):
+    """`causal_conv1d` with y written as three arrays split along channels: widths (C0, C1, C2),
+    positive, summing to C -> (y0 (B, T, C0), y1 (B, T, C1), y2 (B, T, C2), new_state (B, K-1, C)),
+    each contiguous, in x.dtype."""
+    y0, y1, y2, new_state = _forward_launch(KERNEL_SPLIT, x, weight, bias, state, silu, tuple(widths))
+    return y0, y1, y2, new_state
+
+
+def causal_conv1d_split_vjp(x, weight, bias, state, dy0, dy1, dy2, dns, silu: bool, widths):
+    """The gradient of `causal_conv1d_split`: the cotangents of y0, y1, y2 (widths C0, C1, C2) and
+    new_state -> (dx, dweight, dbias, dstate) as `causal_conv1d_vjp`; no concatenation of dy."""
+    return _vjp(BWD_SPLIT, x, weight, bias, state, (dy0, dy1, dy2), dns, silu, tuple(widths))

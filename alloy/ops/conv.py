@@ -11,6 +11,11 @@ state (B, K-1, C) or None (zeros). ``activation`` is None or "silu".
 prefill and for the single-step update) on a CUDA or Metal default device when K >= 2 and x is
 a float type, and `causal_conv1d_ref` otherwise. The kernel's gradient is the reference's (VJP
 through `causal_conv1d_ref`), so training may use either path.
+
+`causal_conv1d_split(..., widths=(C0, C1, C2))` is `causal_conv1d` followed by a split of y along
+channels; on the kernel path one launch writes the three pieces as contiguous arrays (and the
+gradient kernel reads their cotangents as three arrays), so a consumer that splits the output
+(Mamba-2's x, B, C) pays for no slicing copies nor the split's gradient concatenation.
 """
 from __future__ import annotations
 
@@ -94,16 +99,16 @@ def kernel_applies(x, weight) -> bool:
             and weight.shape[-1] >= 2 and x.dtype in _FLOATS)
 
 
-def causal_conv1d(x, weight, bias=None, state=None, activation=None, impl: str = "auto"):
-    """Public causal depthwise conv1d (see module docstring).
-
-    impl: "ref" (MLX ops), "kernel" (the fused GPU kernel; needs a GPU default device) or
-    "auto" (the kernel where `kernel_applies`, else the reference)."""
+def _takes_ref(x, weight, impl: str) -> bool:
+    """Whether `impl` resolves to the reference path for x (an empty x has nothing to launch: the
+    reference returns the carried state)."""
     if impl not in ("auto", "ref", "kernel"):
         raise ValueError(f"causal_conv1d: impl must be 'auto', 'ref' or 'kernel', got {impl!r}")
-    if impl == "ref" or (impl == "auto" and not kernel_applies(x, weight)) or (x.ndim == 3 and x.shape[1] == 0):
-        # (an empty x has nothing to launch: the reference returns the carried state)
-        return causal_conv1d_ref(x, weight, bias, state, activation)
+    return impl == "ref" or (impl == "auto" and not kernel_applies(x, weight)) or (x.ndim == 3 and x.shape[1] == 0)
+
+
+def _kernel_args(x, weight, bias, state, activation):
+    """(weight (C, K), bias (C,), state (B, K-1, C)) for the kernel: checked, zeros for the missing."""
     if activation not in (None, "silu"):
         raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
     if metal.backend() is None:
@@ -119,5 +124,54 @@ def causal_conv1d(x, weight, bias=None, state=None, activation=None, impl: str =
         raise ValueError(f"causal_conv1d: state must have shape {(B, K - 1, C)}, got {state.shape}")
     if bias is None:
         bias = mx.zeros((C,), dtype=weight.dtype)
-    y, new_state = _fused(activation, GRADIENT_KERNEL)(x, weight, bias, state)
+    return weight, bias, state
+
+
+def causal_conv1d(x, weight, bias=None, state=None, activation=None, impl: str = "auto"):
+    """Public causal depthwise conv1d (see module docstring).
+
+    impl: "ref" (MLX ops), "kernel" (the fused GPU kernel; needs a GPU default device) or
+    "auto" (the kernel where `kernel_applies`, else the reference)."""
+    if _takes_ref(x, weight, impl):
+        return causal_conv1d_ref(x, weight, bias, state, activation)
+    y, new_state = _fused(activation, GRADIENT_KERNEL)(x, *_kernel_args(x, weight, bias, state, activation))
     return y, new_state
+
+
+def _split_ref(x, weight, bias, state, activation, widths):
+    """The reference of `causal_conv1d_split`: the whole y, then split -> (y0, y1, y2, new_state)."""
+    y, new_state = causal_conv1d_ref(x, weight, bias, state, activation)
+    return (*mx.split(y, [widths[0], widths[0] + widths[1]], axis=-1), new_state)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_split(activation, widths: tuple, gradient_kernel: bool = False):
+    """`_fused` with y split into three arrays of ``widths`` channels (forward: the split kernel;
+    gradient: the split gradient kernel, or the reference's VJP)."""
+    silu = activation == "silu"
+    return metal.differentiable(
+        lambda x, w, b, s: _conv_kernel.causal_conv1d_split(x, w, b, s, silu, widths),
+        lambda x, w, b, s: _split_ref(x, w, b, s, activation, widths),
+        (lambda x, w, b, s, dy0, dy1, dy2, dns:
+         _conv_kernel.causal_conv1d_split_vjp(x, w, b, s, dy0, dy1, dy2, dns, silu, widths))
+        if gradient_kernel else None,
+    )
+
+
+def causal_conv1d_split(x, weight, bias=None, state=None, activation=None, *, widths, impl: str = "auto"):
+    """`causal_conv1d` with y split along channels: widths (C0, C1, C2), positive ints summing to C
+    -> ([y0 (B, T, C0), y1 (B, T, C1), y2 (B, T, C2)], new_state (B, K-1, C)), the same values as
+    `mx.split` of `causal_conv1d`'s y. On the kernel path (same `impl` rule) one launch writes the
+    three pieces, each contiguous, and the gradient takes their cotangents as they come."""
+    C = x.shape[-1]
+    if (not isinstance(widths, (tuple, list)) or len(widths) != 3
+            or any(not isinstance(w, int) or isinstance(w, bool) or w <= 0 for w in widths) or sum(widths) != C):
+        raise ValueError(f"causal_conv1d_split: widths must be three positive ints summing to the {C} channels "
+                         f"of x, got {widths!r}")
+    widths = tuple(widths)
+    if _takes_ref(x, weight, impl):
+        *ys, new_state = _split_ref(x, weight, bias, state, activation, widths)
+        return ys, new_state
+    *ys, new_state = _fused_split(activation, widths, GRADIENT_KERNEL)(
+        x, *_kernel_args(x, weight, bias, state, activation))
+    return ys, new_state
