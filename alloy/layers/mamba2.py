@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from alloy.layers.common import conv_tail, decode_linear, dense, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
-from alloy.ops.conv import causal_conv1d_split
+from alloy.ops.conv import causal_conv1d, causal_conv1d_split
 from alloy.ops.norm import gated_rms_norm
 from alloy.ops.ssd import mamba2_step, mamba2_step_kernel_applies, ssd
 from alloy.params import init as I
@@ -154,6 +154,12 @@ def stack_decode(stacked: dict, h, states: list, norm_eps: float, cfg: Mamba2Set
     return out[:, None], [{"conv": c, "ssm": s} for c, s in zip(convs, ssms)]
 
 
+# x, B, C come out of the conv as three arrays (`causal_conv1d_split`: one launch on a GPU, each
+# contiguous, so no slicing copies before the SSD kernels and no concatenation of their gradients);
+# off: one conv output sliced with mx.split (the A/B of docs/benchmarks.md, session 7).
+SPLIT_CONV = True
+
+
 @register_mixer("mamba2", settings=Mamba2Settings, init=init, init_state=init_state, state="ssm",
                 mask="none", residual_block=decode_block, stack_decode=(stack_prepare, stack_decode))
 def apply(params, x, state, cfg: Mamba2Settings):
@@ -164,11 +170,13 @@ def apply(params, x, state, cfg: Mamba2Settings):
     zxbcdt = dense(params["in_proj"], x)
     z, xBC, dt = mx.split(zxbcdt, [cfg.d_inner, 2 * cfg.d_inner + 2 * gn], axis=-1)
     valid = None if state is None else state.get("valid")
-    # x, B, C come out of the conv as three arrays (one launch on a GPU, each contiguous: no slicing
-    # copies before the SSD kernels, no concatenation of their gradients)
-    (xs, Bm, Cm), conv_state = causal_conv1d_split(
-        xBC, params["conv1d"]["weight"], params["conv1d"].get("bias"), None if state is None else state["conv"],
-        activation="silu", widths=(cfg.d_inner, gn, gn))
+    conv_args = (xBC, params["conv1d"]["weight"], params["conv1d"].get("bias"),
+                 None if state is None else state["conv"])
+    if SPLIT_CONV:
+        (xs, Bm, Cm), conv_state = causal_conv1d_split(*conv_args, activation="silu", widths=(cfg.d_inner, gn, gn))
+    else:
+        xBC_out, conv_state = causal_conv1d(*conv_args, activation="silu")
+        xs, Bm, Cm = mx.split(xBC_out, [cfg.d_inner, cfg.d_inner + gn], axis=-1)
     xs = xs.reshape(Bsz, T, cfg.n_heads, cfg.head_dim)
     Bm = Bm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
     Cm = Cm.reshape(Bsz, T, cfg.n_groups, cfg.d_state)
