@@ -9,8 +9,9 @@ state (B, K-1, C) or None (zeros). ``activation`` is None or "silu".
 
 `causal_conv1d(impl="auto")` runs the fused GPU kernel (`alloy.metal.conv1d`, one launch for
 prefill and for the single-step update) on a CUDA or Metal default device when K >= 2 and x is
-a float type, and `causal_conv1d_ref` otherwise. The kernel's gradient is the reference's (VJP
-through `causal_conv1d_ref`), so training may use either path.
+a float type, and `causal_conv1d_ref` otherwise. The kernel's gradient is the gradient kernel
+(`alloy.metal.conv1d.BWD`, the same math in one launch) while `GRADIENT_KERNEL` is on, else the
+reference's VJP (through `causal_conv1d_ref`), so training may use either path.
 
 `causal_conv1d_split(..., widths=(C0, C1, C2))` is `causal_conv1d` followed by a split of y along
 channels; on the kernel path one launch writes the three pieces as contiguous arrays (and the
