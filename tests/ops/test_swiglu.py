@@ -30,8 +30,12 @@ def test_mlp_fused_gate_switch(monkeypatch):
     x = mx.random.normal((2, 7, 16), key=mx.random.key(4))
     f = lambda p, x: (mlp.apply(p, x, None, cfg)[0] ** 2).sum()  # noqa: E731
     want = mx.value_and_grad(f, argnums=(0, 1))(params, x)
-    monkeypatch.setattr(mlp, "FUSED_GATE", True)
+    monkeypatch.setattr(mlp, "_fused_gate", lambda: True)  # as on a GPU (the MLX-ops form here)
+    calls = []
+    real = mlp.swiglu
+    monkeypatch.setattr(mlp, "swiglu", lambda *a, **k: calls.append(k) or real(*a, **k))
     got = mx.value_and_grad(f, argnums=(0, 1))(params, x)
+    assert calls == [{"fused": True}]
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
     np.testing.assert_allclose(np.array(got[1][1]), np.array(want[1][1]), rtol=1e-4, atol=1e-6)
     for k in ("gate_proj", "up_proj", "down_proj"):
