@@ -115,9 +115,6 @@ def main(argv=None):
     p.add_argument("--flat", action="store_true",
                    help="the packed step: make_train_step(flat=True), one cast / norm / AdamW update per "
                         "flat buffer instead of per leaf")
-    p.add_argument("--compute-copy", action="store_true",
-                   help="make_train_step(compute_copy=True): the bf16 copy of the params kept in opt_state "
-                        "and refreshed by the update, instead of casting every master weight in the loss")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                    help="set a module-level switch before building the step (VALUE read as a Python "
                         "literal); repeatable. The A/B switches of docs/benchmarks.md: "
@@ -141,10 +138,10 @@ def main(argv=None):
     params = alloy.params.cast(params, mx.float32, keep=None)
     opt = adamw(weight_decay=0.1)
     compute = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": None}[a.dtype]
-    opt_state = init_opt_state(opt, params, flat=a.flat, compute_dtype=compute, compute_copy=a.compute_copy)
+    opt_state = init_opt_state(opt, params, flat=a.flat, compute_dtype=compute)
     mx.eval(params, opt_state)
     step = make_train_step(model, opt, warmup_cosine(1e-3, 1000, 10), compute_dtype=compute, remat=a.remat,
-                           flat=a.flat, compute_copy=a.compute_copy)
+                           flat=a.flat)
     B, T = a.batch_size, a.seq_len
     tokens = mx.random.randint(0, cfg.vocab_size, (B, T + 1), key=mx.random.key(1)).astype(mx.int32)
     batch = {"tokens": tokens}
@@ -152,7 +149,7 @@ def main(argv=None):
     device = mx.device_info().get("device_name", str(mx.default_device()))
     n = count_params(params)
     print(f"device: {device} ({mx.default_device()}); model {cfg.name}: {n / 1e6:.1f}M params; "
-          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}, flat step {a.flat}, compute copy {a.compute_copy}"
+          f"batch {B} x {T}, {a.dtype} compute, remat {a.remat}, gradient paths on: {grads}, flat step {a.flat}"
           + "".join(f", {k} = {v!r}" for k, v in switches))
     t0 = time.perf_counter()
     for i in range(a.warmup):
@@ -175,7 +172,7 @@ def main(argv=None):
            "remat": a.remat, "step_s_median": med, "step_s_min": min(times), "tokens_per_s": tok_s,
            "model_flops_per_token": fpt, "model_tflops": tflops, "peak_tflops": a.peak_tflops,
            "mfu": tflops / a.peak_tflops, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-           "final_loss": float(m["loss"]), "grads": grads, "flat": a.flat, "compute_copy": a.compute_copy, "set": dict(switches)}
+           "final_loss": float(m["loss"]), "grads": grads, "flat": a.flat, "set": dict(switches)}
     print(f"step {med * 1e3:.1f} ms median (min {min(times) * 1e3:.1f}) over {a.steps}: {tok_s:,.0f} tokens/s, "
           f"{fpt / 1e6:.1f} MFLOP/token -> {tflops:.2f} TFLOP/s = {100 * res['mfu']:.2f}% MFU of "
           f"{a.peak_tflops:g} TFLOP/s; peak memory {res['peak_memory_gb']:.2f} GB")

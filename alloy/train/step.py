@@ -136,7 +136,7 @@ def lm_flat_plan(params, optimizer: Optimizer, compute_dtype=None) -> FlatPlan:
 def make_step(loss_fn: Callable, optimizer: Optimizer, schedule: Callable, *,
               clip_norm: float | None = 1.0, accum_steps: int = 1,
               grad_reduce: Callable | None = None, compile: bool = True,
-              flat: FlatPlan | None = None, compute_copy: Callable | None = None) -> Callable:
+              flat: FlatPlan | None = None) -> Callable:
     """``step(trainable, opt_state, batch, key, frozen=None) -> (trainable, opt_state, metrics)``.
 
     See the module docstring for the contract of ``loss_fn`` and ``grad_reduce``. With ``flat``
@@ -145,20 +145,11 @@ def make_step(loss_fn: Callable, optimizer: Optimizer, schedule: Callable, *,
     norm, clipping and optimizer over the buffers (``opt_state`` from ``optimizer.init`` of the
     packed buffers; ``init_opt_state(..., flat=...)``); same values, a few launches instead of
     several per leaf.
-
-    With ``compute_copy`` (a tree map, e.g. ``lambda t: cast(t, mx.bfloat16)``), ``opt_state``
-    also holds ``"compute": compute_copy(trainable)``, kept up to date by the update: the loss is
-    differentiated with respect to that copy (gradients cast back to float32, exactly what the
-    cast's VJP gives) and the copy of the updated params is made inside the optimizer's fused
-    elementwise kernels, instead of a separate cast of every master weight at the start of the loss.
-    Same values as casting inside the loss; ``init_opt_state(..., compute_copy=...)``.
     """
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"make_step: accum_steps must be a positive int, got {accum_steps!r}")
     if flat is not None and accum_steps != 1:
         raise ValueError(f"make_step: flat packing supports accum_steps=1, got {accum_steps}")
-    if compute_copy is not None and (accum_steps != 1 or flat is not None):
-        raise ValueError("make_step: compute_copy supports accum_steps=1 without flat packing")
     vg = mx.value_and_grad(loss_fn)
     maybe = mx.compile if compile else (lambda f: f)
 
@@ -173,25 +164,6 @@ def make_step(loss_fn: Callable, optimizer: Optimizer, schedule: Callable, *,
             trainable, opt_state = optimizer.update(grads, opt_state, trainable, lr,
                                                     decay=lambda path, _: flat.decay[path])
         return trainable, opt_state, {"loss": loss, "grad_norm": norm, "lr": lr, **aux}
-
-    if compute_copy is not None:
-        def whole_copy(trainable, opt_state, batch, key, frozen):
-            if "compute" not in opt_state:
-                raise ValueError("step: compute_copy needs opt_state['compute'] "
-                                 "(init_opt_state(..., compute_copy=...))")
-            inner = {k: v for k, v in opt_state.items() if k != "compute"}
-            (loss, aux), grads = vg(opt_state["compute"], frozen, batch, key)
-            grads = tree_map(lambda g, p: g.astype(p.dtype) if mx.issubdtype(p.dtype, mx.floating) else g,
-                             grads, trainable)
-            trainable, inner, metrics = finish(trainable, inner, grads, loss, aux)
-            return trainable, {**inner, "compute": compute_copy(trainable)}, metrics
-
-        whole_copy_c = maybe(whole_copy)
-
-        def step(trainable, opt_state, batch, key, frozen=None):
-            return whole_copy_c(trainable, opt_state, batch, key, {} if frozen is None else frozen)
-
-        return step
 
     if flat is not None:
         layout = flat.layout
@@ -265,20 +237,11 @@ def make_step(loss_fn: Callable, optimizer: Optimizer, schedule: Callable, *,
     return step
 
 
-def _caster(dtype):
-    return lambda tree: cast(tree, dtype)
-
-
 def init_opt_state(optimizer: Optimizer, params, trainable: Callable | None = None, *,
-                   flat: bool = False, compute_dtype=None, compute_copy: bool = False):
+                   flat: bool = False, compute_dtype=None):
     """The optimizer state for ``make_train_step(..., trainable=trainable)``: over the trainable
     half of ``partition(trainable, params)`` (holes elsewhere), or over all of ``params``; with
-    ``flat=True`` over the packed buffers of ``lm_flat_plan(params, optimizer, compute_dtype)``;
-    with ``compute_copy=True`` also ``"compute"``: ``params`` cast to ``compute_dtype``."""
-    if compute_copy:
-        if compute_dtype is None or trainable is not None or flat:
-            raise ValueError("init_opt_state: compute_copy=True needs a compute_dtype, the whole tree and flat=False")
-        return {**optimizer.init(params), "compute": _caster(compute_dtype)(params)}
+    ``flat=True`` over the packed buffers of ``lm_flat_plan(params, optimizer, compute_dtype)``."""
     if flat:
         if trainable is not None:
             raise ValueError("init_opt_state: flat=True covers the whole tree (trainable must be None)")
@@ -293,7 +256,7 @@ def make_train_step(model, optimizer: Optimizer, schedule: Callable, *, compute_
                     remat: bool = False, trainable: Callable | None = None,
                     clip_norm: float | None = 1.0, accum_steps: int = 1,
                     grad_reduce: Callable | None = None, compile: bool = True,
-                    flat: bool = False, compute_copy: bool = False) -> Callable:
+                    flat: bool = False) -> Callable:
     """The language-model step ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
 
     ``params`` is the full tree (float32 master weights); with ``trainable`` only the matching
@@ -301,18 +264,9 @@ def make_train_step(model, optimizer: Optimizer, schedule: Callable, *, compute_
     trainable)``), the rest pass through unchanged. ``flat=True`` (whole tree, accum_steps 1):
     the packed step of ``make_step(flat=lm_flat_plan(params, optimizer, compute_dtype))``, planned
     at the first call; ``opt_state`` from ``init_opt_state(optimizer, params, flat=True,
-    compute_dtype=compute_dtype)``. ``compute_copy=True`` (a ``compute_dtype``, whole tree,
-    accum_steps 1): ``make_step(compute_copy=...)``, the compute-dtype copy of the params kept in
-    ``opt_state`` (``init_opt_state(optimizer, params, compute_dtype=..., compute_copy=True)``).
+    compute_dtype=compute_dtype)``.
     """
     loss_fn = make_lm_loss(model, compute_dtype=compute_dtype, remat=remat)
-    if compute_copy:
-        if compute_dtype is None or trainable is not None or flat:
-            raise ValueError("make_train_step: compute_copy=True needs a compute_dtype, the whole tree "
-                             "(trainable None) and flat=False")
-        inner = make_step(loss_fn, optimizer, schedule, clip_norm=clip_norm, accum_steps=accum_steps,
-                          grad_reduce=grad_reduce, compile=compile, compute_copy=_caster(compute_dtype))
-        return lambda params, opt_state, batch, key: inner(params, opt_state, batch, key)
     if flat:
         if trainable is not None:
             raise ValueError("make_train_step: flat=True trains the whole tree (trainable must be None)")

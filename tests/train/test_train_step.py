@@ -259,31 +259,3 @@ def test_flat_step_refuses_what_it_does_not_cover(tiny_cfg):
     with pytest.raises(ValueError, match="accum_steps=1"):
         S.make_step(S.make_lm_loss(model), opt, schedule.constant(1e-3), accum_steps=2,
                     flat=S.lm_flat_plan(params, opt))
-
-
-def test_compute_copy_step_equals_casting_in_the_loss(tiny_cfg):
-    """make_train_step(compute_copy=True) (the bf16 copy kept in opt_state, refreshed by the update,
-    the loss differentiated with respect to it) gives the plain bf16 step's params, moments and
-    metrics over 3 steps; its copy is the cast of the new params."""
-    model, params = _setup(tiny_cfg)
-    opt = optim.adamw(weight_decay=0.1)
-    sched = schedule.warmup_cosine(1e-2, 20, 2)
-    ref_step = S.make_train_step(model, opt, sched, compute_dtype=mx.bfloat16)
-    copy_step = S.make_train_step(model, opt, sched, compute_dtype=mx.bfloat16, compute_copy=True)
-    rp, rs = params, opt.init(params)
-    cp, cs = params, S.init_opt_state(opt, params, compute_dtype=mx.bfloat16, compute_copy=True)
-    for i in range(3):
-        rp, rs, rm = ref_step(rp, rs, _batch(tiny_cfg, seed=i), mx.random.key(i))
-        cp, cs, cm = copy_step(cp, cs, _batch(tiny_cfg, seed=i), mx.random.key(i))
-        for k in ("loss", "grad_norm", "lr"):
-            np.testing.assert_allclose(float(cm[k]), float(rm[k]), rtol=1e-6, err_msg=k)
-    for name, want, got in (("params", rp, cp), ("mu", rs["mu"], cs["mu"]), ("nu", rs["nu"], cs["nu"])):
-        for k, v in flatten(want).items():
-            np.testing.assert_allclose(np.array(flatten(got)[k]), np.array(v), rtol=1e-6, atol=1e-7,
-                                       err_msg=f"{name}.{k}")
-    for k, v in flatten(alloy.params.cast(cp, mx.bfloat16)).items():
-        assert flatten(cs["compute"])[k].dtype == v.dtype and mx.array_equal(flatten(cs["compute"])[k], v), k
-    with pytest.raises(ValueError, match="opt_state\\['compute'\\]"):
-        copy_step(cp, rs, _batch(tiny_cfg), mx.random.key(0))
-    with pytest.raises(ValueError, match="needs a compute_dtype"):
-        S.make_train_step(model, opt, sched, compute_copy=True)
