@@ -13,10 +13,11 @@ Shapes: x (B, T, C), weight (C, K) with K >= 2, bias (C,), state (B, K-1, C) -> 
 x.dtype, new_state (B, K-1, C) in x.dtype. The state is rounded to x.dtype before use, as in
 `alloy.ops.conv.causal_conv1d_ref`.
 
-`BWD` is its gradient in one launch with the same work items: the tile's pre-activations are
-recomputed from x (and the K-1 steps after the tile, whose gradients reach the tile's inputs),
-dx / dstate are the transposed convolution of d pre-activation, and each work item writes its
-share of dweight / dbias (summed by MLX afterwards, no atomics).
+`BWD` is its gradient in one launch, a work item covering `BWD_TILES` consecutive tiles of one
+channel: each tile's pre-activations are recomputed from x (and the K-1 steps after the tile, whose
+gradients reach the tile's inputs), dx / dstate are the transposed convolution of d pre-activation,
+and each work item writes its share of dweight / dbias, (K+1, C) channel-fastest (summed by MLX
+afterwards, no atomics).
 
 `KERNEL_SPLIT` / `BWD_SPLIT` are the same kernels with y (and dy) as three arrays split along
 channels, y0 (B, T, C0), y1 (B, T, C1), y2 (B, T, C - C0 - C1), each contiguous: a consumer that
@@ -31,29 +32,36 @@ from alloy.metal.prelude import Kernel, groups
 
 TILE = 16  # time steps per work item: halo overhead (K-1)/TILE, still B*C*T/TILE work items
 GROUP = 128  # threads per group, along channels
+# tiles per work item of the gradient kernels (its float32 dweight / dbias shares shrink by this
+# factor: 73 MB per toy layer at 1; 16 x 2048 x 1792 channels). 1 until measured on a GPU.
+BWD_TILES = 1
 
 
-def _work_item(nx: str) -> str:
-    """The opening every kernel here shares: one channel c of batch row b over the TILE steps from t0;
-    its weights and bias, and xs = xp[t0 .. t0 + nx - 1] (the K-1 inputs before the tile come from
-    x or the carried state; past the end: 0), loaded before any store so that all loads are in
-    flight at once (outputs may alias x as far as the compiler knows). Opens the work item's `if`."""
-    return f"""
+def _head() -> str:
+    """The opening every kernel here shares: channel c of batch row b, its weights and bias. Opens
+    the channel's `if`."""
+    return """
   const int Tn = x_shape[1];
   const int Cn = x_shape[2];
   const int c = bid_x * nthreads + tid;
-  const int t0 = bid_y * TILE;
   const int b = bid_z;
-  if (c < Cn && t0 < Tn) {{
+  if (c < Cn) {
     float wk[K];
     for (int k = 0; k < K; ++k) wk[k] = static_cast<float>(w[c * K + k]);
-    const float bv = static_cast<float>(bias[c]);
-    float xs[{nx}];
-    for (int k = 0; k < {nx}; ++k) {{
-      const int i = t0 + k - (K - 1);  // index into x; negative -> the carried state
-      xs[k] = i < 0 ? static_cast<float>(static_cast<T>(state[(b * (K - 1) + i + K - 1) * Cn + c]))
-            : (i < Tn ? static_cast<float>(x[(b * Tn + i) * Cn + c]) : 0.0f);
-    }}"""
+    const float bv = static_cast<float>(bias[c]);"""
+
+
+def _tile(nx: str) -> str:
+    """xs = xp[t0 .. t0 + nx - 1] for the tile from t0 (the K-1 inputs before the tile come from x
+    or the carried state; past the end: 0), loaded before any store so that all loads are in flight
+    at once (outputs may alias x as far as the compiler knows)."""
+    return f"""
+      float xs[{nx}];
+      for (int k = 0; k < {nx}; ++k) {{
+        const int i = t0 + k - (K - 1);  // index into x; negative -> the carried state
+        xs[k] = i < 0 ? static_cast<float>(static_cast<T>(state[(b * (K - 1) + i + K - 1) * Cn + c]))
+              : (i < Tn ? static_cast<float>(x[(b * Tn + i) * Cn + c]) : 0.0f);
+      }}"""
 
 
 def _rows(name: str, split: bool, qual: str = "") -> str:
@@ -74,22 +82,25 @@ def _rows(name: str, split: bool, qual: str = "") -> str:
 
 
 def _forward(split: bool) -> str:
-    return _work_item("TILE + K - 1") + _rows("y", split) + """
-    for (int u = 0; u < TILE; ++u) {
-      if (t0 + u < Tn) {
-        float acc = 0.0f;
-        for (int k = 0; k < K; ++k) acc += wk[k] * xs[u + k];
-        acc += bv;
-        if (SILU) acc = fsilu(acc);
-        Y_AT(t0 + u) = static_cast<T>(acc);
+    return _head() + _rows("y", split) + """
+    const int t0 = bid_y * TILE;
+    if (t0 < Tn) {""" + _tile("TILE + K - 1") + """
+      for (int u = 0; u < TILE; ++u) {
+        if (t0 + u < Tn) {
+          float acc = 0.0f;
+          for (int k = 0; k < K; ++k) acc += wk[k] * xs[u + k];
+          acc += bv;
+          if (SILU) acc = fsilu(acc);
+          Y_AT(t0 + u) = static_cast<T>(acc);
+        }
       }
-    }
-    if (t0 == 0) {  // new_state[j] = xp[T + j]
-      for (int j = 0; j < K - 1; ++j) {
-        const int i = Tn + j - (K - 1);
-        new_state[(b * (K - 1) + j) * Cn + c] =
-            i >= 0 ? static_cast<T>(static_cast<float>(x[(b * Tn + i) * Cn + c]))
-                   : static_cast<T>(static_cast<float>(state[(b * (K - 1) + Tn + j) * Cn + c]));
+      if (t0 == 0) {  // new_state[j] = xp[T + j]
+        for (int j = 0; j < K - 1; ++j) {
+          const int i = Tn + j - (K - 1);
+          new_state[(b * (K - 1) + j) * Cn + c] =
+              i >= 0 ? static_cast<T>(static_cast<float>(x[(b * Tn + i) * Cn + c]))
+                     : static_cast<T>(static_cast<float>(state[(b * (K - 1) + Tn + j) * Cn + c]));
+        }
       }
     }
   }
@@ -97,48 +108,55 @@ def _forward(split: bool) -> str:
 
 
 def _backward(split: bool) -> str:
-    return _work_item("TILE + 2 * (K - 1)") + _rows("dy", split, "const ") + """
+    # a work item covers RT consecutive tiles of its channel, one after the other, and writes one
+    # share of dweight / dbias for all of them (channel-fastest: coalesced stores)
+    return _head() + _rows("dy", split, "const ") + """
     const int nt = (Tn + TILE - 1) / TILE;
-    // dy on the tile and the K-1 steps after it (their gradients reach the tile's inputs)
-    float dp[TILE + K - 1];                 // d pre-activation at t0 .. t0 + TILE + K - 2 (0 past the end)
-    for (int u = 0; u < TILE + K - 1; ++u) {
-      const int t = t0 + u;
-      float g = t < Tn ? static_cast<float>(DY_AT(t)) : 0.0f;
-      if (SILU && t < Tn) {
-        float pre = bv;
-        for (int k = 0; k < K; ++k) pre += wk[k] * xs[u + k];
-        const float sg = 1.0f / (1.0f + fexp(-pre));
-        g *= sg * (1.0f + pre * (1.0f - sg));
-      }
-      dp[u] = g;
-    }
-    // this tile's share of dw[k] = sum_t dp[t] xp[t + k] and db = sum_t dp[t]
+    const int ny = (nt + RT - 1) / RT;      // work items along time
     float dwk[K + 1];
     for (int k = 0; k <= K; ++k) dwk[k] = 0.0f;
-    for (int u = 0; u < TILE; ++u) {
-      for (int k = 0; k < K; ++k) dwk[k] += dp[u] * xs[u + k];
-      dwk[K] += dp[u];
-    }
-    for (int k = 0; k <= K; ++k) dwb[((b * nt + bid_y) * Cn + c) * (K + 1) + k] = dwk[k];
-    // dx[i] = sum_k w[k] dp[i + K - 1 - k] (+ the new state's cotangent on the last K - 1 inputs)
-    for (int u = 0; u < TILE; ++u) {
-      const int i = t0 + u;
-      if (i < Tn) {
-        float acc = 0.0f;
-        for (int k = 0; k < K; ++k) acc += wk[k] * dp[u + K - 1 - k];
-        const int m = i + K - 1 - Tn;        // new_state[m] = x[i]
-        if (m >= 0) acc += static_cast<float>(dns[(b * (K - 1) + m) * Cn + c]);
-        dx[(b * Tn + i) * Cn + c] = static_cast<T>(acc);
+    for (int r = 0; r < RT; ++r) {
+      const int t0 = (bid_y * RT + r) * TILE;
+      if (t0 >= Tn) break;""" + _tile("TILE + 2 * (K - 1)") + """
+      // dy on the tile and the K-1 steps after it (their gradients reach the tile's inputs)
+      float dp[TILE + K - 1];               // d pre-activation at t0 .. t0 + TILE + K - 2 (0 past the end)
+      for (int u = 0; u < TILE + K - 1; ++u) {
+        const int t = t0 + u;
+        float g = t < Tn ? static_cast<float>(DY_AT(t)) : 0.0f;
+        if (SILU && t < Tn) {
+          float pre = bv;
+          for (int k = 0; k < K; ++k) pre += wk[k] * xs[u + k];
+          const float sg = 1.0f / (1.0f + fexp(-pre));
+          g *= sg * (1.0f + pre * (1.0f - sg));
+        }
+        dp[u] = g;
+      }
+      // this tile's share of dw[k] = sum_t dp[t] xp[t + k] and db = sum_t dp[t]
+      for (int u = 0; u < TILE; ++u) {
+        for (int k = 0; k < K; ++k) dwk[k] += dp[u] * xs[u + k];
+        dwk[K] += dp[u];
+      }
+      // dx[i] = sum_k w[k] dp[i + K - 1 - k] (+ the new state's cotangent on the last K - 1 inputs)
+      for (int u = 0; u < TILE; ++u) {
+        const int i = t0 + u;
+        if (i < Tn) {
+          float acc = 0.0f;
+          for (int k = 0; k < K; ++k) acc += wk[k] * dp[u + K - 1 - k];
+          const int m = i + K - 1 - Tn;      // new_state[m] = x[i]
+          if (m >= 0) acc += static_cast<float>(dns[(b * (K - 1) + m) * Cn + c]);
+          dx[(b * Tn + i) * Cn + c] = static_cast<T>(acc);
+        }
+      }
+      if (t0 == 0) {                         // dstate[j] = sum_k w[k] dp[j - k] (+ dns where T < K - 1)
+        for (int j = 0; j < K - 1; ++j) {
+          float acc = 0.0f;
+          for (int k = 0; k <= j; ++k) acc += wk[k] * dp[j - k];
+          if (j >= Tn) acc += static_cast<float>(dns[(b * (K - 1) + j - Tn) * Cn + c]);
+          dstate[(b * (K - 1) + j) * Cn + c] = static_cast<T>(acc);
+        }
       }
     }
-    if (t0 == 0) {                           // dstate[j] = sum_k w[k] dp[j - k] (+ dns where T < K - 1)
-      for (int j = 0; j < K - 1; ++j) {
-        float acc = 0.0f;
-        for (int k = 0; k <= j; ++k) acc += wk[k] * dp[j - k];
-        if (j >= Tn) acc += static_cast<float>(dns[(b * (K - 1) + j - Tn) * Cn + c]);
-        dstate[(b * (K - 1) + j) * Cn + c] = static_cast<T>(acc);
-      }
-    }
+    for (int k = 0; k <= K; ++k) dwb[((b * ny + bid_y) * (K + 1) + k) * Cn + c] = dwk[k];
   }
 """
 
@@ -170,17 +188,18 @@ def _template(x, K: int, silu: bool, widths) -> list:
 def _vjp(kernel, x, weight, bias, state, dys, dns, silu: bool, widths=None):
     B, T, C = x.shape
     K = weight.shape[1]
-    nt = groups(T, TILE)
+    rt = max(1, int(BWD_TILES))
+    ny = groups(groups(T, TILE), rt)
     dx, dstate, dwb = kernel(
         [x, weight, bias, state, *(d.astype(x.dtype) for d in dys), dns.astype(x.dtype)],
-        template=_template(x, K, silu, widths),
-        grid=(groups(C, GROUP), nt, B),
+        template=_template(x, K, silu, widths) + [("RT", rt)],
+        grid=(groups(C, GROUP), ny, B),
         threadgroup=GROUP,
-        output_shapes=[(B, T, C), (B, K - 1, C), (B, nt, C, K + 1)],
+        output_shapes=[(B, T, C), (B, K - 1, C), (B, ny, K + 1, C)],
         output_dtypes=[x.dtype, x.dtype, mx.float32],
     )
-    dwb = dwb.sum(axis=(0, 1))
-    return dx, dwb[:, :K].astype(weight.dtype), dwb[:, K].astype(bias.dtype), dstate.astype(state.dtype)
+    dwb = dwb.sum(axis=(0, 1))  # (K + 1, C)
+    return dx, dwb[:K].T.astype(weight.dtype), dwb[K].astype(bias.dtype), dstate.astype(state.dtype)
 
 
 def _forward_launch(kernel, x, weight, bias, state, silu: bool, widths=None):

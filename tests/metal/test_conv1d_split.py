@@ -166,3 +166,20 @@ def test_mamba2_layer_with_the_split_kernel(monkeypatch):
     assert rel_err(got[0], want[0]) <= TOL["f32"]
     for (name, g), (_, r) in zip(tree_flatten(got[1]), tree_flatten(want[1])):
         assert rel_err(g, r) <= TOL["f32"], name
+
+
+@pytest.mark.parametrize("tiles", [2, 3])
+@pytest.mark.parametrize("dt,T", [("f32", 40), ("bf16", 70), ("f32", 16)])
+def test_gradient_kernel_with_several_tiles_per_work_item(emulated, monkeypatch, tiles, dt, T):
+    """`BWD_TILES` > 1 (a work item sweeping several tiles, one dweight / dbias share for all; the
+    last work item's tiles partly past T) gives the reference gradient, split and unsplit."""
+    monkeypatch.setattr(conv_mod, "BWD_TILES", tiles)
+    widths = (5, 3, 9)
+    x, w, b, s, cts = case(3, dt, T, widths)
+    (_, grads), (_, grads_r) = (split_vjp(i, x, w, b, s, cts, "silu", widths) for i in ("kernel", "ref"))
+    for i, (g, r) in enumerate(zip(grads, grads_r)):
+        assert rel_err(g, r) <= TOL[dt], f"gradient of argument {i}: {rel_err(g, r):.3g}"
+    _, grads_u = vjp(lambda *a: list(conv_ops.causal_conv1d(*a, "silu", impl="kernel")), x, w, b, s,
+                     [mx.concatenate(cts[:3], axis=-1), cts[3]])
+    for i, (g, r) in enumerate(zip(grads_u, grads_r)):
+        assert rel_err(g, r) <= TOL[dt], f"unsplit gradient of argument {i}: {rel_err(g, r):.3g}"

@@ -64,12 +64,14 @@ def test_conv1d_kernel_gradients_and_3d_weight():
 
 
 @pytest.mark.parametrize("dt", ["f32", "bf16"])
-@pytest.mark.parametrize("T", [2, 19, 300])
-def test_conv1d_gradient_kernel_matches_autodiff(monkeypatch, dt, T):
-    """alloy.ops.conv.GRADIENT_KERNEL on: the kernel path's gradient is the BWD kernel's."""
+@pytest.mark.parametrize("T,tiles", [(2, 1), (19, 1), (300, 1), (300, 4), (70, 3)])
+def test_conv1d_gradient_kernel_matches_autodiff(monkeypatch, dt, T, tiles):
+    """alloy.ops.conv.GRADIENT_KERNEL on: the kernel path's gradient is the BWD kernel's (with
+    `BWD_TILES` tiles per work item)."""
     import alloy.ops.conv as conv_ops
     from alloy.metal import conv1d as conv_mod
     monkeypatch.setattr(conv_ops, "GRADIENT_KERNEL", True)
+    monkeypatch.setattr(conv_mod, "BWD_TILES", tiles)
     rng = np.random.default_rng(1)
     dtype = DTYPES[dt]
     x, w, bv, s = arr(rng, (2, T, 72), dtype), arr(rng, (72, 1, 4), dtype), arr(rng, (72,), dtype), arr(rng, (2, 3, 72), dtype)
