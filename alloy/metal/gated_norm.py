@@ -48,9 +48,9 @@ FWD = Kernel(
       float xv[VW];
       float zv[VW];
       LDV(x, base + 32 * VW * j, xv);
-      LDV(z, base + 32 * VW * j, zv);
+      LDZ(base + 32 * VW * j, zv);
       for (int u = 0; u < VW; ++u) {
-        const float h = NBG ? xv[u] : xv[u] * fsilu(zv[u]);
+        const float h = NBG ? xv[u] : xv[u] * SILU_Z(zv[u]);
         ss[j / JG] += h * h;
       }
     }
@@ -61,10 +61,10 @@ FWD = Kernel(
       float wv[VW];
       float yv[VW];
       LDV(x, base + 32 * VW * j, xv);
-      LDV(z, base + 32 * VW * j, zv);
+      LDZ(base + 32 * VW * j, zv);
       LDV(w, VW * static_cast<int>(lane) + 32 * VW * j, wv);
       for (int u = 0; u < VW; ++u) {
-        const float s = fsilu(zv[u]);
+        const float s = SILU_Z(zv[u]);
         yv[u] = NBG ? xv[u] * ss[j / JG] * wv[u] * s : xv[u] * s * ss[j / JG] * wv[u];
       }
       STV(y, base + 32 * VW * j, yv);
@@ -75,6 +75,9 @@ FWD = Kernel(
 // VW consecutive elements p[o..o+VW) <-> float o_[VW]: one 16-byte access for VW = 8 (bf16 / fp16)
 #define LDV(p, o, v) if (VW == 8) { ld8(p + (o), v); } else { v[0] = static_cast<float>(p[o]); }
 #define STV(p, o, v) if (VW == 8) { st8(p + (o), v); } else { p[o] = static_cast<T>(v[0]); }
+// GATE false (a plain RMSNorm): z is neither read nor written and silu(z) counts as 1
+#define LDZ(o, v) if (GATE) { LDV(z, o, v); } else { for (int u_ = 0; u_ < VW; ++u_) v[u_] = 0.0f; }
+#define SILU_Z(v) (GATE ? fsilu(v) : 1.0f)
 """,
 )
 
@@ -103,11 +106,11 @@ BWD = Kernel(
       float dyv[VW];
       float wv[VW];
       LDV(x, base + 32 * VW * j, xv);
-      LDV(z, base + 32 * VW * j, zv);
+      LDZ(base + 32 * VW * j, zv);
       LDV(dy, base + 32 * VW * j, dyv);
       LDV(w, VW * static_cast<int>(lane) + 32 * VW * j, wv);
       for (int u = 0; u < VW; ++u) {
-        const float s = fsilu(zv[u]);
+        const float s = SILU_Z(zv[u]);
         const float h = NBG ? xv[u] : xv[u] * s;
         const float uu = wv[u] * dyv[u] * (NBG ? s : 1.0f);
         ss[j / JG] += h * h;
@@ -127,13 +130,13 @@ BWD = Kernel(
       float dzv[VW];
       float wv[VW];
       LDV(x, base + 32 * VW * j, xv);
-      LDV(z, base + 32 * VW * j, zv);
+      LDZ(base + 32 * VW * j, zv);
       LDV(dy, base + 32 * VW * j, dyv);
       LDV(w, VW * static_cast<int>(lane) + 32 * VW * j, wv);
       const float r = ss[j / JG];
       for (int u = 0; u < VW; ++u) {
-        const float sg = 1.0f / (1.0f + fexp(-zv[u]));
-        const float s = zv[u] * sg;
+        const float sg = GATE ? 1.0f / (1.0f + fexp(-zv[u])) : 1.0f;
+        const float s = GATE ? zv[u] * sg : 1.0f;
         const float ds = sg * (1.0f + zv[u] * (1.0f - sg));
         const float h = NBG ? xv[u] : xv[u] * s;
         const float uu = wv[u] * dyv[u] * (NBG ? s : 1.0f);
@@ -143,7 +146,7 @@ BWD = Kernel(
         dw[VW * j + u] += dyv[u] * h * r * (NBG ? s : 1.0f);
       }
       STV(dx, base + 32 * VW * j, dxv);
-      STV(dz, base + 32 * VW * j, dzv);
+      if (GATE) { STV(dz, base + 32 * VW * j, dzv); }
     }
   }
   for (int j = 0; j < J; ++j)
@@ -161,11 +164,12 @@ def applies(x, z, weight, group_size) -> bool:
             and D % 32 == 0 and G % 32 == 0 and D % G == 0)
 
 
-def _template(x, D, G, nbg):
+def _template(x, D, G, nbg, gate: bool = True):
     # eight consecutive columns per lane (16-byte loads and stores) where every group spans whole
     # 256-column chunks; else one column per lane, 32 apart
     vw = 8 if G % 256 == 0 else 1
-    return [("T", x.dtype), ("D", D), ("G", G), ("NBG", bool(nbg)), ("NWP", NWP), ("RPW", RPW), ("VW", vw)]
+    return [("T", x.dtype), ("D", D), ("G", G), ("NBG", bool(nbg)), ("NWP", NWP), ("RPW", RPW), ("VW", vw),
+            ("GATE", bool(gate))]
 
 
 def gated_rms_norm(x, z, weight, eps: float, group_size, norm_before_gate: bool):
@@ -192,3 +196,33 @@ def gated_rms_norm_vjp(x, z, weight, eps: float, group_size, norm_before_gate: b
                       threadgroup=32 * NWP, output_shapes=[(R, D), (R, D), (groups(nw, NWP) * NWP, D)],
                       output_dtypes=[x.dtype, z.dtype, mx.float32])
     return dx.reshape(x.shape), dz.reshape(z.shape), dwp.sum(axis=0).astype(weight.dtype)
+
+
+def rms_norm_applies(x, weight) -> bool:
+    """Static facts under which the plain RMSNorm kernels run: a weight, D a multiple of 32."""
+    return weight is not None and weight.shape == (x.shape[-1],) and x.shape[-1] % 32 == 0
+
+
+def rms_norm(x, weight, eps: float):
+    """FWD without a gate (GATE false): x * rsqrt(mean(x^2) + eps) * w in x.dtype, one rounding."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D)
+    R = x2.shape[0]
+    y = FWD([x2, mx.zeros((1,), x.dtype), weight, mx.array([eps], mx.float32)],
+            template=_template(x, D, D, False, gate=False), grid=(groups(R, NWP), 1, 1),
+            threadgroup=32 * NWP, output_shapes=[(R, D)], output_dtypes=[x.dtype])[0]
+    return y.reshape(x.shape)
+
+
+def rms_norm_vjp(x, weight, eps: float, dy):
+    """BWD without a gate: (dx, dweight) in the argument dtypes."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D)
+    R = x2.shape[0]
+    nw = groups(R, RPW)
+    dx, _, dwp = BWD([x2, mx.zeros((1,), x.dtype), weight, mx.array([eps], mx.float32),
+                      dy.astype(x.dtype).reshape(-1, D)],
+                     template=_template(x, D, D, False, gate=False), grid=(groups(nw, NWP), 1, 1),
+                     threadgroup=32 * NWP, output_shapes=[(R, D), (1,), (groups(nw, NWP) * NWP, D)],
+                     output_dtypes=[x.dtype, x.dtype, mx.float32])
+    return dx.reshape(x.shape), dwp.sum(axis=0).astype(weight.dtype)

@@ -22,13 +22,42 @@ def rms_norm_ref(x: mx.array, weight: mx.array | None, eps: float = 1e-6) -> mx.
     return y if weight is None else y * weight.astype(x.dtype)
 
 
+# "auto" takes the plain RMSNorm kernels (`alloy.metal.gated_norm` without its gate: forward and
+# gradient, 16-byte accesses where D is a multiple of 256) on a GPU while this is on. MLX's RMSNorm
+# gradient took 2.9 ms over the toy train step's 25 norms on an H100 (docs/benchmarks.md, session 7).
+# Off until measured on a GPU.
+RMS_KERNEL = False
+
+
+@functools.lru_cache(maxsize=None)
+def _rms_kernel(eps: float):
+    from alloy import metal
+    from alloy.metal import gated_norm
+
+    return metal.differentiable(
+        lambda x, w: (gated_norm.rms_norm(x, w, eps),),
+        lambda x, w: (mx.fast.rms_norm(x, w, eps),),
+        lambda x, w, dy: gated_norm.rms_norm_vjp(x, w, eps, dy))
+
+
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float = 1e-6, impl: str = "auto") -> mx.array:
-    """Public RMSNorm: ``mx.fast.rms_norm`` (fp32 statistics) or the reference."""
+    """Public RMSNorm: ``mx.fast.rms_norm`` (fp32 statistics), the reference, or ("kernel", or
+    "auto" with `RMS_KERNEL` on, on a GPU) the plain RMSNorm kernels of `alloy.metal.gated_norm`."""
     if impl == "ref":
         return rms_norm_ref(x, weight, eps)
-    if impl not in ("auto", "fast"):
-        raise ValueError(f"rms_norm: impl must be 'auto', 'fast' or 'ref', got {impl!r}")
+    if impl not in ("auto", "fast", "kernel"):
+        raise ValueError(f"rms_norm: impl must be 'auto', 'fast', 'kernel' or 'ref', got {impl!r}")
     w = None if weight is None else weight.astype(x.dtype)
+    if impl == "kernel" or (impl == "auto" and RMS_KERNEL):
+        from alloy import metal
+        from alloy.metal import gated_norm
+
+        ok = metal.backend() is not None and gated_norm.rms_norm_applies(x, w)
+        if impl == "kernel" and not ok:
+            raise ValueError("rms_norm: impl='kernel' needs a GPU default device, a weight of shape (D,) "
+                             f"and D a multiple of 32 (D={x.shape[-1]})")
+        if ok:
+            return _rms_kernel(float(eps))(x, w)[0]
     return mx.fast.rms_norm(x, w, eps)
 
 

@@ -100,6 +100,20 @@ def test_gated_rms_norm_kernels_match_ref(dt, nbg, G):
 
 
 @pytest.mark.parametrize("dt", ["f32", "bf16"])
+@pytest.mark.parametrize("D", [768, 96])
+def test_plain_rms_norm_kernels_match_mlx(dt, D):
+    """rms_norm(impl="kernel") (the gated-norm kernels without a gate) against mx.fast.rms_norm:
+    values and gradients, with (D = 768) and without 16-byte vectors."""
+    from alloy.ops.norm import rms_norm
+    rng = np.random.default_rng(4)
+    dtype = DTYPES[dt]
+    x, w, ct = arr(rng, (4, 301, D), dtype), arr(rng, (D,), dtype), arr(rng, (4, 301, D), dtype)
+    assert rel_err(rms_norm(x, w, 1e-5, impl="kernel"), rms_norm(x, w, 1e-5, impl="fast")) <= TOL[dt]
+    assert_grads_match(lambda *a, impl: (rms_norm(*a, 1e-5, impl=impl),), (x, w), (ct,), "kernel", "fast",
+                       1e-4 if dt == "f32" else 3e-2)
+
+
+@pytest.mark.parametrize("dt", ["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(4, 301, 2048), (3, 7, 9)])
 def test_swiglu_kernels_match_autodiff(monkeypatch, dt, shape):
     """swiglu(fused=True) on the GPU takes the kernels (`alloy.metal.swiglu`), with and without
