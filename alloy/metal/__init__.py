@@ -49,6 +49,9 @@ KERNELS = {
 # layer at 16 x 2048). H100, session 7, toy step: 104.1 / 101.8 ms on vs 111.7 / 105.7 off (same
 # job, alternating); 45 such copies per step instead of 72 (bench/gpu_kernel_profile.py).
 PACK_INPUTS = True
+# Only arguments of at least this many elements are packed: a decode step's small arrays would add
+# graph nodes per kernel call for copies that cost next to nothing anyway.
+PACK_MIN_SIZE = 1 << 16
 
 
 def differentiable(fast, slow, vjp=None, vjp_outputs: bool = False):
@@ -74,7 +77,7 @@ def differentiable(fast, slow, vjp=None, vjp_outputs: bool = False):
 
     def call(*args):
         if PACK_INPUTS and backend() is not None:
-            args = [mx.contiguous(a) for a in args]
+            args = [mx.contiguous(a) if a.size >= PACK_MIN_SIZE else a for a in args]
         return f(*args)
 
     return call

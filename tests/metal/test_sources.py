@@ -145,7 +145,7 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
 def test_differentiable_packs_strided_inputs_once(monkeypatch):
     """`metal.differentiable` with `metal.PACK_INPUTS` on a GPU backend (faked here) hands `fast` and
     the gradient contiguous copies of strided arguments, made once, and changes no value or gradient;
-    off, or without a GPU, it passes the arguments through."""
+    off, without a GPU, or below `PACK_MIN_SIZE` elements, it passes the arguments through."""
     seen = []
     fast = lambda a, b: (seen.append(a.shape) or a * b,)  # noqa: E731
     f = metal.differentiable(fast, lambda a, b: (a * b,))
@@ -160,6 +160,9 @@ def test_differentiable_packs_strided_inputs_once(monkeypatch):
     mx.value_and_grad(loss, argnums=(0, 1))(a, b)
     assert made == []  # no GPU backend: nothing packed
     monkeypatch.setattr(metal, "backend", lambda: "cuda")
+    mx.value_and_grad(loss, argnums=(0, 1))(a, b)
+    assert made == []  # below the size threshold (decode-sized): nothing packed
+    monkeypatch.setattr(metal, "PACK_MIN_SIZE", 12)
     got = mx.value_and_grad(loss, argnums=(0, 1))(a, b)
     assert made == [(4, 3), (4, 3)]  # each argument once, for the forward and the gradient together
     assert float(got[0]) == float(want[0])
