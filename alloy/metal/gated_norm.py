@@ -172,30 +172,36 @@ def _template(x, D, G, nbg, gate: bool = True):
             ("GATE", bool(gate))]
 
 
-def gated_rms_norm(x, z, weight, eps: float, group_size, norm_before_gate: bool):
-    """FWD launch: y in x.dtype, the shape of x."""
+def _rows(x, z):
+    """(D, x and z as (R, D) rows, R); z None (no gate): a one-element placeholder the kernels never read."""
     D = x.shape[-1]
+    x2 = x.reshape(-1, D)
+    return D, x2, mx.zeros((1,), x.dtype) if z is None else z.reshape(-1, D), x2.shape[0]
+
+
+def gated_rms_norm(x, z, weight, eps: float, group_size, norm_before_gate: bool):
+    """FWD launch: y in x.dtype, the shape of x. z None: a plain RMSNorm (GATE false)."""
+    D, x2, z2, R = _rows(x, z)
     G = D if group_size is None else group_size
-    x2, z2 = x.reshape(-1, D), z.reshape(-1, D)
-    R = x2.shape[0]
-    y = FWD([x2, z2, weight, mx.array([eps], mx.float32)], template=_template(x, D, G, norm_before_gate),
+    y = FWD([x2, z2, weight, mx.array([eps], mx.float32)],
+            template=_template(x, D, G, norm_before_gate, gate=z is not None),
             grid=(groups(R, NWP), 1, 1), threadgroup=32 * NWP, output_shapes=[(R, D)],
             output_dtypes=[x.dtype])[0]
     return y.reshape(x.shape)
 
 
 def gated_rms_norm_vjp(x, z, weight, eps: float, group_size, norm_before_gate: bool, dy):
-    """BWD launch: (dx, dz, dweight) in the argument dtypes."""
-    D = x.shape[-1]
+    """BWD launch: (dx, dz, dweight) in the argument dtypes; z None: a plain RMSNorm's gradient,
+    dz None."""
+    D, x2, z2, R = _rows(x, z)
     G = D if group_size is None else group_size
-    x2, z2 = x.reshape(-1, D), z.reshape(-1, D)
-    R = x2.shape[0]
     nw = groups(R, RPW)
+    gate = z is not None
     dx, dz, dwp = BWD([x2, z2, weight, mx.array([eps], mx.float32), dy.astype(x.dtype).reshape(-1, D)],
-                      template=_template(x, D, G, norm_before_gate), grid=(groups(nw, NWP), 1, 1),
-                      threadgroup=32 * NWP, output_shapes=[(R, D), (R, D), (groups(nw, NWP) * NWP, D)],
-                      output_dtypes=[x.dtype, z.dtype, mx.float32])
-    return dx.reshape(x.shape), dz.reshape(z.shape), dwp.sum(axis=0).astype(weight.dtype)
+                      template=_template(x, D, G, norm_before_gate, gate=gate), grid=(groups(nw, NWP), 1, 1),
+                      threadgroup=32 * NWP, output_shapes=[(R, D), (R, D) if gate else (1,), (groups(nw, NWP) * NWP, D)],
+                      output_dtypes=[x.dtype, z.dtype if gate else x.dtype, mx.float32])
+    return dx.reshape(x.shape), dz.reshape(z.shape) if gate else None, dwp.sum(axis=0).astype(weight.dtype)
 
 
 def rms_norm_applies(x, weight) -> bool:
@@ -205,24 +211,10 @@ def rms_norm_applies(x, weight) -> bool:
 
 def rms_norm(x, weight, eps: float):
     """FWD without a gate (GATE false): x * rsqrt(mean(x^2) + eps) * w in x.dtype, one rounding."""
-    D = x.shape[-1]
-    x2 = x.reshape(-1, D)
-    R = x2.shape[0]
-    y = FWD([x2, mx.zeros((1,), x.dtype), weight, mx.array([eps], mx.float32)],
-            template=_template(x, D, D, False, gate=False), grid=(groups(R, NWP), 1, 1),
-            threadgroup=32 * NWP, output_shapes=[(R, D)], output_dtypes=[x.dtype])[0]
-    return y.reshape(x.shape)
+    return gated_rms_norm(x, None, weight, eps, None, False)
 
 
 def rms_norm_vjp(x, weight, eps: float, dy):
     """BWD without a gate: (dx, dweight) in the argument dtypes."""
-    D = x.shape[-1]
-    x2 = x.reshape(-1, D)
-    R = x2.shape[0]
-    nw = groups(R, RPW)
-    dx, _, dwp = BWD([x2, mx.zeros((1,), x.dtype), weight, mx.array([eps], mx.float32),
-                      dy.astype(x.dtype).reshape(-1, D)],
-                     template=_template(x, D, D, False, gate=False), grid=(groups(nw, NWP), 1, 1),
-                     threadgroup=32 * NWP, output_shapes=[(R, D), (1,), (groups(nw, NWP) * NWP, D)],
-                     output_dtypes=[x.dtype, x.dtype, mx.float32])
-    return dx.reshape(x.shape), dwp.sum(axis=0).astype(weight.dtype)
+    dx, _, dw = gated_rms_norm_vjp(x, None, weight, eps, None, False, dy)
+    return dx, dw
