@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from alloy.metal.prelude import Kernel, groups
+from alloy.metal.prelude import VEC_IO, Kernel, groups
 
 NWP = 8  # warps (rows) per group
 RPW = 8  # rows per warp in the gradient kernel (its dw share covers these rows)
@@ -71,10 +71,7 @@ FWD = Kernel(
     }
   }
 """,
-    helpers="""
-// VW consecutive elements p[o..o+VW) <-> float o_[VW]: one 16-byte access for VW = 8 (bf16 / fp16)
-#define LDV(p, o, v) if (VW == 8) { ld8(p + (o), v); } else { v[0] = static_cast<float>(p[o]); }
-#define STV(p, o, v) if (VW == 8) { st8(p + (o), v); } else { p[o] = static_cast<T>(v[0]); }
+    helpers=VEC_IO + """
 // GATE false (a plain RMSNorm): z is neither read nor written and silu(z) counts as 1
 #define LDZ(o, v) if (GATE) { LDV(z, o, v); } else { for (int u_ = 0; u_ < VW; ++u_) v[u_] = 0.0f; }
 #define SILU_Z(v) (GATE ? fsilu(v) : 1.0f)

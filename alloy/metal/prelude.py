@@ -563,6 +563,15 @@ def backend() -> str | None:
     return None
 
 
+# `helpers` for kernels that move VW consecutive elements per thread (a template int VW, 8 or 1, and
+# the element type T): LDV(p, o, v) reads p[o..o+VW) into float v[VW], STV(p, o, v) writes them back
+# converted; VW = 8 is one 16-byte access for bf16 / fp16 (o a multiple of 8).
+VEC_IO = """
+#define LDV(p, o, v) if (VW == 8) { ld8(p + (o), v); } else { v[0] = static_cast<float>(p[o]); }
+#define STV(p, o, v) if (VW == 8) { st8(p + (o), v); } else { p[o] = static_cast<T>(v[0]); }
+"""
+
+
 def fits_int32(*dims: int) -> bool:
     """Whether an array of these dimensions can be indexed with 32-bit ints (kernels that use `int`
     offsets: element count below 2^31)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from alloy.metal.prelude import Kernel, groups
+from alloy.metal.prelude import VEC_IO, Kernel, groups
 
 GROUP = 256
 _F32 = mx.float32
@@ -250,11 +250,7 @@ PASS = Kernel(
     for (int k = 0; k < VW; ++k) final_state[fi + (long)k * N] = s[k];
   }
 """,
-    helpers="""
-// VW consecutive elements p[o..o+VW) <-> float v[VW]: one 16-byte access for VW = 8 (bf16 / fp16)
-#define LDV(p, o, v) if (VW == 8) { ld8(p + (o), v); } else { v[0] = static_cast<float>(p[o]); }
-#define STV(p, o, v) if (VW == 8) { st8(p + (o), v); } else { p[o] = static_cast<T>(v[0]); }
-""",
+    helpers=VEC_IO,
 )
 
 # ---------------------------------------------------------------------------------------------

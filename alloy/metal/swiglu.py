@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from alloy.metal.prelude import Kernel, groups
+from alloy.metal.prelude import VEC_IO, Kernel, groups
 
 GROUP = 256  # threads per group
 
@@ -36,11 +36,7 @@ FWD = Kernel(
     STV(h, i0, hv);
   }
 """,
-    helpers="""
-// VW consecutive elements p[o..o+VW) <-> float v[VW]: one 16-byte access for VW = 8 (bf16 / fp16)
-#define LDV(p, o, v) if (VW == 8) { ld8(p + (o), v); } else { v[0] = static_cast<float>(p[o]); }
-#define STV(p, o, v) if (VW == 8) { st8(p + (o), v); } else { p[o] = static_cast<T>(v[0]); }
-""",
+    helpers=VEC_IO,
 )
 
 BWD = Kernel(
@@ -61,7 +57,7 @@ BWD = Kernel(
     STV(du, i0, duv);
   }
 """,
-    helpers=FWD.helpers,
+    helpers=VEC_IO,
 )
 
 
