@@ -300,9 +300,9 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     """`ssd_chunked_vjp` for the GPU kernel path (same arguments and results, D and initial_state
     arrays; `starts`: the forward kernel's states entering each chunk, (b, c, g, n, r p), reused
     where they have the products' dtype): the states entering each chunk recomputed (unless given)
-    and their adjoints passed backwards by the
-    forward's state-passing kernel (`alloy.metal.ssd_chunked.PASS`, the second time over the chunks
-    in reverse order) instead of the (c+1)^2 segsum products; every product a batched matmul in the
+    and their adjoints passed backwards by the forward's state-passing kernel
+    (`alloy.metal.ssd_chunked.PASS`, the second time over the chunks in reverse order) instead of
+    the (c+1)^2 segsum products; every product a batched matmul in the
     forward's chunk-major layouts ((b, c, g, K, r p) and states (b, c, g, n, r p)); the diagonal
     blocks by `ssd_chunked_diag_bwd`; the elementwise end and the sums over p by one kernel
     (`bwd_finish`). With G~ the adjoint of the state entering chunk c+1 (the reverse pass: G~_c =
