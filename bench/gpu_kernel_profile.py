@@ -3,7 +3,7 @@ on an NVIDIA GPU through MLX's CUDA backend, by CUPTI kernel records (PyTorch's 
 sees every kernel of the process, MLX's included).
 
     python bench/gpu_kernel_profile.py [--what step|ssd] [--batch-size 16] [--seq-len 2048] [--steps 3]
-                                       [--flat] [--set MODULE.NAME=VALUE ...]
+                                       [--flat] [--set MODULE.NAME=VALUE ...] [--trace PATH.json]
 
 Runs warm-up calls (trace + compile) outside the profile, then `--steps` calls inside it, and
 prints the kernels by total GPU time per call (ms), their launch counts per call, and the sum.
@@ -71,6 +71,8 @@ def main(argv=None):
     ap.add_argument("--flat", action="store_true", help="the packed step (make_train_step(flat=True))")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                     help="a module-level switch, as in train_step.py; repeatable")
+    ap.add_argument("--trace", metavar="PATH.json",
+                    help="also write the profiled calls as a Chrome trace (kernel grids, blocks and gaps)")
     a = ap.parse_args(argv)
     for item in a.set:
         set_switch(item)
@@ -86,6 +88,8 @@ def main(argv=None):
         for _ in range(a.steps):
             run()
         mx.synchronize()
+    if a.trace:
+        prof.export_chrome_trace(a.trace)
     tot, cnt = defaultdict(float), defaultdict(int)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:

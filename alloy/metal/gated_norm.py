@@ -10,7 +10,7 @@ the eight columns 8 l .. 8 l + 7 of each 256-column chunk instead (16-byte loads
 Statistics and arithmetic in float32, as `alloy.ops.norm.gated_rms_norm_ref`.
 
 `FWD` writes y. `BWD` recomputes h and the group statistics and writes dx, dz and, per warp, its
-rows' share of dw (float32, summed by MLX afterwards):
+rows' share of dw (float32, summed by `sum_rows` afterwards):
 
     u = w dy (gate first) or w dy silu(z) (gate after);  c_g = rstd_g^3 mean_g(h u)
     dh = rstd_g u - c_g h;   gate first: dx = dh silu(z), dz = dh x silu'(z)
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from alloy.metal.prelude import VEC_IO, Kernel, groups
+from alloy.metal.prelude import VEC_IO, Kernel, groups, sum_rows
 
 NWP = 8  # warps (rows) per group
 RPW = 8  # rows per warp in the gradient kernel (its dw share covers these rows)
@@ -198,7 +198,7 @@ def gated_rms_norm_vjp(x, z, weight, eps: float, group_size, norm_before_gate: b
                       template=_template(x, D, G, norm_before_gate, gate=gate), grid=(groups(nw, NWP), 1, 1),
                       threadgroup=32 * NWP, output_shapes=[(R, D), (R, D) if gate else (1,), (groups(nw, NWP) * NWP, D)],
                       output_dtypes=[x.dtype, z.dtype if gate else x.dtype, mx.float32])
-    return dx.reshape(x.shape), dz.reshape(z.shape) if gate else None, dwp.sum(axis=0).astype(weight.dtype)
+    return dx.reshape(x.shape), dz.reshape(z.shape) if gate else None, sum_rows(dwp).astype(weight.dtype)
 
 
 def rms_norm_applies(x, weight) -> bool:

@@ -584,3 +584,16 @@ def fits_int32(*dims: int) -> bool:
 def groups(n: int, size: int) -> int:
     """Number of groups of `size` covering `n` work items."""
     return max(1, -(-n // size))
+
+
+def sum_rows(v: mx.array) -> mx.array:
+    """(R, N) -> (N,): the sum over rows of per-work-item shares (e.g. a weight gradient's float32
+    partial sums), as two column reductions of moderate length when R is large: (a, R/a, N) summed
+    over its middle axis, then over a. MLX-CUDA runs one column reduction of a few thousand rows
+    by N/32 thread blocks only (0.1-0.3 ms for a 768- to 9K-column float32 share array on an H100;
+    the toy train step's profile, docs/benchmarks.md session 8); split, the first pass has a*N/32."""
+    R = v.shape[0]
+    a = max((d for d in range(1, int(R ** 0.5) + 1) if R % d == 0), default=1)
+    if R <= 64 or a < 8:
+        return v.sum(axis=0)
+    return v.reshape(a, R // a, *v.shape[1:]).sum(axis=1).sum(axis=0)

@@ -20,7 +20,7 @@ TOL = {"f32": 1e-5, "bf16": 2e-2}
 
 
 @pytest.mark.parametrize("dt", ["f32", "bf16"])
-@pytest.mark.parametrize("rows,D", [(13, 64), (3, 768), (70, 256)])
+@pytest.mark.parametrize("rows,D", [(13, 64), (3, 768), (70, 256), (600, 256)])  # 600: dw shares summed in two passes
 def test_plain_rms_norm_kernels_match_mlx(monkeypatch, dt, rows, D):
     rng = np.random.default_rng(rows + D)
     dtype = DTYPES[dt]
@@ -48,3 +48,13 @@ def test_kernel_impl_is_refused_without_a_gpu():
     x = mx.ones((2, 64))
     with pytest.raises(ValueError, match="impl='kernel' needs a GPU"):
         norm_ops.rms_norm(x, mx.ones((64,)), impl="kernel")
+
+
+@pytest.mark.parametrize("R", [1, 64, 80, 97, 4096, 2048 + 8])
+def test_sum_rows_equals_one_reduction(R):
+    """`sum_rows` (two column reductions where R has a divisor >= 8) == one sum over rows; R prime or
+    small: one reduction."""
+    from alloy.metal.prelude import sum_rows
+
+    v = np.random.default_rng(R).standard_normal((R, 3, 40)).astype(np.float32)
+    np.testing.assert_allclose(np.array(sum_rows(mx.array(v))), v.sum(0, dtype=np.float64), rtol=1e-5, atol=1e-4)
