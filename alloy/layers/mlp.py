@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 from alloy import metal
 from alloy.layers.common import dense
 from alloy.layers.registry import LayerSettings, register_ffn
-from alloy.ops.activations import ACTIVATIONS, activation, swiglu
+from alloy.ops.activations import ACTIVATIONS, activation, swiglu, swiglu_packed
 from alloy.params import init as I
 
 
@@ -59,12 +61,38 @@ def _fused_gate() -> bool:
     return FUSED_GATE and metal.backend() is not None
 
 
+# With the fused gate and at least PACKED_MIN_ROWS tokens, gate_proj and up_proj run as one matmul
+# against their weights stacked (a (2F, D) copy per call, ~6 MB bf16 for the toy MLP) and the packed
+# SwiGLU kernels read its (rows, 2F) output: in the backward dx is one matmul instead of two and a
+# sum, and the two weight gradients one. Decode-sized calls keep the two matmuls (the copy of the
+# weights would cost more than it saves).
+PACKED_GATE_UP = True
+PACKED_MIN_ROWS = 1024
+
+
+def _plain(p: dict) -> bool:
+    """A dense linear with no quantization or unmerged low-rank delta (its weight can be stacked)."""
+    return set(p) <= {"weight", "bias"}
+
+
+def _gate_up_packed(params, x):
+    """x @ [W_gate; W_up]^T (+ [b_gate; b_up]): (..., 2F), gate then up."""
+    g, u = params["gate_proj"], params["up_proj"]
+    y = x @ mx.concatenate([g["weight"], u["weight"]], axis=0).T
+    if "bias" in g:
+        y = y + mx.concatenate([g["bias"], u["bias"]])
+    return y
+
+
 @register_ffn("mlp", settings=MLPSettings, init=init)
 def apply(params, x, state, cfg: MLPSettings):
-    h = dense(params["up_proj"], x)
     if cfg.gated and cfg.activation == "silu" and _fused_gate():
-        h = swiglu(dense(params["gate_proj"], x), h, fused=True)
+        if (PACKED_GATE_UP and x.size // x.shape[-1] >= PACKED_MIN_ROWS and _plain(params["gate_proj"])
+                and _plain(params["up_proj"]) and ("bias" in params["gate_proj"]) == ("bias" in params["up_proj"])):
+            return dense(params["down_proj"], swiglu_packed(_gate_up_packed(params, x))), state
+        h = swiglu(dense(params["gate_proj"], x), dense(params["up_proj"], x), fused=True)
     else:
+        h = dense(params["up_proj"], x)
         act = activation(cfg.activation)
         h = act(dense(params["gate_proj"], x)) * h if cfg.gated else act(h)
     return dense(params["down_proj"], h), state

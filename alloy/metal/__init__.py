@@ -70,6 +70,9 @@ def differentiable(fast, slow, vjp=None, vjp_outputs: bool = False):
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
+        # MLX hands a one-argument function's primals (and a lone cotangent / output) as a bare array
+        primals, cotangents, outputs = (
+            (v,) if isinstance(v, mx.array) else tuple(v) for v in (primals, cotangents, outputs))
         if vjp is not None:
             return tuple(vjp(*primals, *cotangents, *(outputs if vjp_outputs else ())))
         _, grads = mx.vjp(lambda *a: list(slow(*a)), list(primals), list(cotangents))

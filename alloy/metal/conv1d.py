@@ -2,22 +2,27 @@
 
     xp = concat(state, x) along time;  y_t = act(b + sum_k w[:, k] * xp[t + k]);  new_state = xp[-(K-1):]
 
-One launch serves prefill (any T) and the single-step state update (T = 1). Work item: one
-channel c of one batch row b over a tile of TILE time steps; the K-1 inputs before the tile are
-loaded once (from `state` or `x`), then the window slides in registers. Channels are the fastest
-index of x, so a group of threads reads one contiguous row of x per step. The group holding the
-first tile also writes the new state. The tile is loaded into registers before any store, so
-its loads are all in flight at once.
+One launch serves prefill (any T) and the single-step state update (T = 1). Work item: VW
+consecutive channels c .. c + VW - 1 of one batch row b over a tile of up to `TILE` time steps.
+VW = 8 where the channel rows split into whole groups of 8 (C, and for the split kernels each
+width, a multiple of 8; see `_plan`): one 16-byte load / store per row and step for bf16 / fp16;
+else VW = 1, the same body. Time is streamed through a window of the K-1 previous inputs held in
+registers: the K-1 inputs before the tile are re-read (from `state` or `x`), then each step loads
+one row of VW channels, the loads of `AHEAD` steps issued together before their stores (outputs
+may alias x as far as the compiler knows). Channels are the fastest index of x, so a group of
+threads reads one contiguous stretch of a row per step. The work item holding the first tile also
+writes the new state.
 
 Shapes: x (B, T, C), weight (C, K) with K >= 2, bias (C,), state (B, K-1, C) -> y (B, T, C) in
 x.dtype, new_state (B, K-1, C) in x.dtype. The state is rounded to x.dtype before use, as in
 `alloy.ops.conv.causal_conv1d_ref`.
 
-`BWD` is its gradient in one launch, a work item covering `BWD_TILES` consecutive tiles of one
-channel: each tile's pre-activations are recomputed from x (and the K-1 steps after the tile, whose
-gradients reach the tile's inputs), dx / dstate are the transposed convolution of d pre-activation,
-and each work item writes its share of dweight / dbias, (K+1, C) channel-fastest (summed by MLX
-afterwards, no atomics).
+`BWD` is its gradient in one launch, with the same work items: it streams the tile and the K-1
+steps after it (whose d pre-activations reach the tile's inputs), recomputing each step's
+pre-activation from the input window, and keeps the last K-1 d pre-activations in registers: dx /
+dstate are the transposed convolution of d pre-activation, written K-1 steps behind. Each work item
+writes its share of dweight / dbias, (K+1, C) channel-fastest; `_sum_rows` sums the (B * tiles)
+shares afterwards (no atomics).
 
 `KERNEL_SPLIT` / `BWD_SPLIT` are the same kernels with y (and dy) as three arrays split along
 channels, y0 (B, T, C0), y1 (B, T, C1), y2 (B, T, C - C0 - C1), each contiguous: a consumer that
@@ -28,79 +33,104 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from alloy.metal.prelude import Kernel, groups
+from alloy.metal.prelude import VEC_IO, Kernel, groups
 
-TILE = 16  # time steps per work item: halo overhead (K-1)/TILE, still B*C*T/TILE work items
+# Time steps per work item, at most: halo overhead (K-1)/TILE (2(K-1)/TILE in the gradient), and
+# B * T/TILE shares of dweight / dbias. The tile halves (down to TILE_MIN) while the launch would
+# have fewer than MIN_ITEMS work items (threads): the toy Mamba-2 layer (16 x 2048 x 1792, VW 8)
+# keeps 64 with 115K threads; an unbatched prefill gets shorter tiles and more threads.
+TILE = 64
+TILE_MIN = 16
+MIN_ITEMS = 100_000
+AHEAD = 4  # steps whose loads are issued together (memory-level parallelism per thread)
 GROUP = 128  # threads per group, along channels
-# tiles per work item of the gradient kernels (its float32 dweight / dbias shares shrink by this
-# factor: 73 MB per toy layer at 1; 16 x 2048 x 1792 channels). 1 until measured on a GPU.
-BWD_TILES = 1
 
 
 def _head() -> str:
-    """The opening every kernel here shares: channel c of batch row b, its weights and bias. Opens
-    the channel's `if`."""
-    return """
+    """The opening every kernel here shares: channels c .. c + VW - 1 of batch row b over the tile
+    t0 .. t1 - 1, their weights and bias, and the window xw of the K-1 inputs before the tile. Opens
+    the work item's `if`."""
+    return f"""
+  constexpr int AHEAD = {AHEAD};
   const int Tn = x_shape[1];
   const int Cn = x_shape[2];
-  const int c = bid_x * nthreads + tid;
+  const int c = (bid_x * nthreads + tid) * VW;  // the first of this thread's VW channels
   const int b = bid_z;
-  if (c < Cn) {
-    float wk[K];
-    for (int k = 0; k < K; ++k) wk[k] = static_cast<float>(w[c * K + k]);
-    const float bv = static_cast<float>(bias[c]);"""
-
-
-def _tile(nx: str) -> str:
-    """xs = xp[t0 .. t0 + nx - 1] for the tile from t0 (the K-1 inputs before the tile come from x
-    or the carried state; past the end: 0), loaded before any store so that all loads are in flight
-    at once (outputs may alias x as far as the compiler knows)."""
-    return f"""
-      float xs[{nx}];
-      for (int k = 0; k < {nx}; ++k) {{
-        const int i = t0 + k - (K - 1);  // index into x; negative -> the carried state
-        xs[k] = i < 0 ? static_cast<float>(static_cast<T>(state[(b * (K - 1) + i + K - 1) * Cn + c]))
-              : (i < Tn ? static_cast<float>(x[(b * Tn + i) * Cn + c]) : 0.0f);
-      }}"""
+  const int t0 = bid_y * TILE;
+  if (c < Cn && t0 < Tn) {{
+    const int t1 = t0 + TILE < Tn ? t0 + TILE : Tn;
+    float wk[K][VW];
+    float bv[VW];
+    for (int j = 0; j < VW; ++j) {{
+      for (int k = 0; k < K; ++k) wk[k][j] = static_cast<float>(w[(c + j) * K + k]);
+      bv[j] = static_cast<float>(bias[c + j]);
+    }}
+    // the window at step t: xw[k] = xp[t + k] = x[t - (K - 1) + k], k < K - 1 (before x: the state)
+    float xw[K - 1][VW];
+    for (int k = 0; k < K - 1; ++k) {{
+      const int i = t0 + k - (K - 1);
+      if (i >= 0) {{
+        LDV(x, (b * Tn + i) * Cn + c, xw[k]);
+      }} else {{
+        for (int j = 0; j < VW; ++j)
+          xw[k][j] = static_cast<float>(static_cast<T>(state[(b * (K - 1) + i + K - 1) * Cn + c + j]));
+      }}
+    }}"""
 
 
 def _rows(name: str, split: bool, qual: str = "") -> str:
-    """Defines `<NAME>_AT(t)`, the element of the (B, T, C) rows `name` at step t of the work item's
-    channel c. Split: the rows are the three arrays name0 / name1 / name2 of widths C0, C1 and
-    C - C0 - C1 along channels; c's array, row width and column are picked once per work item.
-    qual: "const " for an input."""
-    at = f"{name.upper()}_AT"
+    """Defines `<name>_p`, `<name>_w`, `<name>_c`: the (B, T, *) rows `name` holding channel c, their
+    width and c's column in them (element (b, t) at `<name>_p[(b * Tn + t) * <name>_w + <name>_c]`).
+    Split: the rows are the three arrays name0 / name1 / name2 of widths C0, C1 and C - C0 - C1
+    along channels, picked once per work item (a VW group never straddles two). qual: "const " for
+    an input."""
     if not split:
         return f"""
-#define {at}(t) {name}[(b * Tn + (t)) * Cn + c]"""
+    {qual}DEV T* const {name}_p = {name};
+    const int {name}_w = Cn;
+    const int {name}_c = c;"""
     return f"""
     const bool in0 = c < C0, in1 = c < C0 + C1;
     {qual}DEV T* const {name}_p = in0 ? {name}0 : (in1 ? {name}1 : {name}2);
     const int {name}_w = in0 ? C0 : (in1 ? C1 : Cn - C0 - C1);
-    const int {name}_c = in0 ? c : (in1 ? c - C0 : c - C0 - C1);
-#define {at}(t) {name}_p[(b * Tn + (t)) * {name}_w + {name}_c]"""
+    const int {name}_c = in0 ? c : (in1 ? c - C0 : c - C0 - C1);"""
 
 
 def _forward(split: bool) -> str:
     return _head() + _rows("y", split) + """
-    const int t0 = bid_y * TILE;
-    if (t0 < Tn) {""" + _tile("TILE + K - 1") + """
-      for (int u = 0; u < TILE; ++u) {
-        if (t0 + u < Tn) {
-          float acc = 0.0f;
-          for (int k = 0; k < K; ++k) acc += wk[k] * xs[u + k];
-          acc += bv;
-          if (SILU) acc = fsilu(acc);
-          Y_AT(t0 + u) = static_cast<T>(acc);
+    for (int s0 = t0; s0 < t1; s0 += AHEAD) {
+      float xv[AHEAD][VW];                  // the next AHEAD inputs, all loads before any store
+#pragma unroll
+      for (int u = 0; u < AHEAD; ++u) {
+        if (s0 + u < t1) {
+          LDV(x, (b * Tn + s0 + u) * Cn + c, xv[u]);
         }
       }
-      if (t0 == 0) {  // new_state[j] = xp[T + j]
-        for (int j = 0; j < K - 1; ++j) {
-          const int i = Tn + j - (K - 1);
-          new_state[(b * (K - 1) + j) * Cn + c] =
-              i >= 0 ? static_cast<T>(static_cast<float>(x[(b * Tn + i) * Cn + c]))
-                     : static_cast<T>(static_cast<float>(state[(b * (K - 1) + Tn + j) * Cn + c]));
+#pragma unroll
+      for (int u = 0; u < AHEAD; ++u) {
+        if (s0 + u < t1) {
+          float yv[VW];
+          for (int j = 0; j < VW; ++j) {
+            float acc = 0.0f;
+            for (int k = 0; k < K - 1; ++k) acc += wk[k][j] * xw[k][j];
+            acc += wk[K - 1][j] * xv[u][j];
+            acc += bv[j];
+            if (SILU) acc = fsilu(acc);
+            yv[j] = acc;
+            for (int k = 0; k < K - 2; ++k) xw[k][j] = xw[k + 1][j];
+            xw[K - 2][j] = xv[u][j];
+          }
+          STV(y_p, (b * Tn + s0 + u) * y_w + y_c, yv);
         }
+      }
+    }
+    if (t0 == 0) {  // new_state[m] = xp[T + m]
+      for (int m = 0; m < K - 1; ++m) {
+        const int i = Tn + m - (K - 1);
+        for (int j = 0; j < VW; ++j)
+          new_state[(b * (K - 1) + m) * Cn + c + j] =
+              i >= 0 ? static_cast<T>(static_cast<float>(x[(b * Tn + i) * Cn + c + j]))
+                     : static_cast<T>(static_cast<float>(state[(b * (K - 1) + Tn + m) * Cn + c + j]));
       }
     }
   }
@@ -108,107 +138,162 @@ def _forward(split: bool) -> str:
 
 
 def _backward(split: bool) -> str:
-    # a work item covers RT consecutive tiles of its channel, one after the other, and writes one
-    # share of dweight / dbias for all of them (channel-fastest: coalesced stores)
+    # step s: dp[s] from x / dy at s and the window; its share of dw / db while s is in the tile;
+    # then dx[s - (K - 1)], whose K d pre-activations dp[s - K + 1 .. s] are all known
     return _head() + _rows("dy", split, "const ") + """
-    const int nt = (Tn + TILE - 1) / TILE;
-    const int ny = (nt + RT - 1) / RT;      // work items along time
-    float dwk[K + 1];
-    for (int k = 0; k <= K; ++k) dwk[k] = 0.0f;
-    for (int r = 0; r < RT; ++r) {
-      const int t0 = (bid_y * RT + r) * TILE;
-      if (t0 >= Tn) break;""" + _tile("TILE + 2 * (K - 1)") + """
-      // dy on the tile and the K-1 steps after it (their gradients reach the tile's inputs)
-      float dp[TILE + K - 1];               // d pre-activation at t0 .. t0 + TILE + K - 2 (0 past the end)
-      for (int u = 0; u < TILE + K - 1; ++u) {
-        const int t = t0 + u;
-        float g = t < Tn ? static_cast<float>(DY_AT(t)) : 0.0f;
-        if (SILU && t < Tn) {
-          float pre = bv;
-          for (int k = 0; k < K; ++k) pre += wk[k] * xs[u + k];
-          const float sg = 1.0f / (1.0f + fexp(-pre));
-          g *= sg * (1.0f + pre * (1.0f - sg));
-        }
-        dp[u] = g;
-      }
-      // this tile's share of dw[k] = sum_t dp[t] xp[t + k] and db = sum_t dp[t]
-      for (int u = 0; u < TILE; ++u) {
-        for (int k = 0; k < K; ++k) dwk[k] += dp[u] * xs[u + k];
-        dwk[K] += dp[u];
-      }
-      // dx[i] = sum_k w[k] dp[i + K - 1 - k] (+ the new state's cotangent on the last K - 1 inputs)
-      for (int u = 0; u < TILE; ++u) {
-        const int i = t0 + u;
-        if (i < Tn) {
-          float acc = 0.0f;
-          for (int k = 0; k < K; ++k) acc += wk[k] * dp[u + K - 1 - k];
-          const int m = i + K - 1 - Tn;      // new_state[m] = x[i]
-          if (m >= 0) acc += static_cast<float>(dns[(b * (K - 1) + m) * Cn + c]);
-          dx[(b * Tn + i) * Cn + c] = static_cast<T>(acc);
+    const int s1 = t1 + K - 1;             // steps t0 .. s1 - 1: the tile and the K - 1 after it
+    float dwk[K + 1][VW];                  // this work item's share of dw[k] = sum_t dp[t] xp[t + k], db = sum_t dp[t]
+    float dpw[K - 1][VW];                  // dp at the K - 1 steps before (0 before t0)
+    for (int j = 0; j < VW; ++j) {
+      for (int k = 0; k <= K; ++k) dwk[k][j] = 0.0f;
+      for (int k = 0; k < K - 1; ++k) dpw[k][j] = 0.0f;
+    }
+    for (int s0 = t0; s0 < s1; s0 += AHEAD) {
+      float xv[AHEAD][VW];                  // x and dy at the next AHEAD steps (0 past the end)
+      float gv[AHEAD][VW];
+#pragma unroll
+      for (int u = 0; u < AHEAD; ++u) {
+        const int s = s0 + u;
+        if (s < Tn) {
+          LDV(x, (b * Tn + s) * Cn + c, xv[u]);
+          LDV(dy_p, (b * Tn + s) * dy_w + dy_c, gv[u]);
+        } else {
+          for (int j = 0; j < VW; ++j) xv[u][j] = gv[u][j] = 0.0f;
         }
       }
-      if (t0 == 0) {                         // dstate[j] = sum_k w[k] dp[j - k] (+ dns where T < K - 1)
-        for (int j = 0; j < K - 1; ++j) {
-          float acc = 0.0f;
-          for (int k = 0; k <= j; ++k) acc += wk[k] * dp[j - k];
-          if (j >= Tn) acc += static_cast<float>(dns[(b * (K - 1) + j - Tn) * Cn + c]);
-          dstate[(b * (K - 1) + j) * Cn + c] = static_cast<T>(acc);
+#pragma unroll
+      for (int u = 0; u < AHEAD; ++u) {
+        const int s = s0 + u;
+        if (s < s1) {
+          float dxv[VW];
+          for (int j = 0; j < VW; ++j) {
+            float g = gv[u][j];
+            if (SILU && s < Tn) {
+              float pre = bv[j];
+              for (int k = 0; k < K - 1; ++k) pre += wk[k][j] * xw[k][j];
+              pre += wk[K - 1][j] * xv[u][j];
+              const float sg = 1.0f / (1.0f + fexp(-pre));
+              g *= sg * (1.0f + pre * (1.0f - sg));
+            }
+            if (s < t1) {
+              for (int k = 0; k < K - 1; ++k) dwk[k][j] += g * xw[k][j];
+              dwk[K - 1][j] += g * xv[u][j];
+              dwk[K][j] += g;
+            }
+            float acc = wk[0][j] * g;        // dx[s - (K - 1)] = sum_k w[k] dp[s - k]
+            for (int k = 1; k < K; ++k) acc += wk[k][j] * dpw[K - 1 - k][j];
+            dxv[j] = acc;
+            for (int k = 0; k < K - 2; ++k) {
+              xw[k][j] = xw[k + 1][j];
+              dpw[k][j] = dpw[k + 1][j];
+            }
+            xw[K - 2][j] = xv[u][j];
+            dpw[K - 2][j] = g;
+          }
+          const int i = s - (K - 1);
+          const int m = s - Tn;              // new_state[m] = xp[T + m]: its cotangent adds in
+          if (i >= t0) {
+            if (m >= 0) {
+              for (int j = 0; j < VW; ++j) dxv[j] += static_cast<float>(dns[(b * (K - 1) + m) * Cn + c + j]);
+            }
+            STV(dx, (b * Tn + i) * Cn + c, dxv);
+          } else if (t0 == 0 && i < 0) {     // dstate[s] = sum_k w[k] dp[s - k] (+ dns where T < K - 1)
+            for (int j = 0; j < VW; ++j) {
+              const float d = m >= 0 ? static_cast<float>(dns[(b * (K - 1) + m) * Cn + c + j]) : 0.0f;
+              dstate[(b * (K - 1) + s) * Cn + c + j] = static_cast<T>(dxv[j] + d);
+            }
+          }
         }
       }
     }
-    for (int k = 0; k <= K; ++k) dwb[((b * ny + bid_y) * (K + 1) + k) * Cn + c] = dwk[k];
+    const int ny = (Tn + TILE - 1) / TILE;
+    for (int k = 0; k <= K; ++k)
+      for (int j = 0; j < VW; ++j) dwb[((b * ny + bid_y) * (K + 1) + k) * Cn + c + j] = dwk[k][j];
   }
 """
 
 
 KERNEL = Kernel(name="alloy_causal_conv1d", inputs=("x", "w", "bias", "state"), outputs=("y", "new_state"),
-                body=_forward(False))
+                body=_forward(False), helpers=VEC_IO)
 BWD = Kernel(name="alloy_causal_conv1d_bwd", inputs=("x", "w", "bias", "state", "dy", "dns"),
-             outputs=("dx", "dstate", "dwb"), body=_backward(False))
+             outputs=("dx", "dstate", "dwb"), body=_backward(False), helpers=VEC_IO)
 # template ints C0, C1: the widths of y0 / y1 (dy0 / dy1); y2 takes the remaining C - C0 - C1 channels
 KERNEL_SPLIT = Kernel(name="alloy_causal_conv1d_split", inputs=("x", "w", "bias", "state"),
-                      outputs=("y0", "y1", "y2", "new_state"), body=_forward(True))
+                      outputs=("y0", "y1", "y2", "new_state"), body=_forward(True), helpers=VEC_IO)
 BWD_SPLIT = Kernel(name="alloy_causal_conv1d_split_bwd",
                    inputs=("x", "w", "bias", "state", "dy0", "dy1", "dy2", "dns"),
-                   outputs=("dx", "dstate", "dwb"), body=_backward(True))
+                   outputs=("dx", "dstate", "dwb"), body=_backward(True), helpers=VEC_IO)
 
 
-def _template(x, K: int, silu: bool, widths) -> list:
-    """The template arguments; with ``widths`` (three channel counts summing to C) the split
+def _plan(x, widths) -> tuple[int, int]:
+    """(VW, tile) for x (B, T, C): VW 8 where C and the split widths are multiples of 8 and x has
+    more than one row (a single row may be a channel slice of a wider one at any offset, which MLX
+    passes uncopied: no 16-byte alignment), else 1; the tile halves from TILE while there would be
+    fewer than MIN_ITEMS work items (not below TILE_MIN)."""
+    B, T, C = x.shape
+    vw = 8 if B * T > 1 and all(n % 8 == 0 for n in (C, *(widths or ()))) else 1
+    tile = TILE
+    while tile > TILE_MIN and B * groups(T, tile) * groups(C, vw) < MIN_ITEMS:
+        tile //= 2
+    return vw, tile
+
+
+def _template(x, K: int, silu: bool, widths) -> tuple[list, int, int]:
+    """(template arguments, VW, tile); with ``widths`` (three channel counts summing to C) the split
     kernels' C0, C1."""
-    t = [("T", x.dtype), ("K", K), ("TILE", TILE), ("SILU", bool(silu))]
-    if widths is None:
-        return t
-    if len(widths) != 3 or min(widths) < 1 or sum(widths) != x.shape[2]:
+    if widths is not None and (len(widths) != 3 or min(widths) < 1 or sum(widths) != x.shape[2]):
         raise ValueError(f"conv1d: widths must be three positive channel counts summing to C = {x.shape[2]}, "
                          f"got {tuple(widths)}")
-    return t + [("C0", int(widths[0])), ("C1", int(widths[1]))]
+    vw, tile = _plan(x, widths)
+    t = [("T", x.dtype), ("K", K), ("TILE", tile), ("SILU", bool(silu)), ("VW", vw)]
+    if widths is not None:
+        t += [("C0", int(widths[0])), ("C1", int(widths[1]))]
+    return t, vw, tile
+
+
+def _sum_rows(v):
+    """The sum over rows of a (R, N) float32 array, in column reductions of at most 32 rows: MLX-CUDA
+    reduces a tall (R, N) in one pass of N / 32 groups, slow for R in the hundreds; (a, b, N) summed
+    over b <= 32 runs a * N / 4 threads. b: the largest divisor of R in [8, 32], else 32 with the
+    R mod 32 rows left over summed on their own."""
+    extra = None
+    while v.shape[0] > 32:
+        R = v.shape[0]
+        b = next((d for d in range(32, 7, -1) if R % d == 0), 32)
+        n = R - R % b
+        if n < R:
+            rest = v[n:].sum(axis=0)
+            extra = rest if extra is None else extra + rest
+        v = v[:n].reshape(n // b, b, v.shape[1]).sum(axis=1)
+    s = v.sum(axis=0)
+    return s if extra is None else s + extra
 
 
 def _vjp(kernel, x, weight, bias, state, dys, dns, silu: bool, widths=None):
     B, T, C = x.shape
     K = weight.shape[1]
-    rt = max(1, int(BWD_TILES))
-    ny = groups(groups(T, TILE), rt)
+    template, vw, tile = _template(x, K, silu, widths)
+    ny = groups(T, tile)
     dx, dstate, dwb = kernel(
         [x, weight, bias, state, *(d.astype(x.dtype) for d in dys), dns.astype(x.dtype)],
-        template=_template(x, K, silu, widths) + [("RT", rt)],
-        grid=(groups(C, GROUP), ny, B),
+        template=template,
+        grid=(groups(groups(C, vw), GROUP), ny, B),
         threadgroup=GROUP,
-        output_shapes=[(B, T, C), (B, K - 1, C), (B, ny, K + 1, C)],
+        output_shapes=[(B, T, C), (B, K - 1, C), (B * ny, (K + 1) * C)],
         output_dtypes=[x.dtype, x.dtype, mx.float32],
     )
-    dwb = dwb.sum(axis=(0, 1))  # (K + 1, C)
+    dwb = _sum_rows(dwb).reshape(K + 1, C)
     return dx, dwb[:K].T.astype(weight.dtype), dwb[K].astype(bias.dtype), dstate.astype(state.dtype)
 
 
 def _forward_launch(kernel, x, weight, bias, state, silu: bool, widths=None):
     B, T, C = x.shape
     K = weight.shape[1]
+    template, vw, tile = _template(x, K, silu, widths)
     return kernel(
         [x, weight, bias, state],
-        template=_template(x, K, silu, widths),
-        grid=(groups(C, GROUP), groups(T, TILE), B),
+        template=template,
+        grid=(groups(groups(C, vw), GROUP), groups(T, tile), B),
         threadgroup=GROUP,
         output_shapes=[(B, T, w) for w in (widths or (C,))] + [(B, K - 1, C)],
         output_dtypes=[x.dtype] * (len(widths or (C,)) + 1),

@@ -1,6 +1,6 @@
 """Pure math: ``*_ref`` reference implementations (the specification) and one public dispatcher
 per op (``impl="auto"`` picks a path from static facts: backend, shapes, dtype)."""
-from alloy.ops.activations import ACTIVATIONS, activation, relu2, swiglu  # noqa: F401
+from alloy.ops.activations import ACTIVATIONS, activation, relu2, swiglu, swiglu_packed  # noqa: F401
 from alloy.ops.attention import attention, attention_ref, causal_mask, visibility_mask  # noqa: F401
 from alloy.ops.conv import causal_conv1d, causal_conv1d_ref  # noqa: F401
 from alloy.ops.loss import cross_entropy  # noqa: F401

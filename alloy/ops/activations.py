@@ -33,6 +33,30 @@ def _swiglu_kernel():
                                 kernels.swiglu_vjp)
 
 
+def swiglu_packed(gu: mx.array) -> mx.array:
+    """silu(gate) * up with gate, up the two halves of gu's last axis: (..., 2F) -> (..., F) (the output
+    of one projection whose weight stacks the gate's and up's), as `swiglu(fused=True)`: on a GPU the
+    packed kernels of `alloy.metal.swiglu`, whose gradient comes back in gu's layout (no split or
+    concatenation copies); elsewhere the fused MLX form of the two halves."""
+    if gu.shape[-1] % 2:
+        raise ValueError(f"swiglu_packed: the last axis holds gate and up, so it must be even; got shape {tuple(gu.shape)}")
+    from alloy import metal
+    from alloy.metal import swiglu as kernels
+
+    if metal.backend() is not None and kernels.packed_applies(gu):
+        return _swiglu_packed_kernel()(gu)[0]
+    return _swiglu_fused(*mx.split(gu, 2, axis=-1))
+
+
+@functools.lru_cache(maxsize=None)
+def _swiglu_packed_kernel():
+    from alloy import metal
+    from alloy.metal import swiglu as kernels
+
+    return metal.differentiable(lambda gu: (kernels.swiglu_packed(gu),),
+                                lambda gu: (_swiglu_fused(*mx.split(gu, 2, axis=-1)),), kernels.swiglu_packed_vjp)
+
+
 @mx.custom_function
 def _swiglu_fused(gate, up):
     g = gate.astype(mx.float32)
