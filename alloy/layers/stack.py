@@ -28,8 +28,14 @@ from alloy.config import ModelConfig
 from alloy.layers.common import dense, dtype_of, embed
 from alloy.layers import hyper, shared
 from alloy.layers.registry import get_ffn, get_mixer
-from alloy.ops.norm import rms_norm
+from alloy.ops.norm import add_rms_norm, rms_norm
 from alloy.params import init as I
+
+# Plain pre-norm stacks (no hyper-connections, unit residual multiplier, no remat) carry each
+# half-block's output as a pending residual update into the next norm, which adds it and normalizes
+# in one op (`alloy.ops.add_rms_norm`: one kernel each way on a GPU; the two ops elsewhere, the same
+# values as the unfused order).
+FUSED_ADD_NORM = True
 
 
 def resolve(cfg: ModelConfig):
@@ -109,6 +115,7 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
     scales = dict(cfg.residual_scales or ())
     post = cfg.block_style == "norm_residual"
     hc = dict(cfg.hyper) if cfg.block_style == "hyper" else None
+    defer = FUSED_ADD_NORM and hc is None and not post and res == 1.0 and not remat
 
     def add(h, x, y, name):
         """The residual update of one half-block (pre-norm or MiniMax's scaled normed residual)."""
@@ -117,41 +124,49 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
             return a * x + b * y
         return h + (y if res == 1.0 else y * res)
 
-    def half(h, p_norm, p_hc, f, name, x_in=None):
+    def half(h, p_norm, p_hc, f, name, x_in=None, pending=None):
         """One half-block around f: pre-norm / norm-residual on h (f reads norm(x_in), x_in defaults
-        to h), or hyper-connections on the streams h."""
+        to h), or hyper-connections on the streams h. Returns (h, f's second result, pending): with
+        `defer`, the residual stream is h + pending (the update the next norm adds; pending, given
+        only without x_in, is added here first)."""
         if hc is None:
-            x = rms_norm(h if x_in is None else x_in, p_norm["weight"], eps)
+            if pending is not None:
+                h, x = add_rms_norm(h, pending, p_norm["weight"], eps)
+            else:
+                x = rms_norm(h if x_in is None else x_in, p_norm["weight"], eps)
             y, out = f(x)
-            return add(h, x, y, name), out
+            return (h, out, y) if defer else (add(h, x, y, name), out, None)
         pre, post_w, M = hyper.weights(p_hc, h, hc["sinkhorn_iters"], hc["eps"], eps)
         y, out = f(rms_norm(hyper.collapse(pre, h), p_norm["weight"], eps))
-        return hyper.expand(post_w, M, h, y), out
+        return hyper.expand(post_w, M, h, y), out, None
 
-    def block(i, lp, h, s_in, e0=None, blocks_p=None, s_sh=None, tokens=None):
+    def block(i, lp, h, s_in, e0=None, blocks_p=None, s_sh=None, tokens=None, pending=None):
         """One residual block: the mixer half (its input may add a shared call's output), then the
-        FFN half. Returns (h, mixer state, shared-call state)."""
+        FFN half. Returns (h, mixer state, shared-call state, pending): the residual stream is
+        h + pending on entry and exit (see `half`)."""
         mspec, ms, fspec, fs = blocks[i]
         s_out, sh_out = {}, None
         if mspec is not None:
-            x = h
+            own = (mspec.residual_block is not None and s_in is not None and i not in calls and hc is None
+                   and not post and res == 1.0)
+            if pending is not None and (i in calls or own):  # these read the whole stream: add now
+                h, pending = h + pending, None
+            x = None
             if i in calls:
                 t, sh_out = shared.apply_call(blocks_p[calls[i][1]], lp["shared"], h, e0, s_sh, cfg.shared)
                 x = h + t
-            fused = None
-            if (mspec.residual_block is not None and s_in is not None and i not in calls and hc is None
-                    and not post and res == 1.0):
-                fused = mspec.residual_block(lp["mixer"], h, lp["norm"]["weight"], eps, s_in, ms)
+            fused = mspec.residual_block(lp["mixer"], h, lp["norm"]["weight"], eps, s_in, ms) if own else None
             if fused is not None:  # the layer's own fused inference block (e.g. Mamba-2 decode kernels)
                 h, s_out = fused
             else:
-                h, s_out = half(h, lp["norm"], lp.get("mixer_hc"),
-                                lambda a: mspec.apply(lp["mixer"], a, s_in, ms), cfg.layer_types[i], x)
+                h, s_out, pending = half(h, lp["norm"], lp.get("mixer_hc"),
+                                         lambda a: mspec.apply(lp["mixer"], a, s_in, ms), cfg.layer_types[i], x,
+                                         pending)
         if fspec is not None:
             kw = {"tokens": tokens} if fspec.tokens else {}
-            h, _ = half(h, lp["ffn_norm"], lp.get("ffn_hc"), lambda a: fspec.apply(lp["ffn"], a, None, fs, **kw),
-                        "ffn")
-        return h, s_out, sh_out
+            h, _, pending = half(h, lp["ffn_norm"], lp.get("ffn_hc"),
+                                 lambda a: fspec.apply(lp["ffn"], a, None, fs, **kw), "ffn", None, pending)
+        return h, s_out, sh_out, pending
 
     segments = _segments(cfg, blocks, calls)
 
@@ -172,10 +187,13 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
         blocks_p = params.get("shared_blocks")
         new_layers = []
         stacks = params.get("decode_stack") if state is not None and T == 1 and valid is None else None
+        pending = None  # the residual update not yet added to h (see `half`)
         i = 0
         while i < len(blocks):
             end = segments.get(i)
             if stacks is not None and end is not None and str(i) in stacks:
+                if pending is not None:
+                    h, pending = h + pending, None
                 # a run of blocks in one launch (e.g. the persistent Mamba-2 decode kernel)
                 fused = blocks[i][0].stack_decode(stacks[str(i)], h, [state["layers"][j]["mixer"] for j in range(i, end)],
                                                   eps, blocks[i][1], tag=i)
@@ -196,12 +214,15 @@ def make_apply(cfg: ModelConfig, remat: bool = False):
                 s_in = {**s_in, "valid": valid}
             if valid is not None and s_sh:
                 s_sh = {**s_sh, "valid": valid}
-            h, s_out, sh_out = block(i, lp, h, s_in, e0, blocks_p, s_sh, tokens)
+            h, s_out, sh_out, pending = block(i, lp, h, s_in, e0, blocks_p, s_sh, tokens, pending)
             new_layers.append({"mixer": s_out} if i not in calls else {"mixer": s_out, "shared": sh_out})
             i += 1
         if hc is not None:
             h = hyper.head(params["hc_head"], h, hc["eps"], eps)
-        h = rms_norm(h, params["norm_f"]["weight"], eps)
+        if pending is not None:
+            _, h = add_rms_norm(h, pending, params["norm_f"]["weight"], eps)
+        else:
+            h = rms_norm(h, params["norm_f"]["weight"], eps)
         logits = dense(params["embed_tokens" if cfg.tie_embeddings else "lm_head"], h)
         if cfg.logits_scaling != 1.0:
             logits = logits / cfg.logits_scaling

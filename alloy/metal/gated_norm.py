@@ -9,7 +9,9 @@ Rows are the flattened leading axes, D the last; lane l of a warp owns columns l
 the eight columns 8 l .. 8 l + 7 of each 256-column chunk instead (16-byte loads and stores).
 Statistics and arithmetic in float32, as `alloy.ops.norm.gated_rms_norm_ref`.
 
-`FWD` writes y. `BWD` recomputes h and the group statistics and writes dx, dz and, per warp, its
+`FWD` writes y. `ADD_FWD` / `ADD_BWD` (no gate) put a residual add in front of the norm: hs = x + r
+(rounded to the dtype, as MLX's add), y = rmsnorm(hs) w; the gradient adds hs's own cotangent to dx.
+`BWD` recomputes h and the group statistics and writes dx, dz and, per warp, its
 rows' share of dw (float32, summed by `sum_rows` afterwards):
 
     u = w dy (gate first) or w dy silu(z) (gate after);  c_g = rstd_g^3 mean_g(h u)
@@ -33,11 +35,7 @@ _COMMON = """
   const float ep = eps[0];
 """
 
-FWD = Kernel(
-    name="alloy_gated_rms_norm",
-    inputs=("x", "z", "w", "eps"),
-    outputs=("y",),
-    body=_COMMON + """
+_FWD_BODY = _COMMON + """
   const int R = x_shape[0];
   const int row = static_cast<int>(bid_x * NWP + warp);
   if (row < R) {
@@ -47,7 +45,7 @@ FWD = Kernel(
     for (int j = 0; j < J; ++j) {
       float xv[VW];
       float zv[VW];
-      LDV(x, base + 32 * VW * j, xv);
+      LDV(x, base + 32 * VW * j, xv);/*ADD_STORE*/
       LDZ(base + 32 * VW * j, zv);
       for (int u = 0; u < VW; ++u) {
         const float h = NBG ? xv[u] : xv[u] * SILU_Z(zv[u]);
@@ -60,7 +58,7 @@ FWD = Kernel(
       float zv[VW];
       float wv[VW];
       float yv[VW];
-      LDV(x, base + 32 * VW * j, xv);
+      LDV(x, base + 32 * VW * j, xv);/*ADD*/
       LDZ(base + 32 * VW * j, zv);
       LDV(w, VW * static_cast<int>(lane) + 32 * VW * j, wv);
       for (int u = 0; u < VW; ++u) {
@@ -70,19 +68,39 @@ FWD = Kernel(
       STV(y, base + 32 * VW * j, yv);
     }
   }
-""",
-    helpers=VEC_IO + """
+"""
+
+# the residual add in front of a plain RMSNorm (the ADD_ kernels): hs = x + r rounded to T, as MLX's
+# add of the two; the norm reads hs; the first pass writes it
+_ADD = """
+      { float r_[VW]; LDV(r, base + 32 * VW * j, r_);
+        for (int u_ = 0; u_ < VW; ++u_) xv[u_] = static_cast<float>(static_cast<T>(xv[u_] + r_[u_])); }"""
+_ADD_STORE = _ADD + """
+      STV(hs, base + 32 * VW * j, xv);"""
+# its gradient: x is hs, dr the cotangent hs receives directly (the residual stream's); the gradient of
+# both addends is dx + dr
+_ADD_GRAD = """
+      { float r_[VW]; LDV(dr, base + 32 * VW * j, r_); for (int u_ = 0; u_ < VW; ++u_) dxv[u_] += r_[u_]; }"""
+
+
+def _fwd_body(add: bool) -> str:
+    return (_FWD_BODY.replace("/*ADD_STORE*/", _ADD_STORE if add else "")
+            .replace("/*ADD*/", _ADD if add else ""))
+
+
+_HELPERS = VEC_IO + """
 // GATE false (a plain RMSNorm): z is neither read nor written and silu(z) counts as 1
 #define LDZ(o, v) if (GATE) { LDV(z, o, v); } else { for (int u_ = 0; u_ < VW; ++u_) v[u_] = 0.0f; }
 #define SILU_Z(v) (GATE ? fsilu(v) : 1.0f)
-""",
-)
+"""
 
-BWD = Kernel(
-    name="alloy_gated_rms_norm_bwd",
-    inputs=("x", "z", "w", "eps", "dy"),
-    outputs=("dx", "dz", "dwp"),
-    body=_COMMON + """
+FWD = Kernel(name="alloy_gated_rms_norm", inputs=("x", "z", "w", "eps"), outputs=("y",), body=_fwd_body(False),
+             helpers=_HELPERS)
+# (x + r, rmsnorm(x + r) w): the residual stream's update and the next half-block's norm in one pass
+ADD_FWD = Kernel(name="alloy_add_rms_norm", inputs=("x", "z", "w", "eps", "r"), outputs=("y", "hs"),
+                 body=_fwd_body(True), helpers=_HELPERS)
+
+_BWD_BODY = _COMMON + """
   const int R = x_shape[0];
   const int wid = static_cast<int>(bid_x * NWP + warp);   // this warp's rows: wid * RPW ...
   float dw[J * VW];                          // the weight is re-read per row (L1), not held
@@ -142,15 +160,19 @@ BWD = Kernel(
         dzv[u] = NBG ? dyv[u] * wv[u] * h * r * ds : dh * xv[u] * ds;
         dw[VW * j + u] += dyv[u] * h * r * (NBG ? s : 1.0f);
       }
+/*ADD_GRAD*/
       STV(dx, base + 32 * VW * j, dxv);
       if (GATE) { STV(dz, base + 32 * VW * j, dzv); }
     }
   }
   for (int j = 0; j < J; ++j)
     for (int u = 0; u < VW; ++u) dwp[wid * D + VW * static_cast<int>(lane) + 32 * VW * j + u] = dw[VW * j + u];
-""",
-    helpers=FWD.helpers,
-)
+"""
+
+BWD = Kernel(name="alloy_gated_rms_norm_bwd", inputs=("x", "z", "w", "eps", "dy"), outputs=("dx", "dz", "dwp"),
+             body=_BWD_BODY.replace("/*ADD_GRAD*/", ""), helpers=_HELPERS)
+ADD_BWD = Kernel(name="alloy_add_rms_norm_bwd", inputs=("x", "z", "w", "eps", "dy", "dr"),
+                 outputs=("dx", "dz", "dwp"), body=_BWD_BODY.replace("/*ADD_GRAD*/", _ADD_GRAD), helpers=_HELPERS)
 
 
 def applies(x, z, weight, group_size) -> bool:
@@ -176,28 +198,33 @@ def _rows(x, z):
     return D, x2, mx.zeros((1,), x.dtype) if z is None else z.reshape(-1, D), x2.shape[0]
 
 
-def gated_rms_norm(x, z, weight, eps: float, group_size, norm_before_gate: bool):
-    """FWD launch: y in x.dtype, the shape of x. z None: a plain RMSNorm (GATE false)."""
+def gated_rms_norm(x, z, weight, eps: float, group_size, norm_before_gate: bool, r=None):
+    """FWD launch: y in x.dtype, the shape of x. z None: a plain RMSNorm (GATE false). r (no gate):
+    ADD_FWD, the norm of hs = x + r -> (y, hs)."""
     D, x2, z2, R = _rows(x, z)
     G = D if group_size is None else group_size
-    y = FWD([x2, z2, weight, mx.array([eps], mx.float32)],
-            template=_template(x, D, G, norm_before_gate, gate=z is not None),
-            grid=(groups(R, NWP), 1, 1), threadgroup=32 * NWP, output_shapes=[(R, D)],
-            output_dtypes=[x.dtype])[0]
-    return y.reshape(x.shape)
+    add = r is not None
+    outs = (ADD_FWD if add else FWD)(
+        [x2, z2, weight, mx.array([eps], mx.float32)] + ([r.astype(x.dtype).reshape(-1, D)] if add else []),
+        template=_template(x, D, G, norm_before_gate, gate=z is not None),
+        grid=(groups(R, NWP), 1, 1), threadgroup=32 * NWP, output_shapes=[(R, D)] * (1 + add),
+        output_dtypes=[x.dtype] * (1 + add))
+    return tuple(o.reshape(x.shape) for o in outs) if add else outs[0].reshape(x.shape)
 
 
-def gated_rms_norm_vjp(x, z, weight, eps: float, group_size, norm_before_gate: bool, dy):
+def gated_rms_norm_vjp(x, z, weight, eps: float, group_size, norm_before_gate: bool, dy, dr=None):
     """BWD launch: (dx, dz, dweight) in the argument dtypes; z None: a plain RMSNorm's gradient,
-    dz None."""
+    dz None. dr (no gate): ADD_BWD, x is hs and dr its direct cotangent, added to dx."""
     D, x2, z2, R = _rows(x, z)
     G = D if group_size is None else group_size
     nw = groups(R, RPW)
     gate = z is not None
-    dx, dz, dwp = BWD([x2, z2, weight, mx.array([eps], mx.float32), dy.astype(x.dtype).reshape(-1, D)],
-                      template=_template(x, D, G, norm_before_gate, gate=gate), grid=(groups(nw, NWP), 1, 1),
-                      threadgroup=32 * NWP, output_shapes=[(R, D), (R, D) if gate else (1,), (groups(nw, NWP) * NWP, D)],
-                      output_dtypes=[x.dtype, z.dtype if gate else x.dtype, mx.float32])
+    extra = [] if dr is None else [dr.astype(x.dtype).reshape(-1, D)]
+    dx, dz, dwp = (BWD if dr is None else ADD_BWD)(
+        [x2, z2, weight, mx.array([eps], mx.float32), dy.astype(x.dtype).reshape(-1, D)] + extra,
+        template=_template(x, D, G, norm_before_gate, gate=gate), grid=(groups(nw, NWP), 1, 1),
+        threadgroup=32 * NWP, output_shapes=[(R, D), (R, D) if gate else (1,), (groups(nw, NWP) * NWP, D)],
+        output_dtypes=[x.dtype, z.dtype if gate else x.dtype, mx.float32])
     return dx.reshape(x.shape), dz.reshape(z.shape) if gate else None, sum_rows(dwp).astype(weight.dtype)
 
 
@@ -214,4 +241,17 @@ def rms_norm(x, weight, eps: float):
 def rms_norm_vjp(x, weight, eps: float, dy):
     """BWD without a gate: (dx, dweight) in the argument dtypes."""
     dx, _, dw = gated_rms_norm_vjp(x, None, weight, eps, None, False, dy)
+    return dx, dw
+
+
+def add_rms_norm(x, r, weight, eps: float):
+    """ADD_FWD: (hs, y) with hs = x + r in x.dtype and y = rmsnorm(hs) w, one pass."""
+    y, hs = gated_rms_norm(x, None, weight, eps, None, False, r=r)
+    return hs, y
+
+
+def add_rms_norm_vjp(hs, weight, eps: float, dhs, dy):
+    """ADD_BWD: the gradient of `add_rms_norm` from its output hs and the cotangents of hs and y ->
+    (d(x + r), dweight): the one cotangent both addends receive, and the weight's."""
+    dx, _, dw = gated_rms_norm_vjp(hs, None, weight, eps, None, False, dy, dr=dhs)
     return dx, dw

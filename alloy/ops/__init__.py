@@ -4,7 +4,7 @@ from alloy.ops.activations import ACTIVATIONS, activation, relu2, swiglu, swiglu
 from alloy.ops.attention import attention, attention_ref, causal_mask, visibility_mask  # noqa: F401
 from alloy.ops.conv import causal_conv1d, causal_conv1d_ref  # noqa: F401
 from alloy.ops.loss import cross_entropy  # noqa: F401
-from alloy.ops.norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: F401
+from alloy.ops.norm import add_rms_norm, gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: F401
 from alloy.ops.rope import rope, rope_ref  # noqa: F401
 from alloy.ops.selective_scan import (  # noqa: F401
     selective_scan,

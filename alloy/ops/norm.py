@@ -62,6 +62,45 @@ def rms_norm(x: mx.array, weight: mx.array | None, eps: float = 1e-6, impl: str 
     return mx.fast.rms_norm(x, w, eps)
 
 
+@functools.lru_cache(maxsize=None)
+def _add_rms_kernel(eps: float):
+    from alloy import metal
+    from alloy.metal import gated_norm
+
+    def slow(x, r, w):
+        hs = x + r
+        return hs, mx.fast.rms_norm(hs, w, eps)
+
+    return metal.differentiable(
+        lambda x, r, w: gated_norm.add_rms_norm(x, r, w, eps), slow,
+        lambda x, r, w, dhs, dy, hs, _y: (lambda d, dw: (d, d, dw))(*gated_norm.add_rms_norm_vjp(hs, w, eps, dhs, dy)),
+        vjp_outputs=True)
+
+
+def add_rms_norm(x: mx.array, r: mx.array, weight: mx.array | None, eps: float = 1e-6,
+                 impl: str = "auto") -> tuple[mx.array, mx.array]:
+    """(hs, y) = (x + r, rms_norm(x + r, weight)): a residual stream's update and the next
+    half-block's pre-norm. On a GPU with `RMS_KERNEL` ("auto") or impl="kernel", one pass each way
+    (`alloy.metal.gated_norm.ADD_FWD` / `ADD_BWD`: the gradient adds hs's own cotangent inside the
+    norm's gradient instead of a separate add); otherwise the two ops (`impl` as for `rms_norm`)."""
+    if x.shape != r.shape or x.dtype != r.dtype:
+        raise ValueError(f"add_rms_norm: x and r must match, got {tuple(x.shape)} {x.dtype} and "
+                         f"{tuple(r.shape)} {r.dtype}")
+    if impl == "kernel" or (impl == "auto" and RMS_KERNEL):
+        from alloy import metal
+        from alloy.metal import gated_norm
+
+        w = None if weight is None else weight.astype(x.dtype)
+        ok = metal.backend() is not None and gated_norm.rms_norm_applies(x, w)
+        if impl == "kernel" and not ok:
+            raise ValueError("add_rms_norm: impl='kernel' needs a GPU default device, a weight of shape (D,) "
+                             f"and D a multiple of 32 (D={x.shape[-1]})")
+        if ok:
+            return _add_rms_kernel(float(eps))(x, r, w)
+    hs = x + r
+    return hs, rms_norm(hs, weight, eps, impl=impl)
+
+
 def gated_rms_norm_ref(
     x: mx.array,
     z: mx.array | None,
