@@ -114,6 +114,38 @@ def test_plain_rms_norm_kernels_match_mlx(dt, D):
 
 
 @pytest.mark.parametrize("dt", ["f32", "bf16"])
+@pytest.mark.parametrize("D", [768, 96])
+def test_add_rms_norm_kernels_match_mlx(dt, D):
+    """add_rms_norm(impl="kernel") (the residual add fused in front of the norm) against the two MLX
+    ops: both outputs and the gradients of both addends and the weight, cotangents on both outputs."""
+    from alloy.ops.norm import add_rms_norm
+    rng = np.random.default_rng(5)
+    dtype = DTYPES[dt]
+    x, r, w = arr(rng, (4, 301, D), dtype, 2.0), arr(rng, (4, 301, D), dtype), arr(rng, (D,), dtype)
+    cts = (arr(rng, (4, 301, D), dtype), arr(rng, (4, 301, D), dtype))
+    for got, want in zip(add_rms_norm(x, r, w, 1e-5, impl="kernel"), add_rms_norm(x, r, w, 1e-5, impl="fast")):
+        assert rel_err(got, want) <= TOL[dt]
+    assert_grads_match(lambda *a, impl: add_rms_norm(*a, 1e-5, impl=impl), (x, r, w), cts, "kernel", "fast",
+                       1e-4 if dt == "f32" else 3e-2)
+
+
+@pytest.mark.parametrize("dt", ["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(4, 301, 4096), (3, 7, 18)])
+def test_packed_swiglu_kernels_match_autodiff(dt, shape):
+    """swiglu_packed on the GPU (gate and up the halves of one array; eight-element vectors at F = 2048,
+    none at F = 9) against autodiff of silu(gate) * up in float32; the gradient in gu's layout."""
+    from alloy.ops import swiglu, swiglu_packed
+    rng = np.random.default_rng(6)
+    dtype = DTYPES[dt]
+    gu, ct = arr(rng, shape, dtype, 2.0), arr(rng, (*shape[:-1], shape[-1] // 2), dtype)
+    ref = lambda gu: (swiglu(*mx.split(gu.astype(mx.float32), 2, axis=-1)),)  # noqa: E731
+    assert rel_err(swiglu_packed(gu), ref(gu)[0]) <= TOL[dt]
+    (got,) = mx.vjp(lambda gu: (swiglu_packed(gu),), [gu], [ct])[1]
+    (want,) = mx.vjp(ref, [gu], [ct.astype(mx.float32)])[1]
+    assert got.dtype == dtype and got.shape == gu.shape and rel_err(got, want) <= TOL[dt]
+
+
+@pytest.mark.parametrize("dt", ["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(4, 301, 2048), (3, 7, 9)])
 def test_swiglu_kernels_match_autodiff(monkeypatch, dt, shape):
     """swiglu(fused=True) on the GPU takes the kernels (`alloy.metal.swiglu`), with and without
