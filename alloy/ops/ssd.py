@@ -330,7 +330,10 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     acs = mx.cumsum(dtc * A.astype(_F32), axis=2)               # (b,c,K,h)
     wS = mx.exp(acs[:, :, -1:] - acs)                           # decay from s to the chunk end
     decay = mx.exp(acs[:, :, -1])                               # (b,c,h): e^tot
-    Xw = gm(xc * (dtc * wS)[..., None]).astype(op)              # (b,c,g,K,rp)
+    # rounded to the product dtype before the layout change, so that the cast rides in the product's
+    # fused kernel (after it, MLX-CUDA ran the float32 product and a separate cast copy: ~0.23 ms per
+    # layer each for Xw and dys on an H100, docs/benchmarks.md session 8)
+    Xw = gm((xc * (dtc * wS)[..., None]).astype(op))            # (b,c,g,K,rp)
     if starts is not None and starts.dtype == op and starts.shape == (b, c, g, n, r * p):
         Hs = starts                                             # states entering the chunks
     else:
@@ -338,7 +341,7 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
         Hs, _ = kern.state_pass(Bg.swapaxes(-1, -2) @ Xw, decay, h0, op)
 
     # the state term y_off = e^acs C H_c
-    dys = gm(dyc * mx.exp(acs)[..., None]).astype(op)           # (b,c,g,K,rp)
+    dys = gm((dyc * mx.exp(acs)[..., None]).astype(op))         # (b,c,g,K,rp)
     dH = Cg.swapaxes(-1, -2) @ dys                              # (b,c,g,n,rp)
     dC = dys @ Hs.swapaxes(-1, -2)                              # (b,c,g,K,n)
 
