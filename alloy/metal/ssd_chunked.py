@@ -736,7 +736,9 @@ def state_pass(states, decay, init, dtype, reverse: bool = False, dot_with=None)
     )
     if not dot:
         return outs[0], outs[1]
-    dots = outs[2].reshape(b, nc, G, N, H // G, P // 32).sum(axis=(3, 5)).reshape(b, nc, H)
+    # the contiguous last axis first, then n: MLX-CUDA's one reduction over axes (3, 5) was a strided
+    # row reduction of 0.11-0.19 ms per layer for 3 MB on an H100 (docs/benchmarks.md, session 8)
+    dots = outs[2].reshape(b, nc, G, N, H // G, P // 32).sum(axis=5).sum(axis=3).reshape(b, nc, H)
     return outs[0], outs[1], dots
 
 
