@@ -11,6 +11,8 @@ honour it.
 """
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
 
@@ -64,6 +66,55 @@ def dense(p: dict, x: mx.array) -> mx.array:
     if "bias" in p:
         y = y + p["bias"]
     return y
+
+
+@functools.lru_cache(maxsize=None)
+def _split_matmul(widths: tuple):
+    """x @ W^T as len(widths) separate products against W's row blocks, with a written-out gradient:
+    dx accumulated by `mx.addmm` (the GEMM adds into its C input: no sum of separate products) and
+    dW as one array."""
+
+    @mx.custom_function
+    def f(x, w):
+        outs, o = [], 0
+        for n in widths:
+            outs.append(x @ w[o:o + n].T)
+            o += n
+        return tuple(outs)
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        x, w = primals
+        x2 = x.reshape(-1, x.shape[-1])
+        dx, dws, o = None, [], 0
+        for n, d in zip(widths, cotangents):
+            d2 = d.astype(x.dtype).reshape(-1, n)
+            dx = d2 @ w[o:o + n] if dx is None else mx.addmm(dx, d2, w[o:o + n])
+            dws.append(d2.T @ x2)
+            o += n
+        return dx.reshape(x.shape), mx.concatenate(dws, axis=0).astype(w.dtype)
+
+    return f
+
+
+def dense_split(p: dict, x: mx.array, widths) -> tuple:
+    """``mx.split(dense(p, x), ...)`` into pieces of the given widths (summing to the output width),
+    each computed as its own product so that each comes out contiguous (a consumer that needs
+    contiguous input, e.g. a kernel, copies nothing), and their gradients meet in one accumulating
+    matmul instead of a concatenation. Falls back to `dense` + split for a quantized linear or one
+    carrying a low-rank delta."""
+    widths = tuple(int(n) for n in widths)
+    if sum(widths) != p["weight"].shape[0] or min(widths) < 1:
+        raise ValueError(f"dense_split: widths {widths} must be positive and sum to the output width "
+                         f"{p['weight'].shape[0]}")
+    if not set(p) <= {"weight", "bias"}:
+        cuts = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
+        return tuple(mx.split(dense(p, x), cuts, axis=-1))
+    outs = _split_matmul(widths)(x, p["weight"])
+    if "bias" in p:
+        cuts = [0] + [sum(widths[:i + 1]) for i in range(len(widths))]
+        outs = tuple(y + p["bias"][a:b] for y, a, b in zip(outs, cuts, cuts[1:]))
+    return tuple(outs)
 
 
 def embed(p: dict, tokens: mx.array, d_model: int) -> mx.array:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from alloy.layers.common import conv_tail, decode_linear, dense, live_mask
+from alloy.layers.common import conv_tail, decode_linear, dense, dense_split, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
 from alloy.ops.conv import causal_conv1d, causal_conv1d_split
 from alloy.ops.norm import gated_rms_norm
@@ -159,6 +159,12 @@ def stack_decode(stacked: dict, h, states: list, norm_eps: float, cfg: Mamba2Set
 # off: one conv output sliced with mx.split (the A/B of docs/benchmarks.md, session 7).
 SPLIT_CONV = True
 
+# in_proj as three products (z, xBC, dt each contiguous: no packing copies before the conv and norm
+# kernels; their gradients accumulate in one chain of GEMMs instead of a concatenation) for calls of
+# at least SPLIT_IN_PROJ_MIN_ROWS tokens; decode-sized calls keep one product and slice it.
+SPLIT_IN_PROJ = True
+SPLIT_IN_PROJ_MIN_ROWS = 1024
+
 
 @register_mixer("mamba2", settings=Mamba2Settings, init=init, init_state=init_state, state="ssm",
                 mask="none", residual_block=decode_block, stack_decode=(stack_prepare, stack_decode))
@@ -167,8 +173,10 @@ def apply(params, x, state, cfg: Mamba2Settings):
     gn = cfg.n_groups * cfg.d_state
     if _fused_applies(params, x, state, cfg):
         return _fused_decode(params, x, state, cfg)
-    zxbcdt = dense(params["in_proj"], x)
-    z, xBC, dt = mx.split(zxbcdt, [cfg.d_inner, 2 * cfg.d_inner + 2 * gn], axis=-1)
+    if SPLIT_IN_PROJ and Bsz * T >= SPLIT_IN_PROJ_MIN_ROWS:
+        z, xBC, dt = dense_split(params["in_proj"], x, (cfg.d_inner, cfg.conv_dim, cfg.n_heads))
+    else:
+        z, xBC, dt = mx.split(dense(params["in_proj"], x), [cfg.d_inner, 2 * cfg.d_inner + 2 * gn], axis=-1)
     valid = None if state is None else state.get("valid")
     conv_args = (xBC, params["conv1d"]["weight"], params["conv1d"].get("bias"),
                  None if state is None else state["conv"])
