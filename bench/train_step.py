@@ -6,7 +6,9 @@
 
 It times the compiled ``alloy.train.make_train_step`` step (AdamW, fp32 master weights and moments,
 bf16 compute, global-norm clipping) on random tokens, after warm-up steps (the first traces and
-compiles). Reported: median step time, tokens/s, model TFLOP/s, MFU = model FLOP/s / peak.
+compiles). Reported: median step time, tokens/s, model TFLOP/s, MFU = model FLOP/s / peak. With
+``--pipelined`` the same steps are then run back to back under ``mx.async_eval`` (as
+``alloy.train.loop`` runs them) and the figures are from that run's wall time per step.
 
 Model FLOPs per token (training = 3 x forward: one forward, two matmuls backward), counted from the
 config, not measured:
@@ -112,6 +114,9 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.4)
     p.add_argument("--small", action="store_true", help="tiny model, B 4 x T 64, 3 steps: a CPU smoke run")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--pipelined", action="store_true",
+                   help="also time the steps pipelined (mx.async_eval: step n+1 is built and queued while "
+                        "step n runs), as the training loop runs them; reported as wall time / steps")
     p.add_argument("--flat", action="store_true",
                    help="the packed step: make_train_step(flat=True), one cast / norm / AdamW update per "
                         "flat buffer instead of per leaf")
@@ -165,6 +170,22 @@ def main(argv=None):
         mx.eval(params, opt_state, m)
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
+    piped = None
+    if a.pipelined:  # the same steps queued back to back: the graph building hides behind the GPU
+        mx.synchronize()
+        t = time.perf_counter()
+        prev = None
+        for i in range(a.steps):
+            params, opt_state, m = step(params, opt_state, batch, key)
+            mx.async_eval(params, opt_state, m)
+            if prev is not None:  # at most one step queued behind the running one (as the loop)
+                mx.eval(prev)
+            prev = m["loss"]
+        mx.eval(params, opt_state, m)
+        piped = (time.perf_counter() - t) / a.steps
+        print(f"pipelined: {piped * 1e3:.1f} ms per step over {a.steps} (synchronous median {med * 1e3:.1f}); "
+              f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+        med = piped
     tok_s = B * T / med
     fpt = model_flops_per_token(cfg, T)
     tflops = fpt * tok_s / 1e12
@@ -172,8 +193,10 @@ def main(argv=None):
            "remat": a.remat, "step_s_median": med, "step_s_min": min(times), "tokens_per_s": tok_s,
            "model_flops_per_token": fpt, "model_tflops": tflops, "peak_tflops": a.peak_tflops,
            "mfu": tflops / a.peak_tflops, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-           "final_loss": float(m["loss"]), "grads": grads, "flat": a.flat, "set": dict(switches)}
-    print(f"step {med * 1e3:.1f} ms median (min {min(times) * 1e3:.1f}) over {a.steps}: {tok_s:,.0f} tokens/s, "
+           "final_loss": float(m["loss"]), "grads": grads, "flat": a.flat, "set": dict(switches),
+           "pipelined": a.pipelined}
+    print(f"step {med * 1e3:.1f} ms {'pipelined' if piped else 'median'} (synchronous min {min(times) * 1e3:.1f}) "
+          f"over {a.steps}: {tok_s:,.0f} tokens/s, "
           f"{fpt / 1e6:.1f} MFLOP/token -> {tflops:.2f} TFLOP/s = {100 * res['mfu']:.2f}% MFU of "
           f"{a.peak_tflops:g} TFLOP/s; peak memory {res['peak_memory_gb']:.2f} GB")
     if a.json:

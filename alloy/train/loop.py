@@ -354,13 +354,19 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out_dir, *, resume=None,
     t_win, n_win = time.perf_counter(), 0
     tok_s = 0.0
     step = start
+    in_flight = None
     try:
         while step < end:
             batch_np, pos = data.loader.next_batch(pos)
             key, sub = mx.random.split(key)
             batch = {k: mx.array(v) for k, v in batch_np.items()}
             params, opt_state, metrics = step_fn(params, opt_state, batch, sub)
-            mx.eval(params, opt_state, metrics)
+            # queued, not waited for: the next batch and graph are built while this step runs; the
+            # previous step is waited for, so at most one step is queued behind the running one
+            mx.async_eval(params, opt_state, metrics)
+            if in_flight is not None:
+                mx.eval(in_flight)
+            in_flight = metrics["loss"]
             step += 1
             n_win += 1
             if step % tcfg.log_every == 0 or step == end:
@@ -381,6 +387,7 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out_dir, *, resume=None,
     finally:
         if bar is not None:
             bar.close()
+    mx.eval(params, opt_state)  # the last queued step
     train_s = time.perf_counter() - t_train
     if step > start or not last_eval:
         last_eval = validate(step)
