@@ -59,12 +59,14 @@ def split_vjp(impl, x, w, b, s, cts, act, widths):
 
 
 @pytest.mark.parametrize("dt,T,widths,silu,state,bias", [
-    ("f32", 19, (5, 3, 9), True, True, True),      # T not a multiple of the 16-step tile
+    ("f32", 19, (5, 3, 9), True, True, True),      # T not a multiple of the (16-step, small launch) tile
     ("bf16", 19, (5, 3, 9), True, False, True),    # no state: zeros
     ("f32", 2, (5, 3, 9), False, True, False),     # T < K - 1: the new state keeps part of the old
     ("bf16", 40, (1, 130, 9), False, True, True),  # two groups of channels; a boundary inside the second
     ("f32", 1, (16, 8, 8), True, True, True),      # one step (decode)
-    ("bf16", 33, (64, 32, 32), True, True, False),
+    ("bf16", 33, (64, 32, 32), True, True, False), # eight channels per thread
+    ("f32", 2, (8, 8, 16), True, True, True),      # eight per thread, T < K - 1
+    ("bf16", 21, (1000, 32, 24), False, True, True),  # two groups of threads, a boundary inside each
 ])
 def test_split_kernels_match_reference_and_unsplit(emulated, dt, T, widths, silu, state, bias):
     x, w, b, s, cts = case(0, dt, T, widths, state=state, bias=bias)
@@ -168,18 +170,37 @@ def test_mamba2_layer_with_the_split_kernel(monkeypatch):
         assert rel_err(g, r) <= TOL["f32"], name
 
 
-@pytest.mark.parametrize("tiles", [2, 3])
-@pytest.mark.parametrize("dt,T", [("f32", 40), ("bf16", 70), ("f32", 16)])
-def test_gradient_kernel_with_several_tiles_per_work_item(emulated, monkeypatch, tiles, dt, T):
-    """`BWD_TILES` > 1 (a work item sweeping several tiles, one dweight / dbias share for all; the
-    last work item's tiles partly past T) gives the reference gradient, split and unsplit."""
-    monkeypatch.setattr(conv_mod, "BWD_TILES", tiles)
-    widths = (5, 3, 9)
+@pytest.mark.parametrize("widths", [(5, 3, 9), (8, 16, 24)])
+@pytest.mark.parametrize("tile,dt,T", [(2, "f32", 9), (6, "bf16", 40), (8, "f32", 16), (64, "bf16", 70)])
+def test_tile_lengths(emulated, monkeypatch, tile, widths, dt, T):
+    """Tiles of other lengths than the default's (`TILE`; `MIN_ITEMS` 0 keeps it): shorter than
+    K - 1 (later tiles' windows reach into the state), not a multiple of `AHEAD`, T a whole number
+    of tiles, the 64-step tile with a partial second one; one and eight channels per thread. Forward
+    and gradient, split and unsplit, against the reference."""
+    monkeypatch.setattr(conv_mod, "TILE", tile)
+    monkeypatch.setattr(conv_mod, "MIN_ITEMS", 0)
     x, w, b, s, cts = case(3, dt, T, widths)
-    (_, grads), (_, grads_r) = (split_vjp(i, x, w, b, s, cts, "silu", widths) for i in ("kernel", "ref"))
+    assert conv_mod._plan(x, widths) == (8 if widths[0] % 8 == 0 else 1, tile)
+    (out, grads), (out_r, grads_r) = (split_vjp(i, x, w, b, s, cts, "silu", widths) for i in ("kernel", "ref"))
+    for o, r in zip(out, out_r):
+        assert rel_err(o, r) <= TOL[dt]
     for i, (g, r) in enumerate(zip(grads, grads_r)):
         assert rel_err(g, r) <= TOL[dt], f"gradient of argument {i}: {rel_err(g, r):.3g}"
-    _, grads_u = vjp(lambda *a: list(conv_ops.causal_conv1d(*a, "silu", impl="kernel")), x, w, b, s,
-                     [mx.concatenate(cts[:3], axis=-1), cts[3]])
-    for i, (g, r) in enumerate(zip(grads_u, grads_r)):
-        assert rel_err(g, r) <= TOL[dt], f"unsplit gradient of argument {i}: {rel_err(g, r):.3g}"
+    out_u, grads_u = vjp(lambda *a: list(conv_ops.causal_conv1d(*a, "silu", impl="kernel")), x, w, b, s,
+                         [mx.concatenate(cts[:3], axis=-1), cts[3]])
+    assert mx.array_equal(mx.concatenate(out[:3], axis=-1), out_u[0]) and mx.array_equal(out[3], out_u[1])
+    for g, u in zip(grads, grads_u):
+        assert mx.array_equal(g, u)
+
+
+def test_plan():
+    """VW 8 only where C and every split width are multiples of 8 and x has more than one row; the
+    tile halves from TILE (not below TILE_MIN) while there would be fewer than MIN_ITEMS work items."""
+    z = lambda B, T, C: mx.zeros((B, T, C), mx.bfloat16)  # noqa: E731
+    assert conv_mod._plan(z(16, 2048, 1792), (1536, 128, 128)) == (8, conv_mod.TILE)  # the toy Mamba-2 layer
+    assert conv_mod._plan(z(16, 2048, 1792), (1532, 132, 128))[0] == 1
+    assert conv_mod._plan(z(2, 5, 70), None)[0] == 1
+    assert conv_mod._plan(z(1, 1, 72), None)[0] == 1 and conv_mod._plan(z(2, 1, 72), None)[0] == 8
+    assert conv_mod._plan(z(1, 40, 72), None) == (8, conv_mod.TILE_MIN)
+    vw, tile = conv_mod._plan(z(1, 4096, 4352), None)
+    assert (vw, tile) == (8, 16) and 4096 // tile * 4352 // vw >= conv_mod.MIN_ITEMS

@@ -83,14 +83,20 @@ def test_mamba2_step(dt, n, bias, lim):
     assert rel_err(got[2], want[2]) <= (2e-5 if dt == "f32" else 1e-2)
 
 
-@pytest.mark.parametrize("dt,silu", [("f32", True), ("bf16", False)])
-def test_conv1d(dt, silu):
+@pytest.mark.parametrize("dt,silu,B,T,C,vw", [
+    ("f32", True, 2, 19, 70, 1), ("bf16", False, 2, 19, 70, 1),  # odd C: one channel per thread
+    ("bf16", True, 2, 19, 72, 8), ("f32", False, 2, 40, 72, 8),  # 8 channels per thread; T past whole tiles
+    ("bf16", True, 2, 2, 72, 8),                                 # T < K - 1: the new state keeps part of the old
+    ("bf16", False, 2, 1, 72, 8), ("f32", True, 1, 1, 72, 1),    # one step; a single row (any offset): VW 1
+])
+def test_conv1d(dt, silu, B, T, C, vw):
     rng = np.random.default_rng(3)
-    B, T, C, K = 2, 19, 70, 4
+    K = 4
     dtype = DTYPES[dt]
     x, w = arr(rng, (B, T, C), dtype), arr(rng, (C, K), dtype, 0.5)
     bias, s = arr(rng, (C,), dtype), arr(rng, (B, K - 1, C), dtype)
-    with emulate.patch(conv_mod):
+    assert conv_mod._plan(x, None)[0] == vw
+    with emulate.patch(conv_mod, poison=True):
         y, ns = conv_mod.causal_conv1d(x, w, bias, s, silu)
     yr, nsr = causal_conv1d_ref(x, w, bias, s, "silu" if silu else None)
     assert y.dtype == yr.dtype and ns.dtype == nsr.dtype
@@ -281,16 +287,19 @@ def test_compile_error_names_the_source():
                     output_shapes=[(32,)], output_dtypes=[mx.float32])
 
 
-@pytest.mark.parametrize("dt,silu,T", [("f32", True, 19), ("f32", False, 2), ("bf16", True, 40)])
-def test_conv1d_gradient_kernel(dt, silu, T):
-    """The gradient kernel against MLX autodiff of the reference (T = 2 < K - 1 reaches the state
-    through new_state's cotangent too)."""
+@pytest.mark.parametrize("dt,silu,T,C", [("f32", True, 19, 70), ("f32", False, 2, 70), ("bf16", True, 40, 70),
+                                         ("bf16", True, 19, 72), ("f32", False, 2, 72), ("f32", True, 1, 72),
+                                         ("bf16", False, 40, 72)])
+def test_conv1d_gradient_kernel(dt, silu, T, C):
+    """The gradient kernel against MLX autodiff of the reference, one (odd C) and eight (C = 72)
+    channels per thread (T = 2 < K - 1 and T = 1 reach the state through new_state's cotangent too)."""
     rng = np.random.default_rng(4)
-    B, C, K = 2, 70, 4
+    B, K = 2, 4
     dtype = DTYPES[dt]
     x, w = arr(rng, (B, T, C), dtype), arr(rng, (C, K), dtype, 0.5)
     bias, s = arr(rng, (C,), dtype), arr(rng, (B, K - 1, C), dtype)
     dy, dns = arr(rng, (B, T, C), dtype), arr(rng, (B, K - 1, C), dtype)
+    assert conv_mod._plan(x, None)[0] == (8 if C % 8 == 0 else 1)
     with emulate.patch(conv_mod, poison=True):
         got = conv_mod.causal_conv1d_vjp(x, w, bias, s, dy, dns, silu)
     _, want = mx.vjp(lambda *a: list(causal_conv1d_ref(*a, "silu" if silu else None)), [x, w, bias, s], [dy, dns])

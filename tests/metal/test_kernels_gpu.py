@@ -64,18 +64,20 @@ def test_conv1d_kernel_gradients_and_3d_weight():
 
 
 @pytest.mark.parametrize("dt", ["f32", "bf16"])
-@pytest.mark.parametrize("T,tiles", [(2, 1), (19, 1), (300, 1), (300, 4), (70, 3)])
-def test_conv1d_gradient_kernel_matches_autodiff(monkeypatch, dt, T, tiles):
-    """alloy.ops.conv.GRADIENT_KERNEL on: the kernel path's gradient is the BWD kernel's (with
-    `BWD_TILES` tiles per work item)."""
+@pytest.mark.parametrize("C", [72, 70])
+@pytest.mark.parametrize("T,tile", [(2, 64), (19, 64), (300, 64), (300, 16), (70, 6)])
+def test_conv1d_gradient_kernel_matches_autodiff(monkeypatch, dt, C, T, tile):
+    """alloy.ops.conv.GRADIENT_KERNEL on: the kernel path's gradient is the BWD kernel's (tiles of
+    `tile` steps; eight channels per thread at C = 72, one at C = 70)."""
     import alloy.ops.conv as conv_ops
     from alloy.metal import conv1d as conv_mod
     monkeypatch.setattr(conv_ops, "GRADIENT_KERNEL", True)
-    monkeypatch.setattr(conv_mod, "BWD_TILES", tiles)
+    monkeypatch.setattr(conv_mod, "TILE", tile)
+    monkeypatch.setattr(conv_mod, "MIN_ITEMS", 0)
     rng = np.random.default_rng(1)
     dtype = DTYPES[dt]
-    x, w, bv, s = arr(rng, (2, T, 72), dtype), arr(rng, (72, 1, 4), dtype), arr(rng, (72,), dtype), arr(rng, (2, 3, 72), dtype)
-    ct = arr(rng, (2, T, 72), dtype)
+    x, w, bv, s = arr(rng, (2, T, C), dtype), arr(rng, (C, 1, 4), dtype), arr(rng, (C,), dtype), arr(rng, (2, 3, C), dtype)
+    ct = arr(rng, (2, T, C), dtype)
     used = []
     real = conv_mod.causal_conv1d_vjp
     monkeypatch.setattr(conv_mod, "causal_conv1d_vjp", lambda *a: used.append(1) or real(*a))
