@@ -736,9 +736,11 @@ def state_pass(states, decay, init, dtype, reverse: bool = False, dot_with=None)
     )
     if not dot:
         return outs[0], outs[1]
-    # the contiguous last axis first, then n: MLX-CUDA's one reduction over axes (3, 5) was a strided
-    # row reduction of 0.11-0.19 ms per layer for 3 MB on an H100 (docs/benchmarks.md, session 8)
-    dots = outs[2].reshape(b, nc, G, N, H // G, P // 32).sum(axis=5).sum(axis=3).reshape(b, nc, H)
+    # over n first (a column reduction of the (n, h/g * p/32) rows), then the few p/32 partials of the
+    # small result: on an H100 MLX-CUDA's one reduction over axes (3, 5) was a strided row reduction
+    # of 0.11-0.19 ms per layer for 3 MB, and a sum over the size-2 last axis first a 0.25 ms row
+    # reduction with one 32-thread block per pair (docs/benchmarks.md, session 8)
+    dots = outs[2].reshape(b, nc, G, N, (H // G) * (P // 32)).sum(axis=3).reshape(b, nc, H, P // 32).sum(axis=-1)
     return outs[0], outs[1], dots
 
 
