@@ -55,7 +55,6 @@ def _head() -> str:
     t0 .. t1 - 1, their weights and bias, and the window xw of the K-1 inputs before the tile. Opens
     the work item's `if`."""
     return f"""
-  constexpr int AHEAD = {AHEAD};
   const int Tn = x_shape[1];
   const int Cn = x_shape[2];
   const int c = (bid_x * nthreads + tid) * VW;  // the first of this thread's VW channels
@@ -249,7 +248,7 @@ def _template(x, K: int, silu: bool, widths) -> tuple[list, int, int]:
         raise ValueError(f"conv1d: widths must be three positive channel counts summing to C = {x.shape[2]}, "
                          f"got {tuple(widths)}")
     vw, tile = _plan(x, widths)
-    t = [("T", x.dtype), ("K", K), ("TILE", tile), ("SILU", bool(silu)), ("VW", vw)]
+    t = [("T", x.dtype), ("K", K), ("TILE", tile), ("SILU", bool(silu)), ("VW", vw), ("AHEAD", int(AHEAD))]
     if widths is not None:
         t += [("C0", int(widths[0])), ("C1", int(widths[1]))]
     return t, vw, tile
