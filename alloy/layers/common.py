@@ -117,6 +117,26 @@ def dense_split(p: dict, x: mx.array, widths) -> tuple:
     return tuple(outs)
 
 
+# Tables of at most this many rows take their lookup gradient as one-hot^T @ cotangent (one GEMM)
+# instead of a scatter-add: with a byte-level vocabulary every row receives thousands of updates,
+# and the scatter's atomics (in the table's dtype) serialize on them (0.4 ms of the toy train step on
+# an H100, docs/benchmarks.md session 8).
+ONEHOT_GRAD_MAX_ROWS = 4096
+
+
+@mx.custom_function
+def _take_rows(w, tokens):
+    return w[tokens]
+
+
+@_take_rows.vjp
+def _take_rows_vjp(primals, cotangent, output):
+    w, tokens = primals
+    ct = cotangent.reshape(-1, w.shape[1])
+    onehot = (tokens.reshape(-1, 1) == mx.arange(w.shape[0], dtype=tokens.dtype)).astype(ct.dtype)
+    return (onehot.T @ ct).astype(w.dtype), mx.zeros(tokens.shape, tokens.dtype)
+
+
 def embed(p: dict, tokens: mx.array, d_model: int) -> mx.array:
     """Rows of the (vocab, d_model) table ``p["weight"]`` at ``tokens``; dequantized per row when
     the table is quantized."""
@@ -124,6 +144,8 @@ def embed(p: dict, tokens: mx.array, d_model: int) -> mx.array:
         bits, gs = quant_layout(p, d_model)
         return mx.dequantize(p["weight"][tokens], p["scales"][tokens], p["biases"][tokens],
                              group_size=gs, bits=bits)
+    if p["weight"].shape[0] <= ONEHOT_GRAD_MAX_ROWS:
+        return _take_rows(p["weight"], tokens)
     return p["weight"][tokens]
 
 
