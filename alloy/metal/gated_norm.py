@@ -41,12 +41,16 @@ _FWD_BODY = _COMMON + """
   if (row < R) {
     const int base = row * D + VW * static_cast<int>(lane);
     float ss[NGP];
+    float xh[HOLD ? J * VW : 1];               // HOLD: the row kept in registers for the second pass
+    float zh[HOLD ? J * VW : 1];
     for (int g = 0; g < NGP; ++g) ss[g] = 0.0f;
     for (int j = 0; j < J; ++j) {
       float xv[VW];
       float zv[VW];
       LDV(x, base + 32 * VW * j, xv);/*ADD_STORE*/
       LDZ(base + 32 * VW * j, zv);
+      if (HOLD) { for (int u = 0; u < VW; ++u) { xh[(VW * j + u) % (HOLD ? J * VW : 1)] = xv[u];
+                                                 zh[(VW * j + u) % (HOLD ? J * VW : 1)] = zv[u]; } }
       for (int u = 0; u < VW; ++u) {
         const float h = NBG ? xv[u] : xv[u] * SILU_Z(zv[u]);
         ss[j / JG] += h * h;
@@ -58,8 +62,10 @@ _FWD_BODY = _COMMON + """
       float zv[VW];
       float wv[VW];
       float yv[VW];
-      LDV(x, base + 32 * VW * j, xv);/*ADD*/
-      LDZ(base + 32 * VW * j, zv);
+      if (HOLD) { for (int u = 0; u < VW; ++u) { xv[u] = xh[(VW * j + u) % (HOLD ? J * VW : 1)];
+                                                 zv[u] = zh[(VW * j + u) % (HOLD ? J * VW : 1)]; } }
+      else { LDV(x, base + 32 * VW * j, xv);/*ADD*/
+        LDZ(base + 32 * VW * j, zv); }
       LDV(w, VW * static_cast<int>(lane) + 32 * VW * j, wv);
       for (int u = 0; u < VW; ++u) {
         const float s = SILU_Z(zv[u]);
@@ -111,6 +117,9 @@ _BWD_BODY = _COMMON + """
     const int base = row * D + VW * static_cast<int>(lane);
     float ss[NGP];
     float hu[NGP];
+    float xh[HOLD ? J * VW : 1];               // HOLD: the row's x, z, dy kept for the second pass
+    float zh[HOLD ? J * VW : 1];
+    float dyh[HOLD ? J * VW : 1];
     for (int g = 0; g < NGP; ++g) {
       ss[g] = 0.0f;
       hu[g] = 0.0f;
@@ -124,6 +133,14 @@ _BWD_BODY = _COMMON + """
       LDZ(base + 32 * VW * j, zv);
       LDV(dy, base + 32 * VW * j, dyv);
       LDV(w, VW * static_cast<int>(lane) + 32 * VW * j, wv);
+      if (HOLD) {
+        for (int u = 0; u < VW; ++u) {
+          const int i_ = (VW * j + u) % (HOLD ? J * VW : 1);
+          xh[i_] = xv[u];
+          zh[i_] = zv[u];
+          dyh[i_] = dyv[u];
+        }
+      }
       for (int u = 0; u < VW; ++u) {
         const float s = SILU_Z(zv[u]);
         const float h = NBG ? xv[u] : xv[u] * s;
@@ -144,9 +161,18 @@ _BWD_BODY = _COMMON + """
       float dxv[VW];
       float dzv[VW];
       float wv[VW];
-      LDV(x, base + 32 * VW * j, xv);
-      LDZ(base + 32 * VW * j, zv);
-      LDV(dy, base + 32 * VW * j, dyv);
+      if (HOLD) {
+        for (int u = 0; u < VW; ++u) {
+          const int i_ = (VW * j + u) % (HOLD ? J * VW : 1);
+          xv[u] = xh[i_];
+          zv[u] = zh[i_];
+          dyv[u] = dyh[i_];
+        }
+      } else {
+        LDV(x, base + 32 * VW * j, xv);
+        LDZ(base + 32 * VW * j, zv);
+        LDV(dy, base + 32 * VW * j, dyv);
+      }
       LDV(w, VW * static_cast<int>(lane) + 32 * VW * j, wv);
       const float r = ss[j / JG];
       for (int u = 0; u < VW; ++u) {
@@ -183,12 +209,20 @@ def applies(x, z, weight, group_size) -> bool:
             and D % 32 == 0 and G % 32 == 0 and D % G == 0)
 
 
-def _template(x, D, G, nbg, gate: bool = True):
+# The second pass over a row reuses its values kept in registers (instead of loading them again from
+# L1 / L2) where a lane's share of the row is at most HOLD_FWD (forward: x, z) / HOLD_BWD (gradient:
+# x, z, dy) values; 0 turns it off.
+HOLD_FWD = 48
+HOLD_BWD = 24
+
+
+def _template(x, D, G, nbg, gate: bool = True, bwd: bool = False):
     # eight consecutive columns per lane (16-byte loads and stores) where every group spans whole
     # 256-column chunks; else one column per lane, 32 apart
     vw = 8 if G % 256 == 0 else 1
+    hold = D // 32 <= (HOLD_BWD if bwd else HOLD_FWD)
     return [("T", x.dtype), ("D", D), ("G", G), ("NBG", bool(nbg)), ("NWP", NWP), ("RPW", RPW), ("VW", vw),
-            ("GATE", bool(gate))]
+            ("GATE", bool(gate)), ("HOLD", bool(hold))]
 
 
 def _rows(x, z):
@@ -222,7 +256,7 @@ def gated_rms_norm_vjp(x, z, weight, eps: float, group_size, norm_before_gate: b
     extra = [] if dr is None else [dr.astype(x.dtype).reshape(-1, D)]
     dx, dz, dwp = (BWD if dr is None else ADD_BWD)(
         [x2, z2, weight, mx.array([eps], mx.float32), dy.astype(x.dtype).reshape(-1, D)] + extra,
-        template=_template(x, D, G, norm_before_gate, gate=gate), grid=(groups(nw, NWP), 1, 1),
+        template=_template(x, D, G, norm_before_gate, gate=gate, bwd=True), grid=(groups(nw, NWP), 1, 1),
         threadgroup=32 * NWP, output_shapes=[(R, D), (R, D) if gate else (1,), (groups(nw, NWP) * NWP, D)],
         output_dtypes=[x.dtype, z.dtype if gate else x.dtype, mx.float32])
     return dx.reshape(x.shape), dz.reshape(z.shape) if gate else None, sum_rows(dwp).astype(weight.dtype)

@@ -310,10 +310,15 @@ def test_conv1d_gradient_kernel(dt, silu, T, C):
 
 @pytest.mark.parametrize("dt,nbg,G,D", [("f32", False, None, 128), ("f32", True, 32, 128), ("bf16", False, 64, 128),
                                         ("bf16", False, 256, 512), ("f32", True, None, 256)])
-def test_gated_rms_norm_kernels(dt, nbg, G, D):
+@pytest.mark.parametrize("hold", [True, False])
+def test_gated_rms_norm_kernels(monkeypatch, dt, nbg, G, D, hold):
     """Forward and gradient kernels against the reference and its autodiff (rows not a multiple of
-    the rows per group / warp, one and several groups per row, one and eight columns per lane)."""
+    the rows per group / warp, one and several groups per row, one and eight columns per lane; the
+    row kept in registers for the second pass, or loaded again)."""
     from alloy.metal import gated_norm as gn_mod
+    if not hold:
+        monkeypatch.setattr(gn_mod, "HOLD_FWD", 0)
+        monkeypatch.setattr(gn_mod, "HOLD_BWD", 0)
     from alloy.ops.norm import gated_rms_norm_ref
     rng = np.random.default_rng(5)
     dtype = DTYPES[dt]
