@@ -39,7 +39,8 @@ def swiglu_packed(gu: mx.array) -> mx.array:
     packed kernels of `alloy.metal.swiglu`, whose gradient comes back in gu's layout (no split or
     concatenation copies); elsewhere the fused MLX form of the two halves."""
     if gu.shape[-1] % 2:
-        raise ValueError(f"swiglu_packed: the last axis holds gate and up, so it must be even; got shape {tuple(gu.shape)}")
+        raise ValueError("swiglu_packed: the last axis holds gate and up, so it must be even; "
+                         f"got shape {tuple(gu.shape)}")
     from alloy import metal
     from alloy.metal import swiglu as kernels
 

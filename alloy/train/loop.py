@@ -225,6 +225,16 @@ def optimizer_and_schedule(tcfg: TrainConfig):
     return opt, make_schedule(tcfg.schedule, tcfg.lr, tcfg.steps, tcfg.warmup, tcfg.lr * tcfg.end_lr_frac)
 
 
+def queue_step(outputs, marker, in_flight):
+    """Queue a train step's outputs (`mx.async_eval`: the next batch and graph are built while it
+    runs) and wait for the previous step (`in_flight`, the marker this returned for it), so that at
+    most one step waits behind the running one. Returns the marker to pass next time."""
+    mx.async_eval(*outputs)
+    if in_flight is not None:
+        mx.eval(in_flight)
+    return marker
+
+
 def _evaluate(eval_fn, params, batches) -> dict:
     if not batches:
         return {}
@@ -361,12 +371,7 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out_dir, *, resume=None,
             key, sub = mx.random.split(key)
             batch = {k: mx.array(v) for k, v in batch_np.items()}
             params, opt_state, metrics = step_fn(params, opt_state, batch, sub)
-            # queued, not waited for: the next batch and graph are built while this step runs; the
-            # previous step is waited for, so at most one step is queued behind the running one
-            mx.async_eval(params, opt_state, metrics)
-            if in_flight is not None:
-                mx.eval(in_flight)
-            in_flight = metrics["loss"]
+            in_flight = queue_step((params, opt_state, metrics), metrics["loss"], in_flight)
             step += 1
             n_win += 1
             if step % tcfg.log_every == 0 or step == end:

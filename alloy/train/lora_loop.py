@@ -23,7 +23,7 @@ import mlx.core as mx
 from alloy.params.lora import (LoraConfig, apply_lora, init_lora, load_adapters, lora_param_count, merge_lora,
                                save_adapters)
 from alloy.params.tree import cast, count_params
-from alloy.train.loop import COMPUTE_DTYPES, TrainConfig, _evaluate, make_data, optimizer_and_schedule
+from alloy.train.loop import COMPUTE_DTYPES, TrainConfig, _evaluate, make_data, optimizer_and_schedule, queue_step
 from alloy.train.checkpoint import load_trainer_state, save_run_checkpoint
 from alloy.train.step import make_eval_fn, make_lm_loss, make_step
 
@@ -94,16 +94,18 @@ def finetune_lora(base, lora_cfg: LoraConfig | None, tcfg: TrainConfig, out_dir,
         if before and ck is None:
             mf.write(json.dumps({"step": 0, **before}) + "\n")
         end = tcfg.steps if stop_after is None else min(stop_after, tcfg.steps)
+        in_flight = None
         for step in range(start + 1, end + 1):
             batch_np, pos = data.loader.next_batch(pos)
             key, sub = mx.random.split(key)
             adapters, opt_state, metrics = step_fn(adapters, opt_state, {k: mx.array(v) for k, v in batch_np.items()},
                                                    sub, params)
-            mx.eval(adapters, opt_state, metrics)
+            in_flight = queue_step((adapters, opt_state, metrics), metrics["loss"], in_flight)
             if step % tcfg.log_every == 0 or step == tcfg.steps:
                 mf.write(json.dumps({"step": step, **{k: round(float(v.item()), 6) for k, v in metrics.items()}}) + "\n")
             if tcfg.save_every and step % tcfg.save_every == 0 and step != end:
                 save(step)
+    mx.eval(adapters, opt_state)  # the last queued step
     train_s = time.perf_counter() - t0
     save(max(end, start))
     after = _evaluate(eval_fn, merge_lora(params, adapters, lora_cfg), data.val)
