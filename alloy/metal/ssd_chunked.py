@@ -12,7 +12,8 @@ With chunks of K steps (K a multiple of 16), a_t = dt_t A_h, acs = cumsum of a i
                                                       kernel `OUT`: the diagonal block as a
              shared-memory tiled product (64-row blocks, 8 x 4 outputs per thread, float4
              shared tiles) with the decay mask built on the fly (fp32), written straight into
-             y (b, l, h, p)
+             y (b, l, h, p); `CHUNK_OUT_TC` the same on warp tile products (tensor cores for
+             bf16 / fp16: mask and dt x rounded to x.dtype, fp32 accumulation; switch `OUT_TC`)
 
 This is `alloy.ops.ssd.ssd_chunked` (the ssd_minimal decomposition) with no (l, s, head) mask
 tensor in memory, the state passing as one sequential sweep over chunks instead of a (c+1)²
@@ -195,6 +196,111 @@ OUT = Kernel(
 )
 
 
+def _tc_item(src: str) -> str:
+    """The opening CHUNK_OUT_TC and BWD_DX_TC share: one group of 4 warps per (block of 64 output rows
+    from r0, head h, batch x chunk bc); warp w owns rows r0 + 16 w .. + 15 and all PC columns (PC / 16
+    accumulator tiles). Per step of 64 along the reduction index k: the mask tile in smk [row][k] and
+    the data tile transposed in sdt [p][k] (mma16t's operands), both in T, rows padded by 8 (the
+    fragment loads of a warp hit 32 different banks, as in BWD_SCORES_TC); the head's acs for the
+    chunk in shared memory. `src`: the (b, L, h, p) input that gives L and H."""
+    return f"""\
+  const int L = {src}_shape[1];
+  const int H = {src}_shape[2];
+  const int G = CB_shape[2];
+  const int R = H / G;
+  const int nc = CB_shape[1];
+  const int h = bid_y;
+  const int g = h / R;
+  const long bc = bid_z;
+  const long b = bc / nc;
+  const long t0 = (bc % nc) * KC;             // first time step of the chunk
+  const int r0 = bid_x * 64;
+  const int w = static_cast<int>(warp);
+  const int wr = r0 + 16 * w;                 // the warp's first output row
+  constexpr int TP = 64 + 8;                  // padded tile rows
+  constexpr int U8 = PC / 8;                  // 8-element units of a data row
+  ALIGN16 SHARED T smk[64 * TP];              // mask tile [output row][k]
+  ALIGN16 SHARED T sdt[PC * TP];              // data tile transposed [p][k]
+  SHARED float sacs[KC];
+  for (int l = tid; l < KC; l += 128) sacs[l] = static_cast<float>(acs[(bc * H + h) * KC + l]);
+  Acc16 acc[PC / 16];
+  for (int j = 0; j < PC / 16; ++j) acc_zero(acc[j]);
+  BARRIER();"""
+
+
+# the data tile's loads, one 8-element unit u of row k0 + kk per item, lanes along k: its transposed
+# stores (8 per item) hit consecutive 16-bit words of one sdt row (no bank conflicts); zero past the
+# chunk and past L. scale: times dt_s before the rounding to T (OUT's X = dt x).
+def _tc_data_tile(src: str, k0: str, scale: bool) -> str:
+    mul = """
+        const float d = static_cast<float>(dt[(b * L + t) * H + h]);
+        for (int q = 0; q < 8; ++q) v[q] *= d;""" if scale else ""
+    return f"""\
+    for (int idx = tid; idx < 64 * U8; idx += 128) {{
+      const int kk = idx % 64;
+      const int u = 8 * (idx / 64);
+      const long t = t0 + {k0} + kk;
+      float v[8];
+      if ({k0} + kk < KC && t < L) {{
+        ld8({src} + ((b * L + t) * H + h) * PC + u, v);{mul}
+      }} else {{
+        for (int q = 0; q < 8; ++q) v[q] = 0.0f;
+      }}
+      for (int q = 0; q < 8; ++q) sdt[(u + q) * TP + kk] = static_cast<T>(v[q]);
+    }}"""
+
+
+CHUNK_OUT_TC = Kernel(
+    name="alloy_ssd_chunk_out_tc",
+    inputs=("CB", "acs", "x", "dt", "Yo", "D"),
+    outputs=("y",),
+    body="""
+  // `OUT` with the chunk product as warp tile products (`mma16t`: tensor cores for bf16 / fp16):
+  //   y[l] = sum_{s <= l} M[l, s] X_s + exp(acs_l) Yo[l] + D x_l,  M[l, s] = CB[l, s] exp(acs_l - acs_s)
+  // with M and X = dt x rounded to T, float32 accumulation, y rounded once. Steps of 64 s up to the
+  // block's last row; a warp skips the 16-blocks of s above its rows (and past the chunk).
+""" + _tc_item("x") + """
+  const int s_end = r0 + 64 < KC ? r0 + 64 : KC;
+  for (int s0 = 0; s0 < s_end; s0 += 64) {
+""" + _tc_data_tile("x", "s0", True) + """
+    for (int idx = tid; idx < 64 * 8; idx += 128) {   // mask: 8 consecutive s of row l (coalesced CB)
+      const int r = idx / 8;
+      const int u = 8 * (idx % 8);
+      const int l = r0 + r;
+      float v[8];
+      for (int q = 0; q < 8; ++q) {
+        const int s = s0 + u + q;
+        v[q] = (s <= l && l < KC) ? CB[((bc * G + g) * KC + l) * KC + s] * fexp(sacs[l] - sacs[s]) : 0.0f;
+      }
+      st8(smk + r * TP + u, v);
+    }
+    BARRIER();
+    int nk = wr < KC ? (wr + 16 - s0) / 16 : 0;   // 16-blocks of s <= the warp's last row
+    nk = nk < 4 ? nk : 4;
+    for (int kk = 0; kk < nk; ++kk)
+      for (int j = 0; j < PC / 16; ++j)
+        mma16t(acc[j], smk + 16 * w * TP + 16 * kk, TP, sdt + 16 * j * TP + 16 * kk, TP, lane);
+    BARRIER();
+  }
+  const float dh = static_cast<float>(D[h]);
+  for (int i = 0; i < 8; i += 2) {            // entries i, i + 1: a column pair of one row
+    const int l = wr + acc_row(i, lane);
+    const long t = t0 + l;
+    if (l < KC && t < L) {
+      const float el = fexp(sacs[l]);
+      for (int j = 0; j < PC / 16; ++j) {
+        const int p = 16 * j + acc_col(i, lane);
+        const long e = ((b * L + t) * H + h) * PC + p;
+        const long o = ((bc * G + g) * KC + l) * (R * PC) + (h - g * R) * PC + p;
+        st2(y + e, acc[j].c[i] + el * static_cast<float>(Yo[o]) + dh * static_cast<float>(x[e]),
+            acc[j].c[i + 1] + el * static_cast<float>(Yo[o + 1]) + dh * static_cast<float>(x[e + 1]));
+      }
+    }
+  }
+""",
+)
+
+
 PASS = Kernel(
     name="alloy_ssd_state_pass",
     inputs=("states", "decay", "init", "hs"),
@@ -256,7 +362,7 @@ PASS = Kernel(
 # ---------------------------------------------------------------------------------------------
 # The gradient of the diagonal blocks, y_l = sum_{s <= l} CB[l, s] E[l, s] X_s with
 # E[l, s] = exp(acs_l - acs_s) and X = dt x, for a cotangent dy (per chunk, per head):
-#     dX_s   = sum_{l >= s} CB[l, s] E[l, s] dy_l                     kernel `BWD_DX`
+#     dX_s   = sum_{l >= s} CB[l, s] E[l, s] dy_l                     kernel `BWD_DX` (`BWD_DX_TC`)
 #     EG     = E o (dy X^T),  W = CB o EG                               kernel `BWD_SCORES`
 #     dCB    = sum over the group's heads of EG                         (b, c, g, K, K)
 #     dacs_l += sum_s W[l, s],  dacs_s -= sum_l W[l, s]                 row / column sums
@@ -270,6 +376,19 @@ _SCORE_PB = 32    # head-dim columns per shared tile load in BWD_SCORES
 # per slice, 1.259 with 4; BWD_SCORES 1.868 ms with 8 heads, 1.993 with 4. Whole toy train step:
 # 137.5 ms with TC vs 148.8 / 146.2 without (docs/benchmarks.md, session 7).
 SCORES_TC = True
+# BWD_DX_TC instead of BWD_DX, CHUNK_OUT_TC instead of OUT (the forward's diagonal blocks), where the
+# inputs are bf16 / fp16 and the head dim and chunk are multiples of 16 (head dim at most 128): the
+# chunk products on tensor cores, the mask tile rounded to the input dtype (as the Triton kernels).
+# BWD_DX / OUT run on CUDA-core FMAs: 0.40 / 0.43 ms per call on an H100 at the toy layer (b 16,
+# T 2048, 24 heads of 64, chunk 256), ~1.3e10 FLOPs each. Off until timed (bench/ssd_bwd_tune.py --tc).
+DX_TC = False
+OUT_TC = False
+
+
+def _tc_fits(dtype, P: int, K: int) -> bool:
+    """Whether CHUNK_OUT_TC / BWD_DX_TC take these inputs (16-bit, head dim and chunk multiples of 16)."""
+    return dtype in (mx.bfloat16, mx.float16) and P % 16 == 0 and P <= 128 and K % 16 == 0
+
 
 BWD_SCORES = Kernel(
     name="alloy_ssd_bwd_scores",
@@ -584,6 +703,49 @@ BWD_DX = Kernel(
 )
 
 
+BWD_DX_TC = Kernel(
+    name="alloy_ssd_bwd_dx_tc",
+    inputs=("CB", "acs", "dy"),
+    outputs=("dX",),
+    body="""
+  // `BWD_DX` as warp tile products (`mma16t`: tensor cores for bf16 / fp16), the roles of l and s
+  // exchanged from CHUNK_OUT_TC: output rows s, reduction over l >= s in steps of 64 from r0,
+  //   dX[s] = sum_{l >= s} M^T[s, l] dy_l,  M^T[s, l] = CB[l, s] exp(acs_l - acs_s)
+  // with M^T rounded to T (dy is T already), float32 accumulation and output; a warp skips the
+  // 16-blocks of l below its rows (and past the chunk).
+""" + _tc_item("dy") + """
+  for (int l0 = r0; l0 < KC; l0 += 64) {
+""" + _tc_data_tile("dy", "l0", False) + """
+    for (int idx = tid; idx < 64 * 8; idx += 128) {   // mask: 8 consecutive l of row s, lanes along s
+      const int r = idx % 64;
+      const int u = 8 * (idx / 64);
+      const int s = r0 + r;
+      float v[8];
+      for (int q = 0; q < 8; ++q) {
+        const int l = l0 + u + q;
+        v[q] = (s <= l && l < KC) ? CB[((bc * G + g) * KC + l) * KC + s] * fexp(sacs[l] - sacs[s]) : 0.0f;
+      }
+      st8(smk + r * TP + u, v);
+    }
+    BARRIER();
+    const int k_lo = wr > l0 ? (wr - l0) / 16 : 0;           // 16-blocks of l >= the warp's first row
+    const int k_end = (KC - l0) / 16 < 4 ? (KC - l0) / 16 : 4;
+    if (wr < KC)
+      for (int kk = k_lo; kk < k_end; ++kk)
+        for (int j = 0; j < PC / 16; ++j)
+          mma16t(acc[j], smk + 16 * w * TP + 16 * kk, TP, sdt + 16 * j * TP + 16 * kk, TP, lane);
+    BARRIER();
+  }
+  for (int i = 0; i < 8; i += 2) {
+    const int s = wr + acc_row(i, lane);
+    if (s < KC)
+      for (int j = 0; j < PC / 16; ++j)
+        st2(dX + ((b * nc * KC + t0 + s) * H + h) * PC + 16 * j + acc_col(i, lane), acc[j].c[i], acc[j].c[i + 1]);
+  }
+""",
+)
+
+
 BWD_FIN = Kernel(
     name="alloy_ssd_bwd_finish",
     inputs=("x", "dy", "dt", "acs", "CH", "dXw", "dXd", "D"),
@@ -698,9 +860,11 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy):
         init_value=0.0,
     )
     dCB = dCB[0] if ns == 1 else dCB.sum(axis=0)
-    (dX,) = BWD_DX(
+    dtc = DX_TC and _tc_fits(x.dtype, P, K)
+    (dX,) = (BWD_DX_TC if dtc else BWD_DX)(
         [CB, acs, dy],
-        template=[("T", x.dtype), ("KC", K), ("PC", P), ("CG", groups(P, 64)), ("SB", 32)],
+        template=([("T", x.dtype), ("KC", K), ("PC", P)] if dtc
+                  else [("T", x.dtype), ("KC", K), ("PC", P), ("CG", groups(P, 64)), ("SB", 32)]),
         grid=(nt, H, b * nc),
         threadgroup=128,
         output_shapes=[(b, nc * K, H, P)],
@@ -775,9 +939,11 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
     states = Bc.swapaxes(-1, -2).astype(dtype) @ xs  # (b, c, g, n, r p)
     starts, final_state = state_pass(states, decay, initial_state, dtype)
     Yo = Cc.astype(dtype) @ starts  # (b, c, g, K, r p)
-    (y,) = OUT(
+    tc = OUT_TC and _tc_fits(dtype, P, K)
+    (y,) = (CHUNK_OUT_TC if tc else OUT)(
         [CB, acs, x, dt, Yo, D],
-        template=[("T", dtype), ("KC", K), ("PC", P), ("CG", groups(P, 64)), ("SB", 32)],
+        template=([("T", dtype), ("KC", K), ("PC", P)] if tc
+                  else [("T", dtype), ("KC", K), ("PC", P), ("CG", groups(P, 64)), ("SB", 32)]),
         grid=(groups(K, 64), H, b * nc),
         threadgroup=128,
         output_shapes=[(b, l, H, P)],

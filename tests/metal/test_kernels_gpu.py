@@ -212,7 +212,10 @@ def test_ssd_chunked_kernel_matches_ref(b, l, g, r, p, n, chunk, dt, state, seed
     assert rel_err(s, sr) <= TOL_SSD[dt]
 
 
-def test_ssd_kernel_at_model_shape_and_under_compile():
+@pytest.mark.parametrize("tc", [False, True])
+def test_ssd_kernel_at_model_shape_and_under_compile(monkeypatch, tc):
+    """tc: the diagonal blocks' output on tensor cores (`alloy.metal.ssd_chunked.OUT_TC`)."""
+    monkeypatch.setattr(importlib.import_module("alloy.metal.ssd_chunked"), "OUT_TC", tc)
     rng = np.random.default_rng(1)
     x, dtv, A, B, C, D, h0 = ssd_inputs(rng, 1, 300, 1, 8, 64, 128, mx.bfloat16)
     f = mx.compile(lambda *a: ssd(*a, chunk_size=256, impl="kernel"))
@@ -238,12 +241,17 @@ def test_ssd_kernel_gradients_match_ref(monkeypatch, mode, b, l, g, r, p, n, chu
     assert_grads_match(lambda *a, impl: ssd(*a, chunk_size=chunk, impl=impl), args, (ct, cs), "kernel", "ref", tol)
 
 
-@pytest.mark.parametrize("tc,products", [(False, False), (True, False), (True, True)])
-def test_ssd_kernel_gradient_in_bf16_matches_written_out_ops(monkeypatch, tc, products):
+@pytest.mark.parametrize("tc,products,chunk_tc", [(False, False, False), (True, False, False), (True, True, False),
+                                                  (True, True, True), (False, False, True)])
+def test_ssd_kernel_gradient_in_bf16_matches_written_out_ops(monkeypatch, tc, products, chunk_tc):
     """bf16 inputs at a model-like shape (head dim 64, d_state 128, two 64-row tiles per chunk): the
     kernels' gradient ("kernels", with the scores on tensor cores when tc, the batched products in
-    bf16 when products) against the written-out MLX ops ("explicit")."""
-    monkeypatch.setattr(importlib.import_module("alloy.metal.ssd_chunked"), "SCORES_TC", tc)
+    bf16 when products, the forward's diagonal output and dX on tensor cores when chunk_tc: OUT_TC /
+    DX_TC) against the written-out MLX ops ("explicit")."""
+    kern = importlib.import_module("alloy.metal.ssd_chunked")
+    monkeypatch.setattr(kern, "SCORES_TC", tc)
+    monkeypatch.setattr(kern, "OUT_TC", chunk_tc)
+    monkeypatch.setattr(kern, "DX_TC", chunk_tc)
     monkeypatch.setattr(ssd_mod, "GRADIENT_PRODUCTS_IN_INPUT_DTYPE", products)
     rng = np.random.default_rng(7)
     args = ssd_inputs(rng, 2, 300, 1, 4, 64, 128, mx.bfloat16)
@@ -255,6 +263,38 @@ def test_ssd_kernel_gradient_in_bf16_matches_written_out_ops(monkeypatch, tc, pr
         grads[mode] = mx.grad(loss, argnums=tuple(range(len(args))))(*args)
     for i, (a, b) in enumerate(zip(grads["kernels"], grads["explicit"])):
         assert rel_err(a, b) <= 3e-2, f"gradient of argument {i}: relative error {rel_err(a, b):.3g}"
+
+
+@pytest.mark.parametrize("dt,b,l,g,r,p,n,chunk", [("bf16", 2, 300, 1, 3, 64, 128, 256),
+                                                 ("bf16", 1, 200, 2, 2, 128, 32, 128),
+                                                 ("fp16", 1, 70, 1, 4, 16, 16, 32),
+                                                 ("fp16", 2, 100, 2, 1, 32, 16, 80)])
+def test_ssd_chunk_products_on_tensor_cores(monkeypatch, dt, b, l, g, r, p, n, chunk):
+    """`alloy.metal.ssd_chunked.CHUNK_OUT_TC` / `BWD_DX_TC` (switches OUT_TC / DX_TC; the mask tile and
+    dt x rounded to the input dtype) launched by `ssd_chunked` / `ssd_chunked_diag_bwd` against the
+    CUDA-core OUT / BWD_DX (within 1e-2) and y against `ssd_ref`."""
+    kern = importlib.import_module("alloy.metal.ssd_chunked")
+    rng = np.random.default_rng(l + p)
+    dtype = {"bf16": mx.bfloat16, "fp16": mx.float16}[dt]
+    x, dtv, A, B, C, D, h0 = ssd_inputs(rng, b, l, g, r, p, n, dtype)
+    dy = arr(rng, x.shape, dtype)
+    K, nc = chunk, -(-l // chunk)
+
+    def pad(v):  # (b, l, ...) -> (b, c, K, ...) float32, zeros past l
+        v = mx.pad(v.astype(mx.float32), [(0, 0), (0, nc * K - l)] + [(0, 0)] * (v.ndim - 2))
+        return v.reshape(b, nc, K, *v.shape[2:])
+    CB = mx.einsum("bclgn,bcsgn->bcgls", pad(C), pad(B))
+    acs = mx.cumsum(pad(dtv) * A, axis=2).transpose(0, 1, 3, 2)
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(kern, "OUT_TC", on)
+        monkeypatch.setattr(kern, "DX_TC", on)
+        y, s = kern.ssd_chunked(x, dtv, A, B, C, D, h0, K)
+        got[on] = (y, kern.ssd_chunked_diag_bwd(CB, acs, x, dtv, dy)[0])
+    yr, _ = ssd_ref(x, dtv, A, B, C, D, h0)
+    assert got[True][0].dtype == dtype and rel_err(got[True][0], yr) <= TOL_SSD["bf16"]
+    for name, a, c in zip(("y", "dX"), got[True], got[False]):
+        assert rel_err(a, c) <= 1e-2, (name, rel_err(a, c))
 
 
 # ---------------------------------------------------------------- Mamba-1 selective scan

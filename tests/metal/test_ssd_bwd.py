@@ -2,7 +2,9 @@
 the CPU emulator, against the MLX form they replace (`alloy.ops.ssd._diag_bwd_ops`), and the GPU
 path's whole gradient with them and the state-passing kernel (`ssd_chunked_vjp_gpu`) against MLX
 autodiff of `ssd_chunked`. Lengths that are not whole chunks, one or two 64-row tiles per chunk, head dims
-below, at and above 64, grouped B / C. The GPU run is in tests/metal/test_kernels_gpu.py."""
+below, at and above 64, grouped B / C. The chunk products on tensor cores (`CHUNK_OUT_TC` /
+`BWD_DX_TC`, bf16 / fp16) against float64 references and the CUDA-core OUT / BWD_DX. The GPU run is
+in tests/metal/test_kernels_gpu.py."""
 import importlib
 
 import mlx.core as mx
@@ -80,12 +82,15 @@ def test_gpu_gradient_matches_autodiff(p):
         assert rel_err(gv, wv) <= 1e-4, (i, rel_err(gv, wv))
 
 
+@pytest.mark.parametrize("tc", [False, True])
 @pytest.mark.parametrize("in_dtype", [True, False])
-def test_gpu_gradient_in_bf16_matches_float32_autodiff(monkeypatch, in_dtype):
+def test_gpu_gradient_in_bf16_matches_float32_autodiff(monkeypatch, in_dtype, tc):
     """bf16 inputs: the GPU path's gradient, with its batched products in bf16
-    (`GRADIENT_PRODUCTS_IN_INPUT_DTYPE`) or in float32, against autodiff of `ssd_chunked` on the same
-    values in float32 (bf16 rounding of the products and of dx / dB / dC: within 3e-2)."""
+    (`GRADIENT_PRODUCTS_IN_INPUT_DTYPE`) or in float32, and dX of the diagonal blocks on tensor cores
+    (`DX_TC`) or not, against autodiff of `ssd_chunked` on the same values in float32 (bf16 rounding
+    of the products and of dx / dB / dC: within 3e-2)."""
     monkeypatch.setattr(ssd_mod, "GRADIENT_PRODUCTS_IN_INPUT_DTYPE", in_dtype)
+    monkeypatch.setattr(kern, "DX_TC", tc)
     rng = np.random.default_rng(5)
     b, l, h, g, p, n, K = 1, 150, 4, 2, 32, 16, 64
     prim = inputs(rng, "bf16", b, l, h, g, p, n)
@@ -158,3 +163,97 @@ def test_kernel_path_gradient_reuses_the_forward_states(monkeypatch, dt):
         assert rel_err(gv, wv) <= tol, (i, rel_err(gv, wv))
     for i, (a, c) in enumerate(zip(reused, fresh)):
         assert rel_err(a, c) <= (1e-5 if dt == "f32" else 1e-2), (i, rel_err(a, c))
+
+
+# ---------------------------------------------------------------- the chunk products on tensor cores
+F16 = {"bf16": mx.bfloat16, "fp16": mx.float16}
+
+
+def diag_case(rng, dt, b, l, h, g, p, K):
+    """The inputs of OUT / BWD_DX (CB (b, c, g, K, K) and acs (b, c, h, K) float32, x / dy (b, l, h, p)
+    and Yo (b, c, g, K, r p) in dtype, dt (b, l, h), D (h,)) and float64 numpy references of y and dX."""
+    dtype = F16[dt]
+    nc, r = -(-l // K), h // g
+    x, dy = arr(rng, (b, l, h, p), dtype), arr(rng, (b, l, h, p), dtype)
+    dtv = pos(rng, (b, l, h), 0.01, 0.3)
+    A = -pos(rng, (h,), 0.5, 4.0)
+    CB = arr(rng, (b, nc, g, K, K), scale=0.5)
+    Yo = arr(rng, (b, nc, g, K, r * p), dtype)
+    D = arr(rng, (h,))
+    acs = mx.cumsum(chunked(dtv, K) * A, axis=2).transpose(0, 1, 3, 2)  # (b, c, h, K)
+    f64 = lambda v: np.array(v.astype(mx.float32)).astype(np.float64)  # noqa: E731
+    ac = f64(acs)
+    E = np.exp(ac[..., :, None] - ac[..., None, :]) * np.tril(np.ones((K, K)))  # (b, c, h, l, s)
+    M = np.repeat(f64(CB), r, axis=2) * E
+    X = f64(chunked(x, K)) * f64(chunked(dtv, K))[..., None]  # (b, c, K, h, p)
+    Yh = f64(Yo).reshape(b, nc, g, K, r, p).transpose(0, 1, 3, 2, 4, 5).reshape(b, nc, K, h, p)
+    y = (np.einsum("bchls,bcshp->bclhp", M, X) + np.exp(ac).transpose(0, 1, 3, 2)[..., None] * Yh
+         + f64(D)[:, None] * f64(chunked(x, K)))
+    dX = np.einsum("bchls,bclhp->bcshp", M, f64(chunked(dy, K)))
+    return (CB, acs, x, dtv, Yo, D, dy), y.reshape(b, nc * K, h, p)[:, :l], dX
+
+
+TC_CASES = [("bf16", 1, 40, 2, 1, 16, 32),     # chunk below the 64-row block, L not whole chunks
+            ("fp16", 2, 150, 4, 2, 64, 64),    # two heads per group
+            ("bf16", 1, 300, 3, 1, 64, 256),   # four row blocks per chunk, three heads per group
+            ("bf16", 1, 100, 2, 2, 128, 80),   # a partial second row block, head dim 128
+            ("fp16", 1, 96, 6, 2, 32, 48)]
+
+
+@pytest.mark.parametrize("dt,b,l,h,g,p,K", TC_CASES)
+def test_chunk_products_on_tensor_cores(dt, b, l, h, g, p, K):
+    """CHUNK_OUT_TC / BWD_DX_TC (the mask and X = dt x / dy tiles rounded to the input dtype, warp tile
+    products) against float64 references of OUT / BWD_DX and against those CUDA-core kernels: bf16
+    operands within 1e-2 (fp16 2e-3; seen: 3.2e-3 / 3e-4) of the reference, the CUDA-core kernels within 1e-2 (y: one
+    rounding to the input dtype) and 1e-5 (dX float32)."""
+    rng = np.random.default_rng(l + p)
+    (CB, acs, x, dtv, Yo, D, dy), y_ref, dX_ref = diag_case(rng, dt, b, l, h, g, p, K)
+    nt, nc = -(-K // 64), CB.shape[1]
+    dtype = x.dtype
+    launch = dict(grid=(nt, h, b * nc), threadgroup=128, poison=True)
+    old = [("T", dtype), ("KC", K), ("PC", p), ("CG", -(-p // 64)), ("SB", 32)]
+    new = [("T", dtype), ("KC", K), ("PC", p)]
+    ys = {name: emulate.run(k, [CB, acs, x, dtv, Yo, D], template=t, output_shapes=[x.shape],
+                            output_dtypes=[dtype], **launch)[0]
+          for name, k, t in (("out", kern.OUT, old), ("tc", kern.CHUNK_OUT_TC, new))}
+    dXs = {name: emulate.run(k, [CB, acs, dy], template=t, output_shapes=[(b, nc * K, h, p)],
+                             output_dtypes=[mx.float32], **launch)[0].reshape(dX_ref.shape)
+           for name, k, t in (("out", kern.BWD_DX, old), ("tc", kern.BWD_DX_TC, new))}
+    tol = 1e-2 if dt == "bf16" else 2e-3
+    for name, got, want, t_old in (("y", ys, y_ref, 1e-2), ("dX", dXs, dX_ref, 1e-5)):
+        want = mx.array(want.astype(np.float32))
+        assert got["tc"].dtype == got["out"].dtype, name
+        assert rel_err(got["out"], want) <= t_old, (name, rel_err(got["out"], want))
+        assert rel_err(got["tc"], want) <= tol, (name, rel_err(got["tc"], want))
+        assert rel_err(got["tc"], got["out"]) <= tol, (name, rel_err(got["tc"], got["out"]))
+
+
+@pytest.mark.parametrize("dt,p,K,tc", [("bf16", 32, 64, True), ("fp16", 16, 32, True), ("bf16", 8, 64, False),
+                                       ("f32", 32, 64, False), ("bf16", 32, 40, False)])
+def test_switches_pick_the_tensor_core_kernels(monkeypatch, dt, p, K, tc):
+    """With OUT_TC / DX_TC on, `ssd_chunked` and `ssd_chunked_diag_bwd` launch CHUNK_OUT_TC / BWD_DX_TC
+    for 16-bit inputs with head dim and chunk multiples of 16 (and OUT / BWD_DX otherwise), with the
+    results of the switches off (within the bf16 / fp16 operand rounding)."""
+    rng = np.random.default_rng(p + K)
+    b, l, h, g, n = 1, 100, 4, 2, 16
+    dtype = {**F16, "f32": mx.float32}[dt]
+    x, dy = arr(rng, (b, l, h, p), dtype), arr(rng, (b, l, h, p), dtype)
+    dtv, A = pos(rng, (b, l, h), 0.01, 0.3), -pos(rng, (h,), 0.5, 4.0)
+    B, C = arr(rng, (b, l, g, n), dtype), arr(rng, (b, l, g, n), dtype)
+    D, s0 = arr(rng, (h,)), arr(rng, (b, h, p, n))
+    Bc, Cc, dtc = chunked(B, K), chunked(C, K), chunked(dtv, K)
+    CB = mx.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
+    acs = mx.cumsum(dtc * A, axis=2).transpose(0, 1, 3, 2)
+    res = {}
+    for on in (False, True):
+        monkeypatch.setattr(kern, "OUT_TC", on)
+        monkeypatch.setattr(kern, "DX_TC", on)
+        with emulate.patch(kern, poison=True):
+            y, _ = kern.ssd_chunked(x, dtv, A, B, C, D, s0, K)
+            dX = kern.ssd_chunked_diag_bwd(CB, acs, x, dtv, dy)[0]
+            used = (kern.CHUNK_OUT_TC.calls, kern.BWD_DX_TC.calls, kern.OUT.calls, kern.BWD_DX.calls)
+        assert used == ((1, 1, 0, 0) if on and tc else (0, 0, 1, 1)), used
+        res[on] = (y, dX)
+    tol = 1e-2 if tc else 0.0
+    for a, c in zip(res[True], res[False]):
+        assert rel_err(a, c) <= tol, rel_err(a, c)
