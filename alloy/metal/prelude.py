@@ -43,6 +43,12 @@ prelude maps onto each dialect:
         mma16t(a, A, lda, Bt, ldb, lane) the same with B given transposed (Bt: 16 x 16 row-major [n][k]):
                                 A Bt^T, e.g. q k^T from two row-major tiles. lda / ldb even, the
                                 tiles 4-byte aligned (CUDA loads element pairs as 32-bit words)
+        Frag16<U> f; lda16(f, A, lda, lane)   a 16 x 16 row-major A tile (group-shared, U its element
+        mma16_f(a, f, B, ldb, lane)     type) loaded once as the a-operand of the warp's mma (CUDA
+        mma16t_f(a, f, Bt, ldb, lane)   bf16 / fp16: the mma.sync fragment registers; other types and
+                                Metal: a pointer to the tile), then multiplied by several B / Bt tiles:
+                                mma16_f(a, f, B, ...) == mma16(a, A, lda, B, ...), mma16t_f likewise,
+                                without reloading A per column tile. A must stay in place while f is used
         str8(r, p)              store a Raw8's eight elements to group-shared p (one 16-byte store
                                 for bf16/fp16 on CUDA: p 16-byte aligned)
         st8(p, o)               p[0..8) = o[0..8) converted, p a buffer or group-shared array (one
@@ -122,6 +128,19 @@ template <typename U> DEVICE_FN void mma16t(Acc16& acc, const U* A, int lda, con
 }
 template <typename V> DEVICE_FN void acc_store(const Acc16& acc, V* C, int ldc, unsigned int lane) {
   for (int i = 0; i < 8; ++i) C[acc_row(i, lane) * ldc + acc_col(i, lane)] = static_cast<V>(acc.c[i]);
+}
+// a preloaded A tile (`Frag16`): here the tile's place, the products those of mma16 / mma16t (the CUDA
+// dialect specializes bf16 / fp16 to the mma.sync a-fragment registers)
+template <typename U> struct Frag16 { const U* p; int ld; };
+template <typename U> DEVICE_FN void lda16(Frag16<U>& f, const U* A, int lda, unsigned int lane) {
+  f.p = A;
+  f.ld = lda;
+}
+template <typename U> DEVICE_FN void mma16_f(Acc16& acc, const Frag16<U>& f, const U* B, int ldb, unsigned int lane) {
+  mma16(acc, f.p, f.ld, B, ldb, lane);
+}
+template <typename U> DEVICE_FN void mma16t_f(Acc16& acc, const Frag16<U>& f, const U* Bt, int ldb, unsigned int lane) {
+  mma16t(acc, f.p, f.ld, Bt, ldb, lane);
 }
 """
 
@@ -277,6 +296,38 @@ DEVICE_FN void mma16t(Acc16& acc, const __nv_bfloat16* A, int lda, const __nv_bf
 }
 DEVICE_FN void mma16t(Acc16& acc, const __half* A, int lda, const __half* Bt, int ldb, unsigned int lane) {
   alloy_mma16t_tc(acc, A, lda, Bt, ldb, lane);
+}
+// Frag16 of bf16 / fp16: the a-operand registers of mma.sync.m16n8k16 (alloy_frag_a), loaded once
+template <> struct Frag16<__nv_bfloat16> { unsigned int a[4]; };
+template <> struct Frag16<__half> { unsigned int a[4]; };
+template <typename U> DEVICE_FN void alloy_mma16_f_tc(Acc16& acc, const unsigned int* a, const U* B, int ldb, unsigned int lane) {
+  const int g = static_cast<int>(lane >> 2), t = static_cast<int>(lane & 3u);
+  for (int h = 0; h < 2; ++h) {
+    const int n = 8 * h + g;
+    alloy_mma_m16n8k16(acc.c + 4 * h, a, alloy_pack2(B[(2 * t) * ldb + n], B[(2 * t + 1) * ldb + n]),
+                       alloy_pack2(B[(2 * t + 8) * ldb + n], B[(2 * t + 9) * ldb + n]), B);
+  }
+}
+template <typename U> DEVICE_FN void alloy_mma16t_f_tc(Acc16& acc, const unsigned int* a, const U* Bt, int ldb, unsigned int lane) {
+  const int g = static_cast<int>(lane >> 2), t = static_cast<int>(lane & 3u);
+  for (int h = 0; h < 2; ++h) {
+    const U* row = Bt + (8 * h + g) * ldb + 2 * t;
+    alloy_mma_m16n8k16(acc.c + 4 * h, a, alloy_ld2(row), alloy_ld2(row + 8), Bt);
+  }
+}
+DEVICE_FN void lda16(Frag16<__nv_bfloat16>& f, const __nv_bfloat16* A, int lda, unsigned int lane) { alloy_frag_a(f.a, A, lda, lane); }
+DEVICE_FN void lda16(Frag16<__half>& f, const __half* A, int lda, unsigned int lane) { alloy_frag_a(f.a, A, lda, lane); }
+DEVICE_FN void mma16_f(Acc16& acc, const Frag16<__nv_bfloat16>& f, const __nv_bfloat16* B, int ldb, unsigned int lane) {
+  alloy_mma16_f_tc(acc, f.a, B, ldb, lane);
+}
+DEVICE_FN void mma16_f(Acc16& acc, const Frag16<__half>& f, const __half* B, int ldb, unsigned int lane) {
+  alloy_mma16_f_tc(acc, f.a, B, ldb, lane);
+}
+DEVICE_FN void mma16t_f(Acc16& acc, const Frag16<__nv_bfloat16>& f, const __nv_bfloat16* Bt, int ldb, unsigned int lane) {
+  alloy_mma16t_f_tc(acc, f.a, Bt, ldb, lane);
+}
+DEVICE_FN void mma16t_f(Acc16& acc, const Frag16<__half>& f, const __half* Bt, int ldb, unsigned int lane) {
+  alloy_mma16t_f_tc(acc, f.a, Bt, ldb, lane);
 }
 DEVICE_FN unsigned int alloy_atom_add_acq_rel(unsigned int* p, unsigned int v) {
   unsigned int old;
@@ -437,6 +488,20 @@ template <typename U> DEVICE_FN void mma16t(thread Acc16& acc, const threadgroup
     for (int k = 0; k < 16; ++k) s += static_cast<float>(A[r * lda + k]) * static_cast<float>(Bt[c * ldb + k]);
     acc.c[i] += s;
   }
+}
+// Frag16: the tile's place (the products are mma16 / mma16t's)
+template <typename U> struct Frag16 { const threadgroup U* p; int ld; };
+template <typename U> DEVICE_FN void lda16(thread Frag16<U>& f, const threadgroup U* A, int lda, unsigned int lane) {
+  f.p = A;
+  f.ld = lda;
+}
+template <typename U> DEVICE_FN void mma16_f(thread Acc16& acc, thread const Frag16<U>& f, const threadgroup U* B, int ldb,
+                                             unsigned int lane) {
+  mma16(acc, f.p, f.ld, B, ldb, lane);
+}
+template <typename U> DEVICE_FN void mma16t_f(thread Acc16& acc, thread const Frag16<U>& f, const threadgroup U* Bt,
+                                              int ldb, unsigned int lane) {
+  mma16t(acc, f.p, f.ld, Bt, ldb, lane);
 }
 template <typename V> DEVICE_FN void acc_store(thread const Acc16& acc, threadgroup V* C, int ldc, unsigned int lane) {
   for (int i = 0; i < 8; ++i) C[acc_row(i, lane) * ldc + acc_col(i, lane)] = static_cast<V>(acc.c[i]);

@@ -258,7 +258,9 @@ CHUNK_OUT_TC = Kernel(
   // `OUT` with the chunk product as warp tile products (`mma16t`: tensor cores for bf16 / fp16):
   //   y[l] = sum_{s <= l} M[l, s] X_s + exp(acs_l) Yo[l] + D x_l,  M[l, s] = CB[l, s] exp(acs_l - acs_s)
   // with M and X = dt x rounded to T, float32 accumulation, y rounded once. Steps of 64 s up to the
-  // block's last row; a warp skips the 16-blocks of s above its rows (and past the chunk).
+  // block's last row; a warp skips the 16-blocks of s above its rows (and past the chunk). CB rows are
+  // read as float4 pairs (CB a whole float32 array: 16-byte aligned, KC % 16 == 0); each warp loads its
+  // mask fragment once per 16-block of s for all PC / 16 tiles (lda16 / mma16t_f).
 """ + _tc_item("x") + """
   const int s_end = r0 + 64 < KC ? r0 + 64 : KC;
   for (int s0 = 0; s0 < s_end; s0 += 64) {
@@ -268,18 +270,26 @@ CHUNK_OUT_TC = Kernel(
       const int u = 8 * (idx % 8);
       const int l = r0 + r;
       float v[8];
-      for (int q = 0; q < 8; ++q) {
-        const int s = s0 + u + q;
-        v[q] = (s <= l && l < KC) ? CB[((bc * G + g) * KC + l) * KC + s] * fexp(sacs[l] - sacs[s]) : 0.0f;
+      if (s0 + u <= l && l < KC) {            // two 16-byte loads: s0 + u + 8 <= KC (KC % 16 == 0)
+        const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + s0 + u);
+        const float4 c0 = cb[0];
+        const float4 c1 = cb[1];
+        const float c[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+        const float al = sacs[l];
+        for (int q = 0; q < 8; ++q) v[q] = s0 + u + q <= l ? c[q] * fexp(al - sacs[s0 + u + q]) : 0.0f;
+      } else {
+        for (int q = 0; q < 8; ++q) v[q] = 0.0f;
       }
       st8(smk + r * TP + u, v);
     }
     BARRIER();
     int nk = wr < KC ? (wr + 16 - s0) / 16 : 0;   // 16-blocks of s <= the warp's last row
     nk = nk < 4 ? nk : 4;
-    for (int kk = 0; kk < nk; ++kk)
-      for (int j = 0; j < PC / 16; ++j)
-        mma16t(acc[j], smk + 16 * w * TP + 16 * kk, TP, sdt + 16 * j * TP + 16 * kk, TP, lane);
+    for (int kk = 0; kk < nk; ++kk) {
+      Frag16<T> fm;                           // the warp's mask tile: loaded once for the PC / 16 tiles
+      lda16(fm, smk + 16 * w * TP + 16 * kk, TP, lane);
+      for (int j = 0; j < PC / 16; ++j) mma16t_f(acc[j], fm, sdt + 16 * j * TP + 16 * kk, TP, lane);
+    }
     BARRIER();
   }
   const float dh = static_cast<float>(D[h]);
@@ -593,8 +603,10 @@ BWD_SCORES_TC = Kernel(
     acc_zero(acc[0]);
     acc_zero(acc[1]);
     for (int k0 = 0; k0 < PC; k0 += 16) {
-      mma16t(acc[0], sdy + 16 * rt * PP + k0, PP, sxx + 16 * ct0 * PP + k0, PP, lane);
-      mma16t(acc[1], sdy + 16 * rt * PP + k0, PP, sxx + 16 * (ct0 + 1) * PP + k0, PP, lane);
+      Frag16<T> fy;                            // the dy tile: loaded once for both accumulator tiles
+      lda16(fy, sdy + 16 * rt * PP + k0, PP, lane);
+      mma16t_f(acc[0], fy, sxx + 16 * ct0 * PP + k0, PP, lane);
+      mma16t_f(acc[1], fy, sxx + 16 * (ct0 + 1) * PP + k0, PP, lane);
     }
     float rs[2] = {0.0f, 0.0f};                // this lane's two rows
     float cs[2][4];                            // its four columns in each accumulator tile
@@ -712,7 +724,8 @@ BWD_DX_TC = Kernel(
   // exchanged from CHUNK_OUT_TC: output rows s, reduction over l >= s in steps of 64 from r0,
   //   dX[s] = sum_{l >= s} M^T[s, l] dy_l,  M^T[s, l] = CB[l, s] exp(acs_l - acs_s)
   // with M^T rounded to T (dy is T already), float32 accumulation and output; a warp skips the
-  // 16-blocks of l below its rows (and past the chunk).
+  // 16-blocks of l below its rows (and past the chunk), and loads its mask fragment once per 16-block
+  // of l for all PC / 16 tiles (lda16 / mma16t_f).
 """ + _tc_item("dy") + """
   for (int l0 = r0; l0 < KC; l0 += 64) {
 """ + _tc_data_tile("dy", "l0", False) + """
@@ -731,16 +744,22 @@ BWD_DX_TC = Kernel(
     const int k_lo = wr > l0 ? (wr - l0) / 16 : 0;           // 16-blocks of l >= the warp's first row
     const int k_end = (KC - l0) / 16 < 4 ? (KC - l0) / 16 : 4;
     if (wr < KC)
-      for (int kk = k_lo; kk < k_end; ++kk)
-        for (int j = 0; j < PC / 16; ++j)
-          mma16t(acc[j], smk + 16 * w * TP + 16 * kk, TP, sdt + 16 * j * TP + 16 * kk, TP, lane);
+      for (int kk = k_lo; kk < k_end; ++kk) {
+        Frag16<T> fm;                         // the warp's mask tile: loaded once for the PC / 16 tiles
+        lda16(fm, smk + 16 * w * TP + 16 * kk, TP, lane);
+        for (int j = 0; j < PC / 16; ++j) mma16t_f(acc[j], fm, sdt + 16 * j * TP + 16 * kk, TP, lane);
+      }
     BARRIER();
   }
-  for (int i = 0; i < 8; i += 2) {
+  for (int i = 0; i < 8; i += 2) {             // a column pair as one 8-byte store (dX float32, even column)
     const int s = wr + acc_row(i, lane);
     if (s < KC)
-      for (int j = 0; j < PC / 16; ++j)
-        st2(dX + ((b * nc * KC + t0 + s) * H + h) * PC + 16 * j + acc_col(i, lane), acc[j].c[i], acc[j].c[i + 1]);
+      for (int j = 0; j < PC / 16; ++j) {
+        float2 v;
+        v.x = acc[j].c[i];
+        v.y = acc[j].c[i + 1];
+        *reinterpret_cast<DEV float2*>(dX + ((b * nc * KC + t0 + s) * H + h) * PC + 16 * j + acc_col(i, lane)) = v;
+      }
   }
 """,
 )
