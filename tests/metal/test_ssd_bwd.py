@@ -47,11 +47,13 @@ def chunked(v, K):
                                              ("bf16", 1, 130, 2, 2, 32, 128),
                                              ("f32", 1, 70, 8, 1, 16, 64)])
 def test_diag_kernels_match_ops(monkeypatch, tc, dt, b, l, h, g, p, K):
-    """BWD_SCORES (fp32 shared tiles) and BWD_SCORES_TC (warp tile products, X rounded to the input
-    dtype: bf16 within 2e-2) with BWD_DX against the MLX form; the TC kernel where p allows."""
+    """BWD_SCORES (fp32 shared tiles) with BWD_DX, and BWD_SCORES_TC with BWD_DX_TC (warp tile
+    products, operands rounded to the input dtype: bf16 within 2e-2), against the MLX form; the TC
+    kernels where p allows."""
     if tc and p % 16:
         pytest.skip("BWD_SCORES_TC needs a head dim multiple of 16")
     monkeypatch.setattr(kern, "SCORES_TC", tc)
+    monkeypatch.setattr(kern, "DX_TC", tc)
     rng = np.random.default_rng(K + l)
     x, dtv, A, B, C, _, _, dy, _ = inputs(rng, dt, b, l, h, g, p, 16)
     Bc, Cc, dtc = chunked(B, K), chunked(C, K), chunked(dtv, K)
