@@ -167,7 +167,7 @@ struct alloy_emu_thread {
 
 # The CPU dialect. It must define every name of prelude._CUDA_HEADER / _METAL_HEADER:
 #   SHARED (rewritten by `_rewrite_shared`; a leftover is an error)  BARRIER()  DEVICE_FN  DEV  ALIGN16
-#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum warp_sync  f4 / float4 (.x .y .z .w)  ld8  ldr8 / cvt8 / str8 / Raw8  st8 st2  ld_cg  grid_sync  grid_arrive / grid_wait  prefetch_l2  Acc16 acc_zero mma16 mma16t acc_store acc_row acc_col
+#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum warp_sync  f4 / float4 (.x .y .z .w)  ld8  ldr8 / cvt8 / str8 / Raw8  st8 st2  ld_cg  grid_sync  grid_arrive / grid_wait  prefetch_l2  Acc16 acc_zero mma16 mma16t Frag16 lda16 mma16_f mma16t_f acc_store acc_row acc_col
 # and the index names of prelude._INDEX (see _INDEX_CPU). A name the prelude gains goes here
 # (a DEVICE_FN function; runtime services through alloy_emu_self->ops, see _RUNTIME).
 _DIALECT = r"""
