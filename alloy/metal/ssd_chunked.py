@@ -105,11 +105,10 @@ _FMA4 = r"""
   }
 """
 
-def _rows_item(src: str, tiles: str) -> str:
-    """The opening OUT and BWD_DX share: one group of 128 threads per (block of 64 rows from r0, head
-    h, batch x chunk bc), thread (ty, tx) = (tid / 16, tid % 16); the head's acs for the chunk in
-    shared memory, the 8 x 4 CG accumulators zeroed. `src`: the (b, L, h, p) input that gives L and
-    H; `tiles`: the kernel's own shared tile declarations."""
+def _chunk_block(src: str) -> str:
+    """The indices OUT, BWD_DX and their tensor-core versions share: the group's block of 64 rows from
+    r0, head h (of group g), batch x chunk bc, the chunk's first step t0. `src`: the (b, L, h, p)
+    input that gives L and H."""
     return f"""\
   const int L = {src}_shape[1];
   const int H = {src}_shape[2];
@@ -122,6 +121,15 @@ def _rows_item(src: str, tiles: str) -> str:
   const long b = bc / nc;
   const long t0 = (bc % nc) * KC;             // first time step of the chunk
   const int r0 = bid_x * 64;
+"""
+
+
+def _rows_item(src: str, tiles: str) -> str:
+    """The opening OUT and BWD_DX share: one group of 128 threads per (block of 64 rows from r0, head
+    h, batch x chunk bc), thread (ty, tx) = (tid / 16, tid % 16); the head's acs for the chunk in
+    shared memory, the 8 x 4 CG accumulators zeroed. `src`: the (b, L, h, p) input that gives L and
+    H; `tiles`: the kernel's own shared tile declarations."""
+    return _chunk_block(src) + f"""\
   const int tx = tid % 16;
   const int ty = tid / 16;
   SHARED float sacs[KC];
@@ -203,18 +211,7 @@ def _tc_item(src: str) -> str:
     the data tile transposed in sdt [p][k] (mma16t's operands), both in T, rows padded by 8 (the
     fragment loads of a warp hit 32 different banks, as in BWD_SCORES_TC); the head's acs for the
     chunk in shared memory. `src`: the (b, L, h, p) input that gives L and H."""
-    return f"""\
-  const int L = {src}_shape[1];
-  const int H = {src}_shape[2];
-  const int G = CB_shape[2];
-  const int R = H / G;
-  const int nc = CB_shape[1];
-  const int h = bid_y;
-  const int g = h / R;
-  const long bc = bid_z;
-  const long b = bc / nc;
-  const long t0 = (bc % nc) * KC;             // first time step of the chunk
-  const int r0 = bid_x * 64;
+    return _chunk_block(src) + f"""\
   const int w = static_cast<int>(warp);
   const int wr = r0 + 16 * w;                 // the warp's first output row
   constexpr int TP = 64 + 8;                  // padded tile rows
