@@ -49,8 +49,7 @@ _FWD_BODY = _COMMON + """
       float zv[VW];
       LDV(x, base + 32 * VW * j, xv);/*ADD_STORE*/
       LDZ(base + 32 * VW * j, zv);
-      if (HOLD) { for (int u = 0; u < VW; ++u) { xh[(VW * j + u) % (HOLD ? J * VW : 1)] = xv[u];
-                                                 zh[(VW * j + u) % (HOLD ? J * VW : 1)] = zv[u]; } }
+      if (HOLD) { for (int u = 0; u < VW; ++u) { xh[HI(j, u)] = xv[u]; zh[HI(j, u)] = zv[u]; } }
       for (int u = 0; u < VW; ++u) {
         const float h = NBG ? xv[u] : xv[u] * SILU_Z(zv[u]);
         ss[j / JG] += h * h;
@@ -62,8 +61,7 @@ _FWD_BODY = _COMMON + """
       float zv[VW];
       float wv[VW];
       float yv[VW];
-      if (HOLD) { for (int u = 0; u < VW; ++u) { xv[u] = xh[(VW * j + u) % (HOLD ? J * VW : 1)];
-                                                 zv[u] = zh[(VW * j + u) % (HOLD ? J * VW : 1)]; } }
+      if (HOLD) { for (int u = 0; u < VW; ++u) { xv[u] = xh[HI(j, u)]; zv[u] = zh[HI(j, u)]; } }
       else { LDV(x, base + 32 * VW * j, xv);/*ADD*/
         LDZ(base + 32 * VW * j, zv); }
       LDV(w, VW * static_cast<int>(lane) + 32 * VW * j, wv);
@@ -98,6 +96,9 @@ _HELPERS = VEC_IO + """
 // GATE false (a plain RMSNorm): z is neither read nor written and silu(z) counts as 1
 #define LDZ(o, v) if (GATE) { LDV(z, o, v); } else { for (int u_ = 0; u_ < VW; ++u_) v[u_] = 0.0f; }
 #define SILU_Z(v) (GATE ? fsilu(v) : 1.0f)
+// HOLD: the register slot of a lane's value u of its chunk j of the row (0 where nothing is held, so
+// the one-element arrays of HOLD false are never indexed past their end)
+#define HI(j, u) ((VW * (j) + (u)) % (HOLD ? J * VW : 1))
 """
 
 FWD = Kernel(name="alloy_gated_rms_norm", inputs=("x", "z", "w", "eps"), outputs=("y",), body=_fwd_body(False),
@@ -135,7 +136,7 @@ _BWD_BODY = _COMMON + """
       LDV(w, VW * static_cast<int>(lane) + 32 * VW * j, wv);
       if (HOLD) {
         for (int u = 0; u < VW; ++u) {
-          const int i_ = (VW * j + u) % (HOLD ? J * VW : 1);
+          const int i_ = HI(j, u);
           xh[i_] = xv[u];
           zh[i_] = zv[u];
           dyh[i_] = dyv[u];
@@ -163,7 +164,7 @@ _BWD_BODY = _COMMON + """
       float wv[VW];
       if (HOLD) {
         for (int u = 0; u < VW; ++u) {
-          const int i_ = (VW * j + u) % (HOLD ? J * VW : 1);
+          const int i_ = HI(j, u);
           xv[u] = xh[i_];
           zv[u] = zh[i_];
           dyv[u] = dyh[i_];
