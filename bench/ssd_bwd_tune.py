@@ -17,6 +17,19 @@ from alloy.metal import ssd_chunked as kern
 from bench_timing import timeit, timeit_ms
 
 
+def _diag_inputs(ks, b, T, K, h, p):
+    """x, dy (b, T, h, p) bf16, dt (b, T, h), acs (b, c, h, K) and CB (b, c, 1, K, K) float32 from the
+    keys ks[0..3], evaluated."""
+    c = T // K
+    x = mx.random.normal((b, T, h, p), key=ks[0]).astype(mx.bfloat16)
+    dy = mx.random.normal((b, T, h, p), key=ks[1]).astype(mx.bfloat16)
+    dt = mx.random.uniform(0.001, 0.1, (b, T, h), key=ks[2])
+    acs = mx.cumsum(-dt.reshape(b, c, K, h), axis=2).transpose(0, 1, 3, 2)
+    CB = mx.random.normal((b, c, 1, K, K), key=ks[3])
+    mx.eval(x, dy, dt, acs, CB)
+    return x, dy, dt, acs, CB
+
+
 def chunk_products(b, T, K, h=24, p=64):
     """Times OUT / CHUNK_OUT_TC and BWD_DX / BWD_DX_TC launched as `ssd_chunked` /
     `ssd_chunked_diag_bwd` launch them (1 group, bf16); prints a table row each: ms per call, useful
@@ -24,14 +37,10 @@ def chunk_products(b, T, K, h=24, p=64):
     difference of the tensor-core result from the CUDA-core one."""
     c = T // K
     ks = mx.random.split(mx.random.key(1), 6)
-    x = mx.random.normal((b, T, h, p), key=ks[0]).astype(mx.bfloat16)
-    dy = mx.random.normal((b, T, h, p), key=ks[1]).astype(mx.bfloat16)
-    dt = mx.random.uniform(0.001, 0.1, (b, T, h), key=ks[2])
-    acs = mx.cumsum(-dt.reshape(b, c, K, h), axis=2).transpose(0, 1, 3, 2)
-    CB = mx.random.normal((b, c, 1, K, K), key=ks[3])
+    x, dy, dt, acs, CB = _diag_inputs(ks, b, T, K, h, p)
     Yo = mx.random.normal((b, c, 1, K, h * p), key=ks[4]).astype(mx.bfloat16)
     D = mx.random.normal((h,), key=ks[5])
-    mx.eval(x, dy, dt, acs, CB, Yo, D)
+    mx.eval(Yo, D)
     old = [("T", mx.bfloat16), ("KC", K), ("PC", p), ("CG", kern.groups(p, 64)), ("SB", 32)]
     new = [("T", mx.bfloat16), ("KC", K), ("PC", p)]
     launch = dict(grid=(kern.groups(K, 64), h, b * c), threadgroup=128)
@@ -81,15 +90,8 @@ def main(argv=None):
         for K in (int(v) for v in a.tc_chunks.split(",")):
             chunk_products(a.batch, a.T, K)
         return
-    b, T, h, p, n, K = a.batch, a.T, 24, 64, 128, a.chunk
-    c = T // K
-    ks = mx.random.split(mx.random.key(0), 5)
-    x = mx.random.normal((b, T, h, p), key=ks[0]).astype(mx.bfloat16)
-    dy = mx.random.normal((b, T, h, p), key=ks[1]).astype(mx.bfloat16)
-    dt = mx.random.uniform(0.001, 0.1, (b, T, h), key=ks[2])
-    acs = mx.cumsum(-dt.reshape(b, c, K, h), axis=2).transpose(0, 1, 3, 2)
-    CB = mx.random.normal((b, c, 1, K, K), key=ks[3])
-    mx.eval(x, dy, dt, acs, CB)
+    b, T, K = a.batch, a.T, a.chunk
+    x, dy, dt, acs, CB = _diag_inputs(mx.random.split(mx.random.key(0), 5), b, T, K, 24, 64)
     print(f"| BWD_SCORES heads per group, columns per load (b={b}, T={T}, K={K}) | diag gradient ms |\n|---|---|")
     for tc, rs, pb in [(False, 4, 32), (True, 4, 0), (True, 8, 0), (True, 2, 0), (False, 4, 64), (False, 2, 32),
                        (False, 8, 32), (False, 8, 64), (False, 24, 32)]:
