@@ -12,6 +12,7 @@ honour it.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import mlx.core as mx
 
@@ -68,6 +69,12 @@ def dense(p: dict, x: mx.array) -> mx.array:
     return y
 
 
+def plain_linear(p: dict) -> bool:
+    """A dense linear with no quantization or unmerged low-rank delta: its weight can be sliced or
+    stacked with others."""
+    return set(p) <= {"weight", "bias"}
+
+
 @functools.lru_cache(maxsize=None)
 def _split_matmul(widths: tuple):
     """x @ W^T as len(widths) separate products against W's row blocks, with a written-out gradient:
@@ -107,13 +114,12 @@ def dense_split(p: dict, x: mx.array, widths) -> tuple:
     if sum(widths) != p["weight"].shape[0] or min(widths) < 1:
         raise ValueError(f"dense_split: widths {widths} must be positive and sum to the output width "
                          f"{p['weight'].shape[0]}")
-    if not set(p) <= {"weight", "bias"}:
-        cuts = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
-        return tuple(mx.split(dense(p, x), cuts, axis=-1))
+    ends = list(itertools.accumulate(widths))
+    if not plain_linear(p):
+        return tuple(mx.split(dense(p, x), ends[:-1], axis=-1))
     outs = _split_matmul(widths)(x, p["weight"])
     if "bias" in p:
-        cuts = [0] + [sum(widths[:i + 1]) for i in range(len(widths))]
-        outs = tuple(y + p["bias"][a:b] for y, a, b in zip(outs, cuts, cuts[1:]))
+        outs = tuple(y + p["bias"][e - n:e] for y, n, e in zip(outs, widths, ends))
     return tuple(outs)
 
 

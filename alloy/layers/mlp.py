@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from alloy import metal
-from alloy.layers.common import dense
+from alloy.layers.common import dense, plain_linear
 from alloy.layers.registry import LayerSettings, register_ffn
 from alloy.ops.activations import ACTIVATIONS, activation, swiglu, swiglu_packed
 from alloy.params import init as I
@@ -70,11 +70,6 @@ PACKED_GATE_UP = True
 PACKED_MIN_ROWS = 1024
 
 
-def _plain(p: dict) -> bool:
-    """A dense linear with no quantization or unmerged low-rank delta (its weight can be stacked)."""
-    return set(p) <= {"weight", "bias"}
-
-
 def _gate_up_packed(params, x):
     """x @ [W_gate; W_up]^T (+ [b_gate; b_up]): (..., 2F), gate then up."""
     g, u = params["gate_proj"], params["up_proj"]
@@ -87,10 +82,11 @@ def _gate_up_packed(params, x):
 @register_ffn("mlp", settings=MLPSettings, init=init)
 def apply(params, x, state, cfg: MLPSettings):
     if cfg.gated and cfg.activation == "silu" and _fused_gate():
-        if (PACKED_GATE_UP and x.size // x.shape[-1] >= PACKED_MIN_ROWS and _plain(params["gate_proj"])
-                and _plain(params["up_proj"]) and ("bias" in params["gate_proj"]) == ("bias" in params["up_proj"])):
+        g, u = params["gate_proj"], params["up_proj"]
+        if (PACKED_GATE_UP and x.size // x.shape[-1] >= PACKED_MIN_ROWS and plain_linear(g) and plain_linear(u)
+                and ("bias" in g) == ("bias" in u)):
             return dense(params["down_proj"], swiglu_packed(_gate_up_packed(params, x))), state
-        h = swiglu(dense(params["gate_proj"], x), dense(params["up_proj"], x), fused=True)
+        h = swiglu(dense(g, x), dense(u, x), fused=True)
     else:
         h = dense(params["up_proj"], x)
         act = activation(cfg.activation)
