@@ -130,8 +130,22 @@ def dense_split(p: dict, x: mx.array, widths) -> tuple:
 ONEHOT_GRAD_MAX_ROWS = 4096
 
 
+# On a GPU, tables of at most this many rows are also read as one-hot @ table (one small GEMM, exact:
+# each output is one row times 1): MLX-CUDA's gather wrote the toy step's 32768 x 768 bf16 rows at
+# ~0.26 TB/s (0.19 ms, docs/benchmarks.md session 9). On the CPU the gather is cheaper.
+ONEHOT_LOOKUP_MAX_ROWS = 512
+
+
+def _onehot(tokens, rows: int, dtype):
+    return (tokens.reshape(-1, 1) == mx.arange(rows, dtype=tokens.dtype)).astype(dtype)
+
+
 @mx.custom_function
 def _take_rows(w, tokens):
+    from alloy import metal
+
+    if metal.backend() is not None and w.shape[0] <= ONEHOT_LOOKUP_MAX_ROWS:
+        return (_onehot(tokens, w.shape[0], w.dtype) @ w).reshape(*tokens.shape, w.shape[1])
     return w[tokens]
 
 
@@ -139,8 +153,7 @@ def _take_rows(w, tokens):
 def _take_rows_vjp(primals, cotangent, output):
     w, tokens = primals
     ct = cotangent.reshape(-1, w.shape[1])
-    onehot = (tokens.reshape(-1, 1) == mx.arange(w.shape[0], dtype=tokens.dtype)).astype(ct.dtype)
-    return (onehot.T @ ct).astype(w.dtype), mx.zeros(tokens.shape, tokens.dtype)
+    return (_onehot(tokens, w.shape[0], ct.dtype).T @ ct).astype(w.dtype), mx.zeros(tokens.shape, tokens.dtype)
 
 
 def embed(p: dict, tokens: mx.array, d_model: int) -> mx.array:
