@@ -28,6 +28,11 @@ B * T/tile shares afterwards in two column reductions (no atomics).
 channels, y0 (B, T, C0), y1 (B, T, C1), y2 (B, T, C - C0 - C1), each contiguous: a consumer that
 splits the conv's output (Mamba-2's x, B, C) gets contiguous pieces with no slicing copies before
 the kernels that read them, and no concatenation of their cotangents in the backward.
+
+`KERNEL_PIPE` / `BWD_PIPE` (and the split ones) are the same four with the same arithmetic (equal
+results bit for bit), software-pipelined: a thread's loads of the next batch of steps are in flight
+while it computes the current one, and rows further ahead are prefetched into L2 (see "the pipe
+variants" below). `FWD_VARIANT` / `BWD_VARIANT` pick the kernels the launchers take.
 """
 from __future__ import annotations
 
@@ -48,6 +53,25 @@ MIN_ITEMS = 100_000
 # (32 KB per SM at 8 warps); 2 would take 211 registers and half the loads
 AHEAD = 4
 GROUP = 128  # threads per group, along channels
+# Which kernels the launchers take (module switches, for A/B runs such as bench/conv_tune.py's):
+# "stream" (KERNEL / BWD and the split ones: load AHEAD steps, then compute them) or "pipe" (their
+# *_PIPE variants below: the next batch's loads in flight while a batch is computed, L2 prefetch;
+# VW 8 launches only, VW 1 ones take the streaming kernels). H100, session 9 (bench/conv_tune.py, toy
+# layer 16 x 2048 x 1792 bf16): forward 183 -> 135 us, gradient kernel 464 -> 246 us (2-step gradient
+# batches; 3: 278, 4: 296; PREFETCH 0 / 16 / 32 within noise of 8); train step 76.1 ms with both
+# streaming vs 74.5 / 74.7 pipe (docs/benchmarks.md). nvcc sm_90, bf16, K 4, VW 8 (no spills): pipe forward, 2-step
+# batches under launch bounds (GROUP, 4): 123 registers, 16 resident warps per SM; pipe gradient,
+# 2 / 3-step batches: 230 / 243 registers (4-step: 255 and 24 bytes of spills), 8 warps.
+VARIANTS = ("stream", "pipe")
+FWD_VARIANT = "pipe"
+BWD_VARIANT = "pipe"
+PIPE_AHEAD_FWD = 2  # steps per batch of the pipe kernels (2 batches of loads in flight)
+PIPE_AHEAD_BWD = 2
+FWD_MIN_GROUPS = 4  # the pipe forward's launch bounds: (GROUP, this) — registers capped for 4 groups per SM
+# the pipe kernels pull the rows this many steps ahead into L2 (0: none): about twice the two batches
+# the loads reach ahead; at 8 steps the rows prefetched and not yet read fill ~9 MB of the 50 MB L2
+# (toy gradient: 34K resident threads x 32 bytes a step)
+PREFETCH = 8
 
 
 def _head() -> str:
@@ -126,16 +150,7 @@ def _forward(split: bool) -> str:
           STV(y_p, (b * Tn + s0 + u) * y_w + y_c, yv);
         }
       }
-    }
-    if (t0 == 0) {  // new_state[m] = xp[T + m]
-      for (int m = 0; m < K - 1; ++m) {
-        const int i = Tn + m - (K - 1);
-        for (int j = 0; j < VW; ++j)
-          new_state[(b * (K - 1) + m) * Cn + c + j] =
-              i >= 0 ? static_cast<T>(static_cast<float>(x[(b * Tn + i) * Cn + c + j]))
-                     : static_cast<T>(static_cast<float>(state[(b * (K - 1) + Tn + m) * Cn + c + j]));
-      }
-    }
+    }""" + _new_state() + """
   }
 """
 
@@ -216,6 +231,229 @@ def _backward(split: bool) -> str:
 """
 
 
+# ---------------------------------------------------------------- the "pipe" variants
+# The same work items and arithmetic as the kernels above (bitwise: each value is computed by the same
+# expression in the same order), arranged so that a thread's loads overlap its own arithmetic: the
+# tile's steps go in whole batches of AHEAD, the raw 16-byte loads of batch n + 1 issued before batch
+# n is computed (two batches of loads in flight, held as raw bits: 4 registers per load), the
+# batches free of bounds checks; the steps after the last whole batch (the tile's partial batch; in
+# the gradient also the K - 1 halo steps) are loaded together, then computed. `PREF` > 0 also
+# pulls the rows PREF steps ahead into L2 (`prefetch_l2`: bytes in flight that hold no register).
+# With SILU the exponentials of a step's VW channels come before their divisions (each division
+# branches to a slow path, which splits the instruction stream). Eight channels per thread only
+# (`_plan`'s VW 8): VW 1 launches take the streaming kernels.
+
+
+def _pipe_loop(load, steps, load_tail) -> str:
+    """Steps t0 .. te - 1 (te = t0 + nb * AHEAD: the tile's whole batches): `load(i, s0)` issues the
+    raw loads of batch s0 .. s0 + AHEAD - 1 into buffer i, `steps(i, s0)` computes it; the loads of
+    batch n + 1 are issued before batch n is computed, ping-pong between buffers 0 and 1. Then
+    `load_tail` issues the loads of the steps after te, all together (loaded inside the loop, they
+    would hold their registers through all of it)."""
+    return f"""
+    const int nb = (t1 - t0) / AHEAD;      // whole batches in the tile
+    const int te = t0 + nb * AHEAD;
+    if (nb > 0) {{{load(0, "t0")}
+    }}
+    for (int n = 0; n < nb; n += 2) {{
+      const int s0 = t0 + n * AHEAD;
+      if (n + 1 < nb) {{{load(1, "s0 + AHEAD")}
+      }}{steps(0, "s0")}
+      if (n + 1 < nb) {{
+        if (n + 2 < nb) {{{load(0, "s0 + 2 * AHEAD")}
+        }}{steps(1, "s0 + AHEAD")}
+      }}
+    }}{load_tail}"""
+
+
+def _pipe_loads(arrays):
+    """(load(i, s0), load_tail) for `_pipe_loop`; arrays: (name, row pointer, row width, column) per
+    input. load: the rows of steps s0 .. s0 + AHEAD - 1 into <name>r[i][u], and the rows PREF steps
+    further (below `pe`) into L2; load_tail: the rows of steps te .. te + NT - 1 below `pe` into
+    <name>t[q] (NT: the most steps a tail has, a constant of the body)."""
+    def load(i, s0):
+        loads = "".join(f"""
+          {n}r[{i}][u] = ldr8({p} + (b * Tn + s) * {w} + {col});""" for n, p, w, col in arrays)
+        pref = "".join(f"""
+            prefetch_l2({p} + (b * Tn + s + PREF) * {w} + {col});""" for n, p, w, col in arrays)
+        return f"""
+#pragma unroll
+        for (int u = 0; u < AHEAD; ++u) {{
+          const int s = {s0} + u;{loads}
+          if (PREF > 0 && s + PREF < pe) {{{pref}
+          }}
+        }}"""
+    tail_loads = "".join(f"""
+        {n}t[q] = ldr8({p} + (b * Tn + s) * {w} + {col});""" for n, p, w, col in arrays)
+    tail = f"""
+#pragma unroll
+    for (int q = 0; q < NT; ++q) {{
+      const int s = te + q;
+      if (s < pe) {{{tail_loads}
+      }}
+    }}"""
+    return load, tail
+
+
+def _fwd_step() -> str:
+    """y at step s from xv (x at s) and the window, as `_forward`'s step; the window moves on."""
+    return """
+        float yv[VW];
+        for (int j = 0; j < VW; ++j) {
+          float acc = 0.0f;
+          for (int k = 0; k < K - 1; ++k) acc += wk[k][j] * xw[k][j];
+          acc += wk[K - 1][j] * xv[j];
+          yv[j] = acc + bv[j];
+        }
+        if (SILU) {                       // fsilu, the exponentials first
+          float e[VW];
+          for (int j = 0; j < VW; ++j) e[j] = fexp(-yv[j]);
+          for (int j = 0; j < VW; ++j) yv[j] = yv[j] / (1.0f + e[j]);
+        }
+        for (int j = 0; j < VW; ++j) {
+          for (int k = 0; k < K - 2; ++k) xw[k][j] = xw[k + 1][j];
+          xw[K - 2][j] = xv[j];
+        }
+        STV(y_p, (b * Tn + s) * y_w + y_c, yv);"""
+
+
+def _forward_pipe(split: bool) -> str:
+    def steps(i, s0):
+        return f"""
+#pragma unroll
+      for (int u = 0; u < AHEAD; ++u) {{
+        const int s = {s0} + u;
+        float xv[VW];
+        cvt8(xr[{i}][u], xv);{_fwd_step()}
+      }}"""
+    load, tail = _pipe_loads([("x", "x", "Cn", "c")])
+    return _head() + _rows("y", split) + """
+    constexpr int NT = AHEAD;              // steps after the whole batches: fewer than AHEAD
+    const int pe = t1;                     // rows loaded / prefetched: the tile's
+    Raw8<T> xr[2][AHEAD], xt[NT];""" + _pipe_loop(load, steps, tail) + """
+#pragma unroll
+    for (int q = 0; q < NT; ++q) {         // the tile's partial last batch
+      const int s = te + q;
+      if (s < t1) {
+        float xv[VW];
+        cvt8(xt[q], xv);""" + _fwd_step() + """
+      }
+    }""" + _new_state() + """
+  }
+"""
+
+
+def _new_state() -> str:
+    return """
+    if (t0 == 0) {  // new_state[m] = xp[T + m]
+      for (int m = 0; m < K - 1; ++m) {
+        const int i = Tn + m - (K - 1);
+        for (int j = 0; j < VW; ++j)
+          new_state[(b * (K - 1) + m) * Cn + c + j] =
+              i >= 0 ? static_cast<T>(static_cast<float>(x[(b * Tn + i) * Cn + c + j]))
+                     : static_cast<T>(static_cast<float>(state[(b * (K - 1) + Tn + m) * Cn + c + j]));
+      }
+    }"""
+
+
+def _bwd_step(tail: bool) -> str:
+    """One gradient step s from xv / gv (x and dy at s; g becomes dp[s]) and the windows, as
+    `_backward`'s: its share of dw / db, dx[s - (K - 1)] (or dstate). tail: s may lie past the tile
+    (no dw share) or past T (no activation; new_state's cotangent adds in); else s is inside both."""
+    silu_if = "SILU && s < Tn" if tail else "SILU"
+    dw_if = "s < t1" if tail else "true"  # (a constant condition: the same text both ways)
+    dns = """
+            if (m >= 0) {
+              for (int j = 0; j < VW; ++j) dxv[j] += static_cast<float>(dns[(b * (K - 1) + m) * Cn + c + j]);
+            }""" if tail else ""
+    dns_state = "m >= 0 ? static_cast<float>(dns[(b * (K - 1) + m) * Cn + c + j]) : 0.0f" if tail else "0.0f"
+    return f"""
+        float g[VW];
+        for (int j = 0; j < VW; ++j) g[j] = gv[j];
+        if ({silu_if}) {{
+          float pre[VW], e[VW];
+          for (int j = 0; j < VW; ++j) {{
+            pre[j] = bv[j];
+            for (int k = 0; k < K - 1; ++k) pre[j] += wk[k][j] * xw[k][j];
+            pre[j] += wk[K - 1][j] * xv[j];
+          }}
+          for (int j = 0; j < VW; ++j) e[j] = fexp(-pre[j]);
+          for (int j = 0; j < VW; ++j) {{
+            const float sg = 1.0f / (1.0f + e[j]);
+            g[j] *= sg * (1.0f + pre[j] * (1.0f - sg));
+          }}
+        }}
+        float dxv[VW];
+        for (int j = 0; j < VW; ++j) {{
+          if ({dw_if}) {{
+            for (int k = 0; k < K - 1; ++k) dwk[k][j] += g[j] * xw[k][j];
+            dwk[K - 1][j] += g[j] * xv[j];
+            dwk[K][j] += g[j];
+          }}
+          float acc = wk[0][j] * g[j];     // dx[s - (K - 1)] = sum_k w[k] dp[s - k]
+          for (int k = 1; k < K; ++k) acc += wk[k][j] * dpw[K - 1 - k][j];
+          dxv[j] = acc;
+          for (int k = 0; k < K - 2; ++k) {{
+            xw[k][j] = xw[k + 1][j];
+            dpw[k][j] = dpw[k + 1][j];
+          }}
+          xw[K - 2][j] = xv[j];
+          dpw[K - 2][j] = g[j];
+        }}
+        const int i = s - (K - 1);
+        const int m = s - Tn;              // new_state[m] = xp[T + m]: its cotangent adds in
+        if (i >= t0) {{{dns}
+          STV(dx, (b * Tn + i) * Cn + c, dxv);
+        }} else if (t0 == 0 && i < 0) {{     // dstate[s] = sum_k w[k] dp[s - k] (+ dns where T < K - 1)
+          for (int j = 0; j < VW; ++j) {{
+            const float d = {dns_state};
+            dstate[(b * (K - 1) + s) * Cn + c + j] = static_cast<T>(dxv[j] + d);
+          }}
+        }}"""
+
+
+def _backward_pipe(split: bool) -> str:
+    def steps(i, s0):
+        return f"""
+#pragma unroll
+      for (int u = 0; u < AHEAD; ++u) {{
+        const int s = {s0} + u;
+        float xv[VW], gv[VW];
+        cvt8(xr[{i}][u], xv);
+        cvt8(gr[{i}][u], gv);{_bwd_step(False)}
+      }}"""
+    load, tail = _pipe_loads([("x", "x", "Cn", "c"), ("g", "dy_p", "dy_w", "dy_c")])
+    return _head() + _rows("dy", split, "const ") + """
+    const int s1 = t1 + K - 1;             // steps t0 .. s1 - 1: the tile and the K - 1 after it
+    float dwk[K + 1][VW];                  // this work item's share of dw[k] = sum_t dp[t] xp[t + k], db = sum_t dp[t]
+    float dpw[K - 1][VW];                  // dp at the K - 1 steps before (0 before t0)
+    for (int j = 0; j < VW; ++j) {
+      for (int k = 0; k <= K; ++k) dwk[k][j] = 0.0f;
+      for (int k = 0; k < K - 1; ++k) dpw[k][j] = 0.0f;
+    }
+    constexpr int NT = AHEAD + K - 2;      // steps after the whole batches: the partial batch, the halo
+    const int pe = s1 < Tn ? s1 : Tn;      // rows loaded / prefetched: the tile's and the halo's
+    Raw8<T> xr[2][AHEAD], gr[2][AHEAD], xt[NT], gt[NT];""" + _pipe_loop(load, steps, tail) + """
+#pragma unroll
+    for (int q = 0; q < NT; ++q) {         // the tile's partial last batch and the K - 1 steps after it
+      const int s = te + q;
+      if (s < s1) {
+        float xv[VW], gv[VW];              // x and dy at s (0 past the end)
+        if (s < Tn) {
+          cvt8(xt[q], xv);
+          cvt8(gt[q], gv);
+        } else {
+          for (int j = 0; j < VW; ++j) xv[j] = gv[j] = 0.0f;
+        }""" + _bwd_step(True) + """
+      }
+    }
+    const int ny = (Tn + TILE - 1) / TILE;
+    for (int k = 0; k <= K; ++k)
+      for (int j = 0; j < VW; ++j) dwb[((b * ny + bid_y) * (K + 1) + k) * Cn + c + j] = dwk[k][j];
+  }
+"""
+
+
 KERNEL = Kernel(name="alloy_causal_conv1d", inputs=("x", "w", "bias", "state"), outputs=("y", "new_state"),
                 body=_forward(False), helpers=VEC_IO)
 BWD = Kernel(name="alloy_causal_conv1d_bwd", inputs=("x", "w", "bias", "state", "dy", "dns"),
@@ -226,6 +464,17 @@ KERNEL_SPLIT = Kernel(name="alloy_causal_conv1d_split", inputs=("x", "w", "bias"
 BWD_SPLIT = Kernel(name="alloy_causal_conv1d_split_bwd",
                    inputs=("x", "w", "bias", "state", "dy0", "dy1", "dy2", "dns"),
                    outputs=("dx", "dstate", "dwb"), body=_backward(True), helpers=VEC_IO)
+# the "pipe" variants of the four (template int PREF besides; VW 8 only)
+_FWD_BOUNDS = (GROUP, FWD_MIN_GROUPS) if FWD_MIN_GROUPS else ()
+KERNEL_PIPE = Kernel(name="alloy_causal_conv1d_pipe", inputs=KERNEL.inputs, outputs=KERNEL.outputs,
+                     body=_forward_pipe(False), helpers=VEC_IO, launch_bounds=_FWD_BOUNDS)
+BWD_PIPE = Kernel(name="alloy_causal_conv1d_bwd_pipe", inputs=BWD.inputs, outputs=BWD.outputs,
+                  body=_backward_pipe(False), helpers=VEC_IO)
+KERNEL_SPLIT_PIPE = Kernel(name="alloy_causal_conv1d_split_pipe", inputs=KERNEL_SPLIT.inputs,
+                           outputs=KERNEL_SPLIT.outputs, body=_forward_pipe(True), helpers=VEC_IO,
+                           launch_bounds=_FWD_BOUNDS)
+BWD_SPLIT_PIPE = Kernel(name="alloy_causal_conv1d_split_bwd_pipe", inputs=BWD_SPLIT.inputs,
+                        outputs=BWD_SPLIT.outputs, body=_backward_pipe(True), helpers=VEC_IO)
 
 
 def _plan(x, widths) -> tuple[int, int]:
@@ -241,23 +490,35 @@ def _plan(x, widths) -> tuple[int, int]:
     return vw, tile
 
 
-def _template(x, K: int, silu: bool, widths) -> tuple[list, int, int]:
-    """(template arguments, VW, tile); with ``widths`` (three channel counts summing to C) the split
-    kernels' C0, C1."""
+def _template(x, K: int, silu: bool, widths, variant: str = "stream",
+              pipe_ahead: int = 0) -> tuple[list, int, int, bool]:
+    """(template arguments, VW, tile, pipe): pipe where `variant` is "pipe" and VW is 8 (the pipe
+    kernels' template: AHEAD pipe_ahead, and PREF); with ``widths`` (three channel counts summing
+    to C) the split kernels' C0, C1."""
     if widths is not None and (len(widths) != 3 or min(widths) < 1 or sum(widths) != x.shape[2]):
         raise ValueError(f"conv1d: widths must be three positive channel counts summing to C = {x.shape[2]}, "
                          f"got {tuple(widths)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"conv1d: variant must be one of {VARIANTS}, got {variant!r}")
     vw, tile = _plan(x, widths)
-    t = [("T", x.dtype), ("K", K), ("TILE", tile), ("SILU", bool(silu)), ("VW", vw), ("AHEAD", int(AHEAD))]
+    pipe = variant == "pipe" and vw == 8
+    t = [("T", x.dtype), ("K", K), ("TILE", tile), ("SILU", bool(silu)), ("VW", vw),
+         ("AHEAD", int(pipe_ahead if pipe else AHEAD))]
+    if pipe:
+        t += [("PREF", int(PREFETCH))]
     if widths is not None:
         t += [("C0", int(widths[0])), ("C1", int(widths[1]))]
-    return t, vw, tile
+    return t, vw, tile, pipe
 
 
-def _vjp(kernel, x, weight, bias, state, dys, dns, silu: bool, widths=None):
+def _bwd_launch(kernels, x, weight, bias, state, dys, dns, silu: bool, widths=None):
+    """The gradient kernel alone -> (dx, dstate, the (B * tiles, (K + 1) * C) float32 shares of
+    dweight / dbias); kernels: (the streaming gradient kernel, its pipe variant), picked by
+    `BWD_VARIANT`."""
     B, T, C = x.shape
     K = weight.shape[1]
-    template, vw, tile = _template(x, K, silu, widths)
+    template, vw, tile, pipe = _template(x, K, silu, widths, BWD_VARIANT, PIPE_AHEAD_BWD)
+    kernel = kernels[pipe]
     ny = groups(T, tile)
     dx, dstate, dwb = kernel(
         [x, weight, bias, state, *(d.astype(x.dtype) for d in dys), dns.astype(x.dtype)],
@@ -267,15 +528,26 @@ def _vjp(kernel, x, weight, bias, state, dys, dns, silu: bool, widths=None):
         output_shapes=[(B, T, C), (B, K - 1, C), (B * ny, (K + 1) * C)],
         output_dtypes=[x.dtype, x.dtype, mx.float32],
     )
+    return dx, dstate, dwb
+
+
+def _vjp(kernels, x, weight, bias, state, dys, dns, silu: bool, widths=None):
+    K, C = weight.shape[1], x.shape[2]
+    dx, dstate, dwb = _bwd_launch(kernels, x, weight, bias, state, dys, dns, silu, widths)
     dwb = sum_rows(dwb).reshape(K + 1, C)  # (B * tiles, (K + 1) * C) shares
     return dx, dwb[:K].T.astype(weight.dtype), dwb[K].astype(bias.dtype), dstate.astype(state.dtype)
 
 
-def _forward_launch(kernel, x, weight, bias, state, silu: bool, widths=None):
+def _forward_launch(kernels, x, weight, bias, state, silu: bool, widths=None):
+    """kernels: (the streaming forward kernel, its pipe variant), picked by `FWD_VARIANT`."""
     B, T, C = x.shape
     K = weight.shape[1]
-    template, vw, tile = _template(x, K, silu, widths)
-    return kernel(
+    template, vw, tile, pipe = _template(x, K, silu, widths, FWD_VARIANT, PIPE_AHEAD_FWD)
+    bounds = getattr(kernels[pipe], "launch_bounds", ())
+    if bounds and bounds[0] != GROUP:
+        raise ValueError(f"conv1d: {kernels[pipe].name} is built for groups of {bounds[0]} threads, GROUP is "
+                         f"{GROUP}: rebuild it with launch_bounds (GROUP, FWD_MIN_GROUPS) (as bench/conv_tune.py does)")
+    return kernels[pipe](
         [x, weight, bias, state],
         template=template,
         grid=(groups(groups(C, vw), GROUP), groups(T, tile), B),
@@ -289,13 +561,13 @@ def causal_conv1d_vjp(x, weight, bias, state, dy, dns, silu: bool):
     """The gradient of `causal_conv1d` (same arguments; dy, dns: cotangents of y and new_state) ->
     (dx, dweight (C, K), dbias (C,), dstate) in the argument dtypes. One launch (per-tile shares of
     dweight / dbias in float32, summed here)."""
-    return _vjp(BWD, x, weight, bias, state, (dy,), dns, silu)
+    return _vjp((BWD, BWD_PIPE), x, weight, bias, state, (dy,), dns, silu)
 
 
 def causal_conv1d(x, weight, bias, state, silu: bool):
     """Launch the fused kernel. x (B, T, C); weight (C, K), K >= 2; bias (C,); state (B, K-1, C)
     -> (y (B, T, C), new_state (B, K-1, C)), both in x.dtype."""
-    y, new_state = _forward_launch(KERNEL, x, weight, bias, state, silu)
+    y, new_state = _forward_launch((KERNEL, KERNEL_PIPE), x, weight, bias, state, silu)
     return y, new_state
 
 
@@ -303,11 +575,12 @@ def causal_conv1d_split(x, weight, bias, state, silu: bool, widths):
     """`causal_conv1d` with y written as three arrays split along channels: widths (C0, C1, C2),
     positive, summing to C -> (y0 (B, T, C0), y1 (B, T, C1), y2 (B, T, C2), new_state (B, K-1, C)),
     each contiguous, in x.dtype."""
-    y0, y1, y2, new_state = _forward_launch(KERNEL_SPLIT, x, weight, bias, state, silu, tuple(widths))
+    y0, y1, y2, new_state = _forward_launch((KERNEL_SPLIT, KERNEL_SPLIT_PIPE), x, weight, bias, state, silu,
+                                            tuple(widths))
     return y0, y1, y2, new_state
 
 
 def causal_conv1d_split_vjp(x, weight, bias, state, dy0, dy1, dy2, dns, silu: bool, widths):
     """The gradient of `causal_conv1d_split`: the cotangents of y0, y1, y2 (widths C0, C1, C2) and
     new_state -> (dx, dweight, dbias, dstate) as `causal_conv1d_vjp`; no concatenation of dy."""
-    return _vjp(BWD_SPLIT, x, weight, bias, state, (dy0, dy1, dy2), dns, silu, tuple(widths))
+    return _vjp((BWD_SPLIT, BWD_SPLIT_PIPE), x, weight, bias, state, (dy0, dy1, dy2), dns, silu, tuple(widths))
