@@ -32,8 +32,15 @@ from alloy.layers.common import dense, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
 from alloy.ops.attention import attention, causal_mask, visibility_mask
 from alloy.ops.norm import rms_norm
-from alloy.ops.rope import rope, rope_inv_freq
+from alloy.ops.rope import rope, rope_heads, rope_inv_freq, rope_tables
 from alloy.params import init as I
+
+
+# On: with RoPE and neither an output gate nor qk_norm, q and k are rotated straight from their
+# projections' (B, T, H, D) layout into attention's (B, H, T, D) by `alloy.ops.rope.rope_heads` (on a GPU
+# one kernel pass each way, `alloy.metal.rope`, instead of `mx.fast.rope` on a strided transposed view);
+# off: transpose + `rope` as before (A/B switch).
+ROPE_KERNEL = True
 
 
 @dataclass(frozen=True)
@@ -233,22 +240,33 @@ def _cached_attention(q, k, v, state, window, scale=None):
 def apply(params, x, state, cfg: AttentionSettings):
     B, T, _ = x.shape
     hd = cfg.hd
+    offset = 0 if state is None else state["pos"]
+    inv = None if not cfg.rope or cfg.rope_type == "default" else rope_inv_freq(
+        cfg.rope_dims, cfg.rope_theta, cfg.rope_type, cfg.rope_factor, cfg.rope_low_freq_factor,
+        cfg.rope_high_freq_factor, cfg.rope_original_max_position, cfg.rope_beta_fast, cfg.rope_beta_slow)
+    # rotate in the projections' layout (see ROPE_KERNEL): q, k come out (B, H, T, hd), rotated
+    fused_rope = ROPE_KERNEL and cfg.rope and not cfg.output_gate and not cfg.qk_norm
     if cfg.output_gate:  # q_proj rows per head: [q (hd) | gate (hd)]
         qg = dense(params["q_proj"], x).reshape(B, T, cfg.n_heads, 2 * hd)
         q = qg[..., :hd].transpose(0, 2, 1, 3)
         gate = qg[..., hd:].reshape(B, T, cfg.n_heads * hd)
+    elif fused_rope:
+        tables = rope_tables(T, offset, cfg.rope_dims, cfg.rope_theta, inv_freq=inv,
+                             attention_factor=cfg.rope_attention_factor)
+        def rotated(name, n):  # (B, T, n, hd) projection -> (B, n, T, hd) rotated
+            return rope_heads(dense(params[name], x).reshape(B, T, n, hd), offset, cfg.rope_dims, cfg.rope_theta,
+                              cfg.rope_traditional, inv_freq=inv, attention_factor=cfg.rope_attention_factor,
+                              tables=tables)
+        q, k = rotated("q_proj", cfg.n_heads), rotated("k_proj", cfg.kv_heads)
     else:
         q = _heads(dense(params["q_proj"], x), cfg.n_heads, hd)
-    k = _heads(dense(params["k_proj"], x), cfg.kv_heads, hd)
+    if not fused_rope:
+        k = _heads(dense(params["k_proj"], x), cfg.kv_heads, hd)
     v = _heads(dense(params["v_proj"], x), cfg.kv_heads, hd)
     if cfg.qk_norm:
         q = rms_norm(q, params["q_norm"]["weight"], cfg.norm_eps)
         k = rms_norm(k, params["k_norm"]["weight"], cfg.norm_eps)
-    offset = 0 if state is None else state["pos"]
-    if cfg.rope:
-        inv = None if cfg.rope_type == "default" else rope_inv_freq(
-            cfg.rope_dims, cfg.rope_theta, cfg.rope_type, cfg.rope_factor, cfg.rope_low_freq_factor,
-            cfg.rope_high_freq_factor, cfg.rope_original_max_position, cfg.rope_beta_fast, cfg.rope_beta_slow)
+    if cfg.rope and not fused_rope:
         q = rope(q, offset, cfg.rope_dims, cfg.rope_theta, cfg.rope_traditional, inv_freq=inv)
         k = rope(k, offset, cfg.rope_dims, cfg.rope_theta, cfg.rope_traditional, inv_freq=inv)
         if cfg.rope_attention_factor != 1.0:  # YaRN's temperature: cos and sin scaled, i.e. the rotated dims

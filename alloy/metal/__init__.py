@@ -28,6 +28,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from alloy.metal import conv1d, gated_delta_chunked, gated_delta_recurrent, gated_delta_wy, gated_norm, gemv, mamba2_stack, mamba2_step, selective_scan, selective_scan_step, ssd_chunked, ssd_step, swiglu
+from alloy.metal import rope
 from alloy.metal.prelude import DIALECTS, Kernel, backend  # noqa: F401
 
 # every kernel: the module-level `Kernel`s of each kernel module (as `emulate.patch` finds them), and
@@ -35,7 +36,7 @@ from alloy.metal.prelude import DIALECTS, Kernel, backend  # noqa: F401
 KERNELS = {
     k.name: k
     for k in [v for mod in (conv1d, gated_norm, gemv, gated_delta_recurrent, gated_delta_chunked, gated_delta_wy,
-                            ssd_step, ssd_chunked, mamba2_step, selective_scan_step, selective_scan, swiglu)
+                            ssd_step, ssd_chunked, mamba2_step, selective_scan_step, selective_scan, swiglu, rope)
               for v in vars(mod).values() if isinstance(v, Kernel)] + [mamba2_stack.kernel(4)]
 }
 

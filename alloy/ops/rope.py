@@ -9,6 +9,7 @@ Positions are arrays: an ``offset`` of shape () or (B,) gives each row's first p
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import mlx.core as mx
@@ -107,3 +108,75 @@ def rope_at(x: mx.array, positions: mx.array, inv_freq: mx.array, traditional: b
         out = mx.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
     out = out.astype(x.dtype)
     return mx.concatenate([keep, out] if tail else [out, keep], axis=-1)
+
+
+def rope_tables(T: int, offset: mx.array | int, dims: int, base: float = 10000.0, scale: float = 1.0,
+                inv_freq: mx.array | None = None, attention_factor: float = 1.0) -> tuple[mx.array, mx.array]:
+    """float32 (cos, sin) tables (R, T, dims/2) of the angles ``rope_ref`` rotates by: R = 1 for an int
+    or a () / (1,) offset, else B (an offset per row). ``attention_factor`` (YaRN's temperature)
+    multiplies both, i.e. scales the rotated features."""
+    off = mx.array(offset, dtype=mx.int32) if not isinstance(offset, mx.array) else offset
+    off = off.reshape(-1).astype(mx.float32)
+    pos = (off[:, None] + mx.arange(T, dtype=mx.float32)[None, :]) * scale  # (R, T), as rope_ref
+    if inv_freq is None:
+        inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    ang = pos[..., None] * inv_freq.astype(mx.float32)
+    cos, sin = mx.cos(ang), mx.sin(ang)
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos, sin
+
+
+def rope_heads(x: mx.array, offset: mx.array | int, dims: int, base: float = 10000.0,
+               traditional: bool = False, scale: float = 1.0, inv_freq: mx.array | None = None,
+               attention_factor: float = 1.0, tables: tuple[mx.array, mx.array] | None = None) -> mx.array:
+    """RoPE of head vectors in the projection layout: x (B, T, H, D) -> rotated (B, H, T, D), as
+    ``rope(x.transpose(0, 2, 1, 3), ...)`` with the rotated features then times ``attention_factor``.
+
+    On a GPU backend, a prefill / training call (T > 1) is one pass of `alloy.metal.rope` (rotation and
+    layout change together, contiguous output; its gradient one pass back) over the angle tables of
+    ``rope_tables`` (``tables``: those, made once for several calls such as q and k); elsewhere, and
+    for a decode step (whose transpose is free), the transpose + ``rope`` path."""
+    B, T, H, D = x.shape
+    if dims > D or dims % 2:
+        raise ValueError(f"rope_heads: dims must be even and <= head dim {D}, got {dims}")
+    from alloy import metal
+    from alloy.metal import rope as kernels
+
+    if metal.backend() is not None and T > 1:
+        cos, sin = tables if tables is not None else rope_tables(T, offset, dims, base, scale, inv_freq,
+                                                                 attention_factor)
+        if kernels.applies(x, dims, cos):
+            return _rope_heads_kernel(bool(traditional))(x, mx.stop_gradient(cos), mx.stop_gradient(sin))[0]
+    y = rope(x.transpose(0, 2, 1, 3), offset, dims, base, traditional, scale, inv_freq=inv_freq)
+    if attention_factor != 1.0:
+        y = (y * attention_factor if dims == D else
+             mx.concatenate([y[..., :dims] * attention_factor, y[..., dims:]], axis=-1))
+    return y
+
+
+def _rope_heads_tables_ref(x, cos, sin, traditional: bool):
+    """The kernel's math in MLX ops (its `differentiable` slow path): x (B, T, H, D), tables (R, T, dims/2)."""
+    half = cos.shape[-1]
+    dims, D = 2 * half, x.shape[-1]
+    c, s = cos[:, None], sin[:, None]  # (R, 1, T, dims/2)
+    xt = x.transpose(0, 2, 1, 3)
+    xr = xt[..., :dims].astype(mx.float32)
+    if traditional:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        out = mx.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(xr.shape)
+    else:
+        a, b = xr[..., :half], xr[..., half:]
+        out = mx.concatenate([a * c - b * s, a * s + b * c], axis=-1)
+    return mx.concatenate([out.astype(x.dtype), xt[..., dims:]], axis=-1) if dims < D else out.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_heads_kernel(traditional: bool):
+    from alloy import metal
+    from alloy.metal import rope as kernels
+
+    return metal.differentiable(
+        lambda x, c, s: (kernels.rope_heads(x, c, s, traditional),),
+        lambda x, c, s: (_rope_heads_tables_ref(x, c, s, traditional),),
+        lambda x, c, s, dy: kernels.rope_heads_vjp(x, c, s, dy, traditional))

@@ -125,6 +125,7 @@ def test_stack_with_fused_add_norm_matches_unfused(monkeypatch, ffn):
     monkeypatch.setattr(importlib.import_module("alloy.ops.ssd"), "kernel_applies", lambda *a: False)
     monkeypatch.setattr(importlib.import_module("alloy.ops.conv"), "kernel_applies", lambda *a: False)
     monkeypatch.setattr(mlp, "FUSED_GATE", False)
+    monkeypatch.setattr(importlib.import_module("alloy.layers.attention"), "ROPE_KERNEL", False)
     with emulate.patch(kern, poison=True):
         y1, g1 = run(True)
         n_fused = len(calls)
