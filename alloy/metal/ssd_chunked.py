@@ -13,7 +13,10 @@ With chunks of K steps (K a multiple of 16), a_t = dt_t A_h, acs = cumsum of a i
              shared-memory tiled product (64-row blocks, 8 x 4 outputs per thread, float4
              shared tiles) with the decay mask built on the fly (fp32), written straight into
              y (b, l, h, p); `CHUNK_OUT_TC` the same on warp tile products (tensor cores for
-             bf16 / fp16: mask and dt x rounded to x.dtype, fp32 accumulation; switch `OUT_TC`)
+             bf16 / fp16: mask and dt x rounded to x.dtype, fp32 accumulation; switch `OUT_TC`);
+             `CHUNK_OUT_YO_TC` also computes step 4 in the kernel (C rows and the head's entering
+             state staged in shared memory, products into y's accumulators before the exp(acs_l)
+             row scaling), so no Yoff array exists (switch `OUT_FUSED_YO`)
 
 This is `alloy.ops.ssd.ssd_chunked` (the ssd_minimal decomposition) with no (l, s, head) mask
 tensor in memory, the state passing as one sequential sweep over chunks instead of a (c+1)²
@@ -35,7 +38,10 @@ PREP = Kernel(
     inputs=("x", "dt", "A"),
     outputs=("acs", "xs", "decay"),
     body="""
-  // one group per (batch * chunk, head); thread p owns column p of the head's (K, P) block
+  // one group per (batch * chunk, head): the chunk's dt A, its running sum acs (one warp's scan),
+  // then xs = dt x decayed to the chunk end, written time-major. Threads take 8-column units of a
+  // row (one 16-byte load / store for 16-bit x) where P % 8 == 0, else single columns; each thread
+  // issues the loads of TB rows before using any (the rows of a chunk in flight together).
   const int L = x_shape[1];
   const int H = x_shape[2];
   const int P = x_shape[3];
@@ -44,37 +50,75 @@ PREP = Kernel(
   const int nc = (L + KC - 1) / KC;
   const long b = bc / nc;
   const int c = bc % nc;
-  const int p = tid;
-  const bool okp = p < P;
   const float Ah = static_cast<float>(A[h]);
   SHARED float sacs[KC];
-  float run = 0.0f;  // cumsum of dt A inside the chunk (every thread holds the same value)
-  for (int l0 = 0; l0 < KC; l0 += TB) {   // pass 1: acs (past the end of x: dt = 0)
-    float dts[TB];
-    for (int u = 0; u < TB; ++u) {
-      const long t = (long)c * KC + l0 + u;
-      dts[u] = (l0 + u < KC && t < L) ? static_cast<float>(dt[(b * L + t) * H + h]) : 0.0f;
+  SHARED float sdt[KC];
+  for (int l = tid; l < KC; l += nthreads) {   // past the end of x: dt = 0
+    const long t = (long)c * KC + l;
+    const float d = t < L ? static_cast<float>(dt[(b * L + t) * H + h]) : 0.0f;
+    sdt[l] = d;
+    sacs[l] = d * Ah;
+  }
+  BARRIER();
+  if (warp == 0) {                            // inclusive scan: lane j sums PER consecutive steps,
+    constexpr int PER = (KC + 31) / 32;       // the lanes' exclusive prefix by a butterfly
+    float v[PER];
+    float tot = 0.0f;
+    for (int j = 0; j < PER; ++j) {
+      const int l = static_cast<int>(lane) * PER + j;
+      v[j] = l < KC ? sacs[l] : 0.0f;
+      tot += v[j];
     }
-    for (int u = 0; u < TB; ++u) {
-      if (l0 + u < KC) {
-        run += dts[u] * Ah;
-        if (tid == 0) sacs[l0 + u] = run;
-      }
+    float pre = 0.0f;
+    for (int o = 1; o < 32; o <<= 1) {
+      const float other = shfl_xor(tot, o);
+      if (lane & static_cast<unsigned int>(o)) pre += other;
+      tot += other;
+    }
+    for (int j = 0; j < PER; ++j) {
+      const int l = static_cast<int>(lane) * PER + j;
+      pre += v[j];
+      if (l < KC) sacs[l] = pre;
     }
   }
   BARRIER();
-  for (int l0 = 0; l0 < KC; l0 += TB) {   // pass 2: dt x decayed to the chunk end, time-major
-    float dts[TB];
-    float xv[TB];
-    for (int u = 0; u < TB; ++u) {
-      const long t = (long)c * KC + l0 + u;
-      const bool v = l0 + u < KC && t < L;
-      dts[u] = v ? static_cast<float>(dt[(b * L + t) * H + h]) : 0.0f;
-      xv[u] = (v && okp) ? static_cast<float>(x[((b * L + t) * H + h) * P + p]) : 0.0f;
-    }
-    for (int u = 0; u < TB; ++u) {
-      if (l0 + u < KC && okp) {
-        xs[((bc * KC + l0 + u) * H + h) * P + p] = static_cast<T>(xv[u] * dts[u] * fexp(run - sacs[l0 + u]));
+  const float run = sacs[KC - 1];
+  const bool vec = P % 8 == 0;
+  const int upr = vec ? P / 8 : P;            // units per row
+  const int rpi = static_cast<int>(nthreads) / upr;   // rows per sweep of the group
+  const int r = static_cast<int>(tid) / upr;
+  const int u = static_cast<int>(tid) % upr;
+  if (r < rpi) {
+    for (int l0 = r; l0 < KC; l0 += rpi * TB) {
+      Raw8<T> xr[TB];                         // raw 16-bit units until used (vec)
+      float x1[TB];                           // single columns (not vec)
+      for (int j = 0; j < TB; ++j) {          // all TB rows' loads first
+        const int l = l0 + rpi * j;
+        const long t = (long)c * KC + l;
+        const bool ok = l < KC && t < L;
+        const long e = ((b * L + (ok ? t : 0)) * H + h) * P;
+        if (vec) {
+          xr[j] = ldr8(x + e + 8 * u);
+        } else {
+          x1[j] = static_cast<float>(x[e + u]);
+        }
+      }
+      for (int j = 0; j < TB; ++j) {
+        const int l = l0 + rpi * j;
+        const long t = (long)c * KC + l;
+        if (l < KC) {
+          const bool ok = t < L;              // padding steps: 0
+          const float f = ok ? sdt[l] * fexp(run - sacs[l]) : 0.0f;
+          const long o = ((bc * KC + l) * H + h) * P;
+          if (vec) {
+            float w[8];
+            cvt8(xr[j], w);
+            for (int q = 0; q < 8; ++q) w[q] = ok ? w[q] * f : 0.0f;
+            st8(xs + o + 8 * u, w);
+          } else {
+            xs[o + u] = static_cast<T>(ok ? x1[j] * f : 0.0f);
+          }
+        }
       }
     }
   }
@@ -307,6 +351,109 @@ CHUNK_OUT_TC = Kernel(
 """,
 )
 
+# CHUNK_OUT_TC with the off-diagonal term computed in the kernel instead of read from a Yo array:
+# Yo = C_l H_c is a second warp tile product of the block's rows, taken first into the same
+# accumulators, which are then scaled by exp(acs_l) per row in float32 before the mask product adds
+# to them. Yo is never rounded (the batched matmul it replaces rounded it to x.dtype before the
+# scaling); the operands are those of that matmul: C in x.dtype, the states in x.dtype.
+CHUNK_OUT_YO_TC = Kernel(
+    name="alloy_ssd_chunk_out_yo_tc",
+    inputs=("CB", "acs", "x", "dt", "C", "starts", "D"),
+    outputs=("y",),
+    body="""
+  // `CHUNK_OUT_TC` with Yo = C H (the states entering the chunk) as warp tile products (`mma16t`):
+  //   y[l] = exp(acs_l) sum_n C[t0 + l, n] starts[n, p] + sum_{s <= l} M[l, s] X_s + D x_l
+  // C (b, L, g, n) in T (rows past L and past the chunk: zero), starts (b, c, g, n, r p) in T; n a
+  // multiple of 16. Phase 1, steps of 64 along n: the C rows of the block (raw 16-byte copies) in smk
+  // [row][n] and the head's (n, p) slice of starts transposed in sdt [p][n], the tiles of phase 2;
+  // a warp whose rows are all past the chunk or past L skips its products. The accumulators, times
+  // exp(acs_l) per row (float32), then take phase 2: CHUNK_OUT_TC's steps of 64 along s.
+""" + _tc_item("x") + """
+  const int N = C_shape[3];
+  const long hs = (bc * G + g) * (long)N * (R * PC) + (h - g * R) * PC;   // starts[.., n = 0, p = 0]
+  const bool live = wr < KC && t0 + wr < L;
+  for (int n0 = 0; n0 < N; n0 += 64) {
+    for (int idx = tid; idx < 64 * 8; idx += 128) {   // C: 8 consecutive n of row l (coalesced)
+      const int r = idx / 8;
+      const int u = 8 * (idx % 8);
+      const long t = t0 + r0 + r;
+      if (n0 + u < N) {
+        if (r0 + r < KC && t < L) {
+          str8(ldr8(C + ((b * L + t) * G + g) * N + n0 + u), smk + r * TP + u);
+        } else {
+          const float z[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+          st8(smk + r * TP + u, z);
+        }
+      }
+    }
+    for (int idx = tid; idx < 64 * U8; idx += 128) {  // starts: one 8-element unit of row n, lanes along n
+      const int kk = idx % 64;
+      const int u = 8 * (idx / 64);
+      if (n0 + kk < N) {
+        float v[8];
+        cvt8(ldr8(starts + hs + (long)(n0 + kk) * (R * PC) + u), v);
+        for (int q = 0; q < 8; ++q) sdt[(u + q) * TP + kk] = static_cast<T>(v[q]);
+      }
+    }
+    BARRIER();
+    const int nk = (N - n0) / 16 < 4 ? (N - n0) / 16 : 4;
+    if (live)
+      for (int kk = 0; kk < nk; ++kk) {
+        Frag16<T> fc;                         // the warp's C tile: loaded once for the PC / 16 tiles
+        lda16(fc, smk + 16 * w * TP + 16 * kk, TP, lane);
+        for (int j = 0; j < PC / 16; ++j) mma16t_f(acc[j], fc, sdt + 16 * j * TP + 16 * kk, TP, lane);
+      }
+    BARRIER();
+  }
+  for (int i = 0; i < 8; ++i) {               // Yo times exp(acs_l), float32
+    const int l = wr + acc_row(i, lane);
+    const float el = l < KC ? fexp(sacs[l]) : 0.0f;
+    for (int j = 0; j < PC / 16; ++j) acc[j].c[i] *= el;
+  }
+  const int s_end = r0 + 64 < KC ? r0 + 64 : KC;
+  for (int s0 = 0; s0 < s_end; s0 += 64) {
+""" + _tc_data_tile("x", "s0", True) + """
+    for (int idx = tid; idx < 64 * 8; idx += 128) {   // mask: 8 consecutive s of row l (coalesced CB)
+      const int r = idx / 8;
+      const int u = 8 * (idx % 8);
+      const int l = r0 + r;
+      float v[8];
+      if (s0 + u <= l && l < KC) {            // two 16-byte loads: s0 + u + 8 <= KC (KC % 16 == 0)
+        const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + s0 + u);
+        const float4 c0 = cb[0];
+        const float4 c1 = cb[1];
+        const float c[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+        const float al = sacs[l];
+        for (int q = 0; q < 8; ++q) v[q] = s0 + u + q <= l ? c[q] * fexp(al - sacs[s0 + u + q]) : 0.0f;
+      } else {
+        for (int q = 0; q < 8; ++q) v[q] = 0.0f;
+      }
+      st8(smk + r * TP + u, v);
+    }
+    BARRIER();
+    int nk = wr < KC ? (wr + 16 - s0) / 16 : 0;   // 16-blocks of s <= the warp's last row
+    nk = nk < 4 ? nk : 4;
+    for (int kk = 0; kk < nk; ++kk) {
+      Frag16<T> fm;
+      lda16(fm, smk + 16 * w * TP + 16 * kk, TP, lane);
+      for (int j = 0; j < PC / 16; ++j) mma16t_f(acc[j], fm, sdt + 16 * j * TP + 16 * kk, TP, lane);
+    }
+    BARRIER();
+  }
+  const float dh = static_cast<float>(D[h]);
+  for (int i = 0; i < 8; i += 2) {            // entries i, i + 1: a column pair of one row
+    const int l = wr + acc_row(i, lane);
+    const long t = t0 + l;
+    if (l < KC && t < L) {
+      for (int j = 0; j < PC / 16; ++j) {
+        const long e = ((b * L + t) * H + h) * PC + 16 * j + acc_col(i, lane);
+        st2(y + e, acc[j].c[i] + dh * static_cast<float>(x[e]), acc[j].c[i + 1] + dh * static_cast<float>(x[e + 1]));
+      }
+    }
+  }
+""",
+)
+
 
 PASS = Kernel(
     name="alloy_ssd_state_pass",
@@ -322,7 +469,7 @@ PASS = Kernel(
   const int H = decay_shape[2];
   const int G = states_shape[2];
   const int N = states_shape[3];
-  const int P = init_shape[2];
+  const int P = init_shape[3];                 // init (b, h, n, p)
   const int R = H / G;
   const long per = (long)G * N * R * P;        // elements of one chunk state, layout (g, n, r, p)
   const long e = ((long)bid_x * nthreads + tid) * VW;
@@ -334,9 +481,9 @@ PASS = Kernel(
     const int n = (r0 / (P * R)) % N;
     const int g = r0 / ((long)P * R * N);
     const int h = g * R + ri;
-    const long fi = ((b * H + h) * P + p) * N + n;   // init / final_state (b, h, p, n): VW rows apart by N
+    const long fi = ((b * H + h) * N + n) * P + p;   // init / final_state (b, h, n, p): VW consecutive
     float s[VW];
-    for (int k = 0; k < VW; ++k) s[k] = static_cast<float>(init[fi + (long)k * N]);
+    for (int k = 0; k < VW; ++k) s[k] = static_cast<float>(init[fi + k]);
     for (int c0 = 0; c0 < nc; c0 += CBLK) {
       float st[CBLK][VW];
       float hv[CBLK][VW];
@@ -360,7 +507,7 @@ PASS = Kernel(
         for (int k = 0; k < VW; ++k) s[k] = dc[u] * s[k] + st[u][k];
       }
     }
-    for (int k = 0; k < VW; ++k) final_state[fi + (long)k * N] = s[k];
+    for (int k = 0; k < VW; ++k) final_state[fi + k] = s[k];
   }
 """,
     helpers=VEC_IO,
@@ -391,6 +538,22 @@ SCORES_TC = True
 # 78.3 ms on against 80.3 / 80.6 off, same job (docs/benchmarks.md).
 DX_TC = True
 OUT_TC = True
+# CHUNK_OUT_YO_TC instead of the batched matmul Yo = C H (b, c, g, K, r p) and CHUNK_OUT_TC, where
+# CHUNK_OUT_TC applies and d_state is a multiple of 16: the off-diagonal term computed inside the
+# chunk-output kernel (warp tile products of C and the states entering the chunk), so Yo (100 MB per
+# toy layer in bf16: a 72 us GEMM writing it and CHUNK_OUT_TC reading it back) never reaches memory.
+# Off: H100, session 9 (toy step, CUPTI): 410 us per layer against 318 + 72 for CHUNK_OUT_TC and the
+# GEMM (its Yo phase and the mask phase run one after the other in each group, at 72 registers);
+# train step 73.8 ms off vs 74.5 / 74.7 on (pipelined, same job), docs/benchmarks.md.
+OUT_FUSED_YO = False
+# BWD_DX_FIN_TC (`bwd_dx_finish`) instead of BWD_DX_TC, the batched products C Hs and B dS and
+# BWD_FIN in the gradient (`alloy.ops.ssd.ssd_chunked_vjp_gpu`), where BWD_DX_TC applies (DX_TC on),
+# the gradient's products take 16-bit operands and d_state is a multiple of 16: dXd (float32, 200 MB
+# per toy layer), CH and dXw (100 MB each in bf16) never reach memory.
+# Off: H100, session 9 (toy step, CUPTI): 807 us per layer against 253 + 2 x 72 + 330 for BWD_DX_TC,
+# the two products and BWD_FIN (three phases in series per group, 128 registers: 4 groups per SM);
+# train step 74.1 ms off vs 74.5 / 74.7 on (pipelined, same job), docs/benchmarks.md.
+DX_FINISH_FUSED = False
 
 
 def _tc_fits(dtype, P: int, K: int) -> bool:
@@ -525,6 +688,7 @@ BWD_SCORES_TC = Kernel(
     name="alloy_ssd_bwd_scores_tc",
     inputs=("CB", "acs", "x", "dt", "dy"),
     outputs=("dCB", "rsum", "csum"),
+    launch_bounds=(256, 2),  # two groups per SM (<= 128 registers; 138 uncapped with the prefetch)
     body="""
   // `BWD_SCORES` with dy X^T as warp tile products (`mma16t`: tensor cores for bf16 / fp16, X = dt x
   // rounded to T as the operand). One group of 8 warps per (64 x 64 tile (ti, tj), slice of RS of
@@ -568,34 +732,65 @@ BWD_SCORES_TC = Kernel(
       dcb[t][i] = 0.0f;
     }
   }
-  for (int hr = 0; hr < RS; ++hr) {
-    const int h = g * R + ks * RS + hr;
-    for (int idx = static_cast<int>(tid); idx < 64 * U8; idx += 256) {   // 8-element units, row-major
-      const int r = idx / U8;
-      const int u = 8 * (idx % U8);
-      float dv[8];
-      float xv[8];
-      const long tl = t0 + l0 + r;
-      const long ts = t0 + s0 + r;
-      if (l0 + r < KC && tl < L) {
-        ld8(dy + ((b * L + tl) * H + h) * PC + u, dv);
-      } else {
-        for (int q = 0; q < 8; ++q) dv[q] = 0.0f;
+  // the tiles of head it are loaded into registers (raw bits, `ldr8`) during iteration it, while head
+  // it - 1 (stored to shared memory first) is computed: each load has a head's work to arrive
+  constexpr int NU = (64 * U8 + 255) / 256;  // 8-element units per thread and head
+  Raw8<T> pdy[NU];
+  Raw8<T> pxx[NU];
+  float pdt[NU];
+  unsigned int pok = 0u;                     // bit 2v: unit v's dy row is real; bit 2v + 1: its x row
+  float pal = 0.0f;
+  float pac = 0.0f;
+  for (int it = 0; it <= RS; ++it) {
+    if (it > 0) {                              // head it - 1: registers -> shared tiles
+      for (int v = 0; v < NU; ++v) {
+        const int idx = static_cast<int>(tid) + 256 * v;
+        if (idx < 64 * U8) {
+          const int r = idx / U8;
+          const int u = 8 * (idx % U8);
+          float dv[8];
+          float xv[8];
+          cvt8(pdy[v], dv);
+          cvt8(pxx[v], xv);
+          const bool okl = (pok >> (2 * v)) & 1u;
+          const bool oks = (pok >> (2 * v + 1)) & 1u;
+          for (int q = 0; q < 8; ++q) {
+            dv[q] = okl ? dv[q] : 0.0f;
+            xv[q] = oks ? xv[q] * pdt[v] : 0.0f;
+          }
+          st8(sdy + r * PP + u, dv);
+          st8(sxx + r * PP + u, xv);
+        }
       }
-      if (s0 + r < KC && ts < L) {
-        ld8(x + ((b * L + ts) * H + h) * PC + u, xv);
-        const float d = static_cast<float>(dt[(b * L + ts) * H + h]);
-        for (int q = 0; q < 8; ++q) xv[q] *= d;
-      } else {
-        for (int q = 0; q < 8; ++q) xv[q] = 0.0f;
+      if (tid < 64) {
+        sal[tid] = pal;
+        sac[tid] = pac;
       }
-      st8(sdy + r * PP + u, dv);
-      st8(sxx + r * PP + u, xv);
     }
-    if (tid < 64) {
-      sal[tid] = l0 + static_cast<int>(tid) < KC ? acs[(bc * H + h) * KC + l0 + tid] : 0.0f;
-      sac[tid] = s0 + static_cast<int>(tid) < KC ? acs[(bc * H + h) * KC + s0 + tid] : 0.0f;
+    if (it < RS) {                             // head it: issue the loads
+      const int hn = g * R + ks * RS + it;
+      pok = 0u;
+      for (int v = 0; v < NU; ++v) {
+        const int idx = static_cast<int>(tid) + 256 * v;
+        const int r = idx / U8;
+        const int u = 8 * (idx % U8);
+        const long tl = t0 + l0 + r;
+        const long ts = t0 + s0 + r;
+        const bool okl = idx < 64 * U8 && l0 + r < KC && tl < L;
+        const bool oks = idx < 64 * U8 && s0 + r < KC && ts < L;
+        pdy[v] = ldr8(dy + ((b * L + (okl ? tl : 0)) * H + hn) * PC + (okl ? u : 0));
+        pxx[v] = ldr8(x + ((b * L + (oks ? ts : 0)) * H + hn) * PC + (oks ? u : 0));
+        pok |= (okl ? 1u : 0u) << (2 * v);
+        pok |= (oks ? 1u : 0u) << (2 * v + 1);
+        pdt[v] = oks ? static_cast<float>(dt[(b * L + ts) * H + hn]) : 0.0f;
+      }
+      if (tid < 64) {
+        pal = l0 + static_cast<int>(tid) < KC ? acs[(bc * H + hn) * KC + l0 + tid] : 0.0f;
+        pac = s0 + static_cast<int>(tid) < KC ? acs[(bc * H + hn) * KC + s0 + tid] : 0.0f;
+      }
     }
+    if (it == 0) continue;
+    const int h = g * R + ks * RS + it - 1;
     BARRIER();
     Acc16 acc[2];
     acc_zero(acc[0]);
@@ -853,12 +1048,12 @@ def bwd_finish(x, dy, dt, acs, CH, dXw, dXd, D):
     )
 
 
-def ssd_chunked_diag_bwd(CB, acs, x, dt, dy):
+def ssd_chunked_diag_bwd(CB, acs, x, dt, dy, with_dx: bool = True):
     """The diagonal blocks' gradient on the GPU (see `BWD_SCORES` / `BWD_DX`). CB (b, c, g, K, K)
     float32 = C B^T per chunk; acs (b, c, h, K) float32 (cumsum of dt A inside each chunk); x, dy
     (b, l, h, p) and dt (b, l, h) unchunked (l <= c K; steps past l count as zero). Returns
     dX (b, c, K, h, p), dacs (b, c, K, h) and dCB (b, c, g, K, K), all float32; dX is the gradient
-    with respect to X = dt x."""
+    with respect to X = dt x. with_dx=False: no dX launch, None in its place (`bwd_dx_finish` takes it)."""
     b, l, H, P = x.shape
     _, nc, G, K, _ = CB.shape
     nt = groups(K, 64)
@@ -877,6 +1072,9 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy):
         init_value=0.0,
     )
     dCB = dCB[0] if ns == 1 else dCB.sum(axis=0)
+    dacs = (rsum.sum(axis=3) - csum.sum(axis=3)).transpose(0, 1, 3, 2)
+    if not with_dx:
+        return None, dacs, dCB
     dtc = DX_TC and _tc_fits(x.dtype, P, K)
     (dX,) = (BWD_DX_TC if dtc else BWD_DX)(
         [CB, acs, dy],
@@ -887,7 +1085,6 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy):
         output_shapes=[(b, nc * K, H, P)],
         output_dtypes=[_F32],
     )
-    dacs = (rsum.sum(axis=3) - csum.sum(axis=3)).transpose(0, 1, 3, 2)
     return dX.reshape(b, nc, K, H, P), dacs, dCB
 
 
@@ -897,7 +1094,9 @@ def state_pass(states, decay, init, dtype, reverse: bool = False, dot_with=None)
     final state (b, h, p, n) float32). reverse: the sweep runs from the last chunk to the first
     (passing adjoints backwards), results in chunk order. dot_with (the shape of states; head dim a
     multiple of 32): a third result (b, c, h), sum over n and p of the entering states (as
-    returned, in dtype) times dot_with."""
+    returned, in dtype) times dot_with. The kernel reads init and writes the final state as (b, h, n, p),
+    p fastest like the chunk states (each thread's elements consecutive: coalesced; in (b, h, p, n) they
+    were N apart), transposed here: a copy of init, a transposed view of the final state."""
     b, nc, G, N, RP = states.shape
     H, P = decay.shape[-1], init.shape[2]
     dot = dot_with is not None
@@ -908,21 +1107,22 @@ def state_pass(states, decay, init, dtype, reverse: bool = False, dot_with=None)
     # eight elements per thread where they share a head and whole warps cover whole chunk states
     vw = 8 if P % 8 == 0 and per % 256 == 0 else 1
     outs = PASS(
-        [states, decay, init, dot_with if dot else mx.zeros((1,), dtype)],
+        [states, decay, init.swapaxes(-1, -2), dot_with if dot else mx.zeros((1,), dtype)],
         template=[("T", dtype), ("CBLK", 4 if vw == 8 else 8), ("REV", bool(reverse)), ("DOT", dot), ("VW", vw)],
         grid=(groups(b * per // vw, GROUP), 1, 1),
         threadgroup=GROUP,
-        output_shapes=[states.shape, (b, H, P, N), (b, nc, per // 32) if dot else (1,)],
+        output_shapes=[states.shape, (b, H, N, P), (b, nc, per // 32) if dot else (1,)],
         output_dtypes=[dtype, _F32, _F32],
     )
+    final = outs[1].swapaxes(-1, -2)
     if not dot:
-        return outs[0], outs[1]
+        return outs[0], final
     # over n first (a column reduction of the (n, h/g * p/32) rows), then the few p/32 partials of the
     # small result: on an H100 MLX-CUDA's one reduction over axes (3, 5) was a strided row reduction
     # of 0.11-0.19 ms per layer for 3 MB, and a sum over the size-2 last axis first a 0.25 ms row
     # reduction with one 32-thread block per pair (docs/benchmarks.md, session 8)
     dots = outs[2].reshape(b, nc, G, N, (H // G) * (P // 32)).sum(axis=3).reshape(b, nc, H, P // 32).sum(axis=-1)
-    return outs[0], outs[1], dots
+    return outs[0], final, dots
 
 
 def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: bool = False):
@@ -955,8 +1155,18 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
     CB = Cc.astype(_F32) @ Bc.astype(_F32).swapaxes(-1, -2)  # (b, c, g, K, K) f32
     states = Bc.swapaxes(-1, -2).astype(dtype) @ xs  # (b, c, g, n, r p)
     starts, final_state = state_pass(states, decay, initial_state, dtype)
-    Yo = Cc.astype(dtype) @ starts  # (b, c, g, K, r p)
     tc = OUT_TC and _tc_fits(dtype, P, K)
+    if tc and OUT_FUSED_YO and N % 16 == 0:  # Yo = C H inside the chunk-output kernel
+        (y,) = CHUNK_OUT_YO_TC(
+            [CB, acs, x, dt, C.astype(dtype), starts, D],
+            template=[("T", dtype), ("KC", K), ("PC", P)],
+            grid=(groups(K, 64), H, b * nc),
+            threadgroup=128,
+            output_shapes=[(b, l, H, P)],
+            output_dtypes=[dtype],
+        )
+        return (y, final_state, starts) if with_starts else (y, final_state)
+    Yo = Cc.astype(dtype) @ starts  # (b, c, g, K, r p)
     (y,) = (CHUNK_OUT_TC if tc else OUT)(
         [CB, acs, x, dt, Yo, D],
         template=([("T", dtype), ("KC", K), ("PC", P)] if tc
@@ -967,3 +1177,223 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
         output_dtypes=[dtype],
     )
     return (y, final_state, starts) if with_starts else (y, final_state)
+
+
+# ---------------------------------------------------------------- dX and the gradient's end, fused
+# BWD_DX_TC's product loop, verbatim (the fused kernel below runs it into accumulators that already
+# hold dXw wS): steps of 64 along l from r0, the dy tile transposed in sdt, the mask tile in smk
+_DX_TC_LOOP = BWD_DX_TC.body[BWD_DX_TC.body.index("  for (int l0 = r0; l0 < KC; l0 += 64) {"):
+                             BWD_DX_TC.body.index("  for (int i = 0; i < 8; i += 2) {")]
+
+
+def _fin_tiles(rows: str, states: str) -> str:
+    """One step of 64 along n (from n0) of the fused kernel's state products: the block's rows of
+    `rows` ((b, L, g, n) in T: B or C; rows past the chunk or past L zero) raw-copied into smk
+    [row][n], the head's (n, p) slice of `states` ((b, c, g, n, r p) in T: dS or Hs) transposed into
+    sdt [p][n] (lanes along n, as BWD_DX_TC's data tile); then the warp's products over n (mma16t:
+    acc[j] += rows . states), skipped by a warp whose rows are all past L. Each thread issues all its
+    16-byte loads of the step (4 row units, PC / 16 state units) before storing any."""
+    return f"""\
+  for (int n0 = 0; n0 < N; n0 += 64) {{
+    {{
+      Raw8<T> rv[4];                          // row units idx = tid + 128 v: row idx / 8, n0 + 8 (idx % 8)
+      Raw8<T> sv[PC / 16];                    // state units idx = tid + 128 v: row n0 + idx % 64, p 8 (idx / 64)
+      for (int v = 0; v < 4; ++v) {{
+        const int idx = static_cast<int>(tid) + 128 * v;
+        const long t = t0 + r0 + idx / 8;
+        const bool ok = r0 + idx / 8 < KC && t < L && n0 + 8 * (idx % 8) < N;
+        rv[v] = ldr8({rows} + (ok ? ((b * L + t) * G + g) * N + n0 + 8 * (idx % 8) : 0));
+      }}
+      for (int v = 0; v < PC / 16; ++v) {{
+        const int idx = static_cast<int>(tid) + 128 * v;
+        const int kk = n0 + idx % 64 < N ? idx % 64 : 0;
+        sv[v] = ldr8({states} + hs + (long)(n0 + kk) * (R * PC) + 8 * (idx / 64));
+      }}
+      for (int v = 0; v < 4; ++v) {{
+        const int idx = static_cast<int>(tid) + 128 * v;
+        const bool ok = r0 + idx / 8 < KC && t0 + r0 + idx / 8 < L && n0 + 8 * (idx % 8) < N;
+        if (ok) {{
+          str8(rv[v], smk + (idx / 8) * TP + 8 * (idx % 8));
+        }} else {{
+          const float z[8] = {{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}};
+          st8(smk + (idx / 8) * TP + 8 * (idx % 8), z);
+        }}
+      }}
+      for (int v = 0; v < PC / 16; ++v) {{     // transposed: the lanes' stores hit consecutive words of a row
+        const int idx = static_cast<int>(tid) + 128 * v;
+        float f[8];
+        cvt8(sv[v], f);
+        for (int q = 0; q < 8; ++q) sdt[(8 * (idx / 64) + q) * TP + idx % 64] = static_cast<T>(f[q]);
+      }}
+    }}
+    BARRIER();
+    const int nk = (N - n0) / 16 < 4 ? (N - n0) / 16 : 4;
+    if (live)
+      for (int kk = 0; kk < nk; ++kk) {{
+        Frag16<T> fr;                         // the warp's row tile: loaded once for the PC / 16 tiles
+        lda16(fr, smk + 16 * w * TP + 16 * kk, TP, lane);
+        for (int j = 0; j < PC / 16; ++j) mma16t_f(acc[j], fr, sdt + 16 * j * TP + 16 * kk, TP, lane);
+      }}
+    BARRIER();
+  }}
+"""
+
+# the lane's two rows s = wr + acc_row(i, lane), a = (i >> 1) & 1 (entries 2a, 2a + 1, 2a + 4, 2a + 5 of
+# each tile): acs, dt, whether a real step, the x / dy offset (row 0 where not); recomputed in each
+# phase's scope rather than held in registers across the products
+_FIN_ROWS = """\
+    float al[2];
+    float dtv[2];
+    bool real[2];
+    long xrow[2];
+    for (int a = 0; a < 2; ++a) {
+      const int s = wr + static_cast<int>(lane >> 2) + 8 * a;
+      const long t = t0 + s;
+      real[a] = s < KC && t < L;
+      al[a] = s < KC ? sacs[s] : 0.0f;
+      dtv[a] = real[a] ? static_cast<float>(dt[(b * L + t) * H + h]) : 0.0f;
+      xrow[a] = ((b * L + (real[a] ? t : 0)) * H + h) * PC;
+    }
+"""
+
+
+def _fin_row_sum(dst: str, val: str) -> str:
+    """The sum of `val` over the quad of lanes holding row a, stored to the block's row array `dst`."""
+    return f"""\
+      float v4 = {val};
+      v4 += shfl_xor(v4, 1);
+      v4 += shfl_xor(v4, 2);
+      if ((lane & 3u) == 0u) {dst}[16 * w + static_cast<int>(lane >> 2) + 8 * a] = v4;
+"""
+
+
+BWD_DX_FIN_TC = Kernel(
+    name="alloy_ssd_bwd_dx_finish_tc",
+    inputs=("CB", "acs", "x", "dt", "dy", "B", "C", "dS", "Hs", "D"),
+    outputs=("dx", "ra", "rw", "rx", "rd"),
+    body="""
+  // BWD_DX_TC and BWD_FIN in one kernel, with the two state products BWD_FIN read from memory
+  // (CH = C_s Hs and dXw = B_s dS, (b, c, g, K, r p) arrays) taken as warp tile products here. One
+  // group of 4 warps per (block of 64 chunk steps s from r0, head h, batch x chunk bc); warp w owns
+  // rows r0 + 16 w .. + 15 and all PC columns (PC / 16 accumulator tiles), lane the two rows
+  // wr + acc_row(i, lane) (a = (i >> 1) & 1). Three phases through the same accumulators and the
+  // same shared tiles (smk 64 x 64 operand rows, sdt PC x 64 transposed operand columns):
+  //   1. CH[s, p] = sum_n C[s, n] Hs[n, p], consumed at once: sa = e^acs_s sum_p dy CH
+  //   2. dXw[s, p] = sum_n B[s, n] dS[n, p]:  sw = wS dt sum_p dXw x, then acc = dXw wS
+  //   3. BWD_DX_TC's loop adds dXd[s] = sum_{l >= s} CB[l, s] e^(acs_l - acs_s) dy_l: acc = dX
+  // and BWD_FIN's epilogue: dx = dX dt + D dy (steps < L, in T), and per (step, head), sums over p
+  // by quad shuffles (the lanes lane & ~3 .. | 3 hold one row): ra = sa - sw, rw = sw,
+  // rx = sum_p dX x, rd = sum_p dy x ((b, c, K, h) float32; padded steps t >= L: 0).
+  // x, dy, B, C, dS, Hs in T (B, C (b, L, g, n) unchunked; dS, Hs (b, c, g, n, r p)), n a multiple
+  // of 16; acs (b, c, K, h) float32 as BWD_FIN's; D (h,) float32.
+  // Shared memory: (64 + PC) x 72 x 2 bytes + KC x 4: 19 KB at PC 64, KC 128 (28 KB at PC 128).
+""" + _chunk_block("x") + """
+  const int N = B_shape[3];
+  const int w = static_cast<int>(warp);
+  const int wr = r0 + 16 * w;                 // the warp's first row
+  const bool live = wr < KC && t0 + wr < L;   // a warp whose rows are all padding skips the products
+  const long hs = (bc * G + g) * (long)N * (R * PC) + (h - g * R) * PC;   // dS / Hs [.., n = 0, p = 0]
+  constexpr int TP = 64 + 8;                  // padded tile rows
+  constexpr int U8 = PC / 8;                  // 8-element units of a data row
+  ALIGN16 SHARED T smk[64 * TP];              // operand rows [row][k]: C / B rows, then the mask
+  ALIGN16 SHARED T sdt[PC * TP];              // operand columns [p][k]: Hs / dS, then dy, transposed
+  SHARED float sacs[KC];
+  SHARED float ssa[64];                       // per row of the block (quad sums): sa
+  SHARED float ssw[64];                       // and sw
+  for (int l = tid; l < KC; l += 128) sacs[l] = acs[(bc * KC + l) * H + h];
+  BARRIER();
+  Acc16 acc[PC / 16];
+  for (int j = 0; j < PC / 16; ++j) acc_zero(acc[j]);
+""" + _fin_tiles("C", "Hs") + """\
+  {                                           // sa = e^acs_s sum_p dy CH, per row into ssa
+""" + _FIN_ROWS + """\
+    for (int a = 0; a < 2; ++a) {
+      float v = 0.0f;
+      if (real[a])
+        for (int j = 0; j < PC / 16; ++j)
+          for (int i = 2 * a; i < 8; i += (i & 1) ? 3 : 1)   // entries 2a, 2a + 1, 2a + 4, 2a + 5
+            v += acc[j].c[i] * static_cast<float>(dy[xrow[a] + 16 * j + acc_col(i, lane)]);
+""" + _fin_row_sum("ssa", "v * fexp(al[a])") + """\
+    }
+  }
+  for (int j = 0; j < PC / 16; ++j) acc_zero(acc[j]);
+""" + _fin_tiles("B", "dS") + """\
+  {                                           // sw = wS dt sum_p dXw x per row into ssw; acc = dXw wS
+""" + _FIN_ROWS + """\
+    for (int a = 0; a < 2; ++a) {
+      const float ws = fexp(sacs[KC - 1] - al[a]);
+      float v = 0.0f;
+      for (int j = 0; j < PC / 16; ++j)
+        for (int i = 2 * a; i < 8; i += (i & 1) ? 3 : 1) {
+          if (real[a]) v += acc[j].c[i] * static_cast<float>(x[xrow[a] + 16 * j + acc_col(i, lane)]);
+          acc[j].c[i] *= ws;
+        }
+""" + _fin_row_sum("ssw", "v * dtv[a] * ws") + """\
+    }
+  }
+""" + _DX_TC_LOOP + """\
+  const float dh = static_cast<float>(D[h]);
+  {                                           // BWD_FIN's epilogue: acc = dX
+""" + _FIN_ROWS + """\
+    for (int a = 0; a < 2; ++a) {
+      float sx = 0.0f;
+      float sd = 0.0f;
+      if (real[a])
+        for (int j = 0; j < PC / 16; ++j)
+          for (int i = 2 * a; i < 8; i += 4) {  // entries i, i + 1: a column pair of row a
+            const long e = xrow[a] + 16 * j + acc_col(i, lane);
+            const float x0 = static_cast<float>(x[e]);
+            const float x1 = static_cast<float>(x[e + 1]);
+            const float d0 = static_cast<float>(dy[e]);
+            const float d1 = static_cast<float>(dy[e + 1]);
+            const float g0 = acc[j].c[i];
+            const float g1 = acc[j].c[i + 1];
+            sx += g0 * x0 + g1 * x1;
+            sd += d0 * x0 + d1 * x1;
+            st2(dx + e, g0 * dtv[a] + d0 * dh, g1 * dtv[a] + d1 * dh);
+          }
+      for (int m = 1; m < 4; m <<= 1) {       // over the quad of lanes that share the row
+        sx += shfl_xor(sx, m);
+        sd += shfl_xor(sd, m);
+      }
+      const int s = wr + static_cast<int>(lane >> 2) + 8 * a;
+      if ((lane & 3u) == 0u && s < KC) {      // the lane that wrote the row's ssa / ssw
+        const int r = s - r0;
+        const long o = (bc * KC + s) * H + h;
+        ra[o] = ssa[r] - ssw[r];
+        rw[o] = ssw[r];
+        rx[o] = sx;
+        rd[o] = sd;
+      }
+    }
+  }
+""",
+    # CUDA: 4 groups per SM, registers capped at 128 (nvcc -Xptxas -v, sm_90, bf16, chunk 128: head
+    # dim 64 needs 141 uncapped, 128 capped without spills; head dim 128 spills 136 bytes capped)
+    launch_bounds=(128, 4),
+)
+
+
+def dx_finish_fits(dtype, op, P: int, K: int, N: int) -> bool:
+    """Whether `bwd_dx_finish` takes a gradient with inputs of `dtype`, batched-product operands in
+    `op`, head dim P, chunk K and d_state N (switches DX_FINISH_FUSED and DX_TC on; BWD_DX_TC's
+    shapes; the state operands in the input dtype; N a multiple of 16)."""
+    return DX_FINISH_FUSED and DX_TC and _tc_fits(dtype, P, K) and op == dtype and N % 16 == 0
+
+
+def bwd_dx_finish(CB, acs, x, dt, dy, B, C, dS, Hs, D):
+    """`BWD_DX_FIN_TC`: `ssd_chunked_diag_bwd`'s dX and `bwd_finish` in one launch, CH = C Hs and
+    dXw = B dS taken inside. CB (b, c, g, K, K) float32; acs (b, c, K, h) float32; x, dy (b, l, h, p)
+    and dt (b, l, h) unchunked; B, C (b, l, g, n) and dS, Hs (b, c, g, n, r p) in x's dtype (see
+    `dx_finish_fits`); D (h,) float32 -> dx (x's shape and dtype), ra, rw, rx, rd (b, c, K, h)
+    float32, as `bwd_finish` with dXd from `ssd_chunked_diag_bwd`, CH = C_l Hs, dXw = B_l dS."""
+    b, nc, K, H = acs.shape
+    P = x.shape[-1]
+    return BWD_DX_FIN_TC(
+        [CB, acs, x, dt, dy.astype(x.dtype), B, C, dS, Hs, D],
+        template=[("T", x.dtype), ("KC", K), ("PC", P)],
+        grid=(groups(K, 64), H, b * nc),
+        threadgroup=128,
+        output_shapes=[x.shape] + [(b, nc, K, H)] * 4,
+        output_dtypes=[x.dtype] + [_F32] * 4,
+    )

@@ -357,15 +357,21 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     # chunk end states S_c = B^T Xw; the diagonal blocks
     dB = Xw @ dS.swapaxes(-1, -2)                               # (b,c,g,K,n)
     CB = Cg.astype(_F32) @ Bg.astype(_F32).swapaxes(-1, -2)     # (b,c,g,K,K) float32, as in the forward
-    dXd, dacsd, dCB = kern.ssd_chunked_diag_bwd(CB, acs.transpose(0, 1, 3, 2), x, dt, dy)
+    # (dX of the diagonal blocks fused with the end below where `kern.dx_finish_fits`)
+    fused = kern.dx_finish_fits(x.dtype, op, p, K, n)
+    dXd, dacsd, dCB = kern.ssd_chunked_diag_bwd(CB, acs.transpose(0, 1, 3, 2), x, dt, dy, with_dx=not fused)
     dCB = dCB.astype(op)
     dC = (dC + dCB @ Bg).transpose(0, 1, 3, 2, 4)               # (b,c,K,g,n)
     dB = (dB + dCB.swapaxes(-1, -2) @ Cg).transpose(0, 1, 3, 2, 4)
 
     # the elementwise end and the sums over p in one kernel (see BWD_FIN): dx, and per (step, head)
-    # the state term's and the end-decay's acs gradients, sum_p dX x, sum_p dy x
+    # the state term's and the end-decay's acs gradients, sum_p dX x, sum_p dy x; fused: with dX of
+    # the diagonal blocks and the products C_l H_c, B_l dS_c inside (BWD_DX_FIN_TC, B / C unchunked)
     Dv = mx.zeros((h,), _F32) if D is None else D.astype(_F32)
-    dx, ra, rw, rx, rd = kern.bwd_finish(x, dy, dt, acs, Cg @ Hs, Bg @ dS, dXd, Dv)
+    if fused:
+        dx, ra, rw, rx, rd = kern.bwd_dx_finish(CB, acs, x, dt, dy, B.astype(op), C.astype(op), dS, Hs, Dv)
+    else:
+        dx, ra, rw, rx, rd = kern.bwd_finish(x, dy, dt, acs, Cg @ Hs, Bg @ dS, dXd, Dv)
     da_A, dA = _acs_grads(ra + dacsd, dtot + rw.sum(axis=2), dtc, A)
     return (dx, _unchunks(da_A + rx, l).astype(dt.dtype), dA.astype(A.dtype), _unchunks(dB, l).astype(B.dtype),
             _unchunks(dC, l).astype(C.dtype), None if D is None else rd.sum(axis=(0, 1, 2)).astype(D.dtype),

@@ -139,6 +139,32 @@ def test_state_pass_matches_numpy(dt, b, nc, g, n, r, p, reverse):
         np.testing.assert_allclose(np.array(out[2]), want, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("dt,b,l,h,p,K", [("bf16", 2, 150, 3, 16, 64), ("f32", 1, 200, 2, 64, 128),
+                                           ("bf16", 1, 40, 2, 5, 32), ("f32", 1, 70, 3, 12, 16)])
+def test_prep_matches_numpy(dt, b, l, h, p, K):
+    """PREP (acs by one warp's scan, xs = dt x exp(acs_end - acs) in 8-column units where p % 8 == 0,
+    single columns otherwise) against numpy: a length that is not whole chunks (padding steps give 0),
+    one to several row sweeps per chunk."""
+    rng = np.random.default_rng(l + p)
+    dtype = DTYPES[dt]
+    x = arr(rng, (b, l, h, p), dtype)
+    dtv = pos(rng, (b, l, h), 0.01, 0.3)
+    A = -pos(rng, (h,), 0.5, 4.0)
+    nc = -(-l // K)
+    acs, xs, decay = emulate.run(kern.PREP, [x, dtv, A], template=[("T", dtype), ("KC", K), ("TB", 8)],
+                                 grid=(1, h, b * nc), threadgroup=-(-p // 32) * 32, poison=True,
+                                 output_shapes=[(b, nc, h, K), (b, nc, K, h, p), (b, nc, h)],
+                                 output_dtypes=[mx.float32, dtype, mx.float32])
+    dtc = np.array(chunked(dtv, K))                                  # (b, nc, K, h), padding 0
+    xc = np.array(chunked(x, K))                                     # (b, nc, K, h, p)
+    a = np.cumsum(dtc * np.array(A), axis=2)
+    want_xs = xc * (dtc * np.exp(a[:, :, -1:] - a))[..., None]
+    np.testing.assert_allclose(np.array(acs), a.transpose(0, 1, 3, 2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(decay), np.exp(a[:, :, -1]), rtol=1e-5, atol=1e-6)
+    tol = 1e-5 if dt == "f32" else 1e-2
+    np.testing.assert_allclose(np.array(xs.astype(mx.float32)), want_xs, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dt", ["f32", "bf16"])
 def test_kernel_path_gradient_reuses_the_forward_states(monkeypatch, dt):
     """The kernel path with GRADIENT = "kernels" (forward kernels returning the chunk-entry states,
@@ -236,6 +262,7 @@ def test_switches_pick_the_tensor_core_kernels(monkeypatch, dt, p, K, tc):
     """With OUT_TC / DX_TC on, `ssd_chunked` and `ssd_chunked_diag_bwd` launch CHUNK_OUT_TC / BWD_DX_TC
     for 16-bit inputs with head dim and chunk multiples of 16 (and OUT / BWD_DX otherwise), with the
     results of the switches off (within the bf16 / fp16 operand rounding)."""
+    monkeypatch.setattr(kern, "OUT_FUSED_YO", False)  # CHUNK_OUT_YO_TC has its own tests (test_ssd_out_yo.py)
     rng = np.random.default_rng(p + K)
     b, l, h, g, n = 1, 100, 4, 2, 16
     dtype = {**F16, "f32": mx.float32}[dt]
