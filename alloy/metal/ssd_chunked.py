@@ -455,6 +455,15 @@ CHUNK_OUT_YO_TC = Kernel(
 )
 
 
+# PASS with the next CBLK chunks' raw loads (states, hs, decay) issued before the current block's
+# stores (PIPE, VW = 8 only), so that one block's loads are in flight while the previous block is
+# stored: without it the compiler cannot move the loads over the stores (they might alias) and each
+# block's loads wait for the previous block's stores. H100, toy layer before (PASS_PIPE off, CBLK
+# 4): forward 120 us, reverse with the dot 160 us (~67 / ~100 us at 3 TB/s). bench/pass_tune.py
+# times both and CBLK 2 / 4 / 8. Off: the old order (load a block, store it, load the next).
+PASS_PIPE = True
+PASS_CBLK = 4  # chunks per block where VW = 8 (VW = 1: 8)
+
 PASS = Kernel(
     name="alloy_ssd_state_pass",
     inputs=("states", "decay", "init", "hs"),
@@ -484,6 +493,43 @@ PASS = Kernel(
     const long fi = ((b * H + h) * N + n) * P + p;   // init / final_state (b, h, n, p): VW consecutive
     float s[VW];
     for (int k = 0; k < VW; ++k) s[k] = static_cast<float>(init[fi + k]);
+    if (PIPE && VW == 8) {
+      // iteration c0 issues the raw loads of block c0 (into ns / nh / nd), then converts, stores and
+      // sweeps block c0 - CBLK (loaded one iteration earlier: cs / ch / cd); chunks past nc are
+      // skipped (the same for the whole warp: c0 is uniform)
+      decltype(ldr8(states)) ns[CBLK] = {}, cs[CBLK];
+      decltype(ldr8(hs)) nh[CBLK] = {}, ch[CBLK];
+      float nd[CBLK] = {}, cd[CBLK];
+      for (int c0 = 0; c0 < nc + CBLK; c0 += CBLK) {
+        for (int u = 0; u < CBLK; ++u) { cs[u] = ns[u]; ch[u] = nh[u]; cd[u] = nd[u]; }
+        for (int u = 0; u < CBLK; ++u) {
+          if (c0 + u < nc) {
+            const long cc = b * nc + (REV ? nc - 1 - (c0 + u) : c0 + u);
+            ns[u] = ldr8(states + cc * per + r0);
+            if (DOT) nh[u] = ldr8(hs + cc * per + r0);
+            nd[u] = static_cast<float>(decay[cc * H + h]);
+          }
+        }
+        const int cp = c0 - CBLK;                // the block to store (none in the first iteration)
+        for (int u = 0; u < CBLK; ++u) {
+          if (cp >= 0 && cp + u < nc) {
+            const long cc = b * nc + (REV ? nc - 1 - (cp + u) : cp + u);
+            STV(starts, cc * per + r0, s);
+            if (DOT) {
+              float hv[8];
+              cvt8(ch[u], hv);
+              float d = 0.0f;
+              for (int k = 0; k < VW; ++k) d += static_cast<float>(static_cast<T>(s[k])) * hv[k];
+              for (int m = 1; m < 32 / VW; m *= 2) d += shfl_xor(d, m);
+              if (lane % (32 / VW) == 0) dots[cc * (per / 32) + r0 / 32] = d;
+            }
+            float st[8];
+            cvt8(cs[u], st);
+            for (int k = 0; k < VW; ++k) s[k] = cd[u] * s[k] + st[k];
+          }
+        }
+      }
+    } else
     for (int c0 = 0; c0 < nc; c0 += CBLK) {
       float st[CBLK][VW];
       float hv[CBLK][VW];
@@ -958,17 +1004,36 @@ BWD_DX_TC = Kernel(
 )
 
 
+# BWD_FIN's lanes: with FIN_VEC on and P a multiple of 8, each lane takes 8 consecutive p (16-byte loads of
+# the 16-bit arrays, float4 pairs of the float32 ones, one 8-element store of dx), a row (batch, chunk
+# step, head) spread over the largest power of two lanes (at most 32) dividing P / 8; off (or other P):
+# 8 lanes per row, lane j taking p = j, j + 8, ... (the first version, kept for A/B runs on the GPU).
+FIN_VEC = True
+
+# FIN_LD8(p, o, v): v[0..8) = float(p[o..o+8)): two float4 loads where p holds float32 (16-byte aligned
+# there: o a multiple of 4), else `ld8` (one 16-byte load for bf16 / fp16 on CUDA)
+_FIN_HELPERS = """
+#define FIN_LD8(p, o, v) if (sizeof(p[0]) == 4) { \\
+    const float4 a_ = *reinterpret_cast<const DEV float4*>(p + (o)); \\
+    const float4 b_ = *reinterpret_cast<const DEV float4*>(p + (o) + 4); \\
+    v[0] = a_.x; v[1] = a_.y; v[2] = a_.z; v[3] = a_.w; v[4] = b_.x; v[5] = b_.y; v[6] = b_.z; v[7] = b_.w; \\
+  } else { ld8(p + (o), v); }
+"""
+
 BWD_FIN = Kernel(
     name="alloy_ssd_bwd_finish",
     inputs=("x", "dy", "dt", "acs", "CH", "dXw", "dXd", "D"),
     outputs=("dx", "ra", "rw", "rx", "rd"),
+    helpers=_FIN_HELPERS,
     body="""
-  // the gradient's elementwise end and its sums over p, one pass: 8 lanes per (batch, chunk step,
-  // head), lane j taking p = j, j + 8, ... With wS = exp(acs_end - acs_l), X = dt x, Xw = X wS:
+  // the gradient's elementwise end and its sums over p, one pass: LR lanes per (batch, chunk step,
+  // head) row. VEC (P % 8 == 0): lane j takes the 8-element runs p = 8 q .. 8 q + 7 for q = j, j + LR,
+  // ... < P / 8, all of a run's loads issued before its arithmetic; else (LR 8) p = j, j + 8, ...
+  // With wS = exp(acs_end - acs_l), X = dt x, Xw = X wS:
   //   dX = dXw wS + dXd;  dx = dX dt + D dy  (written for steps < L, in x's dtype)
   //   ra = sum_p dy e^acs_l CH - sum_p dXw Xw,  rw = sum_p dXw Xw,  rx = sum_p dX x,  rd = sum_p dy x
-  // (b, c, K, h) float32. CH = C_l H_c and dXw = B_l dS_c are chunk-major (b, c, g, K, r p); dXd
-  // (b, c K, h, p); x, dy (b, L, h, p), dt (b, L, h) unpadded.
+  // (b, c, K, h) float32. CH = C_l H_c and dXw = B_l dS_c are chunk-major (b, c, g, K, r p), float32 or
+  // T; dXd (b, c K, h, p) float32; x, dy (b, L, h, p), dt (b, L, h) unpadded.
   const int L = x_shape[1];
   const int H = x_shape[2];
   const int P = x_shape[3];
@@ -976,8 +1041,8 @@ BWD_FIN = Kernel(
   const int G = CH_shape[2];
   const int R = H / G;
   const long total = (long)acs_shape[0] * nc * KC * H;
-  const long item = ((long)bid_x * nthreads + tid) / 8;
-  const int j = tid % 8;
+  const long item = ((long)bid_x * nthreads + tid) / LR;
+  const int j = tid % LR;
   const bool live = item < total;
   const long it = live ? item : 0;
   const int h = it % H;
@@ -999,30 +1064,47 @@ BWD_FIN = Kernel(
   float sw = 0.0f;
   float sx = 0.0f;
   float sd = 0.0f;
-  for (int p = j; p < P; p += 8) {
-    const float xv = real ? static_cast<float>(x[xm + p]) : 0.0f;
-    const float dyv = real ? static_cast<float>(dy[xm + p]) : 0.0f;
-    const float dxw = live ? static_cast<float>(dXw[cm + p]) : 0.0f;
-    const float xw = dtv * xv * ws;
-    sa += dyv * eo * (live ? static_cast<float>(CH[cm + p]) : 0.0f);
-    sw += dxw * xw;
-    const float dX = dxw * ws + (live ? static_cast<float>(dXd[dm + p]) : 0.0f);
-    sx += dX * xv;
-    sd += dyv * xv;
-    if (real) dx[xm + p] = static_cast<T>(dX * dtv + dyv * dh);
+  if (VEC) {
+    for (int p0 = 8 * j; p0 < P; p0 += 8 * LR) {
+      float xv[8], dyv[8], ch[8], dxw[8], dxd[8];  // all loads first, unconditional: idle lanes read
+      FIN_LD8(x, xm + p0, xv);                      // item 0's row, steps past L step 0's x / dy (zeroed
+      FIN_LD8(dy, xm + p0, dyv);                    // below); their sums stay inside their own row
+      FIN_LD8(CH, cm + p0, ch);
+      FIN_LD8(dXw, cm + p0, dxw);
+      FIN_LD8(dXd, dm + p0, dxd);
+      float o[8];
+      for (int k = 0; k < 8; ++k) {
+        if (!real) xv[k] = dyv[k] = 0.0f;
+        const float xw = dtv * xv[k] * ws;
+        sa += dyv[k] * eo * ch[k];
+        sw += dxw[k] * xw;
+        const float dX = dxw[k] * ws + dxd[k];
+        sx += dX * xv[k];
+        sd += dyv[k] * xv[k];
+        o[k] = dX * dtv + dyv[k] * dh;
+      }
+      if (real) st8(dx + xm + p0, o);
+    }
+  } else {
+    for (int p = j; p < P; p += LR) {
+      const float xv = real ? static_cast<float>(x[xm + p]) : 0.0f;
+      const float dyv = real ? static_cast<float>(dy[xm + p]) : 0.0f;
+      const float dxw = live ? static_cast<float>(dXw[cm + p]) : 0.0f;
+      const float xw = dtv * xv * ws;
+      sa += dyv * eo * (live ? static_cast<float>(CH[cm + p]) : 0.0f);
+      sw += dxw * xw;
+      const float dX = dxw * ws + (live ? static_cast<float>(dXd[dm + p]) : 0.0f);
+      sx += dX * xv;
+      sd += dyv * xv;
+      if (real) dx[xm + p] = static_cast<T>(dX * dtv + dyv * dh);
+    }
   }
-  sa += shfl_xor(sa, 1);
-  sa += shfl_xor(sa, 2);
-  sa += shfl_xor(sa, 4);
-  sw += shfl_xor(sw, 1);
-  sw += shfl_xor(sw, 2);
-  sw += shfl_xor(sw, 4);
-  sx += shfl_xor(sx, 1);
-  sx += shfl_xor(sx, 2);
-  sx += shfl_xor(sx, 4);
-  sd += shfl_xor(sd, 1);
-  sd += shfl_xor(sd, 2);
-  sd += shfl_xor(sd, 4);
+  for (int m = 1; m < LR; m *= 2) {
+    sa += shfl_xor(sa, m);
+    sw += shfl_xor(sw, m);
+    sx += shfl_xor(sx, m);
+    sd += shfl_xor(sd, m);
+  }
   if (live && j == 0) {
     ra[item] = sa - sw;
     rw[item] = sw;
@@ -1033,15 +1115,27 @@ BWD_FIN = Kernel(
 )
 
 
+def fin_lanes(P: int) -> tuple[bool, int]:
+    """BWD_FIN's (VEC, LR) for head dim P: 8-element runs over the largest power of two lanes (at most
+    32) dividing P / 8 where FIN_VEC is on and 8 divides P, else 8 lanes of single elements."""
+    if not (FIN_VEC and P % 8 == 0):
+        return False, 8
+    lr = 1
+    while lr < 32 and (P // 8) % (2 * lr) == 0:
+        lr *= 2
+    return True, lr
+
+
 def bwd_finish(x, dy, dt, acs, CH, dXw, dXd, D):
     """`BWD_FIN`: acs (b, c, K, h) float32; CH, dXw (b, c, g, K, r p) float32 or x's dtype; dXd (b, c, K, h, p)
     float32; D (h,) -> dx (x's shape and dtype), and ra, rw, rx, rd (b, c, K, h) float32."""
     b, nc, K, H = acs.shape
     n = b * nc * K * H
+    vec, lr = fin_lanes(x.shape[-1])
     return BWD_FIN(
         [x, dy.astype(x.dtype), dt, acs, CH, dXw, dXd, D],
-        template=[("T", x.dtype), ("KC", K)],
-        grid=(groups(8 * n, 256), 1, 1),
+        template=[("T", x.dtype), ("KC", K), ("VEC", vec), ("LR", lr)],
+        grid=(groups(lr * n, 256), 1, 1),
         threadgroup=256,
         output_shapes=[x.shape] + [(b, nc, K, H)] * 4,
         output_dtypes=[x.dtype] + [_F32] * 4,
@@ -1108,7 +1202,8 @@ def state_pass(states, decay, init, dtype, reverse: bool = False, dot_with=None)
     vw = 8 if P % 8 == 0 and per % 256 == 0 else 1
     outs = PASS(
         [states, decay, init.swapaxes(-1, -2), dot_with if dot else mx.zeros((1,), dtype)],
-        template=[("T", dtype), ("CBLK", 4 if vw == 8 else 8), ("REV", bool(reverse)), ("DOT", dot), ("VW", vw)],
+        template=[("T", dtype), ("CBLK", PASS_CBLK if vw == 8 else 8), ("REV", bool(reverse)), ("DOT", dot), ("VW", vw),
+                  ("PIPE", PASS_PIPE)],
         grid=(groups(b * per // vw, GROUP), 1, 1),
         threadgroup=GROUP,
         output_shapes=[states.shape, (b, H, N, P), (b, nc, per // 32) if dot else (1,)],
@@ -1125,11 +1220,14 @@ def state_pass(states, decay, init, dtype, reverse: bool = False, dot_with=None)
     return outs[0], final, dots
 
 
-def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: bool = False):
+def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: bool = False,
+                with_saved: bool = False):
     """Chunked SSD forward on the GPU. x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n),
     D (h,), initial_state (b, h, p, n) -> y (b, l, h, p) in x.dtype, final state (b, h, p, n) f32
     (and with_starts: the states entering each chunk, (b, c, g, n, r p) in x.dtype, for the
-    gradient). Any length: T is padded to whole chunks with dt = 0 (decay 1, no input)."""
+    gradient; with_saved: also CB (b, c, g, K, K) float32 and PREP's dt x decayed to the chunk end
+    (b, c, g, K, r p) in x.dtype, which the gradient computes too). Any length: T is padded to whole
+    chunks with dt = 0 (decay 1, no input)."""
     b, l, H, P = x.shape
     G, N = B.shape[-2:]
     K = chunk_size
@@ -1155,6 +1253,12 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
     CB = Cc.astype(_F32) @ Bc.astype(_F32).swapaxes(-1, -2)  # (b, c, g, K, K) f32
     states = Bc.swapaxes(-1, -2).astype(dtype) @ xs  # (b, c, g, n, r p)
     starts, final_state = state_pass(states, decay, initial_state, dtype)
+
+    def out(y):
+        if with_saved:
+            return y, final_state, starts, CB, xs
+        return (y, final_state, starts) if with_starts else (y, final_state)
+
     tc = OUT_TC and _tc_fits(dtype, P, K)
     if tc and OUT_FUSED_YO and N % 16 == 0:  # Yo = C H inside the chunk-output kernel
         (y,) = CHUNK_OUT_YO_TC(
@@ -1165,7 +1269,7 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
             output_shapes=[(b, l, H, P)],
             output_dtypes=[dtype],
         )
-        return (y, final_state, starts) if with_starts else (y, final_state)
+        return out(y)
     Yo = Cc.astype(dtype) @ starts  # (b, c, g, K, r p)
     (y,) = (CHUNK_OUT_TC if tc else OUT)(
         [CB, acs, x, dt, Yo, D],
@@ -1176,7 +1280,7 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
         output_shapes=[(b, l, H, P)],
         output_dtypes=[dtype],
     )
-    return (y, final_state, starts) if with_starts else (y, final_state)
+    return out(y)
 
 
 # ---------------------------------------------------------------- dX and the gradient's end, fused

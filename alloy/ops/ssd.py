@@ -296,10 +296,13 @@ def _acs_grads(dacs, dtot, dtc, A):
     return da * A.astype(_F32), (da * dtc).sum(axis=(0, 1, 2))
 
 
-def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size, starts=None):
+def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size, starts=None, CB=None,
+                        Xw=None):
     """`ssd_chunked_vjp` for the GPU kernel path (same arguments and results, D and initial_state
     arrays; `starts`: the forward kernel's states entering each chunk, (b, c, g, n, r p), reused
-    where they have the products' dtype): the states entering each chunk recomputed (unless given)
+    where they have the products' dtype; likewise `CB` (b, c, g, K, K) float32 and `Xw` (b, c, g, K,
+    r p), the forward's C B^T and dt x decayed to the chunk end): the states entering each chunk
+    recomputed (unless given)
     and their adjoints passed backwards by the forward's state-passing kernel
     (`alloy.metal.ssd_chunked.PASS`, the second time over the chunks in reverse order) instead of
     the (c+1)^2 segsum products; every product a batched matmul in the
@@ -333,7 +336,8 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
     # rounded to the product dtype before the layout change, so that the cast rides in the product's
     # fused kernel (after it, MLX-CUDA ran the float32 product and a separate cast copy: ~0.23 ms per
     # layer each for Xw and dys on an H100, docs/benchmarks.md session 8)
-    Xw = gm((xc * (dtc * wS)[..., None]).astype(op))            # (b,c,g,K,rp)
+    if Xw is None or Xw.dtype != op or Xw.shape != (b, c, g, K, r * p):
+        Xw = gm((xc * (dtc * wS)[..., None]).astype(op))        # (b,c,g,K,rp)
     if starts is not None and starts.dtype == op and starts.shape == (b, c, g, n, r * p):
         Hs = starts                                             # states entering the chunks
     else:
@@ -356,7 +360,8 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
 
     # chunk end states S_c = B^T Xw; the diagonal blocks
     dB = Xw @ dS.swapaxes(-1, -2)                               # (b,c,g,K,n)
-    CB = Cg.astype(_F32) @ Bg.astype(_F32).swapaxes(-1, -2)     # (b,c,g,K,K) float32, as in the forward
+    if CB is None or CB.shape != (b, c, g, K, K):
+        CB = Cg.astype(_F32) @ Bg.astype(_F32).swapaxes(-1, -2)  # (b,c,g,K,K) float32, as in the forward
     # (dX of the diagonal blocks fused with the end below where `kern.dx_finish_fits`)
     fused = kern.dx_finish_fits(x.dtype, op, p, K, n)
     dXd, dacsd, dCB = kern.ssd_chunked_diag_bwd(CB, acs.transpose(0, 1, 3, 2), x, dt, dy, with_dx=not fused)
@@ -436,6 +441,10 @@ GRADIENT_PRODUCTS_IN_INPUT_DTYPE = True
 # (b, c, g, n, h/g p) in x's dtype, 100 MB per toy layer at 16 x 2048) and the gradient reuses them
 # instead of recomputing them (a batched product and a state pass per layer).
 REUSE_FORWARD_STATES = True
+# With REUSE_FORWARD_STATES: the forward also returns CB = C B^T (float32, 17 MB per toy layer) and PREP's
+# dt x decayed to the chunk end (the gradient's Xw: 100 MB in bf16), which the gradient would compute
+# again (two casts and a float32 product for CB; an elementwise pass over x for Xw).
+REUSE_FORWARD_PRODUCTS = True
 # The chunked path's gradient where no kernel runs (the CPU): "explicit" measured 1.13-1.66x faster
 # than autodiff for forward + backward on this project's CPU (bench/ssd_vjp.py, docs/benchmarks.md).
 CPU_GRADIENT = "explicit"
@@ -452,8 +461,17 @@ def _explicit_chunked(chunk):
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_chunked(chunk, gradient: str = "autodiff", reuse_states: bool = False):
+def _fused_chunked(chunk, gradient: str = "autodiff", reuse_states: bool = False, reuse_products: bool = False):
     vjp_chunk = _VJP_CHUNK or chunk
+    if gradient == "kernels" and vjp_chunk == chunk and reuse_states and reuse_products:
+        # ... and CB and Xw (see REUSE_FORWARD_PRODUCTS)
+        def saved_vjp(x, dt, A, B, C, D, s, dy, ds, _dstarts, _dCB, _dXw, _y, _fs, starts, CB, Xw):
+            return ssd_chunked_vjp_gpu(x, dt, A, B, C, D, s, dy, ds, chunk, starts=starts, CB=CB, Xw=Xw)
+
+        return metal.differentiable(
+            lambda *a: _chunk_kernels.ssd_chunked(*a, chunk, with_saved=True),
+            lambda *a: ssd_chunked(*a, chunk),
+            saved_vjp, vjp_outputs=True)
     if gradient == "kernels" and vjp_chunk == chunk and reuse_states:
         # the forward also returns the states entering each chunk; the gradient reuses them instead
         # of recomputing them (a product and a state pass per layer)
@@ -493,8 +511,8 @@ def _ssd_kernel(x, dt, A, B, C, D, initial_state, chunk_size):
         return y[:, None], state
     if GRADIENT not in ("autodiff", "explicit", "kernels"):
         raise ValueError(f"alloy.ops.ssd.GRADIENT must be 'autodiff', 'explicit' or 'kernels', got {GRADIENT!r}")
-    y, state = _fused_chunked(_kernel_chunk(T, chunk_size), GRADIENT, REUSE_FORWARD_STATES)(
-        x, dt, A, B, C, D, initial_state)[:2]
+    y, state = _fused_chunked(_kernel_chunk(T, chunk_size), GRADIENT, REUSE_FORWARD_STATES,
+                              REUSE_FORWARD_PRODUCTS)(x, dt, A, B, C, D, initial_state)[:2]
     return y, state
 
 

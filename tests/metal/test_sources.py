@@ -111,12 +111,12 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
                                                     ("HD", 64), ("DS", 128), ("IN", 2048), ("NG", 1), ("RB", 16), ("UNROLL", 16), ("RPB", 8), ("KD", 128), ("VD", 128), ("VB", 64), ("CH", 64), ("NW", 8),
                                                     ("NL", 4), ("DM", 2048), ("DIN", 4096), ("NS", 128), ("NGR", 1), ("MB", 1),
                                                     ("NB", 132), ("NT", 256), ("CU", 8), ("QB", 4), ("XMAX", 4096), ("PF", 2), ("VW", 8),
-                                                    ("C0", 4096), ("C1", 128), ("AHEAD", 4), ("PREF", 16))
+                                                    ("C0", 4096), ("C1", 128), ("AHEAD", 4), ("PREF", 16), ("LR", 8))
         + ((("D", 1536), ("G", 1536), ("NWP", 8), ("RPW", 8)) if kernel.name.startswith(("alloy_gated_rms_norm", "alloy_add_rms_norm"))
            else (("PB", 32), ("RS", 4)) if kernel.name.startswith("alloy_ssd_bwd_scores")
            else (("NH", 12), ("HALF", 32)) if kernel.name.startswith("alloy_rope") else ())
         if re.search(rf"\b{n}\b", body) and not declared(n)) + "".join(
-        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM", "L2", "NBG", "REV", "DOT", "GATE", "HOLD", "TRAD", "ROWTAB") if re.search(rf"\b{n}\b", body + kernel.helpers))
+        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM", "L2", "NBG", "REV", "DOT", "GATE", "HOLD", "TRAD", "ROWTAB", "PIPE", "VEC") if re.search(rf"\b{n}\b", body + kernel.helpers))
     for alias in ("S", "W"):
         if re.search(rf"\b{alias}\b", body) and alias not in kernel.inputs:
             tmpl = f"  using {alias} = __nv_bfloat16;\n" + tmpl

@@ -106,12 +106,17 @@ def test_gpu_gradient_in_bf16_matches_float32_autodiff(monkeypatch, in_dtype, tc
 
 
 @pytest.mark.parametrize("dt", ["f32", "bf16"])
-@pytest.mark.parametrize("b,nc,g,n,r,p", [(2, 5, 1, 8, 2, 32), (1, 3, 2, 4, 3, 8), (1, 4, 1, 3, 1, 5)])
+@pytest.mark.parametrize("b,nc,g,n,r,p,cblk", [(2, 5, 1, 8, 2, 32, 4), (1, 3, 2, 4, 3, 8, 4), (1, 4, 1, 3, 1, 5, 4),
+                                               (1, 1, 1, 4, 2, 32, 4), (1, 3, 1, 4, 2, 32, 4), (1, 9, 2, 4, 1, 32, 4),
+                                               (1, 7, 1, 4, 2, 32, 2), (1, 11, 1, 4, 2, 32, 8)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_state_pass_matches_numpy(dt, b, nc, g, n, r, p, reverse):
+def test_state_pass_matches_numpy(monkeypatch, dt, b, nc, g, n, r, p, cblk, reverse):
     """PASS against a numpy sweep: the states entering each chunk, the final state and (head dims
     multiple of 32) the per-(chunk, head) sums with dot_with; eight elements per thread (whole
-    warps over whole chunk states) and one (the other shapes)."""
+    warps over whole chunk states) and one (the other shapes). Eight per thread: the pipelined
+    sweep (`PASS_PIPE`: block c + 1's loads before block c's stores) with nc = 1, nc < CBLK, nc not a
+    multiple of CBLK, CBLK 2 / 4 / 8, bitwise equal to the unpipelined one."""
+    monkeypatch.setattr(kern, "PASS_CBLK", cblk)
     rng = np.random.default_rng(nc + p)
     dtype = DTYPES[dt]
     h = g * r
@@ -122,6 +127,11 @@ def test_state_pass_matches_numpy(dt, b, nc, g, n, r, p, reverse):
     dot = p % 32 == 0
     with emulate.patch(kern, poison=True):
         out = kern.state_pass(states, decay, init, dtype, reverse=reverse, dot_with=other if dot else None)
+        if p % 8 == 0 and g * n * r * p % 256 == 0:  # eight per thread: the same bits unpipelined
+            monkeypatch.setattr(kern, "PASS_PIPE", False)
+            old = kern.state_pass(states, decay, init, dtype, reverse=reverse, dot_with=other if dot else None)
+            for o, w in zip(out, old):
+                assert mx.array_equal(o.view(mx.uint8), w.view(mx.uint8))
     S = np.array(states.astype(mx.float32)).reshape(b, nc, g, n, r, p)
     dc = np.array(decay).reshape(b, nc, g, r)
     s = np.array(init).reshape(b, g, r, p, n).transpose(0, 1, 4, 2, 3)  # (b, g, n, r, p)
@@ -169,7 +179,8 @@ def test_prep_matches_numpy(dt, b, l, h, p, K):
 def test_kernel_path_gradient_reuses_the_forward_states(monkeypatch, dt):
     """The kernel path with GRADIENT = "kernels" (forward kernels returning the chunk-entry states,
     the gradient reusing them) against autodiff of the MLX chunked form; and the gradient with the
-    forward's states equals the one that recomputes them."""
+    forward's states equals the one that recomputes them; with REUSE_FORWARD_PRODUCTS the forward's CB
+    and decayed dt x are reused as well (`_fused_chunked(..., reuse_products=True)`), same gradient."""
     rng = np.random.default_rng(11)
     b, l, h, g, p, n, K = 1, 150, 4, 2, 32, 16, 64
     prim = inputs(rng, dt, b, l, h, g, p, n)
@@ -181,16 +192,22 @@ def test_kernel_path_gradient_reuses_the_forward_states(monkeypatch, dt):
     with emulate.patch(kern, poison=True):
         f = ssd_mod._fused_chunked(K, "kernels", True)
         _, got = mx.vjp(lambda *a: list(f(*a)[:2]), [x, dtv, A, B, C, D, s0], [dy, ds])
-        y, fs, starts = kern.ssd_chunked(x, dtv, A, B, C, D, s0, K, with_starts=True)
+        fp = ssd_mod._fused_chunked(K, "kernels", True, True)
+        _, got_p = mx.vjp(lambda *a: list(fp(*a)[:2]), [x, dtv, A, B, C, D, s0], [dy, ds])
+        y, fs, starts, CB, Xw = kern.ssd_chunked(x, dtv, A, B, C, D, s0, K, with_saved=True)
         reused = ssd_mod.ssd_chunked_vjp_gpu(*prim, K, starts=starts)
+        reused_p = ssd_mod.ssd_chunked_vjp_gpu(*prim, K, starts=starts, CB=CB, Xw=Xw)
         fresh = ssd_mod.ssd_chunked_vjp_gpu(*prim, K)
     ssd_mod._fused_chunked.cache_clear()
     tol = 1e-4 if dt == "f32" else 3e-2
     for i, (gv, wv) in enumerate(zip(got, want)):
         assert gv.shape == wv.shape, i
         assert rel_err(gv, wv) <= tol, (i, rel_err(gv, wv))
-    for i, (a, c) in enumerate(zip(reused, fresh)):
+    for i, (gv, wv) in enumerate(zip(got_p, want)):
+        assert rel_err(gv, wv) <= tol, (i, rel_err(gv, wv))
+    for i, (a, a2, c) in enumerate(zip(reused, reused_p, fresh)):
         assert rel_err(a, c) <= (1e-5 if dt == "f32" else 1e-2), (i, rel_err(a, c))
+        assert rel_err(a2, c) <= (1e-5 if dt == "f32" else 1e-2), (i, rel_err(a2, c))
 
 
 # ---------------------------------------------------------------- the chunk products on tensor cores
