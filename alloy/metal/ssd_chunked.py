@@ -458,11 +458,12 @@ CHUNK_OUT_YO_TC = Kernel(
 # PASS with the next CBLK chunks' raw loads (states, hs, decay) issued before the current block's
 # stores (PIPE, VW = 8 only), so that one block's loads are in flight while the previous block is
 # stored: without it the compiler cannot move the loads over the stores (they might alias) and each
-# block's loads wait for the previous block's stores. H100, toy layer before (PASS_PIPE off, CBLK
-# 4): forward 120 us, reverse with the dot 160 us (~67 / ~100 us at 3 TB/s). bench/pass_tune.py
-# times both and CBLK 2 / 4 / 8. Off: the old order (load a block, store it, load the next).
-PASS_PIPE = True
-PASS_CBLK = 4  # chunks per block where VW = 8 (VW = 1: 8)
+# block's loads wait for the previous block's stores. Off: the old order (load a block, store it,
+# load the next). H100, session 9, toy layer (`python bench/pass_tune.py`, kernel alone, forward /
+# reverse with the dot): old order CBLK 2 124 / 144 us, 4 136 / 156, 8 154 / 167; PIPE CBLK 2 127 /
+# 163, 4 133 / 150, 8 129 / 154 (same job). The old order with 2-chunk blocks is kept.
+PASS_PIPE = False
+PASS_CBLK = 2  # chunks per block where VW = 8 (VW = 1: 8)
 
 PASS = Kernel(
     name="alloy_ssd_state_pass",
@@ -1008,6 +1009,7 @@ BWD_DX_TC = Kernel(
 # the 16-bit arrays, float4 pairs of the float32 ones, one 8-element store of dx), a row (batch, chunk
 # step, head) spread over the largest power of two lanes (at most 32) dividing P / 8; off (or other P):
 # 8 lanes per row, lane j taking p = j, j + 8, ... (the first version, kept for A/B runs on the GPU).
+# H100, session 9 (toy step, CUPTI): 248 us per layer against 330 for the first version.
 FIN_VEC = True
 
 # FIN_LD8(p, o, v): v[0..8) = float(p[o..o+8)): two float4 loads where p holds float32 (16-byte aligned
