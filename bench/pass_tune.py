@@ -1,11 +1,11 @@
 """The SSD state-passing kernel (`alloy.metal.ssd_chunked.PASS`) at the toy Mamba-2 layer's shape on
 a GPU: the forward sweep and the gradient's reverse sweep with the dot (`state_pass(...,
-reverse=True, dot_with=Hs)`), one row per (PASS_PIPE, PASS_CBLK).
+reverse=True, dot_with=Hs)`), one row per chunks-per-block `PASS_CBLK` (a block's loads issued
+together, then its stores and sweep).
 
-    python bench/pass_tune.py [--batch 16] [--T 2048] [--configs pipe:4 old:4 ...]
+    python bench/pass_tune.py [--batch 16] [--T 2048] [--cblk 2 4 8]
 
-A configuration is `pipe:CBLK` (the next block's loads issued before the current block's stores)
-or `old:CBLK` (load a block, store it, then load the next). Columns: us per launch of the kernel
+Columns: us per launch of the kernel
 alone (init given already in the kernel's (b, h, n, p) layout; median over `--reps` batches of
 `--calls` independent launches, each batch between mx.synchronize calls, divided by the calls) and
 the bandwidth against the bytes the launch must move (forward: chunk states read + entering states
@@ -24,7 +24,7 @@ from alloy.metal import ssd_chunked as kern
 from alloy.metal.prelude import groups
 from bench_timing import timeit
 
-DEFAULT_CONFIGS = ["old:4", "pipe:2", "pipe:4", "pipe:8", "old:2", "old:8"]
+DEFAULT_CBLK = [2, 4, 8]
 
 
 def _kernel(states, decay, init_t, dtype, reverse, dot_with):
@@ -35,8 +35,7 @@ def _kernel(states, decay, init_t, dtype, reverse, dot_with):
     dot = dot_with is not None
     return kern.PASS(
         [states, decay, init_t, dot_with if dot else mx.zeros((1,), dtype)],
-        template=[("T", dtype), ("CBLK", kern.PASS_CBLK), ("REV", reverse), ("DOT", dot), ("VW", 8),
-                  ("PIPE", kern.PASS_PIPE)],
+        template=[("T", dtype), ("CBLK", kern.PASS_CBLK), ("REV", reverse), ("DOT", dot), ("VW", 8)],
         grid=(groups(b * per // 8, kern.GROUP), 1, 1),
         threadgroup=kern.GROUP,
         output_shapes=[states.shape, (b, H, N, P), (b, nc, per // 32) if dot else (1,)],
@@ -54,7 +53,7 @@ def main(argv=None):
     ap.add_argument("--d-state", type=int, default=128)
     ap.add_argument("--calls", type=int, default=20, help="independent launches per timed batch")
     ap.add_argument("--reps", type=int, default=50, help="timed batches (the median is reported)")
-    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    ap.add_argument("--cblk", nargs="+", type=int, default=DEFAULT_CBLK)
     a = ap.parse_args(argv)
     b, nc, H, P, N, dtype = a.batch, a.T // a.chunk, a.heads, a.head_dim, a.d_state, mx.bfloat16
     ks = mx.random.split(mx.random.key(0), 5)
@@ -67,17 +66,14 @@ def main(argv=None):
     mx.eval(states, hs, decay, init, init_t)
     fwd_bytes = 2 * states.nbytes + 2 * init.nbytes
     rev_bytes = 3 * states.nbytes + 2 * init.nbytes + b * nc * states[0, 0].size // 32 * 4
-    defaults = kern.PASS_PIPE, kern.PASS_CBLK
+    default = kern.PASS_CBLK
     print(f"b {b}, {nc} chunks of {a.chunk}, {H} heads x {P}, d_state {N}, bf16: chunk states "
           f"{states.nbytes / 1e6:.0f} MB; {a.reps} x {a.calls} launches per timing")
-    print("| config | forward us | TB/s | launcher us | reverse+dot us | TB/s | launcher us | max|d| |\n"
+    print("| CBLK | forward us | TB/s | launcher us | reverse+dot us | TB/s | launcher us | max|d| |\n"
           "|---|---|---|---|---|---|---|---|")
     first = None
-    for cfg in a.configs:
-        mode, _, cblk = cfg.partition(":")
-        if mode not in ("pipe", "old"):
-            raise SystemExit(f"pass_tune: {cfg!r}: pipe:CBLK or old:CBLK")
-        kern.PASS_PIPE, kern.PASS_CBLK = mode == "pipe", int(cblk or 4)
+    for cblk in a.cblk:
+        kern.PASS_CBLK = cblk
         fwd = lambda: _kernel(states, decay, init_t, dtype, False, None)[:2]  # noqa: E731
         rev = lambda: _kernel(states, decay, init_t, dtype, True, hs)  # noqa: E731
         fwd_l = lambda: kern.state_pass(states, decay, init, dtype)  # noqa: E731
@@ -89,9 +85,9 @@ def main(argv=None):
         if first is None:
             first = outs
         d = max(mx.abs(o.astype(mx.float32) - f.astype(mx.float32)).max().item() for o, f in zip(outs, first))
-        print(f"| {cfg} | {t_f * 1e6:.1f} | {fwd_bytes / t_f / 1e12:.2f} | {t_fl * 1e6:.1f} | {t_r * 1e6:.1f} | "
+        print(f"| {cblk} | {t_f * 1e6:.1f} | {fwd_bytes / t_f / 1e12:.2f} | {t_fl * 1e6:.1f} | {t_r * 1e6:.1f} | "
               f"{rev_bytes / t_r / 1e12:.2f} | {t_rl * 1e6:.1f} | {d:.3g} |", flush=True)
-    kern.PASS_PIPE, kern.PASS_CBLK = defaults
+    kern.PASS_CBLK = default
 
 
 if __name__ == "__main__":

@@ -155,10 +155,9 @@ def _forward(split: bool) -> str:
 """
 
 
-def _backward(split: bool) -> str:
-    # step s: dp[s] from x / dy at s and the window; its share of dw / db while s is in the tile;
-    # then dx[s - (K - 1)], whose K d pre-activations dp[s - K + 1 .. s] are all known
-    return _head() + _rows("dy", split, "const ") + """
+# the gradient kernels' opening after the rows: the steps a work item sweeps, its dw / db share and
+# the window of d pre-activations, zeroed
+_BWD_ACC = """
     const int s1 = t1 + K - 1;             // steps t0 .. s1 - 1: the tile and the K - 1 after it
     float dwk[K + 1][VW];                  // this work item's share of dw[k] = sum_t dp[t] xp[t + k], db = sum_t dp[t]
     float dpw[K - 1][VW];                  // dp at the K - 1 steps before (0 before t0)
@@ -166,6 +165,13 @@ def _backward(split: bool) -> str:
       for (int k = 0; k <= K; ++k) dwk[k][j] = 0.0f;
       for (int k = 0; k < K - 1; ++k) dpw[k][j] = 0.0f;
     }
+"""
+
+
+def _backward(split: bool) -> str:
+    # step s: dp[s] from x / dy at s and the window; its share of dw / db while s is in the tile;
+    # then dx[s - (K - 1)], whose K d pre-activations dp[s - K + 1 .. s] are all known
+    return _head() + _rows("dy", split, "const ") + _BWD_ACC + """\
     for (int s0 = t0; s0 < s1; s0 += AHEAD) {
       float xv[AHEAD][VW];                  // x and dy at the next AHEAD steps (0 past the end)
       float gv[AHEAD][VW];
@@ -423,14 +429,7 @@ def _backward_pipe(split: bool) -> str:
         cvt8(gr[{i}][u], gv);{_bwd_step(False)}
       }}"""
     load, tail = _pipe_loads([("x", "x", "Cn", "c"), ("g", "dy_p", "dy_w", "dy_c")])
-    return _head() + _rows("dy", split, "const ") + """
-    const int s1 = t1 + K - 1;             // steps t0 .. s1 - 1: the tile and the K - 1 after it
-    float dwk[K + 1][VW];                  // this work item's share of dw[k] = sum_t dp[t] xp[t + k], db = sum_t dp[t]
-    float dpw[K - 1][VW];                  // dp at the K - 1 steps before (0 before t0)
-    for (int j = 0; j < VW; ++j) {
-      for (int k = 0; k <= K; ++k) dwk[k][j] = 0.0f;
-      for (int k = 0; k < K - 1; ++k) dpw[k][j] = 0.0f;
-    }
+    return _head() + _rows("dy", split, "const ") + _BWD_ACC + """\
     constexpr int NT = AHEAD + K - 2;      // steps after the whole batches: the partial batch, the halo
     const int pe = s1 < Tn ? s1 : Tn;      // rows loaded / prefetched: the tile's and the halo's
     Raw8<T> xr[2][AHEAD], gr[2][AHEAD], xt[NT], gt[NT];""" + _pipe_loop(load, steps, tail) + """

@@ -291,18 +291,10 @@ def _tc_data_tile(src: str, k0: str, scale: bool) -> str:
     }}"""
 
 
-CHUNK_OUT_TC = Kernel(
-    name="alloy_ssd_chunk_out_tc",
-    inputs=("CB", "acs", "x", "dt", "Yo", "D"),
-    outputs=("y",),
-    body="""
-  // `OUT` with the chunk product as warp tile products (`mma16t`: tensor cores for bf16 / fp16):
-  //   y[l] = sum_{s <= l} M[l, s] X_s + exp(acs_l) Yo[l] + D x_l,  M[l, s] = CB[l, s] exp(acs_l - acs_s)
-  // with M and X = dt x rounded to T, float32 accumulation, y rounded once. Steps of 64 s up to the
-  // block's last row; a warp skips the 16-blocks of s above its rows (and past the chunk). CB rows are
-  // read as float4 pairs (CB a whole float32 array: 16-byte aligned, KC % 16 == 0); each warp loads its
-  // mask fragment once per 16-block of s for all PC / 16 tiles (lda16 / mma16t_f).
-""" + _tc_item("x") + """
+# CHUNK_OUT_TC's diagonal-block products, which CHUNK_OUT_YO_TC runs after its Yo phase: steps of 64 s
+# up to the block's last row, the dt x tile and the mask tile M[l, s] = CB[l, s] exp(acs_l - acs_s) in
+# shared memory, each warp's products over the 16-blocks of s <= its last row
+_OUT_TC_LOOP = """\
   const int s_end = r0 + 64 < KC ? r0 + 64 : KC;
   for (int s0 = 0; s0 < s_end; s0 += 64) {
 """ + _tc_data_tile("x", "s0", True) + """
@@ -333,6 +325,22 @@ CHUNK_OUT_TC = Kernel(
     }
     BARRIER();
   }
+"""
+
+
+CHUNK_OUT_TC = Kernel(
+    name="alloy_ssd_chunk_out_tc",
+    inputs=("CB", "acs", "x", "dt", "Yo", "D"),
+    outputs=("y",),
+    body="""
+  // `OUT` with the chunk product as warp tile products (`mma16t`: tensor cores for bf16 / fp16):
+  //   y[l] = sum_{s <= l} M[l, s] X_s + exp(acs_l) Yo[l] + D x_l,  M[l, s] = CB[l, s] exp(acs_l - acs_s)
+  // with M and X = dt x rounded to T, float32 accumulation, y rounded once. Steps of 64 s up to the
+  // block's last row; a warp skips the 16-blocks of s above its rows (and past the chunk). CB rows are
+  // read as float4 pairs (CB a whole float32 array: 16-byte aligned, KC % 16 == 0); each warp loads its
+  // mask fragment once per 16-block of s for all PC / 16 tiles (lda16 / mma16t_f).
+""" + _tc_item("x") + """
+""" + _OUT_TC_LOOP + """\
   const float dh = static_cast<float>(D[h]);
   for (int i = 0; i < 8; i += 2) {            // entries i, i + 1: a column pair of one row
     const int l = wr + acc_row(i, lane);
@@ -410,36 +418,7 @@ CHUNK_OUT_YO_TC = Kernel(
     const float el = l < KC ? fexp(sacs[l]) : 0.0f;
     for (int j = 0; j < PC / 16; ++j) acc[j].c[i] *= el;
   }
-  const int s_end = r0 + 64 < KC ? r0 + 64 : KC;
-  for (int s0 = 0; s0 < s_end; s0 += 64) {
-""" + _tc_data_tile("x", "s0", True) + """
-    for (int idx = tid; idx < 64 * 8; idx += 128) {   // mask: 8 consecutive s of row l (coalesced CB)
-      const int r = idx / 8;
-      const int u = 8 * (idx % 8);
-      const int l = r0 + r;
-      float v[8];
-      if (s0 + u <= l && l < KC) {            // two 16-byte loads: s0 + u + 8 <= KC (KC % 16 == 0)
-        const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + s0 + u);
-        const float4 c0 = cb[0];
-        const float4 c1 = cb[1];
-        const float c[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-        const float al = sacs[l];
-        for (int q = 0; q < 8; ++q) v[q] = s0 + u + q <= l ? c[q] * fexp(al - sacs[s0 + u + q]) : 0.0f;
-      } else {
-        for (int q = 0; q < 8; ++q) v[q] = 0.0f;
-      }
-      st8(smk + r * TP + u, v);
-    }
-    BARRIER();
-    int nk = wr < KC ? (wr + 16 - s0) / 16 : 0;   // 16-blocks of s <= the warp's last row
-    nk = nk < 4 ? nk : 4;
-    for (int kk = 0; kk < nk; ++kk) {
-      Frag16<T> fm;
-      lda16(fm, smk + 16 * w * TP + 16 * kk, TP, lane);
-      for (int j = 0; j < PC / 16; ++j) mma16t_f(acc[j], fm, sdt + 16 * j * TP + 16 * kk, TP, lane);
-    }
-    BARRIER();
-  }
+""" + _OUT_TC_LOOP + """\
   const float dh = static_cast<float>(D[h]);
   for (int i = 0; i < 8; i += 2) {            // entries i, i + 1: a column pair of one row
     const int l = wr + acc_row(i, lane);
@@ -455,14 +434,11 @@ CHUNK_OUT_YO_TC = Kernel(
 )
 
 
-# PASS with the next CBLK chunks' raw loads (states, hs, decay) issued before the current block's
-# stores (PIPE, VW = 8 only), so that one block's loads are in flight while the previous block is
-# stored: without it the compiler cannot move the loads over the stores (they might alias) and each
-# block's loads wait for the previous block's stores. Off: the old order (load a block, store it,
-# load the next). H100, session 9, toy layer (`python bench/pass_tune.py`, kernel alone, forward /
-# reverse with the dot): old order CBLK 2 124 / 144 us, 4 136 / 156, 8 154 / 167; PIPE CBLK 2 127 /
-# 163, 4 133 / 150, 8 129 / 154 (same job). The old order with 2-chunk blocks is kept.
-PASS_PIPE = False
+# PASS's chunks per block (loads of a block issued together before its stores and sweep) where VW = 8.
+# H100, session 9, toy layer (`python bench/pass_tune.py`, kernel alone, forward / reverse with the
+# dot): CBLK 2 124 / 144 us, 4 136 / 156, 8 154 / 167. A double-buffered sweep (the next block's raw
+# loads issued before the current block's stores) measured no faster (2: 127 / 163, 4: 133 / 150,
+# 8: 129 / 154, same job) and was removed.
 PASS_CBLK = 2  # chunks per block where VW = 8 (VW = 1: 8)
 
 PASS = Kernel(
@@ -494,43 +470,6 @@ PASS = Kernel(
     const long fi = ((b * H + h) * N + n) * P + p;   // init / final_state (b, h, n, p): VW consecutive
     float s[VW];
     for (int k = 0; k < VW; ++k) s[k] = static_cast<float>(init[fi + k]);
-    if (PIPE && VW == 8) {
-      // iteration c0 issues the raw loads of block c0 (into ns / nh / nd), then converts, stores and
-      // sweeps block c0 - CBLK (loaded one iteration earlier: cs / ch / cd); chunks past nc are
-      // skipped (the same for the whole warp: c0 is uniform)
-      decltype(ldr8(states)) ns[CBLK] = {}, cs[CBLK];
-      decltype(ldr8(hs)) nh[CBLK] = {}, ch[CBLK];
-      float nd[CBLK] = {}, cd[CBLK];
-      for (int c0 = 0; c0 < nc + CBLK; c0 += CBLK) {
-        for (int u = 0; u < CBLK; ++u) { cs[u] = ns[u]; ch[u] = nh[u]; cd[u] = nd[u]; }
-        for (int u = 0; u < CBLK; ++u) {
-          if (c0 + u < nc) {
-            const long cc = b * nc + (REV ? nc - 1 - (c0 + u) : c0 + u);
-            ns[u] = ldr8(states + cc * per + r0);
-            if (DOT) nh[u] = ldr8(hs + cc * per + r0);
-            nd[u] = static_cast<float>(decay[cc * H + h]);
-          }
-        }
-        const int cp = c0 - CBLK;                // the block to store (none in the first iteration)
-        for (int u = 0; u < CBLK; ++u) {
-          if (cp >= 0 && cp + u < nc) {
-            const long cc = b * nc + (REV ? nc - 1 - (cp + u) : cp + u);
-            STV(starts, cc * per + r0, s);
-            if (DOT) {
-              float hv[8];
-              cvt8(ch[u], hv);
-              float d = 0.0f;
-              for (int k = 0; k < VW; ++k) d += static_cast<float>(static_cast<T>(s[k])) * hv[k];
-              for (int m = 1; m < 32 / VW; m *= 2) d += shfl_xor(d, m);
-              if (lane % (32 / VW) == 0) dots[cc * (per / 32) + r0 / 32] = d;
-            }
-            float st[8];
-            cvt8(cs[u], st);
-            for (int k = 0; k < VW; ++k) s[k] = cd[u] * s[k] + st[k];
-          }
-        }
-      }
-    } else
     for (int c0 = 0; c0 < nc; c0 += CBLK) {
       float st[CBLK][VW];
       float hv[CBLK][VW];
@@ -1204,8 +1143,8 @@ def state_pass(states, decay, init, dtype, reverse: bool = False, dot_with=None)
     vw = 8 if P % 8 == 0 and per % 256 == 0 else 1
     outs = PASS(
         [states, decay, init.swapaxes(-1, -2), dot_with if dot else mx.zeros((1,), dtype)],
-        template=[("T", dtype), ("CBLK", PASS_CBLK if vw == 8 else 8), ("REV", bool(reverse)), ("DOT", dot), ("VW", vw),
-                  ("PIPE", PASS_PIPE)],
+        template=[("T", dtype), ("CBLK", PASS_CBLK if vw == 8 else 8), ("REV", bool(reverse)), ("DOT", dot),
+                  ("VW", vw)],
         grid=(groups(b * per // vw, GROUP), 1, 1),
         threadgroup=GROUP,
         output_shapes=[states.shape, (b, H, N, P), (b, nc, per // 32) if dot else (1,)],
