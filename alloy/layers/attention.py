@@ -32,7 +32,7 @@ from alloy.layers.common import dense, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
 from alloy.ops.attention import attention, causal_mask, visibility_mask
 from alloy.ops.norm import rms_norm
-from alloy.ops.rope import rope, rope_heads, rope_inv_freq, rope_tables
+from alloy.ops.rope import rope, rope_heads, rope_inv_freq, rope_tables, scale_rotated
 from alloy.params import init as I
 
 
@@ -138,13 +138,6 @@ def init_state(cfg: AttentionSettings, batch: int, max_len: int, dtype=mx.float3
     shape = (batch, cfg.kv_heads, slots, cfg.hd)
     return {"k": mx.zeros(shape, dtype=dtype), "v": mx.zeros(shape, dtype=dtype),
             "pos": mx.zeros((batch,), dtype=mx.int32)}
-
-
-def _scale_rotated(x, dims: int, factor: float):
-    """x with its first ``dims`` features (the rotated ones) multiplied by ``factor``."""
-    if dims == x.shape[-1]:
-        return x * factor
-    return mx.concatenate([x[..., :dims] * factor, x[..., dims:]], axis=-1)
 
 
 def _heads(y, n, hd):
@@ -270,7 +263,7 @@ def apply(params, x, state, cfg: AttentionSettings):
         q = rope(q, offset, cfg.rope_dims, cfg.rope_theta, cfg.rope_traditional, inv_freq=inv)
         k = rope(k, offset, cfg.rope_dims, cfg.rope_theta, cfg.rope_traditional, inv_freq=inv)
         if cfg.rope_attention_factor != 1.0:  # YaRN's temperature: cos and sin scaled, i.e. the rotated dims
-            q, k = (_scale_rotated(a, cfg.rope_dims, cfg.rope_attention_factor) for a in (q, k))
+            q, k = (scale_rotated(a, cfg.rope_dims, cfg.rope_attention_factor) for a in (q, k))
     window = cfg.window or None
     scale = cfg.scale or None
     if state is None:

@@ -59,13 +59,21 @@ def rope_ref(x: mx.array, offset: mx.array | int, dims: int, base: float = 10000
     B, _, T, D = x.shape
     if dims > D or dims % 2:
         raise ValueError(f"rope: dims must be even and <= head dim {D}, got {dims}")
-    off = mx.array(offset, dtype=mx.int32) if not isinstance(offset, mx.array) else offset
-    off = mx.broadcast_to(off.reshape(-1), (B,)).astype(mx.float32)
     # positions (B, T); the rotation itself is rope_at's
-    pos = (off[:, None] + mx.arange(T, dtype=mx.float32)[None, :]) * scale
-    if inv_freq is None:
-        inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
-    return rope_at(x, pos, inv_freq, traditional)
+    pos = mx.broadcast_to(_positions(offset, T, scale), (B, T))
+    return rope_at(x, pos, _freqs(dims, base, inv_freq), traditional)
+
+
+def _positions(offset: mx.array | int, T: int, scale: float) -> mx.array:
+    """(R, T) float32 positions of T steps from ``offset`` (int, () or (R,)), times ``scale``."""
+    off = mx.array(offset, dtype=mx.int32) if not isinstance(offset, mx.array) else offset
+    off = off.reshape(-1).astype(mx.float32)
+    return (off[:, None] + mx.arange(T, dtype=mx.float32)[None, :]) * scale
+
+
+def _freqs(dims: int, base: float, inv_freq: mx.array | None) -> mx.array:
+    """``inv_freq``, or the plain base^(-2i/dims), i < dims/2."""
+    return base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims) if inv_freq is None else inv_freq
 
 
 def rope(x: mx.array, offset: mx.array | int, dims: int, base: float = 10000.0,
@@ -94,12 +102,18 @@ def rope_at(x: mx.array, positions: mx.array, inv_freq: mx.array, traditional: b
     D = x.shape[-1]
     if dims > D:
         raise ValueError(f"rope_at: {dims} rotary dims exceed head dim {D}")
-    # 1. angles (B, 1, T, dims/2)
-    ang = (positions.astype(mx.float32)[..., None] * inv_freq.astype(mx.float32))[:, None]
-    cos, sin = mx.cos(ang), mx.sin(ang)
+    ang = (positions.astype(mx.float32)[..., None] * inv_freq.astype(mx.float32))[:, None]  # (B, 1, T, dims/2)
+    return rope_rotate(x, mx.cos(ang), mx.sin(ang), traditional, tail)
+
+
+def rope_rotate(x: mx.array, cos: mx.array, sin: mx.array, traditional: bool = False,
+                tail: bool = False) -> mx.array:
+    """Rotate x (B, H, T, D) by angles given as cos / sin tables broadcastable to (B, H, T, dims/2):
+    the first dims features (the last with ``tail``), pairs as in ``rope_ref``, in float32; returns
+    x's dtype."""
+    dims, D = 2 * cos.shape[-1], x.shape[-1]
     keep, xr = (x[..., :D - dims], x[..., D - dims:]) if tail else (x[..., dims:], x[..., :dims])
     xr = xr.astype(mx.float32)
-    # 2. rotate each pair
     if traditional:
         a, b = xr[..., 0::2], xr[..., 1::2]
         out = mx.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(xr.shape)
@@ -115,12 +129,7 @@ def rope_tables(T: int, offset: mx.array | int, dims: int, base: float = 10000.0
     """float32 (cos, sin) tables (R, T, dims/2) of the angles ``rope_ref`` rotates by: R = 1 for an int
     or a () / (1,) offset, else B (an offset per row). ``attention_factor`` (YaRN's temperature)
     multiplies both, i.e. scales the rotated features."""
-    off = mx.array(offset, dtype=mx.int32) if not isinstance(offset, mx.array) else offset
-    off = off.reshape(-1).astype(mx.float32)
-    pos = (off[:, None] + mx.arange(T, dtype=mx.float32)[None, :]) * scale  # (R, T), as rope_ref
-    if inv_freq is None:
-        inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
-    ang = pos[..., None] * inv_freq.astype(mx.float32)
+    ang = _positions(offset, T, scale)[..., None] * _freqs(dims, base, inv_freq).astype(mx.float32)
     cos, sin = mx.cos(ang), mx.sin(ang)
     if attention_factor != 1.0:
         cos, sin = cos * attention_factor, sin * attention_factor
@@ -149,26 +158,20 @@ def rope_heads(x: mx.array, offset: mx.array | int, dims: int, base: float = 100
         if kernels.applies(x, dims, cos):
             return _rope_heads_kernel(bool(traditional))(x, mx.stop_gradient(cos), mx.stop_gradient(sin))[0]
     y = rope(x.transpose(0, 2, 1, 3), offset, dims, base, traditional, scale, inv_freq=inv_freq)
-    if attention_factor != 1.0:
-        y = (y * attention_factor if dims == D else
-             mx.concatenate([y[..., :dims] * attention_factor, y[..., dims:]], axis=-1))
-    return y
+    return y if attention_factor == 1.0 else scale_rotated(y, dims, attention_factor)
+
+
+def scale_rotated(x: mx.array, dims: int, factor: float) -> mx.array:
+    """x with its first ``dims`` features (the rotated ones) multiplied by ``factor`` (YaRN's
+    temperature applied after the rotation)."""
+    if dims == x.shape[-1]:
+        return x * factor
+    return mx.concatenate([x[..., :dims] * factor, x[..., dims:]], axis=-1)
 
 
 def _rope_heads_tables_ref(x, cos, sin, traditional: bool):
     """The kernel's math in MLX ops (its `differentiable` slow path): x (B, T, H, D), tables (R, T, dims/2)."""
-    half = cos.shape[-1]
-    dims, D = 2 * half, x.shape[-1]
-    c, s = cos[:, None], sin[:, None]  # (R, 1, T, dims/2)
-    xt = x.transpose(0, 2, 1, 3)
-    xr = xt[..., :dims].astype(mx.float32)
-    if traditional:
-        a, b = xr[..., 0::2], xr[..., 1::2]
-        out = mx.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(xr.shape)
-    else:
-        a, b = xr[..., :half], xr[..., half:]
-        out = mx.concatenate([a * c - b * s, a * s + b * c], axis=-1)
-    return mx.concatenate([out.astype(x.dtype), xt[..., dims:]], axis=-1) if dims < D else out.astype(x.dtype)
+    return rope_rotate(x.transpose(0, 2, 1, 3), cos[:, None], sin[:, None], traditional)
 
 
 @functools.lru_cache(maxsize=None)
