@@ -463,23 +463,19 @@ def _explicit_chunked(chunk):
 @functools.lru_cache(maxsize=None)
 def _fused_chunked(chunk, gradient: str = "autodiff", reuse_states: bool = False, reuse_products: bool = False):
     vjp_chunk = _VJP_CHUNK or chunk
-    if gradient == "kernels" and vjp_chunk == chunk and reuse_states and reuse_products:
-        # ... and CB and Xw (see REUSE_FORWARD_PRODUCTS)
-        def saved_vjp(x, dt, A, B, C, D, s, dy, ds, _dstarts, _dCB, _dXw, _y, _fs, starts, CB, Xw):
-            return ssd_chunked_vjp_gpu(x, dt, A, B, C, D, s, dy, ds, chunk, starts=starts, CB=CB, Xw=Xw)
-
-        return metal.differentiable(
-            lambda *a: _chunk_kernels.ssd_chunked(*a, chunk, with_saved=True),
-            lambda *a: ssd_chunked(*a, chunk),
-            saved_vjp, vjp_outputs=True)
     if gradient == "kernels" and vjp_chunk == chunk and reuse_states:
-        # the forward also returns the states entering each chunk; the gradient reuses them instead
-        # of recomputing them (a product and a state pass per layer)
-        def kernels_vjp(x, dt, A, B, C, D, s, dy, ds, _dstarts, _y, _fs, starts):
-            return ssd_chunked_vjp_gpu(x, dt, A, B, C, D, s, dy, ds, chunk, starts=starts)
+        # the forward also returns the states entering each chunk (and with reuse_products CB and Xw, see
+        # REUSE_FORWARD_PRODUCTS); the gradient reuses them instead of recomputing them (a product and a
+        # state pass per layer)
+        n_out = 5 if reuse_products else 3  # y, state, starts[, CB, Xw]
+
+        def kernels_vjp(x, dt, A, B, C, D, s, dy, ds, *rest):
+            # rest: the cotangents of starts[, CB, Xw] (n_out - 2), then the outputs y, state, starts[, CB, Xw]
+            saved = rest[n_out:]
+            return ssd_chunked_vjp_gpu(x, dt, A, B, C, D, s, dy, ds, chunk, *saved)
 
         return metal.differentiable(
-            lambda *a: _chunk_kernels.ssd_chunked(*a, chunk, with_starts=True),
+            lambda *a: _chunk_kernels.ssd_chunked(*a, chunk, with_starts=True, with_saved=reuse_products),
             lambda *a: ssd_chunked(*a, chunk),
             kernels_vjp, vjp_outputs=True)
     vjp = ssd_chunked_vjp_gpu if gradient == "kernels" else ssd_chunked_vjp
