@@ -92,6 +92,20 @@ def compiled_apply(model) -> Callable:
     return _COMPILED[key]
 
 
+def forget_compiled(apply_fn) -> int:
+    """Drop the compiled functions cached for the model function ``apply_fn``; returns how many.
+
+    MLX keeps each compiled function's traces in a cache owned by the thread that compiled it, and
+    frees that cache when the thread's C++ state is torn down. Traces of functions with custom
+    gradients (the SSM ops) hold Python callbacks whose release needs the interpreter, so a worker
+    thread that compiled them must drop them before it ends: torn down later, while the interpreter
+    is finalizing, the release aborts the process ("terminate called without an active exception")."""
+    keys = [k for k in _COMPILED if k[1] is apply_fn]
+    for k in keys:
+        del _COMPILED[k]
+    return len(keys)
+
+
 def compiled_step(model, sampling: SamplingParams) -> Callable:
     """step(params, token (B,), state, key, counts) -> (token, logprob, state, key, counts).
 

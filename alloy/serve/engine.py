@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import mlx.core as mx
 
-from alloy.inference.generate import generate
+from alloy.inference.generate import forget_compiled, generate
 from alloy.inference.prefix_cache import PrefixCache
 from alloy.inference.sampling import SamplingParams
 
@@ -131,6 +131,12 @@ class Engine:
         self._active.append((job, gen))
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:  # this thread's compiled traces go while the interpreter is alive (see forget_compiled)
+            forget_compiled(self.model.apply)
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             while len(self._active) < self.max_active:
                 try:

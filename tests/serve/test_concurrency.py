@@ -116,3 +116,21 @@ def test_engines_on_new_threads_after_cached_compiles(loaded, server):
             assert [e.token for e in job.sink.events] == want
         finally:
             eng.stop()
+
+
+def test_engine_worker_drops_its_compiled_traces_when_it_ends(loaded, server):
+    """The worker's compiled functions (traces in a cache owned by its thread) are dropped before the
+    thread ends: released later, during interpreter shutdown, they aborted `alloy serve` (SIGABRT)."""
+    import sys
+    gen = sys.modules["alloy.inference.generate"]
+    from alloy.inference.sampling import SamplingParams
+    from alloy.serve.engine import Engine, Job, ListSink
+    model, params, tok = loaded
+    eng = Engine(model, params, tok, max_len=server.max_len).start()
+    try:
+        job = eng.submit(Job(prompt=[1, 2, 3], max_tokens=4, sampling=SamplingParams(), sink=ListSink()))
+        assert job.sink.done.wait(30) and job.sink.errors == []
+        assert any(k[1] is eng.model.apply for k in gen._COMPILED)  # compiled on the worker
+    finally:
+        eng.stop()
+    assert not any(k[1] is eng.model.apply for k in gen._COMPILED)
