@@ -12,7 +12,9 @@ Statistics and arithmetic in float32, as `alloy.ops.norm.gated_rms_norm_ref`.
 `FWD` writes y. `ADD_FWD` / `ADD_BWD` (no gate) put a residual add in front of the norm: hs = x + r
 (rounded to the dtype, as MLX's add), y = rmsnorm(hs) w; the gradient adds hs's own cotangent to dx.
 `BWD` recomputes h and the group statistics and writes dx, dz and, per warp, its
-rows' share of dw (float32, summed by `sum_rows` afterwards):
+rows' share of dw (float32, summed by `sum_rows` afterwards). `BWD_PIPE_K` / `ADD_BWD_PIPE_K` (the
+default, switch `BWD_PIPE`) compute the same in one DRAM read per row: the row's 16-bit values held in
+registers, split over SPL warps, the next row's loads in flight, one dw share per group of warps:
 
     u = w dy (gate first) or w dy silu(z) (gate after);  c_g = rstd_g^3 mean_g(h u)
     dh = rstd_g u - c_g h;   gate first: dx = dh silu(z), dz = dh x silu'(z)
@@ -201,6 +203,200 @@ BWD = Kernel(name="alloy_gated_rms_norm_bwd", inputs=("x", "z", "w", "eps", "dy"
 ADD_BWD = Kernel(name="alloy_add_rms_norm_bwd", inputs=("x", "z", "w", "eps", "dy", "dr"),
                  outputs=("dx", "dz", "dwp"), body=_BWD_BODY.replace("/*ADD_GRAD*/", _ADD_GRAD), helpers=_HELPERS)
 
+# ---------------------------------------------------------------- the pipelined gradient (BWD_PIPE)
+# The gradient in one DRAM read of each row: a row's x, z, dy (and dr) are loaded once as raw 16-bit
+# words (`RawV`, packed: half a register per value) and kept for the second pass; with PIPE the next
+# row's loads are issued before the current row is reduced (two rows in flight per warp). A row is
+# split over SPL warps (a "team", S chosen so that a lane holds at most PIPE_COLS columns of it); the
+# warps of a team exchange their group statistics through shared memory where a group spans several
+# warps (EX). A group of NW warps holds NW / SPL teams, team t taking rows r0 + t, r0 + t + NT, ...
+# (RPW rows each); the teams' dw shares are summed in shared memory, one float32 share per group.
+_PIPE_HELPERS = _HELPERS + """
+// a lane's VW consecutive elements kept unconverted: VW = 8 one Raw8 (16 bytes), VW = 1 one float
+template <typename U> struct RawV { Raw8<U> r8; float f; };
+#define LDR(p, o, rv) if (VW == 8) { rv.r8 = ldr8(p + (o)); } else { rv.f = static_cast<float>(p[o]); }
+#define CVR(rv, v) if (VW == 8) { cvt8(rv.r8, v); } else { v[0] = rv.f; }
+"""
+
+_BWD_PIPE_BODY = """
+  constexpr int J = D / (32 * VW);            // chunks of VW columns per lane and row
+  constexpr int JS = J / SPL;                    // ... of the lane's warp's share of the row
+  constexpr int JG = G / (32 * VW);           // chunks per group
+  constexpr bool EX = JG > JS;                 // a group spans several warps of the team
+  constexpr int NGL = EX ? 1 : JS / JG;        // groups within a warp's share
+  constexpr int NT = NW / SPL;                   // teams (rows at a time) per group
+  constexpr int P = PIPE ? JS : 1;             // PIPE: the next row's raw values
+  constexpr int KS = (KSG && GATE) ? JS * VW : 1;   // KSG: sigmoid(z) kept from the first pass
+  const float ep = eps[0];
+  const int R = x_shape[0];
+  const int ws = static_cast<int>(warp) % SPL;
+  const int team = static_cast<int>(warp) / SPL;
+  const int cb = 32 * VW * JS * ws + VW * static_cast<int>(lane);   // chunk jj: columns cb + 32 VW jj ..
+  const int r0 = static_cast<int>(bid_x) * NT * RPW + team;         // the team's rows r0 + NT k
+  SHARED float sx[EX ? 4 * NW : 1];           // (sum h^2, sum h u) per warp, two rows (parity)
+  SHARED float red[NT > 1 ? D : 1];           // the teams' dw shares, summed
+  float dw[JS * VW];
+  for (int i = 0; i < JS * VW; ++i) dw[i] = 0.0f;
+  RawV<T> xa[JS], za[JS], da[JS], ra[JS];
+  RawV<T> xb[P], zb[P], db[P], rb[P];
+  {
+    const int o = (r0 < R ? r0 : R - 1) * D + cb;
+    for (int jj = 0; jj < JS; ++jj) {
+      LDR(x, o + 32 * VW * jj, xa[jj]);
+      if (GATE) { LDR(z, o + 32 * VW * jj, za[jj]); }
+      LDR(dy, o + 32 * VW * jj, da[jj]);/*LD_DR_A*/
+    }
+  }
+#pragma unroll 1
+  for (int k = 0; k < RPW; ++k) {
+    const int row = r0 + NT * k;
+    if (PIPE) {  // the next row's loads, in flight while this row is reduced (the last row reloaded)
+      const int rn = row + NT < R ? row + NT : R - 1;
+      const int o = (k + 1 < RPW ? rn : (row < R ? row : R - 1)) * D + cb;
+      for (int jj = 0; jj < P; ++jj) {
+        LDR(x, o + 32 * VW * jj, xb[jj]);
+        if (GATE) { LDR(z, o + 32 * VW * jj, zb[jj]); }
+        LDR(dy, o + 32 * VW * jj, db[jj]);/*LD_DR_B*/
+      }
+    }
+    float ss[NGL];
+    float hu[NGL];
+    float sgk[KS];
+    for (int g = 0; g < NGL; ++g) {
+      ss[g] = 0.0f;
+      hu[g] = 0.0f;
+    }
+    for (int jj = 0; jj < JS; ++jj) {
+      float xv[VW];
+      float zv[VW];
+      float dyv[VW];
+      float wv[VW];
+      CVR(xa[jj], xv);
+      if (GATE) { CVR(za[jj], zv); } else { for (int u = 0; u < VW; ++u) zv[u] = 0.0f; }
+      CVR(da[jj], dyv);
+      LDV(w, cb + 32 * VW * jj, wv);
+      for (int u = 0; u < VW; ++u) {
+        const float sg = GATE ? 1.0f / (1.0f + fexp(-zv[u])) : 1.0f;
+        if (KSG && GATE) sgk[(VW * jj + u) % KS] = sg;
+        const float s = GATE ? zv[u] * sg : 1.0f;
+        const float h = NBG ? xv[u] : xv[u] * s;
+        const float uu = wv[u] * dyv[u] * (NBG ? s : 1.0f);
+        ss[EX ? 0 : jj / JG] += h * h;
+        hu[EX ? 0 : jj / JG] += h * uu;
+      }
+    }
+    for (int g = 0; g < NGL; ++g) {
+      ss[g] = warp_sum(ss[g]);
+      hu[g] = warp_sum(hu[g]);
+    }
+    if (EX) {  // the group's sums over the warps sharing it (fixed order); parity buffers: one barrier
+      const int b = (k & 1) * 2 * NW;
+      if (lane == 0) {
+        sx[b + 2 * static_cast<int>(warp)] = ss[0];
+        sx[b + 2 * static_cast<int>(warp) + 1] = hu[0];
+      }
+      BARRIER();
+      const int w0 = team * SPL + (JS * ws / JG) * (JG / JS);
+      float a = 0.0f;
+      float c = 0.0f;
+      for (int i = 0; i < (EX ? JG / JS : 1); ++i) {
+        a += sx[b + 2 * (w0 + i)];
+        c += sx[b + 2 * (w0 + i) + 1];
+      }
+      ss[0] = a;
+      hu[0] = c;
+    }
+    for (int g = 0; g < NGL; ++g) {
+      const float r = frsqrt(ss[g] / static_cast<float>(G) + ep);
+      ss[g] = r;
+      hu[g] = r * r * r * hu[g] / static_cast<float>(G);
+    }
+    // fl is never true (a NaN sum aside, where every output is NaN anyway): converting the raw words
+    // again through it keeps the compiler from holding the first pass's floats (twice the registers)
+    const bool fl = !(ss[0] >= 0.0f);
+    if (row < R) {
+      const int o = row * D + cb;
+      for (int jj = 0; jj < JS; ++jj) {
+        float xv[VW];
+        float zv[VW];
+        float dyv[VW];
+        float wv[VW];
+        float dxv[VW];
+        float dzv[VW];
+        const RawV<T> xq = fl ? da[jj] : xa[jj];
+        const RawV<T> dq = fl ? xa[jj] : da[jj];
+        CVR(xq, xv);
+        if (GATE) { const RawV<T> zq = fl ? xa[jj] : za[jj]; CVR(zq, zv); } else { for (int u = 0; u < VW; ++u) zv[u] = 0.0f; }
+        CVR(dq, dyv);
+        LDV(w, cb + 32 * VW * jj, wv);
+        const float r = ss[EX ? 0 : jj / JG];
+        const float c = hu[EX ? 0 : jj / JG];
+        for (int u = 0; u < VW; ++u) {
+          const float sg = GATE ? ((KSG && GATE) ? sgk[(VW * jj + u) % KS] : 1.0f / (1.0f + fexp(-zv[u]))) : 1.0f;
+          const float s = GATE ? zv[u] * sg : 1.0f;
+          const float ds = sg + s - s * sg;            // silu'(z) = sg (1 + z (1 - sg))
+          const float h = NBG ? xv[u] : xv[u] * s;
+          const float uu = wv[u] * dyv[u] * (NBG ? s : 1.0f);
+          const float dh = r * uu - c * h;
+          dxv[u] = NBG ? dh : dh * s;
+          dzv[u] = NBG ? dyv[u] * wv[u] * h * r * ds : dh * xv[u] * ds;
+          dw[VW * jj + u] += dyv[u] * h * r * (NBG ? s : 1.0f);
+        }/*ADD_DR*/
+        STV(dx, o + 32 * VW * jj, dxv);
+        if (GATE) { STV(dz, o + 32 * VW * jj, dzv); }
+      }
+    }
+    if (PIPE) {
+      for (int jj = 0; jj < JS; ++jj) {
+        xa[jj] = xb[jj % P];
+        za[jj] = zb[jj % P];
+        da[jj] = db[jj % P];/*MV_DR*/
+      }
+    } else if (k + 1 < RPW) {
+      const int rn = row + NT < R ? row + NT : R - 1;
+      const int o = rn * D + cb;
+      for (int jj = 0; jj < JS; ++jj) {
+        LDR(x, o + 32 * VW * jj, xa[jj]);
+        if (GATE) { LDR(z, o + 32 * VW * jj, za[jj]); }
+        LDR(dy, o + 32 * VW * jj, da[jj]);/*LD_DR_A*/
+      }
+    }
+  }
+  const int gb = static_cast<int>(bid_x) * D;
+  if (NT > 1) {  // the teams' shares summed in order into red, then written by all threads
+    for (int t = 0; t < NT; ++t) {
+      if (team == t) {
+        for (int jj = 0; jj < JS; ++jj)
+          for (int u = 0; u < VW; ++u) {
+            const int c = cb + 32 * VW * jj + u;
+            red[c % (NT > 1 ? D : 1)] = (t == 0 ? 0.0f : red[c % (NT > 1 ? D : 1)]) + dw[VW * jj + u];
+          }
+      }
+      BARRIER();
+    }
+    for (int c = static_cast<int>(tid); c < D; c += static_cast<int>(nthreads)) dwp[gb + c] = red[c % (NT > 1 ? D : 1)];
+  } else {
+    for (int jj = 0; jj < JS; ++jj)
+      for (int u = 0; u < VW; ++u) dwp[gb + cb + 32 * VW * jj + u] = dw[VW * jj + u];
+  }
+"""
+
+
+def _bwd_pipe_body(add: bool) -> str:
+    b = _BWD_PIPE_BODY
+    if add:
+        b = (b.replace("/*LD_DR_A*/", "\n      LDR(dr, o + 32 * VW * jj, ra[jj]);")
+             .replace("/*LD_DR_B*/", "\n        LDR(dr, o + 32 * VW * jj, rb[jj]);")
+             .replace("/*MV_DR*/", "\n        ra[jj] = rb[jj % P];")
+             .replace("/*ADD_DR*/", "\n        { float r_[VW]; CVR(ra[jj], r_); for (int u = 0; u < VW; ++u) dxv[u] += r_[u]; }"))
+    return b
+
+
+BWD_PIPE_K = Kernel(name="alloy_gated_rms_norm_bwd_pipe", inputs=("x", "z", "w", "eps", "dy"),
+                    outputs=("dx", "dz", "dwp"), body=_bwd_pipe_body(False), helpers=_PIPE_HELPERS)
+ADD_BWD_PIPE_K = Kernel(name="alloy_add_rms_norm_bwd_pipe", inputs=("x", "z", "w", "eps", "dy", "dr"),
+                        outputs=("dx", "dz", "dwp"), body=_bwd_pipe_body(True), helpers=_PIPE_HELPERS)
+
 
 def applies(x, z, weight, group_size) -> bool:
     """Static facts under which the kernels run: a gate, a weight, D and G multiples of 32."""
@@ -215,6 +411,27 @@ def applies(x, z, weight, group_size) -> bool:
 # x, z, dy) values; 0 turns it off.
 HOLD_FWD = 48
 HOLD_BWD = 24
+
+# The gradient: BWD_PIPE_K / ADD_BWD_PIPE_K (one DRAM read per row, 16-bit values held, the next row's
+# loads in flight; dw summed per group of warps) where True, else the per-warp BWD / ADD_BWD above.
+BWD_PIPE = True
+PIPE_COLS = 8        # at most this many columns of a row per lane: a row is split over S warps to fit
+PIPE_WARPS = 8       # warps per group (NW = S * max(1, PIPE_WARPS // S))
+PIPE_ROWS = 32       # rows per group (one dw share each): RPW = PIPE_ROWS / (NW / S) rows per team
+PIPE_PREFETCH = True  # PIPE: issue the next row's loads before reducing the current one
+PIPE_KEEP_SIG = True  # KSG: keep sigmoid(z) from the first pass in registers (else recomputed)
+
+
+def _pipe_split(D: int, G: int, vw: int):
+    """Warps per row S of the pipelined gradient: the fewest that divide the row's chunks, give each
+    lane at most PIPE_COLS columns, and cut no group unevenly (a warp's share holds whole groups, or a
+    group whole shares); None where no S <= 32 does (the per-warp kernel runs)."""
+    J, JG = D // (32 * vw), G // (32 * vw)
+    for S in range(1, min(J, 32) + 1):
+        JS = J // S
+        if J % S == 0 and (JS % JG == 0 or JG % JS == 0) and JS * vw <= PIPE_COLS:
+            return S
+    return None
 
 
 def _template(x, D, G, nbg, gate: bool = True, bwd: bool = False):
@@ -252,9 +469,24 @@ def gated_rms_norm_vjp(x, z, weight, eps: float, group_size, norm_before_gate: b
     dz None. dr (no gate): ADD_BWD, x is hs and dr its direct cotangent, added to dx."""
     D, x2, z2, R = _rows(x, z)
     G = D if group_size is None else group_size
-    nw = groups(R, RPW)
     gate = z is not None
     extra = [] if dr is None else [dr.astype(x.dtype).reshape(-1, D)]
+    vw = 8 if G % 256 == 0 else 1
+    S = _pipe_split(D, G, vw) if BWD_PIPE and R > 0 else None
+    if S is not None:
+        nt = max(1, PIPE_WARPS // S)
+        rpw = groups(PIPE_ROWS, nt)
+        nb = groups(R, nt * rpw)
+        dx, dz, dwp = (BWD_PIPE_K if dr is None else ADD_BWD_PIPE_K)(
+            [x2, z2, weight, mx.array([eps], mx.float32), dy.astype(x.dtype).reshape(-1, D)] + extra,
+            template=[("T", x.dtype), ("D", D), ("G", G), ("NBG", bool(norm_before_gate)), ("GATE", gate),
+                      ("VW", vw), ("SPL", S), ("NW", nt * S), ("RPW", rpw), ("PIPE", bool(PIPE_PREFETCH)),
+                      ("KSG", bool(PIPE_KEEP_SIG))],
+            grid=(nb, 1, 1), threadgroup=32 * nt * S,
+            output_shapes=[(R, D), (R, D) if gate else (1,), (nb, D)],
+            output_dtypes=[x.dtype, z.dtype if gate else x.dtype, mx.float32])
+        return dx.reshape(x.shape), dz.reshape(z.shape) if gate else None, sum_rows(dwp).astype(weight.dtype)
+    nw = groups(R, RPW)
     dx, dz, dwp = (BWD if dr is None else ADD_BWD)(
         [x2, z2, weight, mx.array([eps], mx.float32), dy.astype(x.dtype).reshape(-1, D)] + extra,
         template=_template(x, D, G, norm_before_gate, gate=gate, bwd=True), grid=(groups(nw, NWP), 1, 1),

@@ -137,3 +137,100 @@ def test_stack_with_fused_add_norm_matches_unfused(monkeypatch, ffn):
     from mlx.utils import tree_flatten
     for (name, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g0)):
         assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
+
+
+# ---------------------------------------------------------------- the pipelined gradient (BWD_PIPE)
+# (D, G, PIPE_COLS): the row split SPL and the group exchange each gives (`kern._pipe_split`)
+PIPE_CASES = [
+    (256, None, 8),    # 8 columns per lane, one chunk: SPL 1
+    (768, None, 8),    # one group over 3 warps (statistics exchanged in shared memory): SPL 3
+    (512, 256, 8),     # one whole group per warp: SPL 2, no exchange
+    (1536, 768, 8),    # two groups, each over 3 of the 6 warps
+    (256, 64, 8),      # one column per lane (G not a multiple of 256), 4 groups per lane: SPL 1
+    (256, 128, 2),     # one column per lane, a group over 2 of the 4 warps
+    (96, 32, 64),      # three groups per lane, SPL 1
+    (96, None, 1),     # one column per warp's lane, SPL 3
+]
+# (norm_before_gate, PIPE_PREFETCH, PIPE_KEEP_SIG, dtype)
+PIPE_OPTS = [(False, True, True, "bf16"), (True, True, False, "f32"), (False, False, False, "f32"),
+             (True, False, True, "bf16")]
+
+
+def _pipe(monkeypatch, cols, prefetch=True, ksg=True, rows=8, warps=8, on=True):
+    monkeypatch.setattr(kern, "BWD_PIPE", on)
+    monkeypatch.setattr(kern, "PIPE_COLS", cols)
+    monkeypatch.setattr(kern, "PIPE_PREFETCH", prefetch)
+    monkeypatch.setattr(kern, "PIPE_KEEP_SIG", ksg)
+    monkeypatch.setattr(kern, "PIPE_ROWS", rows)
+    monkeypatch.setattr(kern, "PIPE_WARPS", warps)
+
+
+@pytest.mark.parametrize("opts", PIPE_OPTS)
+@pytest.mark.parametrize("D,G,cols", PIPE_CASES)
+def test_pipelined_gated_norm_gradient_matches_ref_and_old_kernel(monkeypatch, D, G, cols, opts):
+    """BWD_PIPE_K (rows split over SPL warps, the next row's loads in flight or not, sigmoid kept or
+    recomputed) == the autodiff of `gated_rms_norm_ref` and the per-warp BWD kernel, for 37 rows
+    (ragged against the 8 rows per group and the rows per team), both gate positions."""
+    nbg, prefetch, ksg, dt = opts
+    Gv = D if G is None else G
+    assert kern._pipe_split(D, Gv, 8 if Gv % 256 == 0 else 1) is not None
+    rng = np.random.default_rng(D + cols)
+    dtype = DTYPES[dt]
+    x, z, w, dy = arr(rng, (37, D), dtype), arr(rng, (37, D), dtype), arr(rng, (D,), dtype), arr(rng, (37, D), dtype)
+    _, want = mx.vjp(lambda x, z, w: norm_ops.gated_rms_norm_ref(x, z, w, 1e-5, G, nbg), [x, z, w], [dy])
+    calls = []
+    with emulate.patch(kern, poison=True):
+        real = kern.BWD_PIPE_K  # the emulated kernel, counted (emulate.patch puts the real one back)
+        kern.BWD_PIPE_K = lambda *a, **k: calls.append(1) or real(*a, **k)
+        _pipe(monkeypatch, cols, prefetch, ksg)
+        got = kern.gated_rms_norm_vjp(x, z, w, 1e-5, G, nbg, dy)
+        monkeypatch.setattr(kern, "BWD_PIPE", False)
+        old = kern.gated_rms_norm_vjp(x, z, w, 1e-5, G, nbg, dy)
+    assert calls == [1]
+    for name, g, r, o in zip(("dx", "dz", "dw"), got, want, old):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        assert rel_err(g, r) <= 3 * TOL[dt], (name, rel_err(g, r))
+        assert rel_err(g, o) <= (1e-5 if dt == "f32" else 1e-2), (name, rel_err(g, o))
+
+
+@pytest.mark.parametrize("add", [False, True])
+@pytest.mark.parametrize("D,cols,prefetch", [(768, 8, True), (768, 24, False), (96, 8, True), (64, 1, False)])
+def test_pipelined_plain_and_add_norm_gradients_match_mlx(monkeypatch, add, D, cols, prefetch):
+    """ADD_BWD_PIPE_K / BWD_PIPE_K without a gate (a plain RMSNorm's gradient, with and without the
+    residual add's cotangent) == mx.fast.rms_norm's autodiff, 45 rows (ragged), bf16."""
+    rng = np.random.default_rng(D + cols)
+    dtype = DTYPES["bf16"]
+    x, w = arr(rng, (45, D), dtype, 2.0), arr(rng, (D,), dtype)
+    dhs, dy = arr(rng, (45, D), dtype), arr(rng, (45, D), dtype)
+    _, (want_dx, want_dw) = mx.vjp(lambda x, w: [mx.fast.rms_norm(x, w, 1e-5)], [x, w], [dy])
+    if add:
+        want_dx = want_dx + dhs
+    with emulate.patch(kern, poison=True):
+        _pipe(monkeypatch, cols, prefetch, rows=16, warps=4)
+        dx, dw = (kern.add_rms_norm_vjp(x, w, 1e-5, dhs, dy) if add else kern.rms_norm_vjp(x, w, 1e-5, dy))
+    for name, got, want in (("dx", dx, want_dx), ("dw", dw, want_dw)):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        assert rel_err(got, want) <= TOL["bf16"], (name, rel_err(got, want))
+
+
+def test_pipe_split_choices():
+    """The toy shapes' splits (D 1536 gated: 6 warps of 8 columns; D 768: 3), the fallback where no
+    split fits (the per-warp kernel runs)."""
+    assert kern._pipe_split(1536, 1536, 8) == 6 and kern._pipe_split(768, 768, 8) == 3
+    assert kern._pipe_split(1536, 768, 8) == 6 and kern._pipe_split(96, 32, 1) == 1
+    assert kern._pipe_split(32 * 8 * 64, 32 * 8 * 64, 8) is None
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse"])
+def test_pipelined_gradient_barriers_under_serial_schedules(monkeypatch, schedule):
+    """One thread at a time, switching only at barriers (forward / reverse thread order): the group
+    statistics exchanged between a row's warps (two rows in flight in the parity buffers) and the
+    teams' dw sum are ordered by barriers, not by luck. D 768 over 3 warps, 2 teams, 21 rows."""
+    rng = np.random.default_rng(3)
+    x, z, w, dy = arr(rng, (21, 768)), arr(rng, (21, 768)), arr(rng, (768,)), arr(rng, (21, 768))
+    _, want = mx.vjp(lambda x, z, w: norm_ops.gated_rms_norm_ref(x, z, w, 1e-5, None, False), [x, z, w], [dy])
+    with emulate.patch(kern, poison=True, schedule=schedule):
+        _pipe(monkeypatch, 8, rows=8, warps=6)
+        got = kern.gated_rms_norm_vjp(x, z, w, 1e-5, None, False, dy)
+    for name, g, r in zip(("dx", "dz", "dw"), got, want):
+        assert rel_err(g, r) <= 3 * TOL["f32"], (name, rel_err(g, r))

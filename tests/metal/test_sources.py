@@ -112,11 +112,11 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
                                                     ("NL", 4), ("DM", 2048), ("DIN", 4096), ("NS", 128), ("NGR", 1), ("MB", 1),
                                                     ("NB", 132), ("NT", 256), ("CU", 8), ("QB", 4), ("XMAX", 4096), ("PF", 2), ("VW", 8),
                                                     ("C0", 4096), ("C1", 128), ("AHEAD", 4), ("PREF", 16), ("LR", 8))
-        + ((("D", 1536), ("G", 1536), ("NWP", 8), ("RPW", 8)) if kernel.name.startswith(("alloy_gated_rms_norm", "alloy_add_rms_norm"))
+        + ((("D", 1536), ("G", 1536), ("NWP", 8), ("RPW", 8), ("SPL", 2)) if kernel.name.startswith(("alloy_gated_rms_norm", "alloy_add_rms_norm"))
            else (("PB", 32), ("RS", 4)) if kernel.name.startswith("alloy_ssd_bwd_scores")
            else (("NH", 12), ("HALF", 32)) if kernel.name.startswith("alloy_rope") else ())
         if re.search(rf"\b{n}\b", body) and not declared(n)) + "".join(
-        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM", "L2", "NBG", "REV", "DOT", "GATE", "HOLD", "TRAD", "ROWTAB", "VEC") if re.search(rf"\b{n}\b", body + kernel.helpers))
+        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM", "L2", "NBG", "REV", "DOT", "GATE", "HOLD", "TRAD", "ROWTAB", "VEC", "PIPE", "KSG") if re.search(rf"\b{n}\b", body + kernel.helpers))
     for alias in ("S", "W"):
         if re.search(rf"\b{alias}\b", body) and alias not in kernel.inputs:
             tmpl = f"  using {alias} = __nv_bfloat16;\n" + tmpl
