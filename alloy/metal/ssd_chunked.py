@@ -13,7 +13,8 @@ With chunks of K steps (K a multiple of 16), a_t = dt_t A_h, acs = cumsum of a i
              shared-memory tiled product (64-row blocks, 8 x 4 outputs per thread, float4
              shared tiles) with the decay mask built on the fly (fp32), written straight into
              y (b, l, h, p); `CHUNK_OUT_TC` the same on warp tile products (tensor cores for
-             bf16 / fp16: mask and dt x rounded to x.dtype, fp32 accumulation; switch `OUT_TC`);
+             bf16 / fp16: mask and dt x rounded to x.dtype, fp32 accumulation; switch `OUT_TC`;
+             16-byte epilogue, or `CHUNK_OUT_TC_ACC` with switch `OUT_TC_VEC_EPILOGUE` off);
              `CHUNK_OUT_YO_TC` also computes step 4 in the kernel (C rows and the head's entering
              state staged in shared memory, products into y's accumulators before the exp(acs_l)
              row scaling), so no Yoff array exists (switch `OUT_FUSED_YO`)
@@ -328,19 +329,61 @@ _OUT_TC_LOOP = """\
 """
 
 
-CHUNK_OUT_TC = Kernel(
-    name="alloy_ssd_chunk_out_tc",
-    inputs=("CB", "acs", "x", "dt", "Yo", "D"),
-    outputs=("y",),
-    body="""
-  // `OUT` with the chunk product as warp tile products (`mma16t`: tensor cores for bf16 / fp16):
-  //   y[l] = sum_{s <= l} M[l, s] X_s + exp(acs_l) Yo[l] + D x_l,  M[l, s] = CB[l, s] exp(acs_l - acs_s)
-  // with M and X = dt x rounded to T, float32 accumulation, y rounded once. Steps of 64 s up to the
-  // block's last row; a warp skips the 16-blocks of s above its rows (and past the chunk). CB rows are
-  // read as float4 pairs (CB a whole float32 array: 16-byte aligned, KC % 16 == 0); each warp loads its
-  // mask fragment once per 16-block of s for all PC / 16 tiles (lda16 / mma16t_f).
-""" + _tc_item("x") + """
-""" + _OUT_TC_LOOP + """\
+# CHUNK_OUT_TC's epilogues: y = acc + exp(acs_l) Yo + D x in float32, rounded once, rows past the
+# chunk / past L skipped. _OUT_TC_EPI_ACC: in the accumulator layout (entry pairs: 2-byte loads of Yo
+# and x, 4-byte stores of y; per instruction a warp touches half of each 32-byte sector);
+# _OUT_TC_EPI_VEC: the same values with 16-byte accesses (switch OUT_TC_VEC_EPILOGUE).
+_OUT_TC_EPI_VEC = """\
+  const float dh = static_cast<float>(D[h]);
+  // 16-byte accesses: per tile j a quad of lanes holds 4 runs of 8 consecutive columns (run m =
+  // entries 2m, 2m + 1: row + 8 (m & 1), columns 16 j + 8 (m >> 1) ..), each lane a column pair
+  // (pair k = lane & 3) of every run. A 4 x 4 transpose of pairs in the quad (shfl_xor 2, then 1)
+  // leaves lane k run k whole: one 16-byte load of Yo and of x, one 16-byte store of y.
+  const int k = static_cast<int>(lane & 3u);
+  const int hi = k >> 1, lo = k & 1;
+  const int l = wr + static_cast<int>(lane >> 2) + 8 * lo;   // run k's row
+  const long t = t0 + l;
+  const bool live = l < KC && t < L;
+  const float el = live ? fexp(sacs[l]) : 0.0f;
+  const long e0 = ((b * L + (live ? t : 0)) * H + h) * PC + 8 * hi;   // run k's first column in tile 0
+  const DEV T* yo0 = Yo + ((bc * G + g) * KC + (live ? l : 0)) * (R * PC) + (h - g * R) * PC + 8 * hi;
+  for (int j = 0; j < PC / 16; ++j) {
+    float c[8];
+    for (int q = 0; q < 8; ++q) c[q] = acc[j].c[q];
+    // stage 1 (lanes k, k ^ 2): keep the pairs of runs 2 hi + e, trade those of the other two runs;
+    // u0[e]: pair k of run 2 hi + e, u1[e]: pair k ^ 2 of it
+    float u0[4], u1[4];
+    for (int e = 0; e < 2; ++e) {
+      const float s0 = hi ? c[2 * e] : c[4 + 2 * e];           // runs 2 (1 - hi) + e: to lane k ^ 2
+      const float s1 = hi ? c[2 * e + 1] : c[4 + 2 * e + 1];
+      u0[2 * e] = hi ? c[4 + 2 * e] : c[2 * e];
+      u0[2 * e + 1] = hi ? c[4 + 2 * e + 1] : c[2 * e + 1];
+      u1[2 * e] = shfl_xor(s0, 2);
+      u1[2 * e + 1] = shfl_xor(s1, 2);
+    }
+    // stage 2 (lanes k, k ^ 1): keep run 2 hi + lo = k, trade run 2 hi + 1 - lo (pairs k, k ^ 2)
+    const float a0 = lo ? u0[0] : u0[2], a1 = lo ? u0[1] : u0[3];
+    const float b0 = lo ? u1[0] : u1[2], b1 = lo ? u1[1] : u1[3];
+    const float r0x = shfl_xor(a0, 1), r0y = shfl_xor(a1, 1);  // pair k ^ 1 of run k
+    const float r1x = shfl_xor(b0, 1), r1y = shfl_xor(b1, 1);  // pair k ^ 3 of run k
+    const float k0x = lo ? u0[2] : u0[0], k0y = lo ? u0[3] : u0[1];   // pair k
+    const float k1x = lo ? u1[2] : u1[0], k1y = lo ? u1[3] : u1[1];   // pair k ^ 2
+    if (live) {
+      float v[8];
+      for (int q = 0; q < 4; ++q) {         // pair q is pair k ^ (q ^ k)
+        const int d = q ^ k;
+        v[2 * q] = d == 0 ? k0x : d == 1 ? r0x : d == 2 ? k1x : r1x;
+        v[2 * q + 1] = d == 0 ? k0y : d == 1 ? r0y : d == 2 ? k1y : r1y;
+      }
+      float yo[8], xv[8];
+      ld8(yo0 + 16 * j, yo);
+      ld8(x + e0 + 16 * j, xv);
+      for (int q = 0; q < 8; ++q) v[q] = v[q] + el * yo[q] + dh * xv[q];
+      st8(y + e0 + 16 * j, v);
+    }
+  }
+"""
+_OUT_TC_EPI_ACC = """\
   const float dh = static_cast<float>(D[h]);
   for (int i = 0; i < 8; i += 2) {            // entries i, i + 1: a column pair of one row
     const int l = wr + acc_row(i, lane);
@@ -356,7 +399,30 @@ CHUNK_OUT_TC = Kernel(
       }
     }
   }
-""",
+"""
+
+
+CHUNK_OUT_TC = Kernel(
+    name="alloy_ssd_chunk_out_tc",
+    inputs=("CB", "acs", "x", "dt", "Yo", "D"),
+    outputs=("y",),
+    body="""
+  // `OUT` with the chunk product as warp tile products (`mma16t`: tensor cores for bf16 / fp16):
+  //   y[l] = sum_{s <= l} M[l, s] X_s + exp(acs_l) Yo[l] + D x_l,  M[l, s] = CB[l, s] exp(acs_l - acs_s)
+  // with M and X = dt x rounded to T, float32 accumulation, y rounded once. Steps of 64 s up to the
+  // block's last row; a warp skips the 16-blocks of s above its rows (and past the chunk). CB rows are
+  // read as float4 pairs (CB a whole float32 array: 16-byte aligned, KC % 16 == 0); each warp loads its
+  // mask fragment once per 16-block of s for all PC / 16 tiles (lda16 / mma16t_f).
+""" + _tc_item("x") + """
+""" + _OUT_TC_LOOP + _OUT_TC_EPI_VEC,
+)
+
+# CHUNK_OUT_TC with the accumulator-layout epilogue (OUT_TC_VEC_EPILOGUE off, for A/B runs)
+CHUNK_OUT_TC_ACC = Kernel(
+    name="alloy_ssd_chunk_out_tc_acc",
+    inputs=CHUNK_OUT_TC.inputs,
+    outputs=CHUNK_OUT_TC.outputs,
+    body=CHUNK_OUT_TC.body[:-len(_OUT_TC_EPI_VEC)] + _OUT_TC_EPI_ACC,
 )
 
 # CHUNK_OUT_TC with the off-diagonal term computed in the kernel instead of read from a Yo array:
@@ -540,6 +606,12 @@ OUT_FUSED_YO = False
 # the two products and BWD_FIN (three phases in series per group, 128 registers: 4 groups per SM);
 # train step 74.1 ms off vs 74.5 / 74.7 on (pipelined, same job), docs/benchmarks.md.
 DX_FINISH_FUSED = False
+# CHUNK_OUT_TC's epilogue with 16-byte accesses: the accumulators transposed within each quad of
+# lanes (shfl_xor) so that a lane owns 8 consecutive columns of a row, then one 16-byte load of Yo
+# and of x and one 16-byte store of y per such run, instead of 2-byte loads and 4-byte stores in the
+# accumulator layout (a warp touching half of each 32-byte sector). Bit-identical results.
+# Off: CHUNK_OUT_TC_ACC, the accumulator-layout epilogue (A/B switch).
+OUT_TC_VEC_EPILOGUE = True
 
 
 def _tc_fits(dtype, P: int, K: int) -> bool:
@@ -1212,7 +1284,7 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
         )
         return out(y)
     Yo = Cc.astype(dtype) @ starts  # (b, c, g, K, r p)
-    (y,) = (CHUNK_OUT_TC if tc else OUT)(
+    (y,) = ((CHUNK_OUT_TC if OUT_TC_VEC_EPILOGUE else CHUNK_OUT_TC_ACC) if tc else OUT)(
         [CB, acs, x, dt, Yo, D],
         template=([("T", dtype), ("KC", K), ("PC", P)] if tc
                   else [("T", dtype), ("KC", K), ("PC", P), ("CG", groups(P, 64)), ("SB", 32)]),
