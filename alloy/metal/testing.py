@@ -1,6 +1,8 @@
 """Checks shared by the kernel tests (`tests/metal`: GPU property tests, CPU-emulator tests).
 
     rel_err(a, b)       max |a - b| / max(|b|, 1), after checking shapes match and a is finite
+    Counted(kernel)     a kernel whose launches are counted (`.calls`), to check which kernel a
+                        dispatch took on a GPU (the emulator's stand-ins count their own)
     arr(rng, shape)     standard-normal values (times scale) in a dtype
     pos(rng, shape, lo, hi)   uniform positive float32 values (decays, dt, beta)
     assert_grads_match(op, args, cts, impl, ref_impl, tol)
@@ -23,6 +25,17 @@ def rel_err(a, b) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     assert np.isfinite(a).all()
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1.0)) if a.size else 0.0
+
+
+class Counted:
+    """``kernel`` with its launches counted in ``calls`` (same call signature)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.kernel(*args, **kwargs)
 
 
 def arr(rng, shape, dtype=mx.float32, scale=1.0) -> mx.array:

@@ -12,7 +12,7 @@ import pytest
 
 from alloy import metal
 from alloy.metal import rope as kern
-from alloy.metal.testing import DTYPES, arr, rel_err
+from alloy.metal.testing import DTYPES, Counted, arr, rel_err
 from alloy.ops.rope import rope_inv_freq, rope_ref
 
 rope_ops = importlib.import_module("alloy.ops.rope")  # the package re-exports a function named rope
@@ -24,20 +24,9 @@ TOL = {"f32": 1e-5, "bf16": 1e-2}
 TOL_LAYER = {"f32": 2e-4, "bf16": 3e-2}
 
 
-class _Counted:
-    """A kernel whose launches are counted (the dispatch really took the kernel path)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.kernel(*args, **kwargs)
-
-
 @pytest.fixture
 def counted(monkeypatch):
-    fwd, bwd = _Counted(kern.FWD), _Counted(kern.BWD)
+    fwd, bwd = Counted(kern.FWD), Counted(kern.BWD)
     monkeypatch.setattr(kern, "FWD", fwd)
     monkeypatch.setattr(kern, "BWD", bwd)
     return fwd, bwd

@@ -9,22 +9,11 @@ import pytest
 
 from alloy import metal
 from alloy.metal import ssd_chunked as kern
-from alloy.metal.testing import arr, pos, rel_err
+from alloy.metal.testing import Counted, arr, pos, rel_err
 from alloy.ops import ssd_ref
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(metal.backend() is None, reason="no CUDA or Metal GPU backend")]
-
-
-class Counting:
-    """A kernel that counts its launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, 0
-
-    def __call__(self, *a, **kw):
-        self.calls += 1
-        return self.kernel(*a, **kw)
 
 
 @pytest.mark.parametrize("l", [2048, 1000])
@@ -41,7 +30,7 @@ def test_vec_epilogue_bit_identical_on_gpu(monkeypatch, l):
         monkeypatch.setattr(kern, "OUT_FUSED_YO", False)
         monkeypatch.setattr(kern, "OUT_TC", True)
         monkeypatch.setattr(kern, "OUT_TC_VEC_EPILOGUE", on)
-        vec, acc = Counting(kern.CHUNK_OUT_TC), Counting(kern.CHUNK_OUT_TC_ACC)
+        vec, acc = Counted(kern.CHUNK_OUT_TC), Counted(kern.CHUNK_OUT_TC_ACC)
         monkeypatch.setattr(kern, "CHUNK_OUT_TC", vec)
         monkeypatch.setattr(kern, "CHUNK_OUT_TC_ACC", acc)
         ys[on], _ = kern.ssd_chunked(x, dt, A, B, C, D, s0, K)

@@ -13,7 +13,7 @@ import pytest
 
 from alloy import metal
 from alloy.metal import ssd_chunked as kern
-from alloy.metal.testing import arr, pos, rel_err
+from alloy.metal.testing import Counted, arr, pos, rel_err
 from alloy.ops import ssd, ssd_ref
 
 ssd_mod = importlib.import_module("alloy.ops.ssd")  # the package re-exports a function named ssd
@@ -43,17 +43,6 @@ def toy_inputs(rng, b=2, l=512, h=24, p=64, g=1, n=128):
     return x, dt, A, B, C, D, h0
 
 
-class Counting:
-    """A kernel that counts its launches (the GPU has no emulator's `calls`)."""
-
-    def __init__(self, k):
-        self.k, self.calls = k, 0
-
-    def __call__(self, *a, **kw):
-        self.calls += 1
-        return self.k(*a, **kw)
-
-
 def test_fused_yo_forward_matches_switch_off_and_references(monkeypatch):
     rng = np.random.default_rng(0)
     args = toy_inputs(rng)
@@ -61,7 +50,7 @@ def test_fused_yo_forward_matches_switch_off_and_references(monkeypatch):
     res = {}
     for on in (False, True):
         monkeypatch.setattr(kern, "OUT_FUSED_YO", on)
-        fused, plain = Counting(kern.CHUNK_OUT_YO_TC), Counting(kern.CHUNK_OUT_TC)
+        fused, plain = Counted(kern.CHUNK_OUT_YO_TC), Counted(kern.CHUNK_OUT_TC)
         monkeypatch.setattr(kern, "CHUNK_OUT_YO_TC", fused)
         monkeypatch.setattr(kern, "CHUNK_OUT_TC", plain)
         res[on] = kern.ssd_chunked(*args, K, with_starts=True)
