@@ -101,6 +101,21 @@ _HELPERS = VEC_IO + """
 // HOLD: the register slot of a lane's value u of its chunk j of the row (0 where nothing is held, so
 // the one-element arrays of HOLD false are never indexed past their end)
 #define HI(j, u) ((VW * (j) + (u)) % (HOLD ? J * VW : 1))
+// one element of the gradient's second pass: x, z, dy, w; sg = sigmoid(z) (1 without a gate); r = rstd_g,
+// c = rstd_g^3 mean_g(h u) -> dx, dz and the element's dw term (the formulas of the module docstring)
+struct NormGrad { float dx, dz, dw; };
+DEVICE_FN NormGrad norm_grad(bool gate, bool nbg, float x, float z, float sg, float dy, float w, float r, float c) {
+  const float s = gate ? z * sg : 1.0f;
+  const float ds = sg * (1.0f + z * (1.0f - sg));   // silu'(z)
+  const float h = nbg ? x : x * s;
+  const float uu = w * dy * (nbg ? s : 1.0f);
+  const float dh = r * uu - c * h;
+  NormGrad o;
+  o.dx = nbg ? dh : dh * s;
+  o.dz = nbg ? dy * w * h * r * ds : dh * x * ds;
+  o.dw = dy * h * r * (nbg ? s : 1.0f);
+  return o;
+}
 """
 
 FWD = Kernel(name="alloy_gated_rms_norm", inputs=("x", "z", "w", "eps"), outputs=("y",), body=_fwd_body(False),
@@ -180,14 +195,10 @@ _BWD_BODY = _COMMON + """
       const float r = ss[j / JG];
       for (int u = 0; u < VW; ++u) {
         const float sg = GATE ? 1.0f / (1.0f + fexp(-zv[u])) : 1.0f;
-        const float s = GATE ? zv[u] * sg : 1.0f;
-        const float ds = sg * (1.0f + zv[u] * (1.0f - sg));
-        const float h = NBG ? xv[u] : xv[u] * s;
-        const float uu = wv[u] * dyv[u] * (NBG ? s : 1.0f);
-        const float dh = r * uu - hu[j / JG] * h;
-        dxv[u] = NBG ? dh : dh * s;
-        dzv[u] = NBG ? dyv[u] * wv[u] * h * r * ds : dh * xv[u] * ds;
-        dw[VW * j + u] += dyv[u] * h * r * (NBG ? s : 1.0f);
+        const NormGrad e = norm_grad(GATE, NBG, xv[u], zv[u], sg, dyv[u], wv[u], r, hu[j / JG]);
+        dxv[u] = e.dx;
+        dzv[u] = e.dz;
+        dw[VW * j + u] += e.dw;
       }
 /*ADD_GRAD*/
       STV(dx, base + 32 * VW * j, dxv);
@@ -333,14 +344,10 @@ _BWD_PIPE_BODY = """
         const float c = hu[EX ? 0 : jj / JG];
         for (int u = 0; u < VW; ++u) {
           const float sg = GATE ? ((KSG && GATE) ? sgk[(VW * jj + u) % KS] : 1.0f / (1.0f + fexp(-zv[u]))) : 1.0f;
-          const float s = GATE ? zv[u] * sg : 1.0f;
-          const float ds = sg + s - s * sg;            // silu'(z) = sg (1 + z (1 - sg))
-          const float h = NBG ? xv[u] : xv[u] * s;
-          const float uu = wv[u] * dyv[u] * (NBG ? s : 1.0f);
-          const float dh = r * uu - c * h;
-          dxv[u] = NBG ? dh : dh * s;
-          dzv[u] = NBG ? dyv[u] * wv[u] * h * r * ds : dh * xv[u] * ds;
-          dw[VW * jj + u] += dyv[u] * h * r * (NBG ? s : 1.0f);
+          const NormGrad e = norm_grad(GATE, NBG, xv[u], zv[u], sg, dyv[u], wv[u], r, c);
+          dxv[u] = e.dx;
+          dzv[u] = e.dz;
+          dw[VW * jj + u] += e.dw;
         }/*ADD_DR*/
         STV(dx, o + 32 * VW * jj, dxv);
         if (GATE) { STV(dz, o + 32 * VW * jj, dzv); }
