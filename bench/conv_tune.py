@@ -6,9 +6,10 @@ separately, one row per configuration of the module's switches.
 
 A configuration is `label` or `label:NAME=VALUE,NAME=VALUE` over module attributes of
 `alloy.metal.conv1d` (FWD_VARIANT / BWD_VARIANT "stream" | "pipe", TILE, AHEAD, GROUP,
-PIPE_AHEAD_FWD, PIPE_AHEAD_BWD, FWD_MIN_GROUPS, PREFETCH, ...); each row starts from the module's
-defaults with the --set values applied, then its own. A label naming a variant ("stream", "pipe")
-sets both switches to it. The pipe forward is rebuilt for its launch bounds (GROUP, FWD_MIN_GROUPS).
+PIPE_AHEAD_FWD, PIPE_AHEAD_BWD, FWD_MIN_GROUPS, PREFETCH, BWD_PIPE_VW 8 | 4, BWD_PIPE4_MIN_GROUPS, ...);
+each row starts from the module's defaults with the --set values applied, then its own. A label
+naming a variant ("stream", "pipe") sets both switches to it. The pipe forward is rebuilt for its
+launch bounds (GROUP, FWD_MIN_GROUPS), the VW 4 pipe gradient for (GROUP, BWD_PIPE4_MIN_GROUPS).
 
 Columns: us per call (median over batches of `--calls` independent calls, each batch evaluated
 between mx.synchronize calls, divided by the calls), and the bandwidth against the bytes each call
@@ -29,11 +30,12 @@ from alloy.metal import conv1d as kern
 from bench_timing import timeit
 
 SETTABLE = ("FWD_VARIANT", "BWD_VARIANT", "TILE", "TILE_MIN", "MIN_ITEMS", "AHEAD", "GROUP", "PIPE_AHEAD_FWD",
-            "PIPE_AHEAD_BWD", "FWD_MIN_GROUPS", "PREFETCH")
+            "PIPE_AHEAD_BWD", "FWD_MIN_GROUPS", "PREFETCH", "BWD_PIPE_VW", "BWD_PIPE4_MIN_GROUPS")
 DEFAULT_CONFIGS = [
     "stream", "pipe",
     "pipe:PREFETCH=0", "pipe:PREFETCH=16", "pipe:PREFETCH=32",
     "pipe:PIPE_AHEAD_BWD=2", "pipe:PIPE_AHEAD_BWD=4",
+    "pipe:BWD_PIPE_VW=4", "pipe:BWD_PIPE_VW=4,BWD_PIPE4_MIN_GROUPS=0", "pipe:BWD_PIPE_VW=4,PIPE_AHEAD_BWD=3",
     "pipe:FWD_MIN_GROUPS=0", "pipe:PIPE_AHEAD_FWD=4,FWD_MIN_GROUPS=0", "pipe:PIPE_AHEAD_FWD=1",
     "pipe:TILE=128", "pipe:TILE=32", "pipe:GROUP=64,FWD_MIN_GROUPS=8", "pipe:GROUP=32,FWD_MIN_GROUPS=16",
     "stream:TILE=128", "stream:GROUP=32",
@@ -58,14 +60,16 @@ def _parse(items) -> dict:
 
 
 def _apply(defaults: dict, kernels: dict, settings: dict) -> None:
-    """The module at its defaults, then `settings`; the pipe forward kernels rebuilt for their
-    launch bounds."""
+    """The module at its defaults, then `settings`; the pipe forward kernels and the VW 4 pipe
+    gradient rebuilt for their launch bounds."""
     for name, v in {**defaults, **settings}.items():
         setattr(kern, name, v)
     kern.TILE_MIN = min(kern.TILE_MIN, kern.TILE)
     bounds = (kern.GROUP, kern.FWD_MIN_GROUPS) if kern.FWD_MIN_GROUPS else ()
+    bounds4 = (kern.GROUP, kern.BWD_PIPE4_MIN_GROUPS) if kern.BWD_PIPE4_MIN_GROUPS else ()
     for name, k in kernels.items():
-        setattr(kern, name, dataclasses.replace(k, launch_bounds=bounds) if name.startswith("KERNEL") else k)
+        b = bounds if name.startswith("KERNEL") else bounds4 if name.endswith("PIPE4") else None
+        setattr(kern, name, k if b is None else dataclasses.replace(k, launch_bounds=b))
 
 
 def main(argv=None):
@@ -90,7 +94,7 @@ def main(argv=None):
     mx.eval(x, w, b, s, dys, dns)
     nbytes = x.nbytes
     defaults = {n: getattr(kern, n) for n in SETTABLE}
-    kernels = {n: getattr(kern, n) for n in ("KERNEL_SPLIT_PIPE", "BWD_SPLIT_PIPE")}
+    kernels = {n: getattr(kern, n) for n in ("KERNEL_SPLIT_PIPE", "BWD_SPLIT_PIPE", "BWD_SPLIT_PIPE4")}
     common = _parse(a.set)
     print(f"B {a.batch}, T {a.T}, widths {widths}, K {K}, bf16, SiLU; {a.reps} x {a.calls} calls per timing")
     print("| config | forward us | TB/s | gradient kernel us | TB/s | +sum us | shares MB | max|d| |\n"
@@ -104,8 +108,8 @@ def main(argv=None):
         settings.update(_parse([r for r in rest.split(",") if r]))
         _apply(defaults, kernels, settings)
         fwd = lambda: kern.causal_conv1d_split(x, w, b, s, True, widths)[:3]  # noqa: E731
-        bwd = lambda: kern._bwd_launch((kern.BWD_SPLIT, kern.BWD_SPLIT_PIPE), x, w, b, s, dys, dns, True,  # noqa: E731
-                                       widths)
+        bwd_kernels = (kern.BWD_SPLIT, kern.BWD_SPLIT_PIPE, kern.BWD_SPLIT_PIPE4)
+        bwd = lambda: kern._bwd_launch(bwd_kernels, x, w, b, s, dys, dns, True, widths)  # noqa: E731
         vjp = lambda: kern.causal_conv1d_split_vjp(x, w, b, s, *dys, dns, True, widths)  # noqa: E731
         outs = [*fwd(), *vjp()[:3]]
         mx.eval(outs)

@@ -33,6 +33,10 @@ the kernels that read them, and no concatenation of their cotangents in the back
 results bit for bit), software-pipelined: a thread's loads of the next batch of steps are in flight
 while it computes the current one, and rows further ahead are prefetched into L2 (see "the pipe
 variants" below). `FWD_VARIANT` / `BWD_VARIANT` pick the kernels the launchers take.
+
+`BWD_PIPE4` / `BWD_SPLIT_PIPE4` are the pipe gradients at VW = 4 (8-byte accesses, half the
+per-thread state, twice the threads, the same tiles and arithmetic: equal results bit for bit);
+`BWD_PIPE_VW` picks them.
 """
 from __future__ import annotations
 
@@ -67,6 +71,16 @@ FWD_VARIANT = "pipe"
 BWD_VARIANT = "pipe"
 PIPE_AHEAD_FWD = 2  # steps per batch of the pipe kernels (2 batches of loads in flight)
 PIPE_AHEAD_BWD = 2
+# channels per thread of the pipe gradient (BWD_VARIANT "pipe"): 8 (BWD_PIPE / BWD_SPLIT_PIPE) or 4
+# (BWD_PIPE4 / BWD_SPLIT_PIPE4: the same arithmetic, bit for bit, with half the per-thread state and
+# twice the threads; C and the split widths multiples of 4, 8-byte loads / stores, the dw / db share
+# in 16-byte stores). H100 Nsight Compute, toy gradient at VW 8: 272 us, 230 registers -> 2 warps per
+# scheduler, latency bound (4.0 cycles per issued instruction). nvcc sm_90, bf16, K 4, 2-step batches,
+# no spills: VW 4 takes 135 registers unbounded (3 warps per scheduler), 123 under launch bounds
+# (GROUP, 4) (4 warps per scheduler; (GROUP, 5): 96 and 344 bytes of spills). Not timed on a GPU yet:
+# bench/conv_tune.py's "pipe:BWD_PIPE_VW=4" is the A/B.
+BWD_PIPE_VW = 8
+BWD_PIPE4_MIN_GROUPS = 4  # the VW 4 gradients' launch bounds: (GROUP, this) (0: none)
 FWD_MIN_GROUPS = 4  # the pipe forward's launch bounds: (GROUP, this) — registers capped for 4 groups per SM
 # the pipe kernels pull the rows this many steps ahead into L2 (0: none): about twice the two batches
 # the loads reach ahead; at 8 steps the rows prefetched and not yet read fill ~9 MB of the 50 MB L2
@@ -246,8 +260,8 @@ def _backward(split: bool) -> str:
 # the gradient also the K - 1 halo steps) are loaded together, then computed. `PREF` > 0 also
 # pulls the rows PREF steps ahead into L2 (`prefetch_l2`: bytes in flight that hold no register).
 # With SILU the exponentials of a step's VW channels come before their divisions (each division
-# branches to a slow path, which splits the instruction stream). Eight channels per thread only
-# (`_plan`'s VW 8): VW 1 launches take the streaming kernels.
+# branches to a slow path, which splits the instruction stream). Eight channels per thread (`_plan`'s
+# VW 8; the gradient also 4: `BWD_PIPE_VW`): VW 1 launches take the streaming kernels.
 
 
 def _pipe_loop(load, steps, load_tail) -> str:
@@ -272,14 +286,15 @@ def _pipe_loop(load, steps, load_tail) -> str:
     }}{load_tail}"""
 
 
-def _pipe_loads(arrays):
+def _pipe_loads(arrays, vw: int = 8):
     """(load(i, s0), load_tail) for `_pipe_loop`; arrays: (name, row pointer, row width, column) per
     input. load: the rows of steps s0 .. s0 + AHEAD - 1 into <name>r[i][u], and the rows PREF steps
     further (below `pe`) into L2; load_tail: the rows of steps te .. te + NT - 1 below `pe` into
-    <name>t[q] (NT: the most steps a tail has, a constant of the body)."""
+    <name>t[q] (NT: the most steps a tail has, a constant of the body). vw: channels per load (8:
+    ldr8, 4: ldr4)."""
     def load(i, s0):
         loads = "".join(f"""
-          {n}r[{i}][u] = ldr8({p} + (b * Tn + s) * {w} + {col});""" for n, p, w, col in arrays)
+          {n}r[{i}][u] = ldr{vw}({p} + (b * Tn + s) * {w} + {col});""" for n, p, w, col in arrays)
         pref = "".join(f"""
             prefetch_l2({p} + (b * Tn + s + PREF) * {w} + {col});""" for n, p, w, col in arrays)
         return f"""
@@ -290,7 +305,7 @@ def _pipe_loads(arrays):
           }}
         }}"""
     tail_loads = "".join(f"""
-        {n}t[q] = ldr8({p} + (b * Tn + s) * {w} + {col});""" for n, p, w, col in arrays)
+        {n}t[q] = ldr{vw}({p} + (b * Tn + s) * {w} + {col});""" for n, p, w, col in arrays)
     tail = f"""
 #pragma unroll
     for (int q = 0; q < NT; ++q) {{
@@ -418,37 +433,43 @@ def _bwd_step(tail: bool) -> str:
         }}"""
 
 
-def _backward_pipe(split: bool) -> str:
+def _backward_pipe(split: bool, vw: int = 8) -> str:
+    """vw 8: `BWD_PIPE` (16-byte loads and stores of 8 channels, scalar stores of the dw / db share);
+    vw 4: `BWD_PIPE4` (8-byte loads and stores of 4 channels, the share in 16-byte float stores;
+    `_VEC_IO4`'s LDV / STV)."""
     def steps(i, s0):
         return f"""
 #pragma unroll
       for (int u = 0; u < AHEAD; ++u) {{
         const int s = {s0} + u;
         float xv[VW], gv[VW];
-        cvt8(xr[{i}][u], xv);
-        cvt8(gr[{i}][u], gv);{_bwd_step(False)}
+        cvt{vw}(xr[{i}][u], xv);
+        cvt{vw}(gr[{i}][u], gv);{_bwd_step(False)}
       }}"""
-    load, tail = _pipe_loads([("x", "x", "Cn", "c"), ("g", "dy_p", "dy_w", "dy_c")])
-    return _head() + _rows("dy", split, "const ") + _BWD_ACC + """\
+    load, tail = _pipe_loads([("x", "x", "Cn", "c"), ("g", "dy_p", "dy_w", "dy_c")], vw)
+    share = ("""
+      for (int j = 0; j < VW; ++j) dwb[((b * ny + bid_y) * (K + 1) + k) * Cn + c + j] = dwk[k][j];""" if vw == 8
+             else """
+      st4(dwb + ((b * ny + bid_y) * (K + 1) + k) * Cn + c, dwk[k]);""")
+    return _head() + _rows("dy", split, "const ") + _BWD_ACC + f"""\
     constexpr int NT = AHEAD + K - 2;      // steps after the whole batches: the partial batch, the halo
     const int pe = s1 < Tn ? s1 : Tn;      // rows loaded / prefetched: the tile's and the halo's
-    Raw8<T> xr[2][AHEAD], gr[2][AHEAD], xt[NT], gt[NT];""" + _pipe_loop(load, steps, tail) + """
+    Raw{vw}<T> xr[2][AHEAD], gr[2][AHEAD], xt[NT], gt[NT];""" + _pipe_loop(load, steps, tail) + f"""
 #pragma unroll
-    for (int q = 0; q < NT; ++q) {         // the tile's partial last batch and the K - 1 steps after it
+    for (int q = 0; q < NT; ++q) {{         // the tile's partial last batch and the K - 1 steps after it
       const int s = te + q;
-      if (s < s1) {
+      if (s < s1) {{
         float xv[VW], gv[VW];              // x and dy at s (0 past the end)
-        if (s < Tn) {
-          cvt8(xt[q], xv);
-          cvt8(gt[q], gv);
-        } else {
+        if (s < Tn) {{
+          cvt{vw}(xt[q], xv);
+          cvt{vw}(gt[q], gv);
+        }} else {{
           for (int j = 0; j < VW; ++j) xv[j] = gv[j] = 0.0f;
-        }""" + _bwd_step(True) + """
+        }}""" + _bwd_step(True) + """
       }
     }
     const int ny = (Tn + TILE - 1) / TILE;
-    for (int k = 0; k <= K; ++k)
-      for (int j = 0; j < VW; ++j) dwb[((b * ny + bid_y) * (K + 1) + k) * Cn + c + j] = dwk[k][j];
+    for (int k = 0; k <= K; ++k)""" + share + """
   }
 """
 
@@ -474,33 +495,51 @@ KERNEL_SPLIT_PIPE = Kernel(name="alloy_causal_conv1d_split_pipe", inputs=KERNEL_
                            launch_bounds=_FWD_BOUNDS)
 BWD_SPLIT_PIPE = Kernel(name="alloy_causal_conv1d_split_bwd_pipe", inputs=BWD_SPLIT.inputs,
                         outputs=BWD_SPLIT.outputs, body=_backward_pipe(True), helpers=VEC_IO)
+# LDV / STV of the VW 4 kernels: 4 channels as one 8-byte access for bf16 / fp16 (o a multiple of 4)
+_VEC_IO4 = """
+#define LDV(p, o, v) { cvt4(ldr4(p + (o)), v); }
+#define STV(p, o, v) { st4(p + (o), v); }
+"""
+# the pipe gradients at 4 channels per thread (template VW 4; `BWD_PIPE_VW` = 4 picks them)
+_BWD4_BOUNDS = (GROUP, BWD_PIPE4_MIN_GROUPS) if BWD_PIPE4_MIN_GROUPS else ()
+BWD_PIPE4 = Kernel(name="alloy_causal_conv1d_bwd_pipe4", inputs=BWD.inputs, outputs=BWD.outputs,
+                   body=_backward_pipe(False, 4), helpers=_VEC_IO4, launch_bounds=_BWD4_BOUNDS)
+BWD_SPLIT_PIPE4 = Kernel(name="alloy_causal_conv1d_split_bwd_pipe4", inputs=BWD_SPLIT.inputs,
+                         outputs=BWD_SPLIT.outputs, body=_backward_pipe(True, 4), helpers=_VEC_IO4,
+                         launch_bounds=_BWD4_BOUNDS)
 
 
-def _plan(x, widths) -> tuple[int, int]:
-    """(VW, tile) for x (B, T, C): VW 8 where C and the split widths are multiples of 8 and x has
-    more than one row (a single row may be a channel slice of a wider one at any offset, which MLX
-    passes uncopied: no 16-byte alignment), else 1; the tile halves from TILE while there would be
-    fewer than MIN_ITEMS work items (not below TILE_MIN)."""
+def _plan(x, widths, vec: int = 8) -> tuple[int, int]:
+    """(VW, tile) for x (B, T, C): VW `vec` (8, or 4 for `BWD_PIPE4`) where C and the split widths
+    are multiples of it and x has more than one row (a single row may be a channel slice of a wider
+    one at any offset, which MLX passes uncopied: no 16- / 8-byte alignment), else 1; the tile halves
+    from TILE while there would be fewer than MIN_ITEMS work items (not below TILE_MIN), counted in
+    8-channel items for VW 4 too: VW 4 keeps VW 8's tiles, hence its dweight / dbias shares bit for
+    bit."""
+    if vec not in (4, 8):
+        raise ValueError(f"conv1d: channels per thread must be 8 or 4, got {vec!r}")
     B, T, C = x.shape
-    vw = 8 if B * T > 1 and all(n % 8 == 0 for n in (C, *(widths or ()))) else 1
+    vw = vec if B * T > 1 and all(n % vec == 0 for n in (C, *(widths or ()))) else 1
     tile = TILE
-    while tile > TILE_MIN and B * groups(T, tile) * groups(C, vw) < MIN_ITEMS:
+    while tile > TILE_MIN and B * groups(T, tile) * groups(C, 8 if vw > 1 else 1) < MIN_ITEMS:
         tile //= 2
     return vw, tile
 
 
 def _template(x, K: int, silu: bool, widths, variant: str = "stream",
-              pipe_ahead: int = 0) -> tuple[list, int, int, bool]:
-    """(template arguments, VW, tile, pipe): pipe where `variant` is "pipe" and VW is 8 (the pipe
-    kernels' template: AHEAD pipe_ahead, and PREF); with ``widths`` (three channel counts summing
-    to C) the split kernels' C0, C1."""
+              pipe_ahead: int = 0, vec: int = 8) -> tuple[list, int, int, bool]:
+    """(template arguments, VW, tile, pipe): pipe where `variant` is "pipe" and VW is 8 (or 4: vec 4,
+    the VW 4 pipe gradients only) (the pipe kernels' template: AHEAD pipe_ahead, and PREF); with
+    ``widths`` (three channel counts summing to C) the split kernels' C0, C1."""
     if widths is not None and (len(widths) != 3 or min(widths) < 1 or sum(widths) != x.shape[2]):
         raise ValueError(f"conv1d: widths must be three positive channel counts summing to C = {x.shape[2]}, "
                          f"got {tuple(widths)}")
     if variant not in VARIANTS:
         raise ValueError(f"conv1d: variant must be one of {VARIANTS}, got {variant!r}")
-    vw, tile = _plan(x, widths)
-    pipe = variant == "pipe" and vw == 8
+    if vec == 4 and variant != "pipe":
+        raise ValueError("conv1d: 4 channels per thread is a pipe kernel's (the streaming kernels take 8 or 1)")
+    vw, tile = _plan(x, widths, vec)
+    pipe = variant == "pipe" and vw > 1
     t = [("T", x.dtype), ("K", K), ("TILE", tile), ("SILU", bool(silu)), ("VW", vw),
          ("AHEAD", int(pipe_ahead if pipe else AHEAD))]
     if pipe:
@@ -512,12 +551,19 @@ def _template(x, K: int, silu: bool, widths, variant: str = "stream",
 
 def _bwd_launch(kernels, x, weight, bias, state, dys, dns, silu: bool, widths=None):
     """The gradient kernel alone -> (dx, dstate, the (B * tiles, (K + 1) * C) float32 shares of
-    dweight / dbias); kernels: (the streaming gradient kernel, its pipe variant), picked by
-    `BWD_VARIANT`."""
+    dweight / dbias); kernels: (the streaming gradient kernel, its pipe variant, the pipe variant at
+    4 channels per thread), picked by `BWD_VARIANT` and `BWD_PIPE_VW`."""
     B, T, C = x.shape
     K = weight.shape[1]
-    template, vw, tile, pipe = _template(x, K, silu, widths, BWD_VARIANT, PIPE_AHEAD_BWD)
-    kernel = kernels[pipe]
+    if BWD_PIPE_VW not in (4, 8):
+        raise ValueError(f"conv1d: BWD_PIPE_VW must be 8 or 4, got {BWD_PIPE_VW!r}")
+    vec = BWD_PIPE_VW if BWD_VARIANT == "pipe" else 8
+    template, vw, tile, pipe = _template(x, K, silu, widths, BWD_VARIANT, PIPE_AHEAD_BWD, vec)
+    kernel = kernels[2] if pipe and vw == 4 else kernels[pipe]
+    bounds = getattr(kernel, "launch_bounds", ())
+    if bounds and bounds[0] != GROUP:
+        raise ValueError(f"conv1d: {kernel.name} is built for groups of {bounds[0]} threads, GROUP is {GROUP}: "
+                         "rebuild it with launch_bounds (GROUP, BWD_PIPE4_MIN_GROUPS) (as bench/conv_tune.py does)")
     ny = groups(T, tile)
     dx, dstate, dwb = kernel(
         [x, weight, bias, state, *(d.astype(x.dtype) for d in dys), dns.astype(x.dtype)],
@@ -560,7 +606,7 @@ def causal_conv1d_vjp(x, weight, bias, state, dy, dns, silu: bool):
     """The gradient of `causal_conv1d` (same arguments; dy, dns: cotangents of y and new_state) ->
     (dx, dweight (C, K), dbias (C,), dstate) in the argument dtypes. One launch (per-tile shares of
     dweight / dbias in float32, summed here)."""
-    return _vjp((BWD, BWD_PIPE), x, weight, bias, state, (dy,), dns, silu)
+    return _vjp((BWD, BWD_PIPE, BWD_PIPE4), x, weight, bias, state, (dy,), dns, silu)
 
 
 def causal_conv1d(x, weight, bias, state, silu: bool):
@@ -582,4 +628,5 @@ def causal_conv1d_split(x, weight, bias, state, silu: bool, widths):
 def causal_conv1d_split_vjp(x, weight, bias, state, dy0, dy1, dy2, dns, silu: bool, widths):
     """The gradient of `causal_conv1d_split`: the cotangents of y0, y1, y2 (widths C0, C1, C2) and
     new_state -> (dx, dweight, dbias, dstate) as `causal_conv1d_vjp`; no concatenation of dy."""
-    return _vjp((BWD_SPLIT, BWD_SPLIT_PIPE), x, weight, bias, state, (dy0, dy1, dy2), dns, silu, tuple(widths))
+    return _vjp((BWD_SPLIT, BWD_SPLIT_PIPE, BWD_SPLIT_PIPE4), x, weight, bias, state, (dy0, dy1, dy2), dns, silu,
+                tuple(widths))

@@ -34,7 +34,8 @@ Execution model
       (a reader runs before the writer it should have waited for).
     * every input and output buffer sits between 16 KiB guard zones of 0xFF bytes (NaN as float):
       reads past a buffer see NaN, writes past it raise `EmulatorError` after the run.
-      `ld8` on bf16 / fp16 checks the 16-byte alignment that CUDA's vector load needs.
+      `ld8` on bf16 / fp16 checks the 16-byte alignment that CUDA's vector load needs (`ldr4` / `st4`:
+      8 bytes; `st4` to float: 16).
     * outputs start as `init_value` when given, else zero (MLX leaves them uninitialised on the
       GPU: poison=True fills them with NaN bytes instead, to catch unwritten elements).
 
@@ -167,7 +168,7 @@ struct alloy_emu_thread {
 
 # The CPU dialect. It must define every name of prelude._CUDA_HEADER / _METAL_HEADER:
 #   SHARED (rewritten by `_rewrite_shared`; a leftover is an error)  BARRIER()  DEVICE_FN  DEV  ALIGN16
-#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum warp_sync  f4 / float4 (.x .y .z .w)  ld8  ldr8 / cvt8 / str8 / Raw8  st8 st2  ld_cg  grid_sync  grid_arrive / grid_wait  prefetch_l2  Acc16 acc_zero mma16 mma16t Frag16 lda16 mma16_f mma16t_f acc_store acc_row acc_col
+#   fexp fsilu frsqrt fsoftplus  shfl_xor warp_sum warp_sync  f4 / float4 (.x .y .z .w)  ld8  ldr8 / cvt8 / str8 / Raw8  st8 st2  ldr4 / cvt4 / Raw4 st4  ld_cg  grid_sync  grid_arrive / grid_wait  prefetch_l2  Acc16 acc_zero mma16 mma16t Frag16 lda16 lda16t frag_at mma16_f mma16t_f acc_store acc_row acc_col
 # and the index names of prelude._INDEX (see _INDEX_CPU). A name the prelude gains goes here
 # (a DEVICE_FN function; runtime services through alloy_emu_self->ops, see _RUNTIME).
 _DIALECT = r"""
@@ -255,6 +256,23 @@ template <typename U> DEVICE_FN void st2(U* p, float a, float b) {
 template <typename U> DEVICE_FN void str8(const Raw8<U>& r, U* p) {
   alloy_emu_aligned<U>(p, 16u, "str8: a bf16/fp16 pointer that is not 16-byte aligned (CUDA stores the 8 elements as one uint4)");
   for (int j = 0; j < 8; ++j) p[j] = r.v[j];
+}
+template <typename U> struct Raw4 { U v[4]; };
+template <typename U> DEVICE_FN Raw4<U> ldr4(const U* p) {
+  alloy_emu_aligned<U>(p, 8u, "ldr4: a bf16/fp16 pointer that is not 8-byte aligned (CUDA loads the 4 elements as one uint2)");
+  Raw4<U> r;
+  for (int j = 0; j < 4; ++j) r.v[j] = p[j];
+  return r;
+}
+template <typename U> DEVICE_FN void cvt4(const Raw4<U>& r, float* o) {
+  for (int j = 0; j < 4; ++j) o[j] = static_cast<float>(r.v[j]);
+}
+template <typename U> DEVICE_FN void st4(U* p, const float* o) {
+  alloy_emu_aligned<U>(p, 8u, "st4: a bf16/fp16 pointer that is not 8-byte aligned (CUDA stores the 4 elements as one uint2)");
+  if constexpr (std::is_same_v<U, float>) {
+    if (reinterpret_cast<uintptr_t>(p) & 15u) alloy_emu_fail("st4: a float pointer that is not 16-byte aligned (CUDA stores the 4 floats as one float4)");
+  }
+  for (int j = 0; j < 4; ++j) p[j] = static_cast<U>(o[j]);
 }
 ALLOY_ACC16_LOOPSDEVICE_FN float ld_cg(const float* p) {
   float r;

@@ -48,13 +48,20 @@ prelude maps onto each dialect:
         mma16t_f(a, f, Bt, ldb, lane)   bf16 / fp16: the mma.sync fragment registers; other types and
                                 Metal: a pointer to the tile), then multiplied by several B / Bt tiles:
                                 mma16_f(a, f, B, ...) == mma16(a, A, lda, B, ...), mma16t_f likewise,
-                                without reloading A per column tile. A must stay in place while f is used
+                                without reloading A per column tile. A must stay in place while f is used.
+                                mma16_f's B (row-major [k][n]) needs rows 16-byte aligned (ldb a
+                                multiple of 8, B 16-byte aligned: CUDA reads it by ldmatrix.trans)
+        lda16t(f, At, lda, lane)  the same a-operand from the tile stored transposed, At [k][m]
+                                (group-shared, rows 16-byte aligned: CUDA ldmatrix.trans)
         str8(r, p)              store a Raw8's eight elements to group-shared p (one 16-byte store
                                 for bf16/fp16 on CUDA: p 16-byte aligned)
         st8(p, o)               p[0..8) = o[0..8) converted, p a buffer or group-shared array (one
                                 16-byte store for bf16/fp16 on CUDA: p 16-byte aligned)
         st2(p, a, b)            p[0] = a, p[1] = b converted (one 32-bit store for bf16/fp16 on
                                 CUDA: p 4-byte aligned), e.g. an Acc16's column pair (entries i, i+1)
+        Raw4<U> r = ldr4(p)     ldr8 / cvt8 / st8 for four elements of a buffer: one 8-byte load /
+        cvt4(r, o), st4(p, o)   store for bf16/fp16 on CUDA (p 8-byte aligned); st4 to a float buffer
+                                is one 16-byte store there (p 16-byte aligned)
         grid_arrive(c, n, tid)  grid_sync in two halves: writes before grid_arrive are visible after
         grid_wait(c, n, tid)    grid_wait; in between, only loads that need no other group's writes
                                 (weights): they overlap the wait
@@ -129,18 +136,38 @@ template <typename U> DEVICE_FN void mma16t(Acc16& acc, const U* A, int lda, con
 template <typename V> DEVICE_FN void acc_store(const Acc16& acc, V* C, int ldc, unsigned int lane) {
   for (int i = 0; i < 8; ++i) C[acc_row(i, lane) * ldc + acc_col(i, lane)] = static_cast<V>(acc.c[i]);
 }
-// a preloaded A tile (`Frag16`): here the tile's place, the products those of mma16 / mma16t (the CUDA
-// dialect specializes bf16 / fp16 to the mma.sync a-fragment registers)
-template <typename U> struct Frag16 { const U* p; int ld; };
+// a preloaded A tile (`Frag16`): here the tile's place (tr: stored transposed, [k][m], by lda16t), the
+// products those of mma16 / mma16t (the CUDA dialect specializes bf16 / fp16 to the mma.sync
+// a-fragment registers)
+template <typename U> struct Frag16 { const U* p; int ld; bool tr; };
 template <typename U> DEVICE_FN void lda16(Frag16<U>& f, const U* A, int lda, unsigned int lane) {
   f.p = A;
   f.ld = lda;
+  f.tr = false;
+}
+template <typename U> DEVICE_FN void lda16t(Frag16<U>& f, const U* At, int lda, unsigned int lane) {
+  f.p = At;
+  f.ld = lda;
+  f.tr = true;
+}
+template <typename U> DEVICE_FN float frag_at(const Frag16<U>& f, int r, int k) {
+  return static_cast<float>(f.tr ? f.p[k * f.ld + r] : f.p[r * f.ld + k]);
 }
 template <typename U> DEVICE_FN void mma16_f(Acc16& acc, const Frag16<U>& f, const U* B, int ldb, unsigned int lane) {
-  mma16(acc, f.p, f.ld, B, ldb, lane);
+  for (int i = 0; i < 8; ++i) {
+    const int r = acc_row(i, lane), c = acc_col(i, lane);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += frag_at(f, r, k) * static_cast<float>(B[k * ldb + c]);
+    acc.c[i] += s;
+  }
 }
 template <typename U> DEVICE_FN void mma16t_f(Acc16& acc, const Frag16<U>& f, const U* Bt, int ldb, unsigned int lane) {
-  mma16t(acc, f.p, f.ld, Bt, ldb, lane);
+  for (int i = 0; i < 8; ++i) {
+    const int r = acc_row(i, lane), c = acc_col(i, lane);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += frag_at(f, r, k) * static_cast<float>(Bt[c * ldb + k]);
+    acc.c[i] += s;
+  }
 }
 """
 
@@ -243,6 +270,58 @@ template <typename U> DEVICE_FN void st2(U* p, float a, float b) {
 }
 DEVICE_FN void st2(__nv_bfloat16* p, float a, float b) { *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b); }
 DEVICE_FN void st2(__half* p, float a, float b) { *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b); }
+template <typename U> struct Raw4 { U v[4]; };
+template <> struct Raw4<__nv_bfloat16> { uint2 q; };
+template <> struct Raw4<__half> { uint2 q; };
+template <typename U> DEVICE_FN Raw4<U> ldr4(const U* p) {
+  Raw4<U> r;
+  for (int j = 0; j < 4; ++j) r.v[j] = p[j];
+  return r;
+}
+DEVICE_FN Raw4<__nv_bfloat16> ldr4(const __nv_bfloat16* p) {
+  Raw4<__nv_bfloat16> r;
+  r.q = __ldg(reinterpret_cast<const uint2*>(p));
+  return r;
+}
+DEVICE_FN Raw4<__half> ldr4(const __half* p) {
+  Raw4<__half> r;
+  r.q = __ldg(reinterpret_cast<const uint2*>(p));
+  return r;
+}
+template <typename U> DEVICE_FN void cvt4(const Raw4<U>& r, float* o) {
+  for (int j = 0; j < 4; ++j) o[j] = static_cast<float>(r.v[j]);
+}
+DEVICE_FN void cvt4(const Raw4<__nv_bfloat16>& r, float* o) {
+  const unsigned int w[2] = {r.q.x, r.q.y};
+  for (int j = 0; j < 2; ++j) {
+    o[2 * j] = __uint_as_float(w[j] << 16);
+    o[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+  }
+}
+DEVICE_FN void cvt4(const Raw4<__half>& r, float* o) {
+  const __half2* h = reinterpret_cast<const __half2*>(&r.q);
+  for (int j = 0; j < 2; ++j) {
+    const float2 f = __half22float2(h[j]);
+    o[2 * j] = f.x;
+    o[2 * j + 1] = f.y;
+  }
+}
+template <typename U> DEVICE_FN void st4(U* p, const float* o) {
+  for (int j = 0; j < 4; ++j) p[j] = static_cast<U>(o[j]);
+}
+DEVICE_FN void st4(__nv_bfloat16* p, const float* o) {
+  uint2 v;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+  for (int j = 0; j < 2; ++j) h[j] = __floats2bfloat162_rn(o[2 * j], o[2 * j + 1]);
+  *reinterpret_cast<uint2*>(p) = v;
+}
+DEVICE_FN void st4(__half* p, const float* o) {
+  uint2 v;
+  __half2* h = reinterpret_cast<__half2*>(&v);
+  for (int j = 0; j < 2; ++j) h[j] = __floats2half2_rn(o[2 * j], o[2 * j + 1]);
+  *reinterpret_cast<uint2*>(p) = v;
+}
+DEVICE_FN void st4(float* p, const float* o) { *reinterpret_cast<float4*>(p) = make_float4(o[0], o[1], o[2], o[3]); }
 DEVICE_FN float ld_cg(const float* p) { return __ldcg(p); }
 ALLOY_ACC16_LOOPStemplate <typename U> DEVICE_FN unsigned int alloy_pack2(U lo, U hi) {
   return static_cast<unsigned int>(*reinterpret_cast<const unsigned short*>(&lo))
@@ -300,13 +379,25 @@ DEVICE_FN void mma16t(Acc16& acc, const __half* A, int lda, const __half* Bt, in
 // Frag16 of bf16 / fp16: the a-operand registers of mma.sync.m16n8k16 (alloy_frag_a), loaded once
 template <> struct Frag16<__nv_bfloat16> { unsigned int a[4]; };
 template <> struct Frag16<__half> { unsigned int a[4]; };
+// ldmatrix.x4 (.trans): lane l gives the shared-memory address of row l & 7 of 8 x 8 matrix l >> 3;
+// register j gets matrix j's element pair (row lane >> 2, columns 2 (lane & 3), + 1), transposed with trans
+DEVICE_FN void alloy_ldsm4(unsigned int* r, const void* p, bool trans) {
+  const unsigned int a = static_cast<unsigned int>(__cvta_generic_to_shared(p));
+  if (trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+// B row-major [k][n] (group-shared, rows 16-byte aligned): b-fragments of both 8-column halves by one
+// ldmatrix.x4.trans (matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15))
 template <typename U> DEVICE_FN void alloy_mma16_f_tc(Acc16& acc, const unsigned int* a, const U* B, int ldb, unsigned int lane) {
-  const int g = static_cast<int>(lane >> 2), t = static_cast<int>(lane & 3u);
-  for (int h = 0; h < 2; ++h) {
-    const int n = 8 * h + g;
-    alloy_mma_m16n8k16(acc.c + 4 * h, a, alloy_pack2(B[(2 * t) * ldb + n], B[(2 * t + 1) * ldb + n]),
-                       alloy_pack2(B[(2 * t + 8) * ldb + n], B[(2 * t + 9) * ldb + n]), B);
-  }
+  const int m = static_cast<int>(lane >> 3), r = static_cast<int>(lane & 7u);
+  unsigned int b[4];
+  alloy_ldsm4(b, B + (8 * (m & 1) + r) * ldb + 8 * (m >> 1), true);
+  alloy_mma_m16n8k16(acc.c, a, b[0], b[1], B);
+  alloy_mma_m16n8k16(acc.c + 4, a, b[2], b[3], B);
 }
 template <typename U> DEVICE_FN void alloy_mma16t_f_tc(Acc16& acc, const unsigned int* a, const U* Bt, int ldb, unsigned int lane) {
   const int g = static_cast<int>(lane >> 2), t = static_cast<int>(lane & 3u);
@@ -317,6 +408,14 @@ template <typename U> DEVICE_FN void alloy_mma16t_f_tc(Acc16& acc, const unsigne
 }
 DEVICE_FN void lda16(Frag16<__nv_bfloat16>& f, const __nv_bfloat16* A, int lda, unsigned int lane) { alloy_frag_a(f.a, A, lda, lane); }
 DEVICE_FN void lda16(Frag16<__half>& f, const __half* A, int lda, unsigned int lane) { alloy_frag_a(f.a, A, lda, lane); }
+// A given transposed, At [k][m] (group-shared, rows 16-byte aligned): a-fragments (m 0-7, k 0-7), (m 8-15,
+// k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15) by one ldmatrix.x4.trans
+template <typename U> DEVICE_FN void alloy_frag_at(unsigned int* a, const U* At, int lda, unsigned int lane) {
+  const int m = static_cast<int>(lane >> 3), r = static_cast<int>(lane & 7u);
+  alloy_ldsm4(a, At + (8 * (m >> 1) + r) * lda + 8 * (m & 1), true);
+}
+DEVICE_FN void lda16t(Frag16<__nv_bfloat16>& f, const __nv_bfloat16* At, int lda, unsigned int lane) { alloy_frag_at(f.a, At, lda, lane); }
+DEVICE_FN void lda16t(Frag16<__half>& f, const __half* At, int lda, unsigned int lane) { alloy_frag_at(f.a, At, lda, lane); }
 DEVICE_FN void mma16_f(Acc16& acc, const Frag16<__nv_bfloat16>& f, const __nv_bfloat16* B, int ldb, unsigned int lane) {
   alloy_mma16_f_tc(acc, f.a, B, ldb, lane);
 }
@@ -462,6 +561,18 @@ template <typename U> DEVICE_FN void st2(threadgroup U* p, float a, float b) {
   p[0] = static_cast<U>(a);
   p[1] = static_cast<U>(b);
 }
+template <typename U> struct Raw4 { U v[4]; };
+template <typename U> DEVICE_FN Raw4<U> ldr4(const device U* p) {
+  Raw4<U> r;
+  for (int j = 0; j < 4; ++j) r.v[j] = p[j];
+  return r;
+}
+template <typename U> DEVICE_FN void cvt4(Raw4<U> r, thread float* o) {
+  for (int j = 0; j < 4; ++j) o[j] = static_cast<float>(r.v[j]);
+}
+template <typename U> DEVICE_FN void st4(device U* p, thread const float* o) {
+  for (int j = 0; j < 4; ++j) p[j] = static_cast<U>(o[j]);
+}
 template <typename U> DEVICE_FN void prefetch_l2(const device U* p) {}
 // Acc16 / mma16 / acc_store: the layout of the CUDA dialect, computed by plain loops (no
 // simdgroup_matrix yet)
@@ -489,19 +600,38 @@ template <typename U> DEVICE_FN void mma16t(thread Acc16& acc, const threadgroup
     acc.c[i] += s;
   }
 }
-// Frag16: the tile's place (the products are mma16 / mma16t's)
-template <typename U> struct Frag16 { const threadgroup U* p; int ld; };
+// Frag16: the tile's place (tr: stored transposed, [k][m], by lda16t; the products are mma16 / mma16t's)
+template <typename U> struct Frag16 { const threadgroup U* p; int ld; bool tr; };
 template <typename U> DEVICE_FN void lda16(thread Frag16<U>& f, const threadgroup U* A, int lda, unsigned int lane) {
   f.p = A;
   f.ld = lda;
+  f.tr = false;
+}
+template <typename U> DEVICE_FN void lda16t(thread Frag16<U>& f, const threadgroup U* At, int lda, unsigned int lane) {
+  f.p = At;
+  f.ld = lda;
+  f.tr = true;
+}
+template <typename U> DEVICE_FN float frag_at(thread const Frag16<U>& f, int r, int k) {
+  return static_cast<float>(f.tr ? f.p[k * f.ld + r] : f.p[r * f.ld + k]);
 }
 template <typename U> DEVICE_FN void mma16_f(thread Acc16& acc, thread const Frag16<U>& f, const threadgroup U* B, int ldb,
                                              unsigned int lane) {
-  mma16(acc, f.p, f.ld, B, ldb, lane);
+  for (int i = 0; i < 8; ++i) {
+    const int r = acc_row(i, lane), c = acc_col(i, lane);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += frag_at(f, r, k) * static_cast<float>(B[k * ldb + c]);
+    acc.c[i] += s;
+  }
 }
 template <typename U> DEVICE_FN void mma16t_f(thread Acc16& acc, thread const Frag16<U>& f, const threadgroup U* Bt,
                                               int ldb, unsigned int lane) {
-  mma16t(acc, f.p, f.ld, Bt, ldb, lane);
+  for (int i = 0; i < 8; ++i) {
+    const int r = acc_row(i, lane), c = acc_col(i, lane);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += frag_at(f, r, k) * static_cast<float>(Bt[c * ldb + k]);
+    acc.c[i] += s;
+  }
 }
 template <typename V> DEVICE_FN void acc_store(thread const Acc16& acc, threadgroup V* C, int ldc, unsigned int lane) {
   for (int i = 0; i < 8; ++i) C[acc_row(i, lane) * ldc + acc_col(i, lane)] = static_cast<V>(acc.c[i]);

@@ -612,6 +612,14 @@ DX_FINISH_FUSED = False
 # accumulator layout (a warp touching half of each 32-byte sector). Bit-identical results.
 # Off: CHUNK_OUT_TC_ACC, the accumulator-layout epilogue (A/B switch).
 OUT_TC_VEC_EPILOGUE = True
+# CHUNK_OUT_TC_RM / BWD_DX_TC_RM instead of CHUNK_OUT_TC / BWD_DX_TC (with OUT_TC_VEC_EPILOGUE on for the
+# forward): the data tiles row-major in shared memory (whole-sector loads, 16-byte stores, b-operands by
+# ldmatrix.trans on CUDA) and BWD_DX's mask tile in CB's layout; bit-identical results.
+TC_ROW_TILES = True
+# With TC_ROW_TILES (and the gradient's products in the input dtype): the dX kernel also writes the state
+# term's cotangent dys = dy exp(acs) (BWD_DX_TC_DYS, from the dy rows it loads anyway) in place of the
+# gradient's separate elementwise pass over dy (read 100 MB, write 100 MB per toy layer).
+DX_DYS = False
 
 
 def _tc_fits(dtype, P: int, K: int) -> bool:
@@ -1016,6 +1024,156 @@ BWD_DX_TC = Kernel(
 )
 
 
+# ------------------------------------------------ the chunk products with row-major data tiles
+# CHUNK_OUT_TC_RM / BWD_DX_TC_RM: CHUNK_OUT_TC / BWD_DX_TC with the data tile (dt x, dy) kept row-major
+# in shared memory, sdx [k][p]: each row read from memory by PC / 8 consecutive lanes (whole 32-byte
+# sectors; the transposed tiles' lanes run along k, each using half of every sector it touches) and
+# stored with 16-byte stores (instead of eight 2-byte ones), the b-operands then read by
+# ldmatrix.trans (`mma16_f`). BWD_DX_TC_RM also builds its mask tile in CB's own layout, rows l and 8
+# consecutive s from two 16-byte loads (CHUNK_OUT_TC's loads: BWD_DX_TC reads CB column-wise, 8 scalar
+# loads per item), its a-operand the transposed tile (`lda16t`). Same operands and products as the
+# transposed-tile kernels: bit-identical results. Switch `TC_ROW_TILES`.
+def _tc_item_rows(src: str) -> str:
+    """`_tc_item` with the data tile row-major: sdx [k][p] (rows padded by 8: 16-byte aligned rows
+    whose ldmatrix row reads hit distinct banks)."""
+    return _tc_item(src).replace(
+        "  ALIGN16 SHARED T sdt[PC * TP];              // data tile transposed [p][k]\n",
+        "  constexpr int XP = PC + 8;                  // padded data-tile rows\n"
+        "  ALIGN16 SHARED T sdx[64 * XP];              // data tile row-major [k][p]\n")
+
+
+def _tc_data_rows(src: str, k0: str, scale: bool) -> str:
+    """`_tc_data_tile` into sdx [k][p]: one 8-element unit u of row k0 + kk per item, lanes along u."""
+    mul = """
+        const float d = static_cast<float>(dt[(b * L + t) * H + h]);
+        for (int q = 0; q < 8; ++q) v[q] *= d;""" if scale else ""
+    return f"""\
+    for (int idx = tid; idx < 64 * U8; idx += 128) {{
+      const int kk = idx / U8;
+      const int u = 8 * (idx % U8);
+      const long t = t0 + {k0} + kk;
+      float v[8];
+      if ({k0} + kk < KC && t < L) {{
+        ld8({src} + ((b * L + t) * H + h) * PC + u, v);{mul}
+      }} else {{
+        for (int q = 0; q < 8; ++q) v[q] = 0.0f;
+      }}
+      st8(sdx + kk * XP + u, v);
+    }}"""
+
+
+# the mask tile in CB's layout: rows l = l0 + r, columns s = c0 + u .. + 7 (two 16-byte CB loads per item),
+# M[l, s] = CB[l, s] exp(acs_l - acs_s) for c0 + u + q <= l < KC, else 0; smk [r][u]
+def _tc_mask_rows(l0: str, c0: str) -> str:
+    return f"""\
+    for (int idx = tid; idx < 64 * 8; idx += 128) {{
+      const int r = idx / 8;
+      const int u = 8 * (idx % 8);
+      const int l = {l0} + r;
+      float v[8];
+      if ({c0} + u <= l && l < KC) {{            // two 16-byte loads: {c0} + u + 8 <= KC (KC % 16 == 0)
+        const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + {c0} + u);
+        const float4 c0v = cb[0];
+        const float4 c1v = cb[1];
+        const float c[8] = {{c0v.x, c0v.y, c0v.z, c0v.w, c1v.x, c1v.y, c1v.z, c1v.w}};
+        const float al = sacs[l];
+        for (int q = 0; q < 8; ++q) v[q] = {c0} + u + q <= l ? c[q] * fexp(al - sacs[{c0} + u + q]) : 0.0f;
+      }} else {{
+        for (int q = 0; q < 8; ++q) v[q] = 0.0f;
+      }}
+      st8(smk + r * TP + u, v);
+    }}"""
+
+
+CHUNK_OUT_TC_RM = Kernel(
+    name="alloy_ssd_chunk_out_tc_rm",
+    inputs=CHUNK_OUT_TC.inputs,
+    outputs=CHUNK_OUT_TC.outputs,
+    body="""
+  // CHUNK_OUT_TC with the dt x tile row-major (sdx [s][p], ldmatrix.trans b-operands: mma16_f)
+""" + _tc_item_rows("x") + """
+  const int s_end = r0 + 64 < KC ? r0 + 64 : KC;
+  for (int s0 = 0; s0 < s_end; s0 += 64) {
+""" + _tc_data_rows("x", "s0", True) + """
+""" + _tc_mask_rows("r0", "s0") + """
+    BARRIER();
+    int nk = wr < KC ? (wr + 16 - s0) / 16 : 0;   // 16-blocks of s <= the warp's last row
+    nk = nk < 4 ? nk : 4;
+    for (int kk = 0; kk < nk; ++kk) {
+      Frag16<T> fm;                           // the warp's mask tile: loaded once for the PC / 16 tiles
+      lda16(fm, smk + 16 * w * TP + 16 * kk, TP, lane);
+      for (int j = 0; j < PC / 16; ++j) mma16_f(acc[j], fm, sdx + 16 * kk * XP + 16 * j, XP, lane);
+    }
+    BARRIER();
+  }
+""" + _OUT_TC_EPI_VEC,
+)
+
+def _dx_rm_body(dys: bool) -> str:
+    """BWD_DX_TC_RM's body; dys: also write dys = dy exp(acs_l) (rounded to T) in the gradient's
+    chunk-major layout (b, c, g, K, r p), the row block of l from its first data-tile load (l0 == r0: each
+    row of the chunk is loaded first by exactly one group)."""
+    store = """
+      if (l0 == r0 && l0 + kk < KC) {        // dys row l0 + kk (zero past L, as dy's padding)
+        const float e = fexp(sacs[l0 + kk]);
+        float w8[8];
+        for (int q = 0; q < 8; ++q) w8[q] = v[q] * e;
+        st8(dys + ((bc * G + g) * KC + l0 + kk) * (R * PC) + (h - g * R) * PC + u, w8);
+      }""" if dys else ""
+    tile = _tc_data_rows("dy", "l0", False)
+    tile = tile[:tile.rindex("      st8(sdx")] + store.lstrip("\n") + "\n" + tile[tile.rindex("      st8(sdx"):]
+    return ("""
+  // BWD_DX_TC with the dy tile row-major (sdx [l][p], mma16_f) and the mask tile in CB's layout
+  // (smk [l][s], rows from 16-byte loads; the warp's a-operand M^T[s, l] by lda16t)""" + (
+        """; BWD_DX_TC_DYS also writes
+  // dys = dy exp(acs_l) (the state term's cotangent, for the gradient's products dH, dC)""" if dys else "") + """
+""" + _tc_item_rows("dy") + """
+  for (int l0 = r0; l0 < KC; l0 += 64) {
+""" + tile + """
+""" + _tc_mask_rows("l0", "r0") + """
+    BARRIER();
+    const int k_lo = wr > l0 ? (wr - l0) / 16 : 0;           // 16-blocks of l >= the warp's first row
+    const int k_end = (KC - l0) / 16 < 4 ? (KC - l0) / 16 : 4;
+    if (wr < KC)
+      for (int kk = k_lo; kk < k_end; ++kk) {
+        Frag16<T> fm;                         // M^T rows s = wr .., columns l: loaded once for the PC / 16 tiles
+        lda16t(fm, smk + 16 * kk * TP + 16 * w, TP, lane);
+        for (int j = 0; j < PC / 16; ++j) mma16_f(acc[j], fm, sdx + 16 * kk * XP + 16 * j, XP, lane);
+      }
+    BARRIER();
+  }
+""" + BWD_DX_TC.body[BWD_DX_TC.body.index("  for (int i = 0; i < 8; i += 2) {             // a column pair"):])
+
+
+BWD_DX_TC_RM = Kernel(name="alloy_ssd_bwd_dx_tc_rm", inputs=("CB", "acs", "dy"), outputs=("dX",),
+                      body=_dx_rm_body(False))
+BWD_DX_TC_DYS = Kernel(name="alloy_ssd_bwd_dx_tc_dys", inputs=("CB", "acs", "dy"), outputs=("dX", "dys"),
+                       body=_dx_rm_body(True))
+
+
+def dx_dys_fits(dtype, op, P: int, K: int) -> bool:
+    """Whether the gradient takes dX and dys from BWD_DX_TC_DYS (`bwd_dx_dys`): switches DX_DYS,
+    TC_ROW_TILES and DX_TC on, 16-bit inputs that BWD_DX_TC takes, products in the input dtype."""
+    return DX_DYS and TC_ROW_TILES and DX_TC and _tc_fits(dtype, P, K) and op == dtype
+
+
+def bwd_dx_dys(CB, acs, dy, G: int):
+    """`BWD_DX_TC_DYS`: CB (b, c, g, K, K) float32, acs (b, c, h, K) float32, dy (b, l, h, p) 16-bit ->
+    dX (b, c, K, h, p) float32 (as `ssd_chunked_diag_bwd`'s) and dys = dy exp(acs) (b, c, g, K, h/g p)
+    in dy's dtype, zero past l."""
+    b, l, H, P = dy.shape
+    _, nc, _, K, _ = CB.shape
+    dX, dys = BWD_DX_TC_DYS(
+        [CB, acs, dy],
+        template=[("T", dy.dtype), ("KC", K), ("PC", P)],
+        grid=(groups(K, 64), H, b * nc),
+        threadgroup=128,
+        output_shapes=[(b, nc * K, H, P), (b, nc, G, K, H // G * P)],
+        output_dtypes=[_F32, dy.dtype],
+    )
+    return dX.reshape(b, nc, K, H, P), dys
+
+
 # BWD_FIN's lanes: with FIN_VEC on and P a multiple of 8, each lane takes 8 consecutive p (16-byte loads of
 # the 16-bit arrays, float4 pairs of the float32 ones, one 8-element store of dx), a row (batch, chunk
 # step, head) spread over the largest power of two lanes (at most 32) dividing P / 8; off (or other P):
@@ -1183,7 +1341,7 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy, with_dx: bool = True):
     if not with_dx:
         return None, dacs, dCB
     dtc = DX_TC and _tc_fits(x.dtype, P, K)
-    (dX,) = (BWD_DX_TC if dtc else BWD_DX)(
+    (dX,) = ((BWD_DX_TC_RM if TC_ROW_TILES else BWD_DX_TC) if dtc else BWD_DX)(
         [CB, acs, dy],
         template=([("T", x.dtype), ("KC", K), ("PC", P)] if dtc
                   else [("T", x.dtype), ("KC", K), ("PC", P), ("CG", groups(P, 64)), ("SB", 32)]),
@@ -1284,7 +1442,8 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
         )
         return out(y)
     Yo = Cc.astype(dtype) @ starts  # (b, c, g, K, r p)
-    (y,) = ((CHUNK_OUT_TC if OUT_TC_VEC_EPILOGUE else CHUNK_OUT_TC_ACC) if tc else OUT)(
+    (y,) = (((CHUNK_OUT_TC_RM if TC_ROW_TILES else CHUNK_OUT_TC) if OUT_TC_VEC_EPILOGUE else CHUNK_OUT_TC_ACC)
+            if tc else OUT)(
         [CB, acs, x, dt, Yo, D],
         template=([("T", dtype), ("KC", K), ("PC", P)] if tc
                   else [("T", dtype), ("KC", K), ("PC", P), ("CG", groups(P, 64)), ("SB", 32)]),

@@ -5,6 +5,9 @@
                         dispatch took on a GPU (the emulator's stand-ins count their own)
     arr(rng, shape)     standard-normal values (times scale) in a dtype
     pos(rng, shape, lo, hi)   uniform positive float32 values (decays, dt, beta)
+    chunk_time(v, K)    (b, l, ...) -> float32 (b, c, K, ...), zero-padded to whole chunks
+    ssd_diag_case(rng, dt, b, l, h, g, p, K)   inputs of the SSD diagonal-block kernels and float64
+                        references of their y and dX
     assert_grads_match(op, args, cts, impl, ref_impl, tol)
                         the gradients of sum_i <op(*args)[i], cts[i]> w.r.t. every argument agree
                         between op(..., impl=impl) and op(..., impl=ref_impl)
@@ -44,6 +47,42 @@ def arr(rng, shape, dtype=mx.float32, scale=1.0) -> mx.array:
 
 def pos(rng, shape, lo, hi) -> mx.array:
     return mx.array(rng.uniform(lo, hi, shape).astype(np.float32))
+
+
+F16 = {"bf16": mx.bfloat16, "fp16": mx.float16}
+
+
+def chunk_time(v, K):
+    """(b, l, ...) -> float32 (b, c, K, ...): the time axis zero-padded to whole chunks of K and split."""
+    b, l = v.shape[:2]
+    pad = -l % K
+    v = mx.pad(v.astype(mx.float32), [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+    return v.reshape(b, (l + pad) // K, K, *v.shape[2:])
+
+
+def ssd_diag_case(rng, dt, b, l, h, g, p, K):
+    """The inputs of the SSD diagonal-block kernels OUT / BWD_DX and their tensor-core forms (CB (b, c,
+    g, K, K) and acs (b, c, h, K) float32, x / dy (b, l, h, p) and Yo (b, c, g, K, r p) in F16[dt], dt
+    (b, l, h), D (h,)) and float64 numpy references of y and dX."""
+    dtype = F16[dt]
+    nc, r = -(-l // K), h // g
+    x, dy = arr(rng, (b, l, h, p), dtype), arr(rng, (b, l, h, p), dtype)
+    dtv = pos(rng, (b, l, h), 0.01, 0.3)
+    A = -pos(rng, (h,), 0.5, 4.0)
+    CB = arr(rng, (b, nc, g, K, K), scale=0.5)
+    Yo = arr(rng, (b, nc, g, K, r * p), dtype)
+    D = arr(rng, (h,))
+    acs = mx.cumsum(chunk_time(dtv, K) * A, axis=2).transpose(0, 1, 3, 2)  # (b, c, h, K)
+    f64 = lambda v: np.array(v.astype(mx.float32)).astype(np.float64)  # noqa: E731
+    ac = f64(acs)
+    E = np.exp(ac[..., :, None] - ac[..., None, :]) * np.tril(np.ones((K, K)))  # (b, c, h, l, s)
+    M = np.repeat(f64(CB), r, axis=2) * E
+    X = f64(chunk_time(x, K)) * f64(chunk_time(dtv, K))[..., None]  # (b, c, K, h, p)
+    Yh = f64(Yo).reshape(b, nc, g, K, r, p).transpose(0, 1, 3, 2, 4, 5).reshape(b, nc, K, h, p)
+    y = (np.einsum("bchls,bcshp->bclhp", M, X) + np.exp(ac).transpose(0, 1, 3, 2)[..., None] * Yh
+         + f64(D)[:, None] * f64(chunk_time(x, K)))
+    dX = np.einsum("bchls,bclhp->bcshp", M, f64(chunk_time(dy, K)))
+    return (CB, acs, x, dtv, Yo, D, dy), y.reshape(b, nc * K, h, p)[:, :l], dX
 
 
 def assert_grads_match(op, args, cts, impl: str, ref_impl: str, tol: float) -> None:

@@ -344,8 +344,20 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
         h0 = mx.zeros((b, h, p, n), _F32) if initial_state is None else initial_state.astype(_F32)
         Hs, _ = kern.state_pass(Bg.swapaxes(-1, -2) @ Xw, decay, h0, op)
 
+    if CB is None or CB.shape != (b, c, g, K, K):
+        CB = Cg.astype(_F32) @ Bg.astype(_F32).swapaxes(-1, -2)  # (b,c,g,K,K) float32, as in the forward
+    acs_t = acs.transpose(0, 1, 3, 2)                           # (b,c,h,K): the diagonal-block kernels' layout
+    # dX of the diagonal blocks fused with the end below where `kern.dx_finish_fits`; else, where
+    # `kern.dx_dys_fits`, its kernel also writes dys (below) from the dy rows it loads
+    fused = kern.dx_finish_fits(x.dtype, op, p, K, n)
+    dx_dys = not fused and kern.dx_dys_fits(x.dtype, op, p, K)
+
     # the state term y_off = e^acs C H_c
-    dys = gm((dyc * mx.exp(acs)[..., None]).astype(op))         # (b,c,g,K,rp)
+    dXd = None
+    if dx_dys:
+        dXd, dys = kern.bwd_dx_dys(CB, acs_t, dy.astype(x.dtype), g)  # dys (b,c,g,K,rp) in op
+    else:
+        dys = gm((dyc * mx.exp(acs)[..., None]).astype(op))     # (b,c,g,K,rp)
     dH = Cg.swapaxes(-1, -2) @ dys                              # (b,c,g,n,rp)
     dC = dys @ Hs.swapaxes(-1, -2)                              # (b,c,g,K,n)
 
@@ -360,11 +372,8 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
 
     # chunk end states S_c = B^T Xw; the diagonal blocks
     dB = Xw @ dS.swapaxes(-1, -2)                               # (b,c,g,K,n)
-    if CB is None or CB.shape != (b, c, g, K, K):
-        CB = Cg.astype(_F32) @ Bg.astype(_F32).swapaxes(-1, -2)  # (b,c,g,K,K) float32, as in the forward
-    # (dX of the diagonal blocks fused with the end below where `kern.dx_finish_fits`)
-    fused = kern.dx_finish_fits(x.dtype, op, p, K, n)
-    dXd, dacsd, dCB = kern.ssd_chunked_diag_bwd(CB, acs.transpose(0, 1, 3, 2), x, dt, dy, with_dx=not fused)
+    dXk, dacsd, dCB = kern.ssd_chunked_diag_bwd(CB, acs_t, x, dt, dy, with_dx=dXd is None and not fused)
+    dXd = dXk if dXd is None else dXd
     dCB = dCB.astype(op)
     dC = (dC + dCB @ Bg).transpose(0, 1, 3, 2, 4)               # (b,c,K,g,n)
     dB = (dB + dCB.swapaxes(-1, -2) @ Cg).transpose(0, 1, 3, 2, 4)

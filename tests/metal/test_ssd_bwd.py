@@ -13,7 +13,9 @@ import pytest
 
 from alloy.metal import emulate
 from alloy.metal import ssd_chunked as kern
-from alloy.metal.testing import DTYPES, arr, pos, rel_err
+from alloy.metal.testing import DTYPES, F16, arr, pos, rel_err
+from alloy.metal.testing import chunk_time as chunked
+from alloy.metal.testing import ssd_diag_case as diag_case
 
 ssd_mod = importlib.import_module("alloy.ops.ssd")
 
@@ -31,13 +33,6 @@ def inputs(rng, dt, b, l, h, g, p, n):
     dy = arr(rng, (b, l, h, p), dtype)
     ds = arr(rng, (b, h, p, n))
     return x, dtv, A, B, C, D, s0, dy, ds
-
-
-def chunked(v, K):
-    b, l = v.shape[:2]
-    pad = -l % K
-    v = mx.pad(v.astype(mx.float32), [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
-    return v.reshape(b, (l + pad) // K, K, *v.shape[2:])
 
 
 @pytest.mark.parametrize("tc", [False, True])
@@ -205,33 +200,6 @@ def test_kernel_path_gradient_reuses_the_forward_states(monkeypatch, dt):
 
 
 # ---------------------------------------------------------------- the chunk products on tensor cores
-F16 = {"bf16": mx.bfloat16, "fp16": mx.float16}
-
-
-def diag_case(rng, dt, b, l, h, g, p, K):
-    """The inputs of OUT / BWD_DX (CB (b, c, g, K, K) and acs (b, c, h, K) float32, x / dy (b, l, h, p)
-    and Yo (b, c, g, K, r p) in dtype, dt (b, l, h), D (h,)) and float64 numpy references of y and dX."""
-    dtype = F16[dt]
-    nc, r = -(-l // K), h // g
-    x, dy = arr(rng, (b, l, h, p), dtype), arr(rng, (b, l, h, p), dtype)
-    dtv = pos(rng, (b, l, h), 0.01, 0.3)
-    A = -pos(rng, (h,), 0.5, 4.0)
-    CB = arr(rng, (b, nc, g, K, K), scale=0.5)
-    Yo = arr(rng, (b, nc, g, K, r * p), dtype)
-    D = arr(rng, (h,))
-    acs = mx.cumsum(chunked(dtv, K) * A, axis=2).transpose(0, 1, 3, 2)  # (b, c, h, K)
-    f64 = lambda v: np.array(v.astype(mx.float32)).astype(np.float64)  # noqa: E731
-    ac = f64(acs)
-    E = np.exp(ac[..., :, None] - ac[..., None, :]) * np.tril(np.ones((K, K)))  # (b, c, h, l, s)
-    M = np.repeat(f64(CB), r, axis=2) * E
-    X = f64(chunked(x, K)) * f64(chunked(dtv, K))[..., None]  # (b, c, K, h, p)
-    Yh = f64(Yo).reshape(b, nc, g, K, r, p).transpose(0, 1, 3, 2, 4, 5).reshape(b, nc, K, h, p)
-    y = (np.einsum("bchls,bcshp->bclhp", M, X) + np.exp(ac).transpose(0, 1, 3, 2)[..., None] * Yh
-         + f64(D)[:, None] * f64(chunked(x, K)))
-    dX = np.einsum("bchls,bclhp->bcshp", M, f64(chunked(dy, K)))
-    return (CB, acs, x, dtv, Yo, D, dy), y.reshape(b, nc * K, h, p)[:, :l], dX
-
-
 TC_CASES = [("bf16", 1, 40, 2, 1, 16, 32),     # chunk below the 64-row block, L not whole chunks
             ("fp16", 2, 150, 4, 2, 64, 64),    # two heads per group
             ("bf16", 1, 300, 3, 1, 64, 256),   # four row blocks per chunk, three heads per group
@@ -274,6 +242,7 @@ def test_switches_pick_the_tensor_core_kernels(monkeypatch, dt, p, K, tc):
     for 16-bit inputs with head dim and chunk multiples of 16 (and OUT / BWD_DX otherwise), with the
     results of the switches off (within the bf16 / fp16 operand rounding)."""
     monkeypatch.setattr(kern, "OUT_FUSED_YO", False)  # CHUNK_OUT_YO_TC has its own tests (test_ssd_out_yo.py)
+    monkeypatch.setattr(kern, "TC_ROW_TILES", False)  # the row-tile kernels: test_ssd_tc_rows.py
     rng = np.random.default_rng(p + K)
     b, l, h, g, n = 1, 100, 4, 2, 16
     dtype = {**F16, "f32": mx.float32}[dt]

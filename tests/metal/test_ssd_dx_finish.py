@@ -128,6 +128,7 @@ def test_gradient_with_the_switch_on_and_off(monkeypatch, dt, p, n, K):
     up = [v.astype(mx.float32) for v in prim]
     _, want = mx.vjp(lambda *a: list(ssd_mod.ssd_chunked(*a, K)), up[:7], up[7:])
     got = {}
+    monkeypatch.setattr(kern, "TC_ROW_TILES", False)  # the row-tile kernel: test_ssd_tc_rows.py
     for on in (True, False):
         monkeypatch.setattr(kern, "DX_FINISH_FUSED", on)
         with emulate.patch(kern, poison=True):

@@ -4,9 +4,6 @@ the CPU emulator: bit-identical to the accumulator-layout epilogue (`CHUNK_OUT_T
 `OUT_TC_VEC_EPILOGUE` off) and within the tensor-core tolerance of the float64 reference, over bf16 /
 fp16, head dims 16 / 32 / 64, chunks 32 / 64 / 128, lengths that are not whole chunks, one and two
 groups. The GPU run is in tests/metal/test_ssd_out_epilogue_gpu.py."""
-import importlib.util
-import pathlib
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -14,11 +11,7 @@ import pytest
 from alloy.metal import emulate
 from alloy.metal import ssd_chunked as kern
 from alloy.metal.testing import arr, pos, rel_err
-
-_spec = importlib.util.spec_from_file_location("_ssd_bwd_cases", pathlib.Path(__file__).with_name("test_ssd_bwd.py"))
-_bwd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_bwd)
-diag_case = _bwd.diag_case  # CHUNK_OUT_TC's inputs and the float64 reference of y
+from alloy.metal.testing import ssd_diag_case as diag_case  # CHUNK_OUT_TC's inputs and the float64 reference of y
 
 pytestmark = pytest.mark.skipif(not emulate.available(), reason="no g++ for the CPU kernel emulator")
 
@@ -58,6 +51,7 @@ def test_switch_picks_the_epilogue(monkeypatch):
     off, with bit-identical y (the Yo matmul path: OUT_FUSED_YO off)."""
     monkeypatch.setattr(kern, "OUT_FUSED_YO", False)
     monkeypatch.setattr(kern, "OUT_TC", True)
+    monkeypatch.setattr(kern, "TC_ROW_TILES", False)  # CHUNK_OUT_TC_RM: tests/metal/test_ssd_tc_rows.py
     rng = np.random.default_rng(3)
     b, l, h, g, p, n, K = 1, 100, 4, 2, 32, 16, 64
     x = arr(rng, (b, l, h, p), mx.bfloat16)

@@ -29,6 +29,7 @@ def test_vec_epilogue_bit_identical_on_gpu(monkeypatch, l):
     for on in (True, False):
         monkeypatch.setattr(kern, "OUT_FUSED_YO", False)
         monkeypatch.setattr(kern, "OUT_TC", True)
+        monkeypatch.setattr(kern, "TC_ROW_TILES", False)  # CHUNK_OUT_TC_RM: tests/metal/test_ssd_tc_rows_gpu.py
         monkeypatch.setattr(kern, "OUT_TC_VEC_EPILOGUE", on)
         vec, acc = Counted(kern.CHUNK_OUT_TC), Counted(kern.CHUNK_OUT_TC_ACC)
         monkeypatch.setattr(kern, "CHUNK_OUT_TC", vec)

@@ -138,6 +138,7 @@ def test_ssd_chunked_switch(monkeypatch, dt, p, n, K, fused):
     b, l, h, g = 1, 100, 4, 2
     args = ssd_case(rng, dtype, b, l, h, g, p, n)
     res = {}
+    monkeypatch.setattr(kern, "TC_ROW_TILES", False)  # the row-tile kernel: test_ssd_tc_rows.py
     for on in (False, True):
         monkeypatch.setattr(kern, "OUT_FUSED_YO", on)
         with emulate.patch(kern, poison=True):
