@@ -77,9 +77,11 @@ PIPE_AHEAD_BWD = 2
 # in 16-byte stores). H100 Nsight Compute, toy gradient at VW 8: 272 us, 230 registers -> 2 warps per
 # scheduler, latency bound (4.0 cycles per issued instruction). nvcc sm_90, bf16, K 4, 2-step batches,
 # no spills: VW 4 takes 135 registers unbounded (3 warps per scheduler), 123 under launch bounds
-# (GROUP, 4) (4 warps per scheduler; (GROUP, 5): 96 and 344 bytes of spills). Not timed on a GPU yet:
-# bench/conv_tune.py's "pipe:BWD_PIPE_VW=4" is the A/B.
-BWD_PIPE_VW = 8
+# (GROUP, 4) (4 warps per scheduler; (GROUP, 5): 96 and 344 bytes of spills). H100, session 11
+# (bench/conv_tune.py, toy layer): gradient kernel 264.5 us at VW 8 -> 204.5 at VW 4 (236.2 unbounded,
+# 206.3 with 3-step batches, 221.8 without the L2 prefetch); toy train step (40 pipelined steps, same
+# job): 70.0 / 70.4 ms at VW 4 against 70.6 / 71.1 / 70.2 at VW 8 (docs/benchmarks.md).
+BWD_PIPE_VW = 4
 BWD_PIPE4_MIN_GROUPS = 4  # the VW 4 gradients' launch bounds: (GROUP, this) (0: none)
 FWD_MIN_GROUPS = 4  # the pipe forward's launch bounds: (GROUP, this) — registers capped for 4 groups per SM
 # the pipe kernels pull the rows this many steps ahead into L2 (0: none): about twice the two batches

@@ -31,6 +31,7 @@ def emulated(monkeypatch):
     if not emulate.available():
         pytest.skip("no g++ for the CPU kernel emulator")
     monkeypatch.setattr(metal, "backend", lambda: "cuda")
+    monkeypatch.setattr(conv_mod, "BWD_PIPE_VW", 8)  # the 8-channel pipe gradients (VW 4: test_conv1d_bwd_vw4.py)
     with emulate.patch(conv_mod, poison=True):
         yield {k: getattr(conv_mod, k) for k in ("KERNEL", "BWD", "KERNEL_SPLIT", "BWD_SPLIT", "KERNEL_PIPE",
                                                  "BWD_PIPE", "KERNEL_SPLIT_PIPE", "BWD_SPLIT_PIPE")}
