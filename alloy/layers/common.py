@@ -51,6 +51,35 @@ def decode_linear(p: dict, x: mx.array, norm_weight=None, norm_groups: int = 0, 
     return y if residual is None else residual + y
 
 
+# Plain float linears of at least LINEAR_VJP_MIN_ROWS rows multiply through `matmul_t`, whose written-out
+# gradient takes dW = dy^T x from its GEMM in W's own (out, in) layout. MLX's matmul VJP of x @ W.T gives
+# (x^T dy)^T, a transposed view, which the cast to the float32 masters (and, for MLP's stacked gate / up
+# weights, the concatenation's row slices) then copies element by element (strided `copy_g_nd`).
+LINEAR_VJP = True
+LINEAR_VJP_MIN_ROWS = 1024
+
+
+@mx.custom_function
+def _matmul_t_vjp(x, w):
+    return x @ w.T
+
+
+@_matmul_t_vjp.vjp
+def _matmul_t_grads(primals, cotangent, output):
+    x, w = primals
+    d2 = cotangent.astype(x.dtype).reshape(-1, w.shape[0])
+    return (d2 @ w).reshape(x.shape), (d2.T @ x.reshape(-1, x.shape[-1])).astype(w.dtype)
+
+
+def matmul_t(x: mx.array, w: mx.array) -> mx.array:
+    """x @ w.T for a float weight w (out, in); with `LINEAR_VJP` and at least LINEAR_VJP_MIN_ROWS rows
+    of x, through a custom VJP whose weight gradient comes out contiguous in w's layout (same values:
+    dx = dy w, dw = dy^T x)."""
+    if LINEAR_VJP and w.ndim == 2 and x.ndim >= 2 and x.size // x.shape[-1] >= LINEAR_VJP_MIN_ROWS:
+        return _matmul_t_vjp(x, w)
+    return x @ w.T
+
+
 def dense(p: dict, x: mx.array) -> mx.array:
     """y = x W^T (+ b) for an HF-layout linear {"weight": (out, in), "bias"?: (out,)}, or its
     quantized form (``scales`` present): y = x dequant(W)^T (+ b) via ``mx.quantized_matmul``.
@@ -61,7 +90,7 @@ def dense(p: dict, x: mx.array) -> mx.array:
         y = mx.quantized_matmul(x, p["weight"], p["scales"], p["biases"], transpose=True,
                                 group_size=gs, bits=bits)
     else:
-        y = x @ p["weight"].T
+        y = matmul_t(x, p["weight"])
     if "lora_A" in p:  # an unmerged low-rank delta riding on the linear: + (x A^T) B^T
         y = y + (x @ p["lora_A"].T) @ p["lora_B"].T
     if "bias" in p:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from alloy import metal
-from alloy.layers.common import dense, plain_linear
+from alloy.layers.common import dense, matmul_t, plain_linear
 from alloy.layers.registry import LayerSettings, register_ffn
 from alloy.ops.activations import ACTIVATIONS, activation, swiglu, swiglu_packed
 from alloy.params import init as I
@@ -73,7 +73,7 @@ PACKED_MIN_ROWS = 1024
 def _gate_up_packed(params, x):
     """x @ [W_gate; W_up]^T (+ [b_gate; b_up]): (..., 2F), gate then up."""
     g, u = params["gate_proj"], params["up_proj"]
-    y = x @ mx.concatenate([g["weight"], u["weight"]], axis=0).T
+    y = matmul_t(x, mx.concatenate([g["weight"], u["weight"]], axis=0))
     if "bias" in g:
         y = y + mx.concatenate([g["bias"], u["bias"]])
     return y
