@@ -614,11 +614,16 @@ DX_FINISH_FUSED = False
 OUT_TC_VEC_EPILOGUE = True
 # CHUNK_OUT_TC_RM / BWD_DX_TC_RM instead of CHUNK_OUT_TC / BWD_DX_TC (with OUT_TC_VEC_EPILOGUE on for the
 # forward): the data tiles row-major in shared memory (whole-sector loads, 16-byte stores, b-operands by
-# ldmatrix.trans on CUDA) and BWD_DX's mask tile in CB's layout; bit-identical results.
+# ldmatrix.trans on CUDA) and BWD_DX's mask tile in CB's layout; bit-identical results. H100, session 11
+# (bench/gpu_kernel_profile.py --what ssd, toy layer, same job): OUT 377 -> 310 us, BWD_DX 238 -> 217 us;
+# in the train step's profile BWD_DX 232 -> 210 us per layer, OUT unchanged (253 us against 244 in session
+# 10's); toy step 70.3 / 70.3 on vs 70.5 / 71.3 off (docs/benchmarks.md).
 TC_ROW_TILES = True
 # With TC_ROW_TILES (and the gradient's products in the input dtype): the dX kernel also writes the state
 # term's cotangent dys = dy exp(acs) (BWD_DX_TC_DYS, from the dy rows it loads anyway) in place of the
-# gradient's separate elementwise pass over dy (read 100 MB, write 100 MB per toy layer).
+# gradient's separate elementwise pass over dy (read 100 MB, write 100 MB per toy layer). Off: H100,
+# session 11: kernel sum -52 us per layer, but the dX kernel then runs on the dH -> state-pass chain and
+# dys lives longer (+0.27 GB): toy step 70.4 (40 steps) on vs 70.6 / 71.1 / 70.2 off, within noise.
 DX_DYS = False
 
 
