@@ -249,21 +249,26 @@ OUT = Kernel(
 )
 
 
-def _tc_item(src: str) -> str:
+_T_TILE_DECL = "  ALIGN16 SHARED T sdt[PC * TP];              // data tile transposed [p][k]\n"
+_ROW_TILE_DECL = ("  constexpr int XP = PC + 8;                  // padded data-tile rows\n"
+                  "  ALIGN16 SHARED T sdx[64 * XP];              // data tile row-major [k][p]\n")
+
+
+def _tc_item(src: str, rows: bool = False) -> str:
     """The opening CHUNK_OUT_TC and BWD_DX_TC share: one group of 4 warps per (block of 64 output rows
     from r0, head h, batch x chunk bc); warp w owns rows r0 + 16 w .. + 15 and all PC columns (PC / 16
     accumulator tiles). Per step of 64 along the reduction index k: the mask tile in smk [row][k] and
-    the data tile transposed in sdt [p][k] (mma16t's operands), both in T, rows padded by 8 (the
-    fragment loads of a warp hit 32 different banks, as in BWD_SCORES_TC); the head's acs for the
-    chunk in shared memory. `src`: the (b, L, h, p) input that gives L and H."""
+    the data tile transposed in sdt [p][k] (mma16t's operands), or with `rows` row-major in sdx [k][p]
+    (mma16_f's: the row-tile kernels), both in T, rows padded by 8 (the fragment loads of a warp hit 32
+    different banks, as in BWD_SCORES_TC); the head's acs for the chunk in shared memory. `src`: the
+    (b, L, h, p) input that gives L and H."""
     return _chunk_block(src) + f"""\
   const int w = static_cast<int>(warp);
   const int wr = r0 + 16 * w;                 // the warp's first output row
   constexpr int TP = 64 + 8;                  // padded tile rows
   constexpr int U8 = PC / 8;                  // 8-element units of a data row
   ALIGN16 SHARED T smk[64 * TP];              // mask tile [output row][k]
-  ALIGN16 SHARED T sdt[PC * TP];              // data tile transposed [p][k]
-  SHARED float sacs[KC];
+{_ROW_TILE_DECL if rows else _T_TILE_DECL}  SHARED float sacs[KC];
   for (int l = tid; l < KC; l += 128) sacs[l] = static_cast<float>(acs[(bc * H + h) * KC + l]);
   Acc16 acc[PC / 16];
   for (int j = 0; j < PC / 16; ++j) acc_zero(acc[j]);
@@ -1038,15 +1043,6 @@ BWD_DX_TC = Kernel(
 # consecutive s from two 16-byte loads (CHUNK_OUT_TC's loads: BWD_DX_TC reads CB column-wise, 8 scalar
 # loads per item), its a-operand the transposed tile (`lda16t`). Same operands and products as the
 # transposed-tile kernels: bit-identical results. Switch `TC_ROW_TILES`.
-def _tc_item_rows(src: str) -> str:
-    """`_tc_item` with the data tile row-major: sdx [k][p] (rows padded by 8: 16-byte aligned rows
-    whose ldmatrix row reads hit distinct banks)."""
-    return _tc_item(src).replace(
-        "  ALIGN16 SHARED T sdt[PC * TP];              // data tile transposed [p][k]\n",
-        "  constexpr int XP = PC + 8;                  // padded data-tile rows\n"
-        "  ALIGN16 SHARED T sdx[64 * XP];              // data tile row-major [k][p]\n")
-
-
 def _tc_data_rows(src: str, k0: str, scale: bool) -> str:
     """`_tc_data_tile` into sdx [k][p]: one 8-element unit u of row k0 + kk per item, lanes along u."""
     mul = """
@@ -1096,7 +1092,7 @@ CHUNK_OUT_TC_RM = Kernel(
     outputs=CHUNK_OUT_TC.outputs,
     body="""
   // CHUNK_OUT_TC with the dt x tile row-major (sdx [s][p], ldmatrix.trans b-operands: mma16_f)
-""" + _tc_item_rows("x") + """
+""" + _tc_item("x", rows=True) + """
   const int s_end = r0 + 64 < KC ? r0 + 64 : KC;
   for (int s0 = 0; s0 < s_end; s0 += 64) {
 """ + _tc_data_rows("x", "s0", True) + """
@@ -1132,7 +1128,7 @@ def _dx_rm_body(dys: bool) -> str:
   // (smk [l][s], rows from 16-byte loads; the warp's a-operand M^T[s, l] by lda16t)""" + (
         """; BWD_DX_TC_DYS also writes
   // dys = dy exp(acs_l) (the state term's cotangent, for the gradient's products dH, dC)""" if dys else "") + """
-""" + _tc_item_rows("dy") + """
+""" + _tc_item("dy", rows=True) + """
   for (int l0 = r0; l0 < KC; l0 += 64) {
 """ + tile + """
 """ + _tc_mask_rows("l0", "r0") + """
