@@ -587,6 +587,13 @@ _SCORE_PB = 32    # head-dim columns per shared tile load in BWD_SCORES
 # per slice, 1.259 with 4; BWD_SCORES 1.868 ms with 8 heads, 1.993 with 4. Whole toy train step:
 # 137.5 ms with TC vs 148.8 / 146.2 without (docs/benchmarks.md, session 7).
 SCORES_TC = True
+# BWD_SCORES_TC's groups above the diagonal write their tile's zeros (dCB, and the row / column sums of
+# their heads) instead of returning, so its three outputs need no zero-fill pass before the launch (MLX's
+# init_value: per toy layer ~25 MB of fills; 27 of the toy step's 30 `copy_s` launches, 1.4 ms of kernel
+# time, nearly all beside other kernels). Built after session 11's last GPU job: emulator-tested (bit for
+# bit equal with the fill, outputs poisoned), compiled by nvcc (128 registers, no spills), not yet timed
+# on a GPU: off until measured (A/B: bench/train_step.py --set alloy.metal.ssd_chunked.SCORES_ZERO_TILES=True).
+SCORES_ZERO_TILES = False
 # BWD_DX_TC instead of BWD_DX, CHUNK_OUT_TC instead of OUT (the forward's diagonal blocks), where the
 # inputs are bf16 / fp16 and the head dim and chunk are multiples of 16 (head dim at most 128): the
 # chunk products on tensor cores, the mask tile rounded to the input dtype (as the Triton kernels).
@@ -779,7 +786,6 @@ BWD_SCORES_TC = Kernel(
   const int NT = (KC + 63) / 64;
   const int ti = bid_x / NT;
   const int tj = bid_x % NT;
-  if (tj > ti) return;                        // above the diagonal: every score is masked
   const int NS = R / RS;
   const int g = bid_y / NS;
   const int ks = bid_y % NS;
@@ -788,6 +794,22 @@ BWD_SCORES_TC = Kernel(
   const long t0 = (bc % nc) * KC;
   const int l0 = ti * 64;
   const int s0 = tj * 64;
+  if (tj > ti) {                              // above the diagonal: every score is masked
+    if (ZT) {                                 // the tile's zeros (the outputs get no zero-fill pass)
+      for (int idx = static_cast<int>(tid); idx < 64 * 64; idx += 256) {
+        const int l = l0 + idx / 64;
+        const int s = s0 + idx % 64;
+        if (l < KC && s < KC) dCB[(((ks * nbc + bc) * G + g) * KC + l) * KC + s] = 0.0f;
+      }
+      for (int idx = static_cast<int>(tid); idx < RS * 64; idx += 256) {
+        const int hz = g * R + ks * RS + idx / 64;
+        const int q = idx % 64;
+        if (l0 + q < KC) rsum[((bc * H + hz) * NT + tj) * KC + l0 + q] = 0.0f;
+        if (s0 + q < KC) csum[((bc * H + hz) * NT + ti) * KC + s0 + q] = 0.0f;
+      }
+    }
+    return;
+  }
   constexpr int PP = PC + 8;                 // padded rows: conflict-free fragment loads
   constexpr int U8 = PC / 8;                 // 8-element units per row
   ALIGN16 SHARED T sdy[64 * PP];             // dy rows l0 ..
@@ -1327,15 +1349,16 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy, with_dx: bool = True):
     ns = H // G // rs
     dy = dy.astype(x.dtype)
     tc = SCORES_TC and P % 16 == 0 and P <= (128 if x.dtype in (mx.bfloat16, mx.float16) else 64)
+    zt = tc and SCORES_ZERO_TILES
     dCB, rsum, csum = (BWD_SCORES_TC if tc else BWD_SCORES)(
         [CB, acs, x, dt, dy],
-        template=([("T", x.dtype), ("KC", K), ("PC", P), ("RS", rs)] if tc
+        template=([("T", x.dtype), ("KC", K), ("PC", P), ("RS", rs), ("ZT", zt)] if tc
                   else [("T", x.dtype), ("KC", K), ("PB", _SCORE_PB), ("RS", rs)]),
         grid=(nt * nt, G * ns, b * nc),
         threadgroup=256,
         output_shapes=[(ns, b, nc, G, K, K), (b, nc, H, nt, K), (b, nc, H, nt, K)],
         output_dtypes=[_F32, _F32, _F32],
-        init_value=0.0,
+        init_value=None if zt else 0.0,
     )
     dCB = dCB[0] if ns == 1 else dCB.sum(axis=0)
     dacs = (rsum.sum(axis=3) - csum.sum(axis=3)).transpose(0, 1, 3, 2)

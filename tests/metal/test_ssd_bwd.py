@@ -266,3 +266,24 @@ def test_switches_pick_the_tensor_core_kernels(monkeypatch, dt, p, K, tc):
     tol = 1e-2 if tc else 0.0
     for a, c in zip(res[True], res[False]):
         assert rel_err(a, c) <= tol, rel_err(a, c)
+
+
+@pytest.mark.parametrize("dt,l,g,p,K", [("bf16", 130, 2, 32, 128), ("bf16", 100, 1, 16, 80), ("f32", 200, 1, 64, 192)])
+def test_scores_zero_tiles_replace_the_fill(monkeypatch, dt, l, g, p, K):
+    """With SCORES_ZERO_TILES the groups above the diagonal write their tiles' zeros and the launch has
+    no zero-fill (outputs poisoned with NaN in the emulator: an unwritten element would show): the
+    same dCB and dacs as with the fill, bit for bit (chunks of 2-3 tiles, a partial last tile)."""
+    monkeypatch.setattr(kern, "SCORES_TC", True)
+    rng = np.random.default_rng(K + l + p)
+    b, h = 1, 4
+    x, dtv, A, B, C, _, _, dy, _ = inputs(rng, dt, b, l, h, g, p, 16)
+    Bc, Cc, dtc = chunked(B, K), chunked(C, K), chunked(dtv, K)
+    acs = mx.cumsum(dtc * A, axis=2).transpose(0, 1, 3, 2)
+    CB = mx.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(kern, "SCORES_ZERO_TILES", on)
+        with emulate.patch(kern, poison=True):
+            got[on] = kern.ssd_chunked_diag_bwd(CB, acs, x, dtv, dy, with_dx=False)[1:]
+    for name, a, c in zip(("dacs", "dCB"), got[True], got[False]):
+        assert mx.array_equal(a, c), name
