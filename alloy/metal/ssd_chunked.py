@@ -275,63 +275,100 @@ def _tc_item(src: str, rows: bool = False) -> str:
   BARRIER();"""
 
 
-# the data tile's loads, one 8-element unit u of row k0 + kk per item, lanes along k: its transposed
-# stores (8 per item) hit consecutive 16-bit words of one sdt row (no bank conflicts); zero past the
-# chunk and past L. scale: times dt_s before the rounding to T (OUT's X = dt x).
-def _tc_data_tile(src: str, k0: str, scale: bool) -> str:
+# the data tile's loads, one 8-element unit u of row k0 + kk per item; zero past the chunk and past L.
+# scale: times dt_s before the rounding to T (OUT's X = dt x). Transposed (sdt [p][k], the kernels with
+# `_tc_item(rows=False)`): lanes along k, whose 8 stores per item hit consecutive 16-bit words of one
+# sdt row (no bank conflicts). rows (sdx [k][p]): lanes along u, one 16-byte store per item; with dys
+# also dys = v exp(acs) rounded to T in the gradient's chunk-major layout (b, c, g, K, r p), on the
+# group's first step (k0 == r0: each row of the chunk is loaded first by exactly one group).
+def _tc_data_tile(src: str, k0: str, scale: bool, rows: bool = False, dys: bool = False) -> str:
     mul = """
         const float d = static_cast<float>(dt[(b * L + t) * H + h]);
         for (int q = 0; q < 8; ++q) v[q] *= d;""" if scale else ""
+    index = ("""const int kk = idx / U8;
+      const int u = 8 * (idx % U8);""" if rows else """const int kk = idx % 64;
+      const int u = 8 * (idx / 64);""")
+    store = f"""
+      if ({k0} == r0 && {k0} + kk < KC) {{        // dys row {k0} + kk (zero past L, as dy's padding)
+        const float e = fexp(sacs[{k0} + kk]);
+        float w8[8];
+        for (int q = 0; q < 8; ++q) w8[q] = v[q] * e;
+        st8(dys + ((bc * G + g) * KC + {k0} + kk) * (R * PC) + (h - g * R) * PC + u, w8);
+      }}""" if dys else ""
+    store += ("""
+      st8(sdx + kk * XP + u, v);""" if rows else """
+      for (int q = 0; q < 8; ++q) sdt[(u + q) * TP + kk] = static_cast<T>(v[q]);""")
     return f"""\
     for (int idx = tid; idx < 64 * U8; idx += 128) {{
-      const int kk = idx % 64;
-      const int u = 8 * (idx / 64);
+      {index}
       const long t = t0 + {k0} + kk;
       float v[8];
       if ({k0} + kk < KC && t < L) {{
         ld8({src} + ((b * L + t) * H + h) * PC + u, v);{mul}
       }} else {{
         for (int q = 0; q < 8; ++q) v[q] = 0.0f;
+      }}{store}
+    }}"""
+
+
+# The row-tile kernels CHUNK_OUT_TC_RM / BWD_DX_TC_RM: CHUNK_OUT_TC / BWD_DX_TC with the data tile
+# (dt x, dy) kept row-major in shared memory, sdx [k][p]: each row read from memory by PC / 8
+# consecutive lanes (whole 32-byte sectors; the transposed tiles' lanes run along k, each using half of
+# every sector it touches) and stored with 16-byte stores (instead of eight 2-byte ones), the
+# b-operands then read by ldmatrix.trans (`mma16_f`). BWD_DX_TC_RM also builds its mask tile in CB's
+# own layout, rows l and 8 consecutive s from two 16-byte loads (CHUNK_OUT_TC's loads: BWD_DX_TC reads
+# CB column-wise, 8 scalar loads per item), its a-operand the transposed tile (`lda16t`). Same
+# operands and products as the transposed-tile kernels: bit-identical results. Switch `TC_ROW_TILES`.
+# CHUNK_OUT_TC's own mask is `_tc_mask_rows` too.
+# the mask tile in CB's layout: rows l = l0 + r, columns s = c0 + u .. + 7 (two 16-byte CB loads per item),
+# M[l, s] = CB[l, s] exp(acs_l - acs_s) for c0 + u + q <= l < KC, else 0; smk [r][u]
+def _tc_mask_rows(l0: str, c0: str) -> str:
+    return f"""\
+    for (int idx = tid; idx < 64 * 8; idx += 128) {{
+      const int r = idx / 8;
+      const int u = 8 * (idx % 8);
+      const int l = {l0} + r;
+      float v[8];
+      if ({c0} + u <= l && l < KC) {{            // two 16-byte loads: {c0} + u + 8 <= KC (KC % 16 == 0)
+        const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + {c0} + u);
+        const float4 c0v = cb[0];
+        const float4 c1v = cb[1];
+        const float c[8] = {{c0v.x, c0v.y, c0v.z, c0v.w, c1v.x, c1v.y, c1v.z, c1v.w}};
+        const float al = sacs[l];
+        for (int q = 0; q < 8; ++q) v[q] = {c0} + u + q <= l ? c[q] * fexp(al - sacs[{c0} + u + q]) : 0.0f;
+      }} else {{
+        for (int q = 0; q < 8; ++q) v[q] = 0.0f;
       }}
-      for (int q = 0; q < 8; ++q) sdt[(u + q) * TP + kk] = static_cast<T>(v[q]);
+      st8(smk + r * TP + u, v);
     }}"""
 
 
 # CHUNK_OUT_TC's diagonal-block products, which CHUNK_OUT_YO_TC runs after its Yo phase: steps of 64 s
 # up to the block's last row, the dt x tile and the mask tile M[l, s] = CB[l, s] exp(acs_l - acs_s) in
-# shared memory, each warp's products over the 16-blocks of s <= its last row
-_OUT_TC_LOOP = """\
+# shared memory, each warp's products over the 16-blocks of s <= its last row; rows: the data tile
+# row-major (CHUNK_OUT_TC_RM, `mma16_f`), else transposed (`mma16t_f`)
+def _out_tc_loop(rows: bool) -> str:
+    product = ("mma16_f(acc[j], fm, sdx + 16 * kk * XP + 16 * j, XP, lane)" if rows
+               else "mma16t_f(acc[j], fm, sdt + 16 * j * TP + 16 * kk, TP, lane)")
+    return """\
   const int s_end = r0 + 64 < KC ? r0 + 64 : KC;
   for (int s0 = 0; s0 < s_end; s0 += 64) {
-""" + _tc_data_tile("x", "s0", True) + """
-    for (int idx = tid; idx < 64 * 8; idx += 128) {   // mask: 8 consecutive s of row l (coalesced CB)
-      const int r = idx / 8;
-      const int u = 8 * (idx % 8);
-      const int l = r0 + r;
-      float v[8];
-      if (s0 + u <= l && l < KC) {            // two 16-byte loads: s0 + u + 8 <= KC (KC % 16 == 0)
-        const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + s0 + u);
-        const float4 c0 = cb[0];
-        const float4 c1 = cb[1];
-        const float c[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-        const float al = sacs[l];
-        for (int q = 0; q < 8; ++q) v[q] = s0 + u + q <= l ? c[q] * fexp(al - sacs[s0 + u + q]) : 0.0f;
-      } else {
-        for (int q = 0; q < 8; ++q) v[q] = 0.0f;
-      }
-      st8(smk + r * TP + u, v);
-    }
+""" + _tc_data_tile("x", "s0", True, rows) + """
+""" + _tc_mask_rows("r0", "s0") + """
     BARRIER();
     int nk = wr < KC ? (wr + 16 - s0) / 16 : 0;   // 16-blocks of s <= the warp's last row
     nk = nk < 4 ? nk : 4;
     for (int kk = 0; kk < nk; ++kk) {
       Frag16<T> fm;                           // the warp's mask tile: loaded once for the PC / 16 tiles
       lda16(fm, smk + 16 * w * TP + 16 * kk, TP, lane);
-      for (int j = 0; j < PC / 16; ++j) mma16t_f(acc[j], fm, sdt + 16 * j * TP + 16 * kk, TP, lane);
+      for (int j = 0; j < PC / 16; ++j) """ + product + """;
     }
     BARRIER();
   }
 """
+
+
+_OUT_TC_LOOP = _out_tc_loop(False)
 
 
 # CHUNK_OUT_TC's epilogues: y = acc + exp(acs_l) Yo + D x in float32, rounded once, rows past the
@@ -1006,6 +1043,64 @@ BWD_DX = Kernel(
 )
 
 
+# BWD_DX_TC's (and the row-tile kernels') product loop: steps of 64 along l from r0, the dy tile and the
+# mask tile M^T[s, l] in shared memory; rows: the dy tile row-major and the mask in CB's layout
+# (`_tc_mask_rows`, the warp's a-operand by lda16t; with dys the dy rows' dys written too), else the dy
+# tile transposed and the mask built [s][l] from column-wise CB loads (lanes along s)
+def _dx_tc_loop(rows: bool, dys: bool = False) -> str:
+    if rows:
+        tile, mask = _tc_data_tile("dy", "l0", False, True, dys), _tc_mask_rows("l0", "r0")
+        frag = "lda16t(fm, smk + 16 * kk * TP + 16 * w, TP, lane);"
+        product = "mma16_f(acc[j], fm, sdx + 16 * kk * XP + 16 * j, XP, lane)"
+    else:
+        tile = _tc_data_tile("dy", "l0", False)
+        mask = """\
+    for (int idx = tid; idx < 64 * 8; idx += 128) {   // mask: 8 consecutive l of row s, lanes along s
+      const int r = idx % 64;
+      const int u = 8 * (idx / 64);
+      const int s = r0 + r;
+      float v[8];
+      for (int q = 0; q < 8; ++q) {
+        const int l = l0 + u + q;
+        v[q] = (s <= l && l < KC) ? CB[((bc * G + g) * KC + l) * KC + s] * fexp(sacs[l] - sacs[s]) : 0.0f;
+      }
+      st8(smk + r * TP + u, v);
+    }"""
+        frag = "lda16(fm, smk + 16 * w * TP + 16 * kk, TP, lane);"
+        product = "mma16t_f(acc[j], fm, sdt + 16 * j * TP + 16 * kk, TP, lane)"
+    return """\
+  for (int l0 = r0; l0 < KC; l0 += 64) {
+""" + tile + """
+""" + mask + """
+    BARRIER();
+    const int k_lo = wr > l0 ? (wr - l0) / 16 : 0;           // 16-blocks of l >= the warp's first row
+    const int k_end = (KC - l0) / 16 < 4 ? (KC - l0) / 16 : 4;
+    if (wr < KC)
+      for (int kk = k_lo; kk < k_end; ++kk) {
+        Frag16<T> fm;                         // the warp's mask tile: loaded once for the PC / 16 tiles
+        """ + frag + """
+        for (int j = 0; j < PC / 16; ++j) """ + product + """;
+      }
+    BARRIER();
+  }
+"""
+
+
+# BWD_DX_TC's epilogue: dX float32, a column pair per 8-byte store
+_DX_TC_EPI = """\
+  for (int i = 0; i < 8; i += 2) {             // a column pair as one 8-byte store (dX float32, even column)
+    const int s = wr + acc_row(i, lane);
+    if (s < KC)
+      for (int j = 0; j < PC / 16; ++j) {
+        float2 v;
+        v.x = acc[j].c[i];
+        v.y = acc[j].c[i + 1];
+        *reinterpret_cast<DEV float2*>(dX + ((b * nc * KC + t0 + s) * H + h) * PC + 16 * j + acc_col(i, lane)) = v;
+      }
+  }
+"""
+
+
 BWD_DX_TC = Kernel(
     name="alloy_ssd_bwd_dx_tc",
     inputs=("CB", "acs", "dy"),
@@ -1017,95 +1112,8 @@ BWD_DX_TC = Kernel(
   // with M^T rounded to T (dy is T already), float32 accumulation and output; a warp skips the
   // 16-blocks of l below its rows (and past the chunk), and loads its mask fragment once per 16-block
   // of l for all PC / 16 tiles (lda16 / mma16t_f).
-""" + _tc_item("dy") + """
-  for (int l0 = r0; l0 < KC; l0 += 64) {
-""" + _tc_data_tile("dy", "l0", False) + """
-    for (int idx = tid; idx < 64 * 8; idx += 128) {   // mask: 8 consecutive l of row s, lanes along s
-      const int r = idx % 64;
-      const int u = 8 * (idx / 64);
-      const int s = r0 + r;
-      float v[8];
-      for (int q = 0; q < 8; ++q) {
-        const int l = l0 + u + q;
-        v[q] = (s <= l && l < KC) ? CB[((bc * G + g) * KC + l) * KC + s] * fexp(sacs[l] - sacs[s]) : 0.0f;
-      }
-      st8(smk + r * TP + u, v);
-    }
-    BARRIER();
-    const int k_lo = wr > l0 ? (wr - l0) / 16 : 0;           // 16-blocks of l >= the warp's first row
-    const int k_end = (KC - l0) / 16 < 4 ? (KC - l0) / 16 : 4;
-    if (wr < KC)
-      for (int kk = k_lo; kk < k_end; ++kk) {
-        Frag16<T> fm;                         // the warp's mask tile: loaded once for the PC / 16 tiles
-        lda16(fm, smk + 16 * w * TP + 16 * kk, TP, lane);
-        for (int j = 0; j < PC / 16; ++j) mma16t_f(acc[j], fm, sdt + 16 * j * TP + 16 * kk, TP, lane);
-      }
-    BARRIER();
-  }
-  for (int i = 0; i < 8; i += 2) {             // a column pair as one 8-byte store (dX float32, even column)
-    const int s = wr + acc_row(i, lane);
-    if (s < KC)
-      for (int j = 0; j < PC / 16; ++j) {
-        float2 v;
-        v.x = acc[j].c[i];
-        v.y = acc[j].c[i + 1];
-        *reinterpret_cast<DEV float2*>(dX + ((b * nc * KC + t0 + s) * H + h) * PC + 16 * j + acc_col(i, lane)) = v;
-      }
-  }
-""",
+""" + _tc_item("dy") + "\n" + _dx_tc_loop(False) + _DX_TC_EPI,
 )
-
-
-# ------------------------------------------------ the chunk products with row-major data tiles
-# CHUNK_OUT_TC_RM / BWD_DX_TC_RM: CHUNK_OUT_TC / BWD_DX_TC with the data tile (dt x, dy) kept row-major
-# in shared memory, sdx [k][p]: each row read from memory by PC / 8 consecutive lanes (whole 32-byte
-# sectors; the transposed tiles' lanes run along k, each using half of every sector it touches) and
-# stored with 16-byte stores (instead of eight 2-byte ones), the b-operands then read by
-# ldmatrix.trans (`mma16_f`). BWD_DX_TC_RM also builds its mask tile in CB's own layout, rows l and 8
-# consecutive s from two 16-byte loads (CHUNK_OUT_TC's loads: BWD_DX_TC reads CB column-wise, 8 scalar
-# loads per item), its a-operand the transposed tile (`lda16t`). Same operands and products as the
-# transposed-tile kernels: bit-identical results. Switch `TC_ROW_TILES`.
-def _tc_data_rows(src: str, k0: str, scale: bool) -> str:
-    """`_tc_data_tile` into sdx [k][p]: one 8-element unit u of row k0 + kk per item, lanes along u."""
-    mul = """
-        const float d = static_cast<float>(dt[(b * L + t) * H + h]);
-        for (int q = 0; q < 8; ++q) v[q] *= d;""" if scale else ""
-    return f"""\
-    for (int idx = tid; idx < 64 * U8; idx += 128) {{
-      const int kk = idx / U8;
-      const int u = 8 * (idx % U8);
-      const long t = t0 + {k0} + kk;
-      float v[8];
-      if ({k0} + kk < KC && t < L) {{
-        ld8({src} + ((b * L + t) * H + h) * PC + u, v);{mul}
-      }} else {{
-        for (int q = 0; q < 8; ++q) v[q] = 0.0f;
-      }}
-      st8(sdx + kk * XP + u, v);
-    }}"""
-
-
-# the mask tile in CB's layout: rows l = l0 + r, columns s = c0 + u .. + 7 (two 16-byte CB loads per item),
-# M[l, s] = CB[l, s] exp(acs_l - acs_s) for c0 + u + q <= l < KC, else 0; smk [r][u]
-def _tc_mask_rows(l0: str, c0: str) -> str:
-    return f"""\
-    for (int idx = tid; idx < 64 * 8; idx += 128) {{
-      const int r = idx / 8;
-      const int u = 8 * (idx % 8);
-      const int l = {l0} + r;
-      float v[8];
-      if ({c0} + u <= l && l < KC) {{            // two 16-byte loads: {c0} + u + 8 <= KC (KC % 16 == 0)
-        const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + {c0} + u);
-        const float4 c0v = cb[0];
-        const float4 c1v = cb[1];
-        const float c[8] = {{c0v.x, c0v.y, c0v.z, c0v.w, c1v.x, c1v.y, c1v.z, c1v.w}};
-        const float al = sacs[l];
-        for (int q = 0; q < 8; ++q) v[q] = {c0} + u + q <= l ? c[q] * fexp(al - sacs[{c0} + u + q]) : 0.0f;
-      }} else {{
-        for (int q = 0; q < 8; ++q) v[q] = 0.0f;
-      }}
-      st8(smk + r * TP + u, v);
-    }}"""
 
 
 CHUNK_OUT_TC_RM = Kernel(
@@ -1115,57 +1123,17 @@ CHUNK_OUT_TC_RM = Kernel(
     body="""
   // CHUNK_OUT_TC with the dt x tile row-major (sdx [s][p], ldmatrix.trans b-operands: mma16_f)
 """ + _tc_item("x", rows=True) + """
-  const int s_end = r0 + 64 < KC ? r0 + 64 : KC;
-  for (int s0 = 0; s0 < s_end; s0 += 64) {
-""" + _tc_data_rows("x", "s0", True) + """
-""" + _tc_mask_rows("r0", "s0") + """
-    BARRIER();
-    int nk = wr < KC ? (wr + 16 - s0) / 16 : 0;   // 16-blocks of s <= the warp's last row
-    nk = nk < 4 ? nk : 4;
-    for (int kk = 0; kk < nk; ++kk) {
-      Frag16<T> fm;                           // the warp's mask tile: loaded once for the PC / 16 tiles
-      lda16(fm, smk + 16 * w * TP + 16 * kk, TP, lane);
-      for (int j = 0; j < PC / 16; ++j) mma16_f(acc[j], fm, sdx + 16 * kk * XP + 16 * j, XP, lane);
-    }
-    BARRIER();
-  }
-""" + _OUT_TC_EPI_VEC,
+""" + _out_tc_loop(True) + _OUT_TC_EPI_VEC,
 )
 
 def _dx_rm_body(dys: bool) -> str:
-    """BWD_DX_TC_RM's body; dys: also write dys = dy exp(acs_l) (rounded to T) in the gradient's
-    chunk-major layout (b, c, g, K, r p), the row block of l from its first data-tile load (l0 == r0: each
-    row of the chunk is loaded first by exactly one group)."""
-    store = """
-      if (l0 == r0 && l0 + kk < KC) {        // dys row l0 + kk (zero past L, as dy's padding)
-        const float e = fexp(sacs[l0 + kk]);
-        float w8[8];
-        for (int q = 0; q < 8; ++q) w8[q] = v[q] * e;
-        st8(dys + ((bc * G + g) * KC + l0 + kk) * (R * PC) + (h - g * R) * PC + u, w8);
-      }""" if dys else ""
-    tile = _tc_data_rows("dy", "l0", False)
-    tile = tile[:tile.rindex("      st8(sdx")] + store.lstrip("\n") + "\n" + tile[tile.rindex("      st8(sdx"):]
+    """BWD_DX_TC_RM's body; dys: also write dys = dy exp(acs_l) (BWD_DX_TC_DYS, see `_tc_data_tile`)."""
     return ("""
   // BWD_DX_TC with the dy tile row-major (sdx [l][p], mma16_f) and the mask tile in CB's layout
   // (smk [l][s], rows from 16-byte loads; the warp's a-operand M^T[s, l] by lda16t)""" + (
         """; BWD_DX_TC_DYS also writes
   // dys = dy exp(acs_l) (the state term's cotangent, for the gradient's products dH, dC)""" if dys else "") + """
-""" + _tc_item("dy", rows=True) + """
-  for (int l0 = r0; l0 < KC; l0 += 64) {
-""" + tile + """
-""" + _tc_mask_rows("l0", "r0") + """
-    BARRIER();
-    const int k_lo = wr > l0 ? (wr - l0) / 16 : 0;           // 16-blocks of l >= the warp's first row
-    const int k_end = (KC - l0) / 16 < 4 ? (KC - l0) / 16 : 4;
-    if (wr < KC)
-      for (int kk = k_lo; kk < k_end; ++kk) {
-        Frag16<T> fm;                         // M^T rows s = wr .., columns l: loaded once for the PC / 16 tiles
-        lda16t(fm, smk + 16 * kk * TP + 16 * w, TP, lane);
-        for (int j = 0; j < PC / 16; ++j) mma16_f(acc[j], fm, sdx + 16 * kk * XP + 16 * j, XP, lane);
-      }
-    BARRIER();
-  }
-""" + BWD_DX_TC.body[BWD_DX_TC.body.index("  for (int i = 0; i < 8; i += 2) {             // a column pair"):])
+""" + _tc_item("dy", rows=True) + "\n" + _dx_tc_loop(True, dys) + _DX_TC_EPI)
 
 
 BWD_DX_TC_RM = Kernel(name="alloy_ssd_bwd_dx_tc_rm", inputs=("CB", "acs", "dy"), outputs=("dX",),
@@ -1480,10 +1448,9 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
 
 
 # ---------------------------------------------------------------- dX and the gradient's end, fused
-# BWD_DX_TC's product loop, verbatim (the fused kernel below runs it into accumulators that already
+# BWD_DX_TC's product loop (the fused kernel below runs it into accumulators that already
 # hold dXw wS): steps of 64 along l from r0, the dy tile transposed in sdt, the mask tile in smk
-_DX_TC_LOOP = BWD_DX_TC.body[BWD_DX_TC.body.index("  for (int l0 = r0; l0 < KC; l0 += 64) {"):
-                             BWD_DX_TC.body.index("  for (int i = 0; i < 8; i += 2) {")]
+_DX_TC_LOOP = _dx_tc_loop(False)
 
 
 def _fin_tiles(rows: str, states: str) -> str:
