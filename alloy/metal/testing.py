@@ -5,7 +5,10 @@
                         dispatch took on a GPU (the emulator's stand-ins count their own)
     arr(rng, shape)     standard-normal values (times scale) in a dtype
     pos(rng, shape, lo, hi)   uniform positive float32 values (decays, dt, beta)
+    f64(v)              an mx.array as float64 numpy
     chunk_time(v, K)    (b, l, ...) -> float32 (b, c, K, ...), zero-padded to whole chunks
+    ssd_inputs(rng, dtype, b, l, h, g, p, n), ssd_chunked_autodiff(prim, K)
+                        the SSD's arguments and cotangents, and float32 autodiff gradients at them
     ssd_diag_case(rng, dt, b, l, h, g, p, K)   inputs of the SSD diagonal-block kernels and float64
                         references of their y and dX
     assert_grads_match(op, args, cts, impl, ref_impl, tol)
@@ -52,6 +55,11 @@ def pos(rng, shape, lo, hi) -> mx.array:
 F16 = {"bf16": mx.bfloat16, "fp16": mx.float16}
 
 
+def f64(v) -> np.ndarray:
+    """An mx.array as a float64 numpy array (through float32)."""
+    return np.array(v.astype(mx.float32)).astype(np.float64)
+
+
 def chunk_time(v, K):
     """(b, l, ...) -> float32 (b, c, K, ...): the time axis zero-padded to whole chunks of K and split."""
     b, l = v.shape[:2]
@@ -73,7 +81,6 @@ def ssd_diag_case(rng, dt, b, l, h, g, p, K):
     Yo = arr(rng, (b, nc, g, K, r * p), dtype)
     D = arr(rng, (h,))
     acs = mx.cumsum(chunk_time(dtv, K) * A, axis=2).transpose(0, 1, 3, 2)  # (b, c, h, K)
-    f64 = lambda v: np.array(v.astype(mx.float32)).astype(np.float64)  # noqa: E731
     ac = f64(acs)
     E = np.exp(ac[..., :, None] - ac[..., None, :]) * np.tril(np.ones((K, K)))  # (b, c, h, l, s)
     M = np.repeat(f64(CB), r, axis=2) * E
@@ -83,6 +90,30 @@ def ssd_diag_case(rng, dt, b, l, h, g, p, K):
          + f64(D)[:, None] * f64(chunk_time(x, K)))
     dX = np.einsum("bchls,bclhp->bcshp", M, f64(chunk_time(dy, K)))
     return (CB, acs, x, dtv, Yo, D, dy), y.reshape(b, nc * K, h, p)[:, :l], dX
+
+
+def ssd_inputs(rng, dtype, b, l, h, g, p, n):
+    """The SSD's arguments and cotangents: x (b, l, h, p), dt (b, l, h), A (h,) < 0, B / C (b, l, g, n),
+    D (h,), the initial state (b, h, p, n), dy (x's shape) and the final state's cotangent; x, B, C, dy
+    in dtype, the rest float32."""
+    x = arr(rng, (b, l, h, p), dtype)
+    dtv = pos(rng, (b, l, h), 0.01, 0.3)
+    A = -pos(rng, (h,), 0.5, 4.0)
+    B, C = arr(rng, (b, l, g, n), dtype), arr(rng, (b, l, g, n), dtype)
+    D = arr(rng, (h,))
+    s0 = arr(rng, (b, h, p, n))
+    dy = arr(rng, (b, l, h, p), dtype)
+    ds = arr(rng, (b, h, p, n))
+    return x, dtv, A, B, C, D, s0, dy, ds
+
+
+def ssd_chunked_autodiff(prim, K):
+    """MLX autodiff of `alloy.ops.ssd.ssd_chunked` in float32 at `ssd_inputs`' values: the gradients
+    with respect to (x, dt, A, B, C, D, initial state)."""
+    from alloy.ops.ssd import ssd_chunked
+
+    up = [v.astype(mx.float32) for v in prim]
+    return mx.vjp(lambda *a: list(ssd_chunked(*a, K)), up[:7], up[7:])[1]
 
 
 def assert_grads_match(op, args, cts, impl: str, ref_impl: str, tol: float) -> None:

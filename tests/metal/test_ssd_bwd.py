@@ -13,7 +13,7 @@ import pytest
 
 from alloy.metal import emulate
 from alloy.metal import ssd_chunked as kern
-from alloy.metal.testing import DTYPES, F16, arr, pos, rel_err
+from alloy.metal.testing import DTYPES, F16, arr, pos, rel_err, ssd_inputs
 from alloy.metal.testing import chunk_time as chunked
 from alloy.metal.testing import ssd_diag_case as diag_case
 
@@ -23,16 +23,7 @@ pytestmark = pytest.mark.skipif(not emulate.available(), reason="no g++ for the 
 
 
 def inputs(rng, dt, b, l, h, g, p, n):
-    dtype = DTYPES[dt]
-    x = arr(rng, (b, l, h, p), dtype)
-    dtv = pos(rng, (b, l, h), 0.01, 0.3)
-    A = -pos(rng, (h,), 0.5, 4.0)
-    B, C = arr(rng, (b, l, g, n), dtype), arr(rng, (b, l, g, n), dtype)
-    D = arr(rng, (h,))
-    s0 = arr(rng, (b, h, p, n))
-    dy = arr(rng, (b, l, h, p), dtype)
-    ds = arr(rng, (b, h, p, n))
-    return x, dtv, A, B, C, D, s0, dy, ds
+    return ssd_inputs(rng, DTYPES[dt], b, l, h, g, p, n)
 
 
 @pytest.mark.parametrize("tc", [False, True])

@@ -13,7 +13,7 @@ import pytest
 
 from alloy.metal import emulate
 from alloy.metal import ssd_chunked as kern
-from alloy.metal.testing import arr, pos, rel_err
+from alloy.metal.testing import F16, arr, chunk_time as chunked, f64, pos, rel_err, ssd_chunked_autodiff, ssd_inputs
 
 ssd_mod = importlib.import_module("alloy.ops.ssd")
 
@@ -25,20 +25,6 @@ def _switch_on(monkeypatch):
     """The kernel under test is off by default (slower in the toy step, docs/benchmarks.md session 9):
     these tests turn DX_FINISH_FUSED on (a test that compares on and off sets it itself)."""
     monkeypatch.setattr(kern, "DX_FINISH_FUSED", True)
-
-
-F16 = {"bf16": mx.bfloat16, "fp16": mx.float16}
-
-
-def f64(v):
-    return np.array(v.astype(mx.float32)).astype(np.float64)
-
-
-def chunked(v, K):
-    b, l = v.shape[:2]
-    pad = -l % K
-    v = mx.pad(v.astype(mx.float32), [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
-    return v.reshape(b, (l + pad) // K, K, *v.shape[2:])
 
 
 def fin_case(rng, dt, b, l, h, g, p, n, K):
@@ -119,14 +105,8 @@ def test_gradient_with_the_switch_on_and_off(monkeypatch, dt, p, n, K):
     tests/metal/test_ssd_bwd.py)."""
     rng = np.random.default_rng(p + n)
     b, l, h, g = 1, 150, 4, 2
-    dtype = F16[dt]
-    x, dy = arr(rng, (b, l, h, p), dtype), arr(rng, (b, l, h, p), dtype)
-    dtv, A = pos(rng, (b, l, h), 0.01, 0.3), -pos(rng, (h,), 0.5, 4.0)
-    B, C = arr(rng, (b, l, g, n), dtype), arr(rng, (b, l, g, n), dtype)
-    D, s0, ds = arr(rng, (h,)), arr(rng, (b, h, p, n)), arr(rng, (b, h, p, n))
-    prim = (x, dtv, A, B, C, D, s0, dy, ds)
-    up = [v.astype(mx.float32) for v in prim]
-    _, want = mx.vjp(lambda *a: list(ssd_mod.ssd_chunked(*a, K)), up[:7], up[7:])
+    prim = ssd_inputs(rng, F16[dt], b, l, h, g, p, n)
+    want = ssd_chunked_autodiff(prim, K)
     got = {}
     monkeypatch.setattr(kern, "TC_ROW_TILES", False)  # the row-tile kernel: test_ssd_tc_rows.py
     for on in (True, False):

@@ -10,15 +10,11 @@ import pytest
 
 from alloy.metal import emulate
 from alloy.metal import ssd_chunked as kern
-from alloy.metal.testing import arr, pos, rel_err
+from alloy.metal.testing import arr, f64, pos, rel_err
 
 pytestmark = pytest.mark.skipif(not emulate.available(), reason="no g++ for the CPU kernel emulator")
 
 DT = {"bf16": mx.bfloat16, "fp16": mx.float16, "f32": mx.float32}
-
-
-def f64(v):
-    return np.array(v.astype(mx.float32)).astype(np.float64)
 
 
 def fin_case(rng, dtype, chdtype, b, l, h, g, p, K):

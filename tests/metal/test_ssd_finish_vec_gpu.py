@@ -9,14 +9,10 @@ import pytest
 
 from alloy import metal
 from alloy.metal import ssd_chunked as kern
-from alloy.metal.testing import arr, pos, rel_err
+from alloy.metal.testing import arr, f64, pos, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(metal.backend() is None, reason="no CUDA or Metal GPU backend")]
-
-
-def f64(v):
-    return np.array(v.astype(mx.float32)).astype(np.float64)
 
 
 @pytest.mark.parametrize("p,cdt", [(64, mx.bfloat16), (32, mx.float32)])

@@ -10,7 +10,7 @@ import pytest
 
 from alloy.metal import emulate
 from alloy.metal import ssd_chunked as kern
-from alloy.metal.testing import arr, pos, rel_err
+from alloy.metal.testing import F16, arr, chunk_time as chunked, f64, pos, rel_err
 from alloy.ops import ssd_ref
 
 pytestmark = pytest.mark.skipif(not emulate.available(), reason="no g++ for the CPU kernel emulator")
@@ -21,21 +21,6 @@ def _switch_on(monkeypatch):
     """The kernel under test is off by default (slower in the toy step, docs/benchmarks.md session 9):
     these tests turn OUT_FUSED_YO on (a test that compares on and off sets it itself)."""
     monkeypatch.setattr(kern, "OUT_FUSED_YO", True)
-
-
-F16 = {"bf16": mx.bfloat16, "fp16": mx.float16}
-
-
-def chunked(v, K):
-    """(b, l, ...) -> (b, c, K, ...) float32, zeros past l."""
-    b, l = v.shape[:2]
-    pad = -l % K
-    v = mx.pad(v.astype(mx.float32), [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
-    return v.reshape(b, (l + pad) // K, K, *v.shape[2:])
-
-
-def f64(v):
-    return np.array(v.astype(mx.float32)).astype(np.float64)
 
 
 def out_case(rng, dtype, b, l, h, g, p, n, K, x_scale=1.0):

@@ -11,7 +11,7 @@ import pytest
 
 from alloy.metal import emulate
 from alloy.metal import ssd_chunked as kern
-from alloy.metal.testing import F16, arr, chunk_time, pos, rel_err, ssd_diag_case
+from alloy.metal.testing import F16, arr, chunk_time, pos, rel_err, ssd_chunked_autodiff, ssd_diag_case, ssd_inputs
 
 pytestmark = pytest.mark.skipif(not emulate.available(), reason="no g++ for the CPU kernel emulator")
 
@@ -97,14 +97,8 @@ def test_gradient_with_dys_from_the_dx_kernel(monkeypatch, dt, g):
     ssd_mod = importlib.import_module("alloy.ops.ssd")
     rng = np.random.default_rng(11 + g)
     b, l, h, p, n, K = 1, 150, 4, 32, 16, 64
-    dtype = F16[dt]
-    x, dy = arr(rng, (b, l, h, p), dtype), arr(rng, (b, l, h, p), dtype)
-    dtv, A = pos(rng, (b, l, h), 0.01, 0.3), -pos(rng, (h,), 0.5, 4.0)
-    B, C = arr(rng, (b, l, g, n), dtype), arr(rng, (b, l, g, n), dtype)
-    D, s0, ds = arr(rng, (h,)), arr(rng, (b, h, p, n)), arr(rng, (b, h, p, n))
-    prim = (x, dtv, A, B, C, D, s0, dy, ds)
-    up = [v.astype(mx.float32) for v in prim]
-    _, want = mx.vjp(lambda *a: list(ssd_mod.ssd_chunked(*a, K)), up[:7], up[7:])
+    prim = ssd_inputs(rng, F16[dt], b, l, h, g, p, n)
+    want = ssd_chunked_autodiff(prim, K)
     for name, v in (("DX_TC", True), ("TC_ROW_TILES", True), ("DX_FINISH_FUSED", False)):
         monkeypatch.setattr(kern, name, v)
     got = {}
