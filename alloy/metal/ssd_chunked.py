@@ -626,7 +626,8 @@ _SCORE_PB = 32    # head-dim columns per shared tile load in BWD_SCORES
 SCORES_TC = True
 # BWD_SCORES_TC's groups above the diagonal write their tile's zeros (dCB, and the row / column sums of
 # their heads) instead of returning, so its three outputs need no zero-fill pass before the launch (MLX's
-# init_value: per toy layer ~25 MB of fills; 27 of the toy step's 30 `copy_s` launches, 1.4 ms of kernel
+# init_value; per toy layer 63 MB of fills by the shapes: dCB in 3 head slices 50 MB, the row / column
+# sums 6.3 MB each; in the H100 profile 27 of the toy step's 30 `copy_s` launches, 1.4 ms of kernel
 # time, nearly all beside other kernels). Built after session 11's last GPU job: emulator-tested (bit for
 # bit equal with the fill, outputs poisoned), compiled by nvcc (128 registers, no spills), not yet timed
 # on a GPU: off until measured (A/B: bench/train_step.py --set alloy.metal.ssd_chunked.SCORES_ZERO_TILES=True).
