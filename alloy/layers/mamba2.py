@@ -21,6 +21,7 @@ import mlx.nn as nn
 from alloy.layers.common import conv_tail, decode_linear, dense, dense_split, live_mask
 from alloy.layers.registry import LayerSettings, register_mixer
 from alloy.ops.conv import causal_conv1d, causal_conv1d_split
+from alloy.ops.conv import kernel_applies as conv_kernel_applies
 from alloy.ops.norm import gated_rms_norm
 from alloy.ops.ssd import mamba2_step, mamba2_step_kernel_applies, ssd
 from alloy.params import init as I
@@ -165,6 +166,15 @@ SPLIT_CONV = True
 SPLIT_IN_PROJ = True
 SPLIT_IN_PROJ_MIN_ROWS = 1024
 
+# On the conv kernel path, dt rides with xBC: in_proj as two products (z, then xBC and dt as one) and
+# the conv passes dt's columns through (`causal_conv1d_split(tail=n_heads)`), its gradient kernel
+# writing dt's cotangent into dxBC's last columns: no 24-column product of its own, whose weight
+# gradient (K = B * T) cuBLAS ran as a split-K GEMM at ~1% of the tensor cores (H100 toy step profile:
+# 9 x 0.09-0.13 ms, plus the 24-wide forward product, 24 us, and its dx GEMM, 36 us). Toy step (40
+# pipelined steps, same job): 69.4 / 69.9 ms on vs 69.5 off, within the run-to-run noise; peak memory
+# 27.82 vs 28.64 GB (docs/benchmarks.md session 12).
+DT_IN_CONV = True
+
 
 @register_mixer("mamba2", settings=Mamba2Settings, init=init, init_state=init_state, state="ssm",
                 mask="none", residual_block=decode_block, stack_decode=(stack_prepare, stack_decode))
@@ -173,14 +183,22 @@ def apply(params, x, state, cfg: Mamba2Settings):
     gn = cfg.n_groups * cfg.d_state
     if _fused_applies(params, x, state, cfg):
         return _fused_decode(params, x, state, cfg)
-    if SPLIT_IN_PROJ and Bsz * T >= SPLIT_IN_PROJ_MIN_ROWS:
+    split = SPLIT_IN_PROJ and Bsz * T >= SPLIT_IN_PROJ_MIN_ROWS
+    dt_in_conv = split and SPLIT_CONV and DT_IN_CONV and conv_kernel_applies(x, params["conv1d"]["weight"])
+    if dt_in_conv:
+        z, xBCdt = dense_split(params["in_proj"], x, (cfg.d_inner, cfg.conv_dim + cfg.n_heads))
+        xBC = xBCdt[..., :cfg.conv_dim]  # (read only by conv_tail below)
+    elif split:
         z, xBC, dt = dense_split(params["in_proj"], x, (cfg.d_inner, cfg.conv_dim, cfg.n_heads))
     else:
         z, xBC, dt = mx.split(dense(params["in_proj"], x), [cfg.d_inner, 2 * cfg.d_inner + 2 * gn], axis=-1)
     valid = None if state is None else state.get("valid")
-    conv_args = (xBC, params["conv1d"]["weight"], params["conv1d"].get("bias"),
+    conv_args = (xBCdt if dt_in_conv else xBC, params["conv1d"]["weight"], params["conv1d"].get("bias"),
                  None if state is None else state["conv"])
-    if SPLIT_CONV:
+    if dt_in_conv:
+        (xs, Bm, Cm, dt), conv_state = causal_conv1d_split(*conv_args, activation="silu", widths=(cfg.d_inner, gn, gn),
+                                                           tail=cfg.n_heads)
+    elif SPLIT_CONV:
         (xs, Bm, Cm), conv_state = causal_conv1d_split(*conv_args, activation="silu", widths=(cfg.d_inner, gn, gn))
     else:
         xBC_out, conv_state = causal_conv1d(*conv_args, activation="silu")

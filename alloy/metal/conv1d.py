@@ -90,16 +90,30 @@ FWD_MIN_GROUPS = 4  # the pipe forward's launch bounds: (GROUP, this) — regist
 PREFETCH = 8
 
 
-def _head() -> str:
+# the gradient kernels' copy of the XT trailing (passed-through) columns' cotangent into dx: by the groups
+# of the first channel block, the tile's rows of dtail (B, T, XT)
+_TAIL_COPY = """
+  if (XT > 0 && bid_x == 0 && t0 < Tn) {
+    const int tn = (t0 + TILE < Tn ? t0 + TILE : Tn) - t0;
+    for (int e = tid; e < tn * XT; e += nthreads) {
+      const int t = t0 + e / XT;
+      dx[(b * Tn + t) * Xn + Cn + e % XT] = dtail[(b * Tn + t) * XT + e % XT];
+    }
+  }"""
+
+
+def _head(tail_copy: bool = False) -> str:
     """The opening every kernel here shares: channels c .. c + VW - 1 of batch row b over the tile
     t0 .. t1 - 1, their weights and bias, and the window xw of the K-1 inputs before the tile. Opens
-    the work item's `if`."""
+    the work item's `if`. x's rows are Xn = Cn + XT wide: the conv's Cn channels, then XT columns the
+    kernels pass by (template XT; a gradient kernel writes their cotangent `dtail` into dx's: tail_copy)."""
     return f"""
   const int Tn = x_shape[1];
-  const int Cn = x_shape[2];
+  const int Xn = x_shape[2];
+  const int Cn = Xn - XT;
   const int c = (bid_x * nthreads + tid) * VW;  // the first of this thread's VW channels
   const int b = bid_z;
-  const int t0 = bid_y * TILE;
+  const int t0 = bid_y * TILE;{_TAIL_COPY if tail_copy else ""}
   if (c < Cn && t0 < Tn) {{
     const int t1 = t0 + TILE < Tn ? t0 + TILE : Tn;
     float wk[K][VW];
@@ -113,7 +127,7 @@ def _head() -> str:
     for (int k = 0; k < K - 1; ++k) {{
       const int i = t0 + k - (K - 1);
       if (i >= 0) {{
-        LDV(x, (b * Tn + i) * Cn + c, xw[k]);
+        LDV(x, (b * Tn + i) * Xn + c, xw[k]);
       }} else {{
         for (int j = 0; j < VW; ++j)
           xw[k][j] = static_cast<float>(static_cast<T>(state[(b * (K - 1) + i + K - 1) * Cn + c + j]));
@@ -146,7 +160,7 @@ def _forward(split: bool) -> str:
 #pragma unroll
       for (int u = 0; u < AHEAD; ++u) {
         if (s0 + u < t1) {
-          LDV(x, (b * Tn + s0 + u) * Cn + c, xv[u]);
+          LDV(x, (b * Tn + s0 + u) * Xn + c, xv[u]);
         }
       }
 #pragma unroll
@@ -187,7 +201,7 @@ _BWD_ACC = """
 def _backward(split: bool) -> str:
     # step s: dp[s] from x / dy at s and the window; its share of dw / db while s is in the tile;
     # then dx[s - (K - 1)], whose K d pre-activations dp[s - K + 1 .. s] are all known
-    return _head() + _rows("dy", split, "const ") + _BWD_ACC + """\
+    return _head(True) + _rows("dy", split, "const ") + _BWD_ACC + """\
     for (int s0 = t0; s0 < s1; s0 += AHEAD) {
       float xv[AHEAD][VW];                  // x and dy at the next AHEAD steps (0 past the end)
       float gv[AHEAD][VW];
@@ -195,7 +209,7 @@ def _backward(split: bool) -> str:
       for (int u = 0; u < AHEAD; ++u) {
         const int s = s0 + u;
         if (s < Tn) {
-          LDV(x, (b * Tn + s) * Cn + c, xv[u]);
+          LDV(x, (b * Tn + s) * Xn + c, xv[u]);
           LDV(dy_p, (b * Tn + s) * dy_w + dy_c, gv[u]);
         } else {
           for (int j = 0; j < VW; ++j) xv[u][j] = gv[u][j] = 0.0f;
@@ -236,7 +250,7 @@ def _backward(split: bool) -> str:
             if (m >= 0) {
               for (int j = 0; j < VW; ++j) dxv[j] += static_cast<float>(dns[(b * (K - 1) + m) * Cn + c + j]);
             }
-            STV(dx, (b * Tn + i) * Cn + c, dxv);
+            STV(dx, (b * Tn + i) * Xn + c, dxv);
           } else if (t0 == 0 && i < 0) {     // dstate[s] = sum_k w[k] dp[s - k] (+ dns where T < K - 1)
             for (int j = 0; j < VW; ++j) {
               const float d = m >= 0 ? static_cast<float>(dns[(b * (K - 1) + m) * Cn + c + j]) : 0.0f;
@@ -349,7 +363,7 @@ def _forward_pipe(split: bool) -> str:
         float xv[VW];
         cvt8(xr[{i}][u], xv);{_fwd_step()}
       }}"""
-    load, tail = _pipe_loads([("x", "x", "Cn", "c")])
+    load, tail = _pipe_loads([("x", "x", "Xn", "c")])
     return _head() + _rows("y", split) + """
     constexpr int NT = AHEAD;              // steps after the whole batches: fewer than AHEAD
     const int pe = t1;                     // rows loaded / prefetched: the tile's
@@ -373,7 +387,7 @@ def _new_state() -> str:
         const int i = Tn + m - (K - 1);
         for (int j = 0; j < VW; ++j)
           new_state[(b * (K - 1) + m) * Cn + c + j] =
-              i >= 0 ? static_cast<T>(static_cast<float>(x[(b * Tn + i) * Cn + c + j]))
+              i >= 0 ? static_cast<T>(static_cast<float>(x[(b * Tn + i) * Xn + c + j]))
                      : static_cast<T>(static_cast<float>(state[(b * (K - 1) + Tn + m) * Cn + c + j]));
       }
     }"""
@@ -426,7 +440,7 @@ def _bwd_step(tail: bool) -> str:
         const int i = s - (K - 1);
         const int m = s - Tn;              // new_state[m] = xp[T + m]: its cotangent adds in
         if (i >= t0) {{{dns}
-          STV(dx, (b * Tn + i) * Cn + c, dxv);
+          STV(dx, (b * Tn + i) * Xn + c, dxv);
         }} else if (t0 == 0 && i < 0) {{     // dstate[s] = sum_k w[k] dp[s - k] (+ dns where T < K - 1)
           for (int j = 0; j < VW; ++j) {{
             const float d = {dns_state};
@@ -448,12 +462,12 @@ def _backward_pipe(split: bool, vw: int = 8) -> str:
         cvt{vw}(xr[{i}][u], xv);
         cvt{vw}(gr[{i}][u], gv);{_bwd_step(False)}
       }}"""
-    load, tail = _pipe_loads([("x", "x", "Cn", "c"), ("g", "dy_p", "dy_w", "dy_c")], vw)
+    load, tail = _pipe_loads([("x", "x", "Xn", "c"), ("g", "dy_p", "dy_w", "dy_c")], vw)
     share = ("""
       for (int j = 0; j < VW; ++j) dwb[((b * ny + bid_y) * (K + 1) + k) * Cn + c + j] = dwk[k][j];""" if vw == 8
              else """
       st4(dwb + ((b * ny + bid_y) * (K + 1) + k) * Cn + c, dwk[k]);""")
-    return _head() + _rows("dy", split, "const ") + _BWD_ACC + f"""\
+    return _head(True) + _rows("dy", split, "const ") + _BWD_ACC + f"""\
     constexpr int NT = AHEAD + K - 2;      // steps after the whole batches: the partial batch, the halo
     const int pe = s1 < Tn ? s1 : Tn;      // rows loaded / prefetched: the tile's and the halo's
     Raw{vw}<T> xr[2][AHEAD], gr[2][AHEAD], xt[NT], gt[NT];""" + _pipe_loop(load, steps, tail) + f"""
@@ -478,13 +492,13 @@ def _backward_pipe(split: bool, vw: int = 8) -> str:
 
 KERNEL = Kernel(name="alloy_causal_conv1d", inputs=("x", "w", "bias", "state"), outputs=("y", "new_state"),
                 body=_forward(False), helpers=VEC_IO)
-BWD = Kernel(name="alloy_causal_conv1d_bwd", inputs=("x", "w", "bias", "state", "dy", "dns"),
+BWD = Kernel(name="alloy_causal_conv1d_bwd", inputs=("x", "w", "bias", "state", "dy", "dns", "dtail"),
              outputs=("dx", "dstate", "dwb"), body=_backward(False), helpers=VEC_IO)
 # template ints C0, C1: the widths of y0 / y1 (dy0 / dy1); y2 takes the remaining C - C0 - C1 channels
 KERNEL_SPLIT = Kernel(name="alloy_causal_conv1d_split", inputs=("x", "w", "bias", "state"),
                       outputs=("y0", "y1", "y2", "new_state"), body=_forward(True), helpers=VEC_IO)
 BWD_SPLIT = Kernel(name="alloy_causal_conv1d_split_bwd",
-                   inputs=("x", "w", "bias", "state", "dy0", "dy1", "dy2", "dns"),
+                   inputs=("x", "w", "bias", "state", "dy0", "dy1", "dy2", "dns", "dtail"),
                    outputs=("dx", "dstate", "dwb"), body=_backward(True), helpers=VEC_IO)
 # the "pipe" variants of the four (template int PREF besides; VW 8 only)
 _FWD_BOUNDS = (GROUP, FWD_MIN_GROUPS) if FWD_MIN_GROUPS else ()
@@ -511,17 +525,18 @@ BWD_SPLIT_PIPE4 = Kernel(name="alloy_causal_conv1d_split_bwd_pipe4", inputs=BWD_
                          launch_bounds=_BWD4_BOUNDS)
 
 
-def _plan(x, widths, vec: int = 8) -> tuple[int, int]:
-    """(VW, tile) for x (B, T, C): VW `vec` (8, or 4 for `BWD_PIPE4`) where C and the split widths
-    are multiples of it and x has more than one row (a single row may be a channel slice of a wider
+def _plan(x, widths, vec: int = 8, tail: int = 0) -> tuple[int, int]:
+    """(VW, tile) for x (B, T, C + tail): VW `vec` (8, or 4 for `BWD_PIPE4`) where C, C + tail and the
+    split widths are multiples of it and x has more than one row (a single row may be a channel slice of a wider
     one at any offset, which MLX passes uncopied: no 16- / 8-byte alignment), else 1; the tile halves
     from TILE while there would be fewer than MIN_ITEMS work items (not below TILE_MIN), counted in
     8-channel items for VW 4 too: VW 4 keeps VW 8's tiles, hence its dweight / dbias shares bit for
     bit."""
     if vec not in (4, 8):
         raise ValueError(f"conv1d: channels per thread must be 8 or 4, got {vec!r}")
-    B, T, C = x.shape
-    vw = vec if B * T > 1 and all(n % vec == 0 for n in (C, *(widths or ()))) else 1
+    B, T, X = x.shape
+    C = X - tail
+    vw = vec if B * T > 1 and all(n % vec == 0 for n in (X, C, *(widths or ()))) else 1
     tile = TILE
     while tile > TILE_MIN and B * groups(T, tile) * groups(C, 8 if vw > 1 else 1) < MIN_ITEMS:
         tile //= 2
@@ -529,21 +544,23 @@ def _plan(x, widths, vec: int = 8) -> tuple[int, int]:
 
 
 def _template(x, K: int, silu: bool, widths, variant: str = "stream",
-              pipe_ahead: int = 0, vec: int = 8) -> tuple[list, int, int, bool]:
+              pipe_ahead: int = 0, vec: int = 8, tail: int = 0) -> tuple[list, int, int, bool]:
     """(template arguments, VW, tile, pipe): pipe where `variant` is "pipe" and VW is 8 (or 4: vec 4,
     the VW 4 pipe gradients only) (the pipe kernels' template: AHEAD pipe_ahead, and PREF); with
     ``widths`` (three channel counts summing to C) the split kernels' C0, C1."""
-    if widths is not None and (len(widths) != 3 or min(widths) < 1 or sum(widths) != x.shape[2]):
-        raise ValueError(f"conv1d: widths must be three positive channel counts summing to C = {x.shape[2]}, "
-                         f"got {tuple(widths)}")
+    if tail < 0 or tail >= x.shape[2]:
+        raise ValueError(f"conv1d: the passed-through tail must leave channels: 0 <= tail < {x.shape[2]}, got {tail}")
+    if widths is not None and (len(widths) != 3 or min(widths) < 1 or sum(widths) != x.shape[2] - tail):
+        raise ValueError(f"conv1d: widths must be three positive channel counts summing to C = "
+                         f"{x.shape[2] - tail}, got {tuple(widths)}")
     if variant not in VARIANTS:
         raise ValueError(f"conv1d: variant must be one of {VARIANTS}, got {variant!r}")
     if vec == 4 and variant != "pipe":
         raise ValueError("conv1d: 4 channels per thread is a pipe kernel's (the streaming kernels take 8 or 1)")
-    vw, tile = _plan(x, widths, vec)
+    vw, tile = _plan(x, widths, vec, tail)
     pipe = variant == "pipe" and vw > 1
     t = [("T", x.dtype), ("K", K), ("TILE", tile), ("SILU", bool(silu)), ("VW", vw),
-         ("AHEAD", int(pipe_ahead if pipe else AHEAD))]
+         ("AHEAD", int(pipe_ahead if pipe else AHEAD)), ("XT", int(tail))]
     if pipe:
         t += [("PREF", int(PREFETCH))]
     if widths is not None:
@@ -551,16 +568,21 @@ def _template(x, K: int, silu: bool, widths, variant: str = "stream",
     return t, vw, tile, pipe
 
 
-def _bwd_launch(kernels, x, weight, bias, state, dys, dns, silu: bool, widths=None):
+def _bwd_launch(kernels, x, weight, bias, state, dys, dns, silu: bool, widths=None, dtail=None):
     """The gradient kernel alone -> (dx, dstate, the (B * tiles, (K + 1) * C) float32 shares of
     dweight / dbias); kernels: (the streaming gradient kernel, its pipe variant, the pipe variant at
-    4 channels per thread), picked by `BWD_VARIANT` and `BWD_PIPE_VW`."""
-    B, T, C = x.shape
-    K = weight.shape[1]
+    4 channels per thread), picked by `BWD_VARIANT` and `BWD_PIPE_VW`. x (B, T, C + XT) with
+    dtail (B, T, XT), the cotangent of its passed-through columns (XT = 0: None), written into dx's."""
+    B, T, X = x.shape
+    C, K = weight.shape
+    tail = X - C
+    if (dtail is None) != (tail == 0) or (dtail is not None and dtail.shape != (B, T, tail)):
+        raise ValueError(f"conv1d: x has {X} columns for {C} channels: the gradient needs dtail of shape "
+                         f"{(B, T, tail)}, got {None if dtail is None else dtail.shape}")
     if BWD_PIPE_VW not in (4, 8):
         raise ValueError(f"conv1d: BWD_PIPE_VW must be 8 or 4, got {BWD_PIPE_VW!r}")
     vec = BWD_PIPE_VW if BWD_VARIANT == "pipe" else 8
-    template, vw, tile, pipe = _template(x, K, silu, widths, BWD_VARIANT, PIPE_AHEAD_BWD, vec)
+    template, vw, tile, pipe = _template(x, K, silu, widths, BWD_VARIANT, PIPE_AHEAD_BWD, vec, tail)
     kernel = kernels[2] if pipe and vw == 4 else kernels[pipe]
     bounds = getattr(kernel, "launch_bounds", ())
     if bounds and bounds[0] != GROUP:
@@ -568,28 +590,30 @@ def _bwd_launch(kernels, x, weight, bias, state, dys, dns, silu: bool, widths=No
                          "rebuild it with launch_bounds (GROUP, BWD_PIPE4_MIN_GROUPS) (as bench/conv_tune.py does)")
     ny = groups(T, tile)
     dx, dstate, dwb = kernel(
-        [x, weight, bias, state, *(d.astype(x.dtype) for d in dys), dns.astype(x.dtype)],
+        [x, weight, bias, state, *(d.astype(x.dtype) for d in dys), dns.astype(x.dtype),
+         dns[:1, :1, :1] if dtail is None else dtail.astype(x.dtype)],  # (no tail: an unread stand-in)
         template=template,
         grid=(groups(groups(C, vw), GROUP), ny, B),
         threadgroup=GROUP,
-        output_shapes=[(B, T, C), (B, K - 1, C), (B * ny, (K + 1) * C)],
+        output_shapes=[(B, T, X), (B, K - 1, C), (B * ny, (K + 1) * C)],
         output_dtypes=[x.dtype, x.dtype, mx.float32],
     )
     return dx, dstate, dwb
 
 
-def _vjp(kernels, x, weight, bias, state, dys, dns, silu: bool, widths=None):
-    K, C = weight.shape[1], x.shape[2]
-    dx, dstate, dwb = _bwd_launch(kernels, x, weight, bias, state, dys, dns, silu, widths)
+def _vjp(kernels, x, weight, bias, state, dys, dns, silu: bool, widths=None, dtail=None):
+    C, K = weight.shape
+    dx, dstate, dwb = _bwd_launch(kernels, x, weight, bias, state, dys, dns, silu, widths, dtail)
     dwb = sum_rows(dwb).reshape(K + 1, C)  # (B * tiles, (K + 1) * C) shares
     return dx, dwb[:K].T.astype(weight.dtype), dwb[K].astype(bias.dtype), dstate.astype(state.dtype)
 
 
 def _forward_launch(kernels, x, weight, bias, state, silu: bool, widths=None):
-    """kernels: (the streaming forward kernel, its pipe variant), picked by `FWD_VARIANT`."""
-    B, T, C = x.shape
-    K = weight.shape[1]
-    template, vw, tile, pipe = _template(x, K, silu, widths, FWD_VARIANT, PIPE_AHEAD_FWD)
+    """kernels: (the streaming forward kernel, its pipe variant), picked by `FWD_VARIANT`. x may
+    carry columns past weight's C channels (read past, not convolved)."""
+    B, T, X = x.shape
+    C, K = weight.shape
+    template, vw, tile, pipe = _template(x, K, silu, widths, FWD_VARIANT, PIPE_AHEAD_FWD, tail=X - C)
     bounds = getattr(kernels[pipe], "launch_bounds", ())
     if bounds and bounds[0] != GROUP:
         raise ValueError(f"conv1d: {kernels[pipe].name} is built for groups of {bounds[0]} threads, GROUP is "
@@ -621,14 +645,18 @@ def causal_conv1d(x, weight, bias, state, silu: bool):
 def causal_conv1d_split(x, weight, bias, state, silu: bool, widths):
     """`causal_conv1d` with y written as three arrays split along channels: widths (C0, C1, C2),
     positive, summing to C -> (y0 (B, T, C0), y1 (B, T, C1), y2 (B, T, C2), new_state (B, K-1, C)),
-    each contiguous, in x.dtype."""
+    each contiguous, in x.dtype. x may be (B, T, C + XT): its last XT columns are not convolved (see
+    `causal_conv1d_split_vjp`'s dtail)."""
     y0, y1, y2, new_state = _forward_launch((KERNEL_SPLIT, KERNEL_SPLIT_PIPE), x, weight, bias, state, silu,
                                             tuple(widths))
     return y0, y1, y2, new_state
 
 
-def causal_conv1d_split_vjp(x, weight, bias, state, dy0, dy1, dy2, dns, silu: bool, widths):
+def causal_conv1d_split_vjp(x, weight, bias, state, dy0, dy1, dy2, dns, silu: bool, widths, dtail=None):
     """The gradient of `causal_conv1d_split`: the cotangents of y0, y1, y2 (widths C0, C1, C2) and
-    new_state -> (dx, dweight, dbias, dstate) as `causal_conv1d_vjp`; no concatenation of dy."""
+    new_state -> (dx, dweight, dbias, dstate) as `causal_conv1d_vjp`; no concatenation of dy. For x
+    of C + XT columns, dtail (B, T, XT) is the cotangent of its last XT columns (which a caller reads
+    past the conv, e.g. Mamba-2's dt): dx (B, T, C + XT) carries it there, so the projection that
+    wrote x takes one gradient, not a concatenation."""
     return _vjp((BWD_SPLIT, BWD_SPLIT_PIPE, BWD_SPLIT_PIPE4), x, weight, bias, state, (dy0, dy1, dy2), dns, silu,
-                tuple(widths))
+                tuple(widths), dtail)

@@ -108,13 +108,15 @@ def _takes_ref(x, weight, impl: str) -> bool:
     return impl == "ref" or (impl == "auto" and not kernel_applies(x, weight)) or (x.ndim == 3 and x.shape[1] == 0)
 
 
-def _kernel_args(x, weight, bias, state, activation):
-    """(weight (C, K), bias (C,), state (B, K-1, C)) for the kernel: checked, zeros for the missing."""
+def _kernel_args(x, weight, bias, state, activation, tail: int = 0):
+    """(weight (C, K), bias (C,), state (B, K-1, C)) for the kernel: checked, zeros for the missing
+    (C: x's channels less a passed-through tail)."""
     if activation not in (None, "silu"):
         raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
     if metal.backend() is None:
         raise ValueError("causal_conv1d: impl='kernel' needs a CUDA or Metal default device")
     B, T, C = x.shape
+    C -= tail
     weight = _depthwise(weight, C)
     K = weight.shape[1]
     if K < 2:
@@ -139,40 +141,67 @@ def causal_conv1d(x, weight, bias=None, state=None, activation=None, impl: str =
     return y, new_state
 
 
-def _split_ref(x, weight, bias, state, activation, widths):
-    """The reference of `causal_conv1d_split`: the whole y, then split -> (y0, y1, y2, new_state)."""
-    y, new_state = causal_conv1d_ref(x, weight, bias, state, activation)
-    return (*mx.split(y, [widths[0], widths[0] + widths[1]], axis=-1), new_state)
+def _split_ref(x, weight, bias, state, activation, widths, tail: int = 0):
+    """The reference of `causal_conv1d_split`: the whole y, then split -> (y0, y1, y2, new_state), or
+    with a tail (y0, y1, y2, x's last `tail` columns, new_state)."""
+    C = x.shape[-1] - tail
+    y, new_state = causal_conv1d_ref(x[..., :C] if tail else x, weight, bias, state, activation)
+    ys = mx.split(y, [widths[0], widths[0] + widths[1]], axis=-1)
+    return (*ys, x[..., C:], new_state) if tail else (*ys, new_state)
+
+
+def _pass_tail(x, tail: int):
+    """x's last `tail` columns as their own contiguous array (the kernel path's passed-through output)."""
+    return mx.contiguous(x[..., x.shape[-1] - tail:])
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_split(activation, widths: tuple, gradient_kernel: bool = False):
+def _fused_split(activation, widths: tuple, gradient_kernel: bool = False, tail: int = 0):
     """`_fused` with y split into three arrays of ``widths`` channels (forward: the split kernel;
-    gradient: the split gradient kernel, or the reference's VJP)."""
+    gradient: the split gradient kernel, or the reference's VJP); with a tail, x's last `tail`
+    columns pass through as a fourth output, their cotangent written into dx by the gradient kernel."""
     silu = activation == "silu"
-    return metal.differentiable(
-        lambda x, w, b, s: _conv_kernel.causal_conv1d_split(x, w, b, s, silu, widths),
-        lambda x, w, b, s: _split_ref(x, w, b, s, activation, widths),
-        (lambda x, w, b, s, dy0, dy1, dy2, dns:
-         _conv_kernel.causal_conv1d_split_vjp(x, w, b, s, dy0, dy1, dy2, dns, silu, widths))
-        if gradient_kernel else None,
-    )
+    if tail:
+        def fast(x, w, b, s):
+            *ys, ns = _conv_kernel.causal_conv1d_split(x, w, b, s, silu, widths)
+            return (*ys, _pass_tail(x, tail), ns)
+
+        def grad(x, w, b, s, dy0, dy1, dy2, dtail, dns):
+            return _conv_kernel.causal_conv1d_split_vjp(x, w, b, s, dy0, dy1, dy2, dns, silu, widths, dtail)
+    else:
+        def fast(x, w, b, s):
+            return _conv_kernel.causal_conv1d_split(x, w, b, s, silu, widths)
+
+        def grad(x, w, b, s, dy0, dy1, dy2, dns):
+            return _conv_kernel.causal_conv1d_split_vjp(x, w, b, s, dy0, dy1, dy2, dns, silu, widths)
+    return metal.differentiable(fast, lambda x, w, b, s: _split_ref(x, w, b, s, activation, widths, tail),
+                                grad if gradient_kernel else None)
 
 
-def causal_conv1d_split(x, weight, bias=None, state=None, activation=None, *, widths, impl: str = "auto"):
+def causal_conv1d_split(x, weight, bias=None, state=None, activation=None, *, widths, tail: int = 0,
+                        impl: str = "auto"):
     """`causal_conv1d` with y split along channels: widths (C0, C1, C2), positive ints summing to C
     -> ([y0 (B, T, C0), y1 (B, T, C1), y2 (B, T, C2)], new_state (B, K-1, C)), the same values as
     `mx.split` of `causal_conv1d`'s y. On the kernel path (same `impl` rule) one launch writes the
-    three pieces, each contiguous, and the gradient takes their cotangents as they come."""
-    C = x.shape[-1]
+    three pieces, each contiguous, and the gradient takes their cotangents as they come.
+
+    tail: x is (B, T, C + tail) and its last `tail` columns are not convolved but returned as a
+    fourth piece ([y0, y1, y2, x[..., C:]], new_state): a projection whose output feeds the conv and,
+    beside it, something else (Mamba-2's dt) is one product, and on the kernel path its gradient
+    arrives as one array (the gradient kernel writes the tail's cotangent into dx's last columns),
+    not a concatenation."""
+    if not isinstance(tail, int) or isinstance(tail, bool) or not 0 <= tail < x.shape[-1]:
+        raise ValueError(f"causal_conv1d_split: tail must be an int in [0, {x.shape[-1]}) (x has {x.shape[-1]} "
+                         f"columns), got {tail!r}")
+    C = x.shape[-1] - tail
     if (not isinstance(widths, (tuple, list)) or len(widths) != 3
             or any(not isinstance(w, int) or isinstance(w, bool) or w <= 0 for w in widths) or sum(widths) != C):
         raise ValueError(f"causal_conv1d_split: widths must be three positive ints summing to the {C} channels "
-                         f"of x, got {widths!r}")
+                         f"of x{f' (its {x.shape[-1]} columns less a tail of {tail})' if tail else ''}, got {widths!r}")
     widths = tuple(widths)
     if _takes_ref(x, weight, impl):
-        *ys, new_state = _split_ref(x, weight, bias, state, activation, widths)
+        *ys, new_state = _split_ref(x, weight, bias, state, activation, widths, tail)
         return ys, new_state
-    *ys, new_state = _fused_split(activation, widths, GRADIENT_KERNEL)(
-        x, *_kernel_args(x, weight, bias, state, activation))
+    *ys, new_state = _fused_split(activation, widths, GRADIENT_KERNEL, tail)(
+        x, *_kernel_args(x, weight, bias, state, activation, tail))
     return ys, new_state

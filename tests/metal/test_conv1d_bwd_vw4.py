@@ -175,3 +175,35 @@ def test_gpu_vw4_equals_vw8_toy_layer(monkeypatch, silu, tile64):
     _, grads_r = split_vjp("ref", *f32[:4], f32[4:], act, widths)
     for i, (g, r) in enumerate(zip(grads, grads_r)):
         assert rel_err(g, r) <= 3e-2, f"gradient of argument {i}: {rel_err(g, r):.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(metal.backend() is None, reason="no CUDA or Metal GPU backend")
+@pytest.mark.parametrize("vw", [4, 8])
+def test_gpu_tail_toy_layer(monkeypatch, vw):
+    """Mamba-2's dt passed through the conv at the toy shape (B 2, T 2048, x 1792 + 24 columns, bf16,
+    MIN_ITEMS 0: the toy's 64-step tiles): the pieces, the tail and every gradient equal bit for bit
+    the tail-free kernels on x[..., :1792] (dx's last 24 columns: the tail's cotangent, copied)."""
+    monkeypatch.setattr(conv_mod, "BWD_VARIANT", "pipe")
+    monkeypatch.setattr(conv_mod, "MIN_ITEMS", 0)
+    monkeypatch.setattr(conv_mod, "BWD_PIPE_VW", vw)
+    widths, tail = (1536, 128, 128), 24
+    x, w, b, s, cts = case(4, "bf16", 2048, widths)
+    rng = np.random.default_rng(5)
+    xt = mx.concatenate([x, arr(rng, (2, 2048, tail), mx.bfloat16)], axis=-1)
+    dtail = arr(rng, (2, 2048, tail), mx.bfloat16)
+
+    def run(xin, cot, tail):
+        def f(*a):
+            ys, ns = conv_ops.causal_conv1d_split(*a, "silu", widths=widths, tail=tail, impl="kernel")
+            return [*ys, ns]
+        return mx.vjp(f, [xin, w, b, s], cot)
+    (out, grads), (out_n, grads_n) = run(xt, cts[:3] + [dtail, cts[3]], tail), run(x, cts, 0)
+    mx.eval(out, grads, out_n, grads_n)
+    assert mx.array_equal(out[3], xt[..., 1792:])
+    for o, n in zip(out[:3] + out[4:], out_n):
+        assert mx.array_equal(o, n)
+    assert grads[0].shape == (2, 2048, 1792 + tail)
+    assert mx.array_equal(grads[0][..., 1792:], dtail) and mx.array_equal(grads[0][..., :1792], grads_n[0])
+    for g, n in zip(grads[1:], grads_n[1:]):
+        assert mx.array_equal(g, n)

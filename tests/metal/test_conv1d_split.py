@@ -88,6 +88,62 @@ def test_split_kernels_match_reference_and_unsplit(emulated, dt, T, widths, silu
         assert mx.array_equal(g, u)
 
 
+def tail_vjp(impl, x, w, b, s, cts, act, widths, tail):
+    """Outputs and gradients of causal_conv1d_split(impl=impl, tail=tail) (cts: y0, y1, y2, tail, new_state)."""
+    def op(*a):
+        ys, ns = conv_ops.causal_conv1d_split(*a, act, widths=widths, tail=tail, impl=impl)
+        return [*ys, ns]
+    return vjp(op, x, w, b, s, cts)
+
+
+@pytest.mark.parametrize("dt,T,widths,tail,variant,vw", [
+    ("f32", 19, (5, 3, 9), 3, "stream", 8),       # one channel per thread, a tail of any width
+    ("bf16", 40, (64, 32, 32), 8, "stream", 8),   # eight channels per thread, two tiles of rows
+    ("bf16", 40, (64, 32, 32), 8, "pipe", 8),     # the pipe kernels
+    ("bf16", 70, (64, 32, 32), 24, "pipe", 4),    # the four-channel pipe gradient; tail of 24 as Mamba-2's dt
+    ("f32", 21, (16, 8, 8), 4, "pipe", 4),        # rows of 36 columns: four per thread, not eight
+    ("bf16", 2, (8, 8, 16), 8, "pipe", 8),        # T < K - 1
+])
+def test_split_with_tail_matches_reference(emulated, monkeypatch, dt, T, widths, tail, variant, vw):
+    """x with `tail` columns past the conv's channels: the pieces, the passed-through tail, the new state
+    and every gradient (the tail's cotangent lands in dx's last columns) as on the reference path; the
+    conv part bit for bit the kernels' without a tail (x[..., :C], its own launch)."""
+    for name, v in (("FWD_VARIANT", variant), ("BWD_VARIANT", variant), ("BWD_PIPE_VW", vw), ("MIN_ITEMS", 0)):
+        monkeypatch.setattr(conv_mod, name, v)
+    monkeypatch.setattr(conv_mod, "TILE", 16)
+    rng = np.random.default_rng(7)
+    C = sum(widths)
+    x, w, b, s, cts = case(5, dt, T, widths)
+    x = mx.concatenate([x, arr(rng, (2, T, tail), DTYPES[dt])], axis=-1)
+    cts = cts[:3] + [arr(rng, (2, T, tail), DTYPES[dt])] + cts[3:]
+    (out, grads), (out_r, grads_r) = (tail_vjp(i, x, w, b, s, cts, "silu", widths, tail) for i in ("kernel", "ref"))
+    assert [o.shape for o in out] == [(2, T, c) for c in widths] + [(2, T, tail), (2, 3, C)]
+    for o, r in zip(out, out_r):
+        assert o.dtype == r.dtype and rel_err(o, r) <= TOL[dt]
+    assert mx.array_equal(out[3], x[..., C:])
+    for i, (g, r) in enumerate(zip(grads, grads_r)):
+        assert g.shape == r.shape and g.dtype == r.dtype, i
+        assert rel_err(g, r) <= TOL[dt], f"gradient of argument {i}: {rel_err(g, r):.3g}"
+    assert mx.array_equal(grads[0][..., C:], cts[3])  # the tail's cotangent, copied
+    out_n, grads_n = split_vjp("kernel", mx.contiguous(x[..., :C]), w, b, s, cts[:3] + cts[4:], "silu", widths)
+    for o, n in zip(out[:3] + out[4:], out_n):
+        assert mx.array_equal(o, n)
+    assert mx.array_equal(grads[0][..., :C], grads_n[0])
+    for g, n in zip(grads[1:], grads_n[1:]):
+        assert mx.array_equal(g, n)
+
+
+@pytest.mark.parametrize("tail", [-1, 17, 1.0, True])
+def test_bad_tail_is_refused(tail):
+    x, w, _, _, _ = case(4, "f32", 5, (2, 3, 4))
+    x = mx.concatenate([x, x[..., :8]], axis=-1)  # 17 columns
+    with pytest.raises(ValueError, match=r"tail must be an int in \[0, 17\)"):
+        conv_ops.causal_conv1d_split(x, w, widths=(2, 3, 4), tail=tail)
+    with pytest.raises(ValueError, match=r"widths must be three positive ints summing to the 10 channels of x "
+                                         r"\(its 17 columns less a tail of 7\)"):
+        conv_ops.causal_conv1d_split(x, w, widths=(2, 3, 4), tail=7)
+
+
 @pytest.mark.parametrize("gradient_kernel", [True, False])
 def test_split_gradient_of_unused_pieces(emulated, monkeypatch, gradient_kernel):
     """A loss that reads only some pieces (zero cotangents for the others), with the gradient kernel
@@ -139,9 +195,11 @@ def test_bad_widths_are_refused(widths):
         conv_ops.causal_conv1d_split(x, w, widths=widths)
 
 
-def test_mamba2_layer_with_the_split_kernel(monkeypatch):
+@pytest.mark.parametrize("dt_in_conv", [False, True])
+def test_mamba2_layer_with_the_split_kernel(monkeypatch, dt_in_conv):
     """The Mamba-2 layer with its conv on the split kernels (emulated; the rest of the layer on the
-    CPU reference paths): output, carried conv state and every gradient as on the reference path."""
+    CPU reference paths): output, carried conv state and every gradient as on the reference path;
+    dt_in_conv: in_proj as two products, dt passed through the conv (`mamba2.DT_IN_CONV`)."""
     if not emulate.available():
         pytest.skip("no g++ for the CPU kernel emulator")
     from mlx.utils import tree_flatten
@@ -162,9 +220,14 @@ def test_mamba2_layer_with_the_split_kernel(monkeypatch):
         y, s = mamba2.apply(p, x, state, cfg)
         return (y * y).sum() + (s["conv"] * s["conv"]).sum() + s["ssm"].sum()
     want = mx.value_and_grad(loss, argnums=(0, 1))(params, x)
+    calls = []
     with emulate.patch(conv_mod, poison=True):
-        monkeypatch.setattr(mamba2, "causal_conv1d_split", conv_on_kernel)
+        monkeypatch.setattr(mamba2, "causal_conv1d_split", lambda *a, **k: calls.append(k) or conv_on_kernel(*a, **k))
+        if dt_in_conv:  # the layer's rule for the fold, as on a GPU, at this small size
+            monkeypatch.setattr(mamba2, "conv_kernel_applies", lambda *a: True)
+            monkeypatch.setattr(mamba2, "SPLIT_IN_PROJ_MIN_ROWS", 1)
         got = mx.value_and_grad(loss, argnums=(0, 1))(params, x)
+    assert calls and all(k.get("tail", 0) == (cfg.n_heads if dt_in_conv else 0) for k in calls)
     assert rel_err(got[0], want[0]) <= TOL["f32"]
     for (name, g), (_, r) in zip(tree_flatten(got[1]), tree_flatten(want[1])):
         assert rel_err(g, r) <= TOL["f32"], name

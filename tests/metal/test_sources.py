@@ -111,7 +111,7 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
                                                     ("HD", 64), ("DS", 128), ("IN", 2048), ("NG", 1), ("RB", 16), ("UNROLL", 16), ("RPB", 8), ("KD", 128), ("VD", 128), ("VB", 64), ("CH", 64), ("NW", 8),
                                                     ("NL", 4), ("DM", 2048), ("DIN", 4096), ("NS", 128), ("NGR", 1), ("MB", 1),
                                                     ("NB", 132), ("NT", 256), ("CU", 8), ("QB", 4), ("XMAX", 4096), ("PF", 2), ("VW", 4 if kernel.name.endswith("_pipe4") else 8),
-                                                    ("C0", 4096), ("C1", 128), ("AHEAD", 4), ("PREF", 16), ("LR", 8))
+                                                    ("C0", 4096), ("C1", 128), ("AHEAD", 4), ("PREF", 16), ("LR", 8), ("XT", 24))
         + ((("D", 1536), ("G", 1536), ("NWP", 8), ("RPW", 8), ("SPL", 2)) if kernel.name.startswith(("alloy_gated_rms_norm", "alloy_add_rms_norm"))
            else (("PB", 32), ("RS", 4)) if kernel.name.startswith("alloy_ssd_bwd_scores")
            else (("NH", 12), ("HALF", 32)) if kernel.name.startswith("alloy_rope") else ())
@@ -121,7 +121,7 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
         if re.search(rf"\b{alias}\b", body) and alias not in kernel.inputs:
             tmpl = f"  using {alias} = __nv_bfloat16;\n" + tmpl
     f32_in = ("ssm_state", "dt_lim", "eps", "state", "nw", "gw", "prm", "acs", "CB", "CH", "dXw", "dXd", "cos_tab", "sin_tab")
-    f32_out = ("dwb", "new_ssm", "res", "zx", "yg", "nssm", "dCB", "rsum", "csum", "dX", "ra", "rw", "rx", "rd")
+    f32_out = ("dwb", "new_ssm", "res", "zx", "yg", "nssm", "dCB", "rsum", "csum", "dX", "ra", "rw", "rx", "rd", "CB")
 
     def ctype(n, f32_names):  # the persistent stack's per-layer SSM states s<l> / ns<l> are float32
         if n == "bar":
