@@ -85,12 +85,15 @@ def scale_tree(tree, s):
 
 
 def clip_by_global_norm(grads, max_norm: float | None):
-    """``(grads * min(1, max_norm / (norm + 1e-6)), norm)``; ``max_norm`` None/0: no clipping."""
+    """``(grads * min(1, max_norm / (norm + 1e-6)), norm)``; ``max_norm`` None/0: no clipping.
+    Float32 leaves stay float32; 16-bit ones (gradients taken at a bf16 / fp16 compute tree) come
+    back widened to float32, the product not rounded back (the optimizer works in float32)."""
     norm = global_norm(grads)
     if not max_norm:
         return grads, norm
     scale = mx.minimum(1.0, max_norm / (norm + 1e-6))
-    return scale_tree(grads, scale), norm
+    return tree_map(lambda g: g.astype(mx.float32) * scale if g.dtype in (mx.bfloat16, mx.float16)
+                    else (g * scale).astype(g.dtype), grads), norm
 
 
 def accumulate(acc, grads):

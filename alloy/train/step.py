@@ -133,10 +133,21 @@ def lm_flat_plan(params, optimizer: Optimizer, compute_dtype=None) -> FlatPlan:
     return FlatPlan(layout, compute, decay)
 
 
+# With a compute dtype (one micro-batch, no flat packing, no gradient all-reduce: sums across ranks
+# stay float32), `make_train_step` differentiates the loss at the cast trainable tree instead of the
+# float32 masters: the gradients come out in the compute dtype with the values the masters' gradients
+# would have (the cast's VJP only widens them: every cotangent is summed in the compute dtype before
+# it), and the global norm / clipping / AdamW widen them inside their own kernels instead of a float32
+# copy of every gradient leaf being written and read back (~95M x 6 bytes of casts in the toy step's
+# backward). H100 toy step (40 pipelined steps, same job): 69.4 / 69.9 ms on vs 69.5 off, within the
+# run-to-run noise; the same peak memory (docs/benchmarks.md session 12).
+GRADS_IN_COMPUTE_DTYPE = True
+
+
 def make_step(loss_fn: Callable, optimizer: Optimizer, schedule: Callable, *,
               clip_norm: float | None = 1.0, accum_steps: int = 1,
               grad_reduce: Callable | None = None, compile: bool = True,
-              flat: FlatPlan | None = None) -> Callable:
+              flat: FlatPlan | None = None, grad_at: Callable | None = None) -> Callable:
     """``step(trainable, opt_state, batch, key, frozen=None) -> (trainable, opt_state, metrics)``.
 
     See the module docstring for the contract of ``loss_fn`` and ``grad_reduce``. With ``flat``
@@ -144,12 +155,17 @@ def make_step(loss_fn: Callable, optimizer: Optimizer, schedule: Callable, *,
     casts each buffer once, differentiates through ``FlatLayout.unpack_differentiable`` and runs the
     norm, clipping and optimizer over the buffers (``opt_state`` from ``optimizer.init`` of the
     packed buffers; ``init_opt_state(..., flat=...)``); same values, a few launches instead of
-    several per leaf.
+    several per leaf. ``grad_at`` (accum_steps 1, no ``flat``): the loss is differentiated at
+    ``grad_at(trainable)`` (e.g. the trainable tree cast to the compute dtype, which ``loss_fn``'s
+    own cast then leaves as is), so the gradients come in that tree's dtypes.
     """
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"make_step: accum_steps must be a positive int, got {accum_steps!r}")
     if flat is not None and accum_steps != 1:
         raise ValueError(f"make_step: flat packing supports accum_steps=1, got {accum_steps}")
+    if grad_at is not None and (flat is not None or accum_steps != 1):
+        raise ValueError("make_step: grad_at needs accum_steps=1 and no flat packing (micro-batch gradients "
+                         "accumulate in the trainable tree's own dtype)")
     vg = mx.value_and_grad(loss_fn)
     maybe = mx.compile if compile else (lambda f: f)
 
@@ -191,7 +207,7 @@ def make_step(loss_fn: Callable, optimizer: Optimizer, schedule: Callable, *,
 
     if accum_steps == 1:
         def whole(trainable, opt_state, batch, key, frozen):
-            (loss, aux), grads = vg(trainable, frozen, batch, key)
+            (loss, aux), grads = vg(trainable if grad_at is None else grad_at(trainable), frozen, batch, key)
             return finish(trainable, opt_state, grads, loss, aux)
 
         whole_c = maybe(whole)
@@ -280,8 +296,11 @@ def make_train_step(model, optimizer: Optimizer, schedule: Callable, *, compute_
             return built["step"](params, opt_state, batch, key)
 
         return flat_step
+    # (not under a gradient all-reduce: its sums across ranks stay float32)
+    at_compute = GRADS_IN_COMPUTE_DTYPE and compute_dtype is not None and accum_steps == 1 and grad_reduce is None
     inner = make_step(loss_fn, optimizer, schedule, clip_norm=clip_norm, accum_steps=accum_steps,
-                      grad_reduce=grad_reduce, compile=compile)
+                      grad_reduce=grad_reduce, compile=compile,
+                      grad_at=(lambda t: cast(t, compute_dtype)) if at_compute else None)
     if trainable is None:
         return lambda params, opt_state, batch, key: inner(params, opt_state, batch, key)
 

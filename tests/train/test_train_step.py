@@ -165,6 +165,47 @@ def test_bf16_compute_keeps_fp32_masters_and_ssm_params(tiny_cfg):
     assert abs(float(m["loss"]) - float(ref)) < 0.05
 
 
+def test_gradients_at_the_compute_dtype_give_the_same_steps(tiny_cfg, monkeypatch):
+    """`GRADS_IN_COMPUTE_DTYPE`: differentiating at the bf16-cast tree (gradients in bf16, widened by the
+    clip / AdamW) gives the masters, moments and metrics of differentiating at the float32 masters bit for
+    bit over three steps (clipping active), whole tree and a trainable subset; the gradients it hands the
+    clip are 16-bit where the compute tree is."""
+    model, params = _setup(tiny_cfg)
+    opt = optim.adamw()
+    seen = []
+
+    def spy(grads, *a):  # the gradients as the step hands them to the clip
+        seen.append({g.dtype for g in leaves(grads)})
+        return optim.clip_by_global_norm(grads, *a)
+    monkeypatch.setattr(S, "clip_by_global_norm", spy)
+    runs = {}
+    for on in (False, True):
+        for sub in (None, lambda path, _: "mixer" in path):
+            monkeypatch.setattr(S, "GRADS_IN_COMPUTE_DTYPE", on)
+            seen.clear()
+            step = S.make_train_step(model, opt, schedule.constant(1e-3), compute_dtype=mx.bfloat16,
+                                     clip_norm=0.05, trainable=sub, compile=False)
+            p, st = params, S.init_opt_state(opt, params, sub)
+            for i in range(3):
+                p, st, m = step(p, st, _batch(tiny_cfg, seed=i), mx.random.key(i))
+            mx.eval(p, st, m)
+            assert (mx.bfloat16 in set().union(*seen)) == on
+            runs[on, sub is None] = (p, st, m)
+    for whole in (True, False):
+        (p0, s0, m0), (p1, s1, m1) = runs[False, whole], runs[True, whole]
+        assert float(m0["grad_norm"]) > 0.05  # the clip acted
+        for a, b in zip(leaves((p0, s0, m0)), leaves((p1, s1, m1))):
+            assert a.dtype == b.dtype and mx.array_equal(a, b)
+
+
+def test_clip_widens_16_bit_gradients():
+    g = {"a": mx.array([[0.5, -1.25], [2.0, 3.0]], dtype=mx.bfloat16), "b": mx.array([1.0, 2.0])}
+    clipped, n = optim.clip_by_global_norm(g, 1.0)
+    assert clipped["a"].dtype == mx.float32 and clipped["b"].dtype == mx.float32
+    s = 1.0 / (float(n) + 1e-6)
+    np.testing.assert_allclose(np.array(clipped["a"]), np.array(g["a"].astype(mx.float32)) * s, rtol=1e-6)
+
+
 def test_remat_gives_the_same_loss_and_gradients(tiny_cfg):
     model, params = _setup(tiny_cfg)
     batch = _batch(tiny_cfg, mask=True)
