@@ -21,6 +21,7 @@ differentiable MLX paths with `differentiable`):
     selective_scan       Mamba-1 forward scan (prefill), state in registers
     ssd_chunked          Mamba-2 chunked SSD forward: prep / state-passing / chunk-output kernels
                          around tensor-core matmuls
+    ssd_cb               the SSD's chunk products C B^T (float32) on tensor cores from 16-bit B / C
     swiglu               silu(gate) * up, forward and gradient (the MLP's elementwise part)
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from alloy.metal import conv1d, gated_delta_chunked, gated_delta_recurrent, gated_delta_wy, gated_norm, gemv, mamba2_stack, mamba2_step, selective_scan, selective_scan_step, ssd_chunked, ssd_step, swiglu
-from alloy.metal import rope
+from alloy.metal import rope, ssd_cb
 from alloy.metal.prelude import DIALECTS, Kernel, backend  # noqa: F401
 
 # every kernel: the module-level `Kernel`s of each kernel module (as `emulate.patch` finds them), and
@@ -36,7 +37,7 @@ from alloy.metal.prelude import DIALECTS, Kernel, backend  # noqa: F401
 KERNELS = {
     k.name: k
     for k in [v for mod in (conv1d, gated_norm, gemv, gated_delta_recurrent, gated_delta_chunked, gated_delta_wy,
-                            ssd_step, ssd_chunked, mamba2_step, selective_scan_step, selective_scan, swiglu, rope)
+                            ssd_step, ssd_chunked, ssd_cb, mamba2_step, selective_scan_step, selective_scan, swiglu, rope)
               for v in vars(mod).values() if isinstance(v, Kernel)] + [mamba2_stack.kernel(4)]
 }
 

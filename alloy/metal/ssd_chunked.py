@@ -30,6 +30,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from alloy.metal.prelude import VEC_IO, Kernel, groups
+from alloy.metal.ssd_cb import CB_TC as CB_TC_KERNEL, cb_tc_fits, chunk_cb  # noqa: F401 (ops.ssd uses them)
 
 GROUP = 256
 _F32 = mx.float32
@@ -628,10 +629,12 @@ SCORES_TC = True
 # their heads) instead of returning, so its three outputs need no zero-fill pass before the launch (MLX's
 # init_value; per toy layer 63 MB of fills by the shapes: dCB in 3 head slices 50 MB, the row / column
 # sums 6.3 MB each; in the H100 profile 27 of the toy step's 30 `copy_s` launches, 1.4 ms of kernel
-# time, nearly all beside other kernels). Built after session 11's last GPU job: emulator-tested (bit for
-# bit equal with the fill, outputs poisoned), compiled by nvcc (128 registers, no spills), not yet timed
-# on a GPU: off until measured (A/B: bench/train_step.py --set alloy.metal.ssd_chunked.SCORES_ZERO_TILES=True).
-SCORES_ZERO_TILES = False
+# time, nearly all beside other kernels; the fill before the launch sits on the gradient's chain).
+# Emulator-tested (bit for bit equal with the fill, outputs poisoned), nvcc 128 registers, no spills.
+# H100, session 12, toy step: 68.8 ms on vs 69.4 / 69.9 off (40 pipelined steps, separate runs, same
+# job); in one process (bench/train_ab.py, 4 rounds of 20 steps) B - A = -0.32 ms on (per round -0.61 ..
+# +0.28); GPU gradient tests passed with it on (docs/benchmarks.md).
+SCORES_ZERO_TILES = True
 # BWD_DX_TC instead of BWD_DX, CHUNK_OUT_TC instead of OUT (the forward's diagonal blocks), where the
 # inputs are bf16 / fp16 and the head dim and chunk are multiples of 16 (head dim at most 128): the
 # chunk products on tensor cores, the mask tile rounded to the input dtype (as the Triton kernels).
@@ -675,6 +678,15 @@ TC_ROW_TILES = True
 # session 11: kernel sum -52 us per layer, but the dX kernel then runs on the dH -> state-pass chain and
 # dys lives longer (+0.27 GB): toy step 70.4 (40 steps) on vs 70.6 / 71.1 / 70.2 off, within noise.
 DX_DYS = False
+# CB = C B^T of each chunk (forward and, where the forward's is not handed over, the gradient) by
+# `alloy.metal.ssd_cb.CB_TC` (`chunk_cb`: warp tile products of 16-bit B / C read in place, float32
+# accumulation; tiles above the diagonal written as zeros) instead of casting chunked transposed copies
+# of B and C to float32 for a float32 batched matmul (H100 profile, toy step: two cast copies of 15 + 12
+# us and a TF32 GEMM of 30-38 us per layer). The same products (exact in float32), summed in another
+# order. H100, session 12 (bench/ssd_cb_tune.py, toy shape): 35.5 us against 69.0 for the casts + matmul,
+# max |difference| 1.9e-7; toy step in one process (bench/train_ab.py, 4 rounds of 20 steps): B - A =
+# +0.17 ms with it off (per round -0.34 .. +0.61), i.e. within the noise of a ~0.3 ms saving.
+CB_TC = True
 
 
 def _tc_fits(dtype, P: int, K: int) -> bool:
@@ -1414,7 +1426,8 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
     )
     xs = xs.reshape(b, nc, K, G, (H // G) * P).transpose(0, 1, 3, 2, 4)  # (b, c, g, K, r p)
     Bc, Cc = chunks(B).transpose(0, 1, 3, 2, 4), chunks(C).transpose(0, 1, 3, 2, 4)  # (b, c, g, K, n)
-    CB = Cc.astype(_F32) @ Bc.astype(_F32).swapaxes(-1, -2)  # (b, c, g, K, K) f32
+    CB = (chunk_cb(B, C, K, CB_TC_KERNEL) if CB_TC and cb_tc_fits(B.dtype, K, N) and C.dtype == B.dtype
+          else Cc.astype(_F32) @ Bc.astype(_F32).swapaxes(-1, -2))  # (b, c, g, K, K) f32
     states = Bc.swapaxes(-1, -2).astype(dtype) @ xs  # (b, c, g, n, r p)
     starts, final_state = state_pass(states, decay, initial_state, dtype)
 
