@@ -1,8 +1,8 @@
 """The training-path fusions of a whole hybrid model on the GPU (`pytest -m gpu`; skipped where no CUDA
 or Metal device): the residual add carried into the next norm (`alloy.layers.stack.FUSED_ADD_NORM`),
 gate and up as one matmul with the packed SwiGLU kernels (`alloy.layers.mlp.PACKED_GATE_UP`) and
-Mamba-2's in_proj as three products (`alloy.layers.mamba2.SPLIT_IN_PROJ`), all on against all off:
-logits and every parameter's gradient."""
+Mamba-2's in_proj as three products (`alloy.layers.mamba2.SPLIT_IN_PROJ`), or two with dt passed
+through the conv (`DT_IN_CONV`), all on against all off: logits and every parameter's gradient."""
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -26,7 +26,8 @@ def test_training_fusions_match_the_unfused_model(monkeypatch, dtype, tol):
     tokens = mx.array(np.random.default_rng(0).integers(0, 256, (2, 600)))  # 1200 rows: the packed paths apply
 
     def run(on):
-        for mod, name in ((stack, "FUSED_ADD_NORM"), (mlp, "PACKED_GATE_UP"), (mamba2, "SPLIT_IN_PROJ")):
+        for mod, name in ((stack, "FUSED_ADD_NORM"), (mlp, "PACKED_GATE_UP"), (mamba2, "SPLIT_IN_PROJ"),
+                          (mamba2, "DT_IN_CONV")):
             monkeypatch.setattr(mod, name, on)
         m = build(cfg)
         params = m.init(mx.random.key(1))
