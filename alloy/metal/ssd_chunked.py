@@ -27,6 +27,8 @@ the official Triton kernels). Inference kernel; `alloy.ops.ssd` gives it a VJP t
 """
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 
 from alloy.metal.prelude import VEC_IO, Kernel, groups
@@ -678,6 +680,12 @@ TC_ROW_TILES = True
 # session 11: kernel sum -52 us per layer, but the dX kernel then runs on the dH -> state-pass chain and
 # dys lives longer (+0.27 GB): toy step 70.4 (40 steps) on vs 70.6 / 71.1 / 70.2 off, within noise.
 DX_DYS = False
+# CHUNK_OUT_TC_RM under launch bounds (128, 8) (64 registers, 8 groups per SM) instead of unbounded
+# (CHUNK_OUT_TC_RM_FREE: 80 registers in MLX's build, 6 groups per SM). H100, session 12: CUPTI, one
+# toy-shape SSD forward + backward (bench/gpu_kernel_profile.py --what ssd): 0.293 / 0.290 ms vs 0.313;
+# toy step in one process (bench/train_ab.py, 6 x 20 steps): +0.29 ms with it off (per round -0.28 ..
+# +1.27); tests/metal/test_ssd_tc_rows_gpu.py passed with it on.
+OUT_RM_BOUNDS = True
 # CB = C B^T of each chunk (forward and, where the forward's is not handed over, the gradient) by
 # `alloy.metal.ssd_cb.CB_TC` (`chunk_cb`: warp tile products of 16-bit B / C read in place, float32
 # accumulation; tiles above the diagonal written as zeros) instead of casting chunked transposed copies
@@ -1137,7 +1145,13 @@ CHUNK_OUT_TC_RM = Kernel(
   // CHUNK_OUT_TC with the dt x tile row-major (sdx [s][p], ldmatrix.trans b-operands: mma16_f)
 """ + _tc_item("x", rows=True) + """
 """ + _out_tc_loop(True) + _OUT_TC_EPI_VEC,
+    launch_bounds=(128, 8),
 )
+# CHUNK_OUT_TC_RM without launch bounds (switch OUT_RM_BOUNDS off). Nsight Compute, session 12 (toy
+# SSD, docs/kernels.md): 80 registers -> 6 groups per SM (37.5% occupancy), issue-bound on integer work
+# with L1TEX stalls (0.97 eligible warps per scheduler); under (128, 8): 64 registers, no spills (nvcc
+# sm_90, KC 128 / PC 64), 8 groups per SM (18.9 KB of shared memory each).
+CHUNK_OUT_TC_RM_FREE = dataclasses.replace(CHUNK_OUT_TC_RM, name="alloy_ssd_chunk_out_tc_rm_free", launch_bounds=())
 
 def _dx_rm_body(dys: bool) -> str:
     """BWD_DX_TC_RM's body; dys: also write dys = dy exp(acs_l) (BWD_DX_TC_DYS, see `_tc_data_tile`)."""
@@ -1448,7 +1462,8 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
         )
         return out(y)
     Yo = Cc.astype(dtype) @ starts  # (b, c, g, K, r p)
-    (y,) = (((CHUNK_OUT_TC_RM if TC_ROW_TILES else CHUNK_OUT_TC) if OUT_TC_VEC_EPILOGUE else CHUNK_OUT_TC_ACC)
+    rm = CHUNK_OUT_TC_RM if OUT_RM_BOUNDS else CHUNK_OUT_TC_RM_FREE
+    (y,) = (((rm if TC_ROW_TILES else CHUNK_OUT_TC) if OUT_TC_VEC_EPILOGUE else CHUNK_OUT_TC_ACC)
             if tc else OUT)(
         [CB, acs, x, dt, Yo, D],
         template=([("T", dtype), ("KC", K), ("PC", P)] if tc
