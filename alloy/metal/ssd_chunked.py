@@ -32,7 +32,7 @@ import dataclasses
 import mlx.core as mx
 
 from alloy.metal.prelude import VEC_IO, Kernel, groups
-from alloy.metal.ssd_cb import CB_TC as CB_TC_KERNEL, cb_tc_fits, chunk_cb  # noqa: F401 (ops.ssd uses them)
+from alloy.metal.ssd_cb import CB_TC as CB_TC_KERNEL, cb_tc_fits, chunk_cb
 
 GROUP = 256
 _F32 = mx.float32
@@ -1410,6 +1410,15 @@ def state_pass(states, decay, init, dtype, reverse: bool = False, dot_with=None)
     return outs[0], final, dots
 
 
+def chunk_products_cb(B, C, Bc, Cc, K: int):
+    """CB = C Bᵀ per chunk, (b, c, g, K, K) float32, for the forward and the gradient alike: B, C
+    (b, l, g, n) by `chunk_cb` where `CB_TC` is on and it fits, else the float32 batched matmul of
+    their chunks Bc, Cc (b, c, g, K, n)."""
+    if CB_TC and C.dtype == B.dtype and cb_tc_fits(B.dtype, K, B.shape[-1]):
+        return chunk_cb(B, C, K, CB_TC_KERNEL)
+    return Cc.astype(_F32) @ Bc.astype(_F32).swapaxes(-1, -2)
+
+
 def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: bool = False,
                 with_saved: bool = False):
     """Chunked SSD forward on the GPU. x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n),
@@ -1440,8 +1449,7 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
     )
     xs = xs.reshape(b, nc, K, G, (H // G) * P).transpose(0, 1, 3, 2, 4)  # (b, c, g, K, r p)
     Bc, Cc = chunks(B).transpose(0, 1, 3, 2, 4), chunks(C).transpose(0, 1, 3, 2, 4)  # (b, c, g, K, n)
-    CB = (chunk_cb(B, C, K, CB_TC_KERNEL) if CB_TC and cb_tc_fits(B.dtype, K, N) and C.dtype == B.dtype
-          else Cc.astype(_F32) @ Bc.astype(_F32).swapaxes(-1, -2))  # (b, c, g, K, K) f32
+    CB = chunk_products_cb(B, C, Bc, Cc, K)  # (b, c, g, K, K) f32
     states = Bc.swapaxes(-1, -2).astype(dtype) @ xs  # (b, c, g, n, r p)
     starts, final_state = state_pass(states, decay, initial_state, dtype)
 

@@ -345,8 +345,7 @@ def ssd_chunked_vjp_gpu(x, dt, A, B, C, D, initial_state, dy, dstate, chunk_size
         Hs, _ = kern.state_pass(Bg.swapaxes(-1, -2) @ Xw, decay, h0, op)
 
     if CB is None or CB.shape != (b, c, g, K, K):
-        CB = (kern.chunk_cb(B, C, K, kern.CB_TC_KERNEL) if kern.CB_TC and kern.cb_tc_fits(B.dtype, K, n)
-              and C.dtype == B.dtype else Cg.astype(_F32) @ Bg.astype(_F32).swapaxes(-1, -2))  # as the forward
+        CB = kern.chunk_products_cb(B, C, Bg, Cg, K)             # (b,c,g,K,K) float32, as in the forward
     acs_t = acs.transpose(0, 1, 3, 2)                           # (b,c,h,K): the diagonal-block kernels' layout
     # dX of the diagonal blocks fused with the end below where `kern.dx_finish_fits`; else, where
     # `kern.dx_dys_fits`, its kernel also writes dys (below) from the dy rows it loads
