@@ -161,19 +161,14 @@ def _fused_split(activation, widths: tuple, gradient_kernel: bool = False, tail:
     gradient: the split gradient kernel, or the reference's VJP); with a tail, x's last `tail`
     columns pass through as a fourth output, their cotangent written into dx by the gradient kernel."""
     silu = activation == "silu"
-    if tail:
-        def fast(x, w, b, s):
-            *ys, ns = _conv_kernel.causal_conv1d_split(x, w, b, s, silu, widths)
-            return (*ys, _pass_tail(x, tail), ns)
 
-        def grad(x, w, b, s, dy0, dy1, dy2, dtail, dns):
-            return _conv_kernel.causal_conv1d_split_vjp(x, w, b, s, dy0, dy1, dy2, dns, silu, widths, dtail)
-    else:
-        def fast(x, w, b, s):
-            return _conv_kernel.causal_conv1d_split(x, w, b, s, silu, widths)
+    def fast(x, w, b, s):
+        *ys, ns = _conv_kernel.causal_conv1d_split(x, w, b, s, silu, widths)
+        return (*ys, _pass_tail(x, tail), ns) if tail else (*ys, ns)
 
-        def grad(x, w, b, s, dy0, dy1, dy2, dns):
-            return _conv_kernel.causal_conv1d_split_vjp(x, w, b, s, dy0, dy1, dy2, dns, silu, widths)
+    def grad(x, w, b, s, dy0, dy1, dy2, *rest):  # rest: (dtail, dns) with a tail, else (dns,)
+        return _conv_kernel.causal_conv1d_split_vjp(x, w, b, s, dy0, dy1, dy2, rest[-1], silu, widths,
+                                                    rest[0] if tail else None)
     return metal.differentiable(fast, lambda x, w, b, s: _split_ref(x, w, b, s, activation, widths, tail),
                                 grad if gradient_kernel else None)
 
