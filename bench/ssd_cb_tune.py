@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from alloy.metal import ssd_cb
+from alloy.ops.ssd import _chunks
 from bench_timing import timeit
 
 _F32 = mx.float32
@@ -26,16 +27,7 @@ _F32 = mx.float32
 
 def old_cb(B, C, K):
     """`ssd_chunked`'s CB with the switch off: chunks of B / C (zero-padded), (b, c, g, K, n), cast, matmul."""
-    b, l = B.shape[:2]
-    pad = -l % K
-    nc = (l + pad) // K
-
-    def chunks(v):
-        if pad:
-            v = mx.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
-        return v.reshape(b, nc, K, *v.shape[2:])
-
-    Bc, Cc = chunks(B).transpose(0, 1, 3, 2, 4), chunks(C).transpose(0, 1, 3, 2, 4)
+    Bc, Cc = (_chunks(v, K, v.dtype).transpose(0, 1, 3, 2, 4) for v in (B, C))
     return Cc.astype(_F32) @ Bc.astype(_F32).swapaxes(-1, -2)
 
 

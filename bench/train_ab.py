@@ -28,28 +28,12 @@ import alloy  # noqa: E402
 from alloy import build  # noqa: E402
 from alloy.train import adamw, init_opt_state, make_train_step, warmup_cosine  # noqa: E402
 from alloy.train.loop import load_train_config  # noqa: E402
-from train_step import SMALL, set_switch  # noqa: E402
+from train_step import SMALL, pipelined, set_switch  # noqa: E402
 
 
 def current(key: str):
     mod, _, name = key.rpartition(".")
     return getattr(importlib.import_module(mod), name)
-
-
-def timed_block(step, state, batch, key, n: int):
-    """n pipelined steps (as train_step.py --pipelined) -> (state, ms per step)."""
-    params, opt_state = state
-    mx.synchronize()
-    t = time.perf_counter()
-    prev = None
-    for _ in range(n):
-        params, opt_state, m = step(params, opt_state, batch, key)
-        mx.async_eval(params, opt_state, m)
-        if prev is not None:
-            mx.eval(prev)
-        prev = m["loss"]
-    mx.eval(params, opt_state, m)
-    return (params, opt_state), (time.perf_counter() - t) / n * 1e3
 
 
 def main(argv=None):
@@ -104,8 +88,8 @@ def main(argv=None):
     ms = {"A": [], "B": []}
     for r in range(a.rounds):
         for name in (("A", "B") if r % 2 == 0 else ("B", "A")):
-            state, t = timed_block(steps[name], state, batch, key, a.steps)
-            ms[name].append(t)
+            *state, _, t = pipelined(steps[name], *state, batch, key, a.steps)
+            ms[name].append(t * 1e3)
         print(f"round {r}: A {ms['A'][-1]:.2f}  B {ms['B'][-1]:.2f}  B - A {ms['B'][-1] - ms['A'][-1]:+.2f} ms",
               flush=True)
     d = [b - x for b, x in zip(ms["B"], ms["A"])]

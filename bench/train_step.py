@@ -102,6 +102,22 @@ def set_switch(item):
     return key, value
 
 
+def pipelined(step, params, opt_state, batch, key, n: int):
+    """n steps queued as the training loop queues them (`mx.async_eval`, at most one step waiting
+    behind the running one) -> (params, opt_state, the last metrics, wall seconds per step)."""
+    mx.synchronize()
+    t = time.perf_counter()
+    prev = None
+    for _ in range(n):
+        params, opt_state, m = step(params, opt_state, batch, key)
+        mx.async_eval(params, opt_state, m)
+        if prev is not None:
+            mx.eval(prev)
+        prev = m["loss"]
+    mx.eval(params, opt_state, m)
+    return params, opt_state, m, (time.perf_counter() - t) / n
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="toy")
@@ -172,17 +188,7 @@ def main(argv=None):
     med = statistics.median(times)
     piped = None
     if a.pipelined:  # the same steps queued back to back: the graph building hides behind the GPU
-        mx.synchronize()
-        t = time.perf_counter()
-        prev = None
-        for i in range(a.steps):
-            params, opt_state, m = step(params, opt_state, batch, key)
-            mx.async_eval(params, opt_state, m)
-            if prev is not None:  # at most one step queued behind the running one (as the loop)
-                mx.eval(prev)
-            prev = m["loss"]
-        mx.eval(params, opt_state, m)
-        piped = (time.perf_counter() - t) / a.steps
+        params, opt_state, m, piped = pipelined(step, params, opt_state, batch, key, a.steps)
         print(f"pipelined: {piped * 1e3:.1f} ms per step over {a.steps} (synchronous median {med * 1e3:.1f}); "
               f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
         med = piped
