@@ -10,13 +10,15 @@ compiles). Reported: median step time, tokens/s, model TFLOP/s, MFU = model FLOP
 ``--pipelined`` the same steps are then run back to back under ``mx.async_eval`` (as
 ``alloy.train.loop`` runs them) and the figures are from that run's wall time per step.
 
-Model FLOPs per token (training = 3 x forward: one forward, two matmuls backward), counted from the
-config, not measured:
-    matmuls   6 * (matmul weights + V * d for the LM head)           every Linear / head weight, once
-    attention 6 * T_eff * (n_heads * head_dim) per attention layer    QK^T and AV, causal (T_eff = T/2)
-    SSD       3 * H * (Q/2 * 2 * (N + P) + 4 * N * P) per Mamba-2 layer
-              (in-chunk C B^T and its product with x, causal within the chunk of Q; state update and
-              read-out of N x P per head)
+Model FLOPs per token: training = 3 x the forward's FLOPs (one forward, two products per matmul in
+the backward), the forward's counted analytically by ``alloy.roofline`` (prefill of one T-token row,
+every category: projections and the LM head 2 * d_in * d_out per token; attention 4 * head_dim per
+visible causal (query, key) pair and query head; the chunked SSD's C B^T per group, its decay mask,
+its product with x per head, the chunk states, state pass and read-out; the depthwise convolution).
+The roofline's matmul and attention counts are tested equal to what ``model.apply`` executes
+(tests/roofline/test_against_model.py). Until session 13 this script had its own formula, which
+counted C B^T once per head instead of once per group and causal attention at half its FLOPs: for the
+toy config at T = 2048, 639.2 MFLOP per token against 633.7 now (earlier MFU figures x 0.9914).
 Embedding lookups, norms, convolutions and elementwise work are not counted (standard practice),
 and remat recomputation is not credited. Peak: ``--peak-tflops`` (default 989.4: H100 SXM dense
 bf16; use 756 for H100 PCIe).
@@ -34,7 +36,8 @@ import alloy  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
 from alloy.model import build
-from alloy.params import count_params, flatten
+from alloy.params import count_params
+from alloy.roofline import roofline
 from alloy.train import adamw, make_train_step, warmup_cosine
 from alloy.train.step import init_opt_state
 from alloy.train.loop import load_train_config
@@ -45,20 +48,10 @@ SMALL = {"name": "bench-small", "vocab_size": 256, "d_model": 64, "layer_types":
 
 
 def model_flops_per_token(cfg, T: int) -> float:
-    params = build(cfg).init(mx.random.key(0))  # lazy: shapes only
-    mat = sum(v.size for k, v in flatten(params).items()
-              if v.ndim == 2 and not k.startswith("embed_tokens") and not k.endswith("A_log"))
-    head = cfg.vocab_size * cfg.d_model  # tied or not, the head is one V x d matmul per token
-    flops = 6.0 * (mat + head)
-    for i in range(cfg.n_layers):
-        kind, s = cfg.mixer(i)
-        if kind in ("attention", "sliding_attention"):
-            t_eff = min(T, s.window) if s.window else T / 2
-            flops += 6.0 * t_eff * s.n_heads * s.hd
-        elif kind == "mamba2":
-            Q = min(s.chunk_size, T)
-            flops += 3.0 * s.n_heads * (Q / 2 * 2 * (s.d_state + s.head_dim) + 4 * s.d_state * s.head_dim)
-    return flops
+    """Training FLOPs per token of ``cfg`` (a ModelConfig) at sequence length T: 3 x the roofline's
+    forward count (see the module docstring)."""
+    r = roofline(cfg, "H100", "prefill", batch=1, seq_len=T)
+    return 3.0 * r.total_flops / T
 
 
 GRAD_PATHS = ("conv", "norm", "ssd", "ssd-kernels")
