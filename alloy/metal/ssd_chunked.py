@@ -686,6 +686,22 @@ DX_DYS = False
 # toy step in one process (bench/train_ab.py, 6 x 20 steps): +0.29 ms with it off (per round -0.28 ..
 # +1.27); tests/metal/test_ssd_tc_rows_gpu.py passed with it on.
 OUT_RM_BOUNDS = True
+# CHUNK_OUT_TC_FX / BWD_DX_TC_FX (the decay factored below each warp's diagonal block, the rows of later
+# steps and the epilogue's Yo pulled into L2 at the start, OUT's D x term from the data tile in shared
+# memory: see their comments) instead of CHUNK_OUT_TC_RM / BWD_DX_TC_RM, where the row-tile kernels
+# apply (BWD_DX_TC_FX: and DX_DYS off). Not bit-identical to them: the mask entries carry dt and are
+# rounded to T once (the RM kernels round M and dt x separately). H100, session 13 (CUPTI, one toy-shape
+# SSD forward + backward, `bench/gpu_kernel_profile.py --what ssd`, same job): OUT 0.290 -> 0.246 ms, DX
+# 0.210 -> 0.196 ms per layer; toy step in one process (bench/train_ab.py, 6 x 20 steps): -1.06 ms
+# median (per round -2.99 .. +1.04). The factoring alone, without the prefetches (first job): 0.289 ->
+# 0.285 / 0.212 -> 0.202 ms: the kernels wait on loads more than they issue the mask's arithmetic.
+OUT_FACTORED = True
+DX_FACTORED = True
+# BWD_SCORES_TC pulls the next head's dy / x rows into L2 (`prefetch_l2`) while it issues the current
+# head's register loads (template PF); off: no prefetch (A/B switch). Same results either way. H100,
+# session 13: CUPTI (toy-shape SSD, same job) 0.276 -> 0.270 ms per layer; toy step in one process
+# (bench/train_ab.py, 6 x 20 steps) +0.09 ms median with it off, every round positive (+0.03 .. +0.55).
+SCORES_PREFETCH = True
 # CB = C B^T of each chunk (forward and, where the forward's is not handed over, the gradient) by
 # `alloy.metal.ssd_cb.CB_TC` (`chunk_cb`: warp tile products of 16-bit B / C read in place, float32
 # accumulation; tiles above the diagonal written as zeros) instead of casting chunked transposed copies
@@ -940,6 +956,10 @@ BWD_SCORES_TC = Kernel(
         pok |= (oks ? 1u : 0u) << (2 * v + 1);
         pdt[v] = oks ? static_cast<float>(dt[(b * L + ts) * H + hn]) : 0.0f;
       }
+      if (PF && it + 1 < RS && tid < 128) {   // head it + 1's dy / x rows to L2, a head ahead of their loads
+        const int r0f = (tid < 64 ? l0 : s0) + static_cast<int>(tid & 63u);
+        if (r0f < KC && t0 + r0f < L) prefetch_l2((tid < 64 ? dy : x) + ((b * L + t0 + r0f) * H + hn + 1) * PC);
+      }
       if (tid < 64) {
         pal = l0 + static_cast<int>(tid) < KC ? acs[(bc * H + hn) * KC + l0 + tid] : 0.0f;
         pac = s0 + static_cast<int>(tid) < KC ? acs[(bc * H + hn) * KC + s0 + tid] : 0.0f;
@@ -1153,6 +1173,96 @@ CHUNK_OUT_TC_RM = Kernel(
 # sm_90, KC 128 / PC 64), 8 groups per SM (18.9 KB of shared memory each).
 CHUNK_OUT_TC_RM_FREE = dataclasses.replace(CHUNK_OUT_TC_RM, name="alloy_ssd_chunk_out_tc_rm_free", launch_bounds=())
 
+# CHUNK_OUT_TC_RM with the decay factored (switch OUT_FACTORED): below a warp's diagonal 16-block, with
+# m = the warp's first row wr (s < m <= l), M[l, s] X_s = CB[l, s] dt_s exp(acs_l - acs_s) x_s is
+#   exp(acs_l - acs_m) * (CB[l, s] f_s) x_s,   f_s = dt_s exp(acs_m - acs_s),
+# so the warp's mask rows there are CB times one column factor per s (64 exps per warp and step, not
+# one exp, compare and select per element), the accumulator rows are scaled by exp(acs_l - acs_m) once,
+# before the diagonal block (the warp's last), whose 16 x 16 entries are computed exactly; dt rides in
+# the mask (x is the data tile as stored: raw 16-byte copies, no conversion or product), and each warp
+# builds only the 16 mask rows it reads. acs is non-increasing along the chunk (dt >= 0, A < 0), so
+# both factors lie in [0, 1]: neither overflows, and one that underflows bounds an entry that does
+# (the two kernels agree to the rounding of M to T; tests/metal/test_ssd_out_factored.py).
+CHUNK_OUT_TC_FX = Kernel(
+    name="alloy_ssd_chunk_out_tc_fx",
+    inputs=CHUNK_OUT_TC.inputs,
+    outputs=CHUNK_OUT_TC.outputs,
+    body="""
+  // CHUNK_OUT_TC_RM with the decay factored below each warp's diagonal block (see OUT_FACTORED)
+""" + _tc_item("x", rows=True) + """
+  SHARED float sdv[KC];                       // the head's dt over the chunk (zero past L)
+  SHARED float scol[4 * 64];                  // per warp: the step's column factors f_s
+  for (int s = tid; s < KC; s += 128) sdv[s] = t0 + s < L ? static_cast<float>(dt[(b * L + t0 + s) * H + h]) : 0.0f;
+  const int s_end = r0 + 64 < KC ? r0 + 64 : KC;
+  for (int r = tid; r < s_end + 64; r += 128) {   // to L2 while the products run: x rows 0 .. s_end - 1,
+    const int l = r < s_end ? r : r0 + r - s_end;   // then the epilogue's Yo rows r0 ..
+    if (l < KC && t0 + l < L)
+      prefetch_l2(r < s_end ? x + ((b * L + t0 + l) * H + h) * PC
+                            : Yo + ((bc * G + g) * KC + l) * (R * PC) + (h - g * R) * PC);
+  }
+  BARRIER();
+  const float am = wr < KC ? sacs[wr] : 0.0f;
+  const int cw = 64 * w;                      // the warp's column factors: scol[cw ..]
+  for (int s0 = 0; s0 < s_end; s0 += 64) {
+    for (int idx = tid; idx < 64 * U8; idx += 128) {   // the data tile: x rows s0 .., as stored
+      const int kk = idx / U8;
+      const int u = 8 * (idx % U8);
+      const long t = t0 + s0 + kk;
+      if (s0 + kk < KC && t < L) {
+        str8(ldr8(x + ((b * L + t) * H + h) * PC + u), sdx + kk * XP + u);
+      } else {
+        float z[8];
+        for (int q = 0; q < 8; ++q) z[q] = 0.0f;
+        st8(sdx + kk * XP + u, z);
+      }
+    }
+    int nk = wr < KC ? (wr + 16 - s0) / 16 : 0;   // 16-blocks of s <= the warp's last row
+    nk = nk < 4 ? nk : 4;
+    for (int k = static_cast<int>(lane); k < 64; k += 32) {
+      const int s = s0 + k;
+      scol[cw + k] = s < wr ? sdv[s] * fexp(am - sacs[s]) : 0.0f;
+    }
+    warp_sync();
+    for (int it = static_cast<int>(lane); it < 16 * 8; it += 32) {   // the warp's mask rows wr + r
+      const int r = it / 8;
+      const int u = 8 * (it % 8);
+      if (u / 16 >= nk) continue;
+      const int l = wr + r;
+      const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + s0 + u);
+      const float4 c0v = cb[0];
+      const float4 c1v = cb[1];
+      const float c[8] = {c0v.x, c0v.y, c0v.z, c0v.w, c1v.x, c1v.y, c1v.z, c1v.w};
+      float v[8];
+      if (s0 + u + 8 <= wr) {                 // below the diagonal block: CB f_s
+        for (int q = 0; q < 8; ++q) v[q] = c[q] * scol[cw + u + q];
+      } else {                                // the diagonal block: exact, zero above the diagonal
+        const float al = sacs[l];
+        for (int q = 0; q < 8; ++q) {
+          const int s = s0 + u + q;
+          v[q] = s <= l ? c[q] * sdv[s] * fexp(al - sacs[s]) : 0.0f;
+        }
+      }
+      st8(smk + (16 * w + r) * TP + u, v);
+    }
+    BARRIER();
+    for (int kk = 0; kk < nk; ++kk) {
+      if (s0 + 16 * kk == wr) {               // the diagonal block, last: the rows so far times exp(acs_l - acs_m)
+        const int q8 = static_cast<int>(lane >> 2);
+        const float f0 = fexp(sacs[wr + q8] - am), f1 = fexp(sacs[wr + q8 + 8] - am);
+        for (int j = 0; j < PC / 16; ++j)
+          for (int i = 0; i < 8; ++i) acc[j].c[i] *= ((i >> 1) & 1) ? f1 : f0;
+      }
+      Frag16<T> fm;
+      lda16(fm, smk + 16 * w * TP + 16 * kk, TP, lane);
+      for (int j = 0; j < PC / 16; ++j) mma16_f(acc[j], fm, sdx + 16 * kk * XP + 16 * j, XP, lane);
+    }
+    BARRIER();
+  }
+""" + _OUT_TC_EPI_VEC.replace("ld8(x + e0 + 16 * j, xv);", "ld8(sdx + (l - r0) * XP + 8 * hi + 16 * j, xv);   // the last tile: rows r0 .."),
+    launch_bounds=(128, 7),  # 72 registers, no spills (nvcc sm_90, KC 128 / PC 64); (128, 8) spills
+)
+
+
 def _dx_rm_body(dys: bool) -> str:
     """BWD_DX_TC_RM's body; dys: also write dys = dy exp(acs_l) (BWD_DX_TC_DYS, see `_tc_data_tile`)."""
     return ("""
@@ -1161,6 +1271,89 @@ def _dx_rm_body(dys: bool) -> str:
         """; BWD_DX_TC_DYS also writes
   // dys = dy exp(acs_l) (the state term's cotangent, for the gradient's products dH, dC)""" if dys else "") + """
 """ + _tc_item("dy", rows=True) + "\n" + _dx_tc_loop(True, dys) + _DX_TC_EPI)
+
+
+# BWD_DX_TC_RM with the decay factored (switch DX_FACTORED), CHUNK_OUT_TC_FX's transpose: for a warp's
+# output rows s < m = wr + 16 (its block's end) and l >= m, M[l, s] = exp(acs_m - acs_s) * CB[l, s]
+# exp(acs_l - acs_m): the warp's slice of the mask tile (its 16 columns s, 64 rows l) is CB times one
+# row factor per l there, the blocks run from the last l down so that the diagonal block (exact) comes
+# last, after the accumulator rows are scaled by exp(acs_m - acs_s). Both factors in [0, 1] (acs
+# non-increasing).
+BWD_DX_TC_FX = Kernel(
+    name="alloy_ssd_bwd_dx_tc_fx",
+    inputs=("CB", "acs", "dy"),
+    outputs=("dX",),
+    body="""
+  // BWD_DX_TC_RM with the decay factored below each warp's diagonal block (see DX_FACTORED)
+""" + _tc_item("dy", rows=True) + """
+  SHARED float scol[4 * 64];                  // per warp: the step's factors exp(acs_l - acs_m)
+  const int cw = 64 * w;
+  const int m = wr + 16;                      // the first row past the warp's block
+  const float am = m < KC ? sacs[m] : 0.0f;
+  const int l_last = r0 + 64 * ((KC - 1 - r0) / 64);
+  for (int l = r0 + tid; l < KC; l += 128)    // the dy rows of every step, to L2 ahead of their turn
+    if (t0 + l < L) prefetch_l2(dy + ((b * L + t0 + l) * H + h) * PC);
+  for (int l0 = l_last; l0 >= r0; l0 -= 64) {   // from the chunk's end: the diagonal block last
+    for (int idx = tid; idx < 64 * U8; idx += 128) {   // the dy tile, as stored
+      const int kk = idx / U8;
+      const int u = 8 * (idx % U8);
+      const long t = t0 + l0 + kk;
+      if (l0 + kk < KC && t < L) {
+        str8(ldr8(dy + ((b * L + t) * H + h) * PC + u), sdx + kk * XP + u);
+      } else {
+        float z[8];
+        for (int q = 0; q < 8; ++q) z[q] = 0.0f;
+        st8(sdx + kk * XP + u, z);
+      }
+    }
+    const int k_lo = wr > l0 ? (wr - l0) / 16 : 0;           // 16-blocks of l >= the warp's first row
+    const int k_end = (KC - l0) / 16 < 4 ? (KC - l0) / 16 : 4;
+    for (int r = static_cast<int>(lane); r < 64; r += 32) {
+      const int l = l0 + r;
+      scol[cw + r] = l >= m && l < KC ? fexp(sacs[l] - am) : 0.0f;
+    }
+    warp_sync();
+    if (wr < KC)
+      for (int it = static_cast<int>(lane); it < 64 * 2; it += 32) {   // the warp's columns: rows l0 + r
+        const int r = it / 2;
+        const int u = 8 * (it % 2);
+        if (r / 16 < k_lo || r / 16 >= k_end) continue;
+        const int l = l0 + r;
+        const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + wr + u);
+        const float4 c0v = cb[0];
+        const float4 c1v = cb[1];
+        const float c[8] = {c0v.x, c0v.y, c0v.z, c0v.w, c1v.x, c1v.y, c1v.z, c1v.w};
+        float v[8];
+        if (l >= m) {                         // below the diagonal block: CB exp(acs_l - acs_m)
+          const float f = scol[cw + r];
+          for (int q = 0; q < 8; ++q) v[q] = c[q] * f;
+        } else {                              // the diagonal block: exact, zero for s > l
+          const float al = sacs[l];
+          for (int q = 0; q < 8; ++q) {
+            const int s = wr + u + q;
+            v[q] = s <= l ? c[q] * fexp(al - sacs[s]) : 0.0f;
+          }
+        }
+        st8(smk + r * TP + 16 * w + u, v);
+      }
+    BARRIER();
+    if (wr < KC)
+      for (int kk = k_end - 1; kk >= k_lo; --kk) {
+        if (l0 + 16 * kk == wr && m < KC) {   // the diagonal block, last: the rows so far times exp(acs_m - acs_s)
+          const int q8 = static_cast<int>(lane >> 2);
+          const float f0 = fexp(am - sacs[wr + q8]), f1 = fexp(am - sacs[wr + q8 + 8]);
+          for (int j = 0; j < PC / 16; ++j)
+            for (int i = 0; i < 8; ++i) acc[j].c[i] *= ((i >> 1) & 1) ? f1 : f0;
+        }
+        Frag16<T> fm;
+        lda16t(fm, smk + 16 * kk * TP + 16 * w, TP, lane);
+        for (int j = 0; j < PC / 16; ++j) mma16_f(acc[j], fm, sdx + 16 * kk * XP + 16 * j, XP, lane);
+      }
+    BARRIER();
+  }
+""" + _DX_TC_EPI,
+    launch_bounds=(128, 7),  # 70 registers, no spills (nvcc sm_90, KC 128 / PC 64); 80 unbounded
+)
 
 
 BWD_DX_TC_RM = Kernel(name="alloy_ssd_bwd_dx_tc_rm", inputs=("CB", "acs", "dy"), outputs=("dX",),
@@ -1347,7 +1540,7 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy, with_dx: bool = True):
     zt = tc and SCORES_ZERO_TILES
     dCB, rsum, csum = (BWD_SCORES_TC if tc else BWD_SCORES)(
         [CB, acs, x, dt, dy],
-        template=([("T", x.dtype), ("KC", K), ("PC", P), ("RS", rs), ("ZT", zt)] if tc
+        template=([("T", x.dtype), ("KC", K), ("PC", P), ("RS", rs), ("ZT", zt), ("PF", SCORES_PREFETCH)] if tc
                   else [("T", x.dtype), ("KC", K), ("PB", _SCORE_PB), ("RS", rs)]),
         grid=(nt * nt, G * ns, b * nc),
         threadgroup=256,
@@ -1360,7 +1553,8 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy, with_dx: bool = True):
     if not with_dx:
         return None, dacs, dCB
     dtc = DX_TC and _tc_fits(x.dtype, P, K)
-    (dX,) = ((BWD_DX_TC_RM if TC_ROW_TILES else BWD_DX_TC) if dtc else BWD_DX)(
+    rm = BWD_DX_TC_FX if DX_FACTORED else BWD_DX_TC_RM
+    (dX,) = ((rm if TC_ROW_TILES else BWD_DX_TC) if dtc else BWD_DX)(
         [CB, acs, dy],
         template=([("T", x.dtype), ("KC", K), ("PC", P)] if dtc
                   else [("T", x.dtype), ("KC", K), ("PC", P), ("CG", groups(P, 64)), ("SB", 32)]),
@@ -1470,7 +1664,7 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
         )
         return out(y)
     Yo = Cc.astype(dtype) @ starts  # (b, c, g, K, r p)
-    rm = CHUNK_OUT_TC_RM if OUT_RM_BOUNDS else CHUNK_OUT_TC_RM_FREE
+    rm = CHUNK_OUT_TC_FX if OUT_FACTORED else CHUNK_OUT_TC_RM if OUT_RM_BOUNDS else CHUNK_OUT_TC_RM_FREE
     (y,) = (((rm if TC_ROW_TILES else CHUNK_OUT_TC) if OUT_TC_VEC_EPILOGUE else CHUNK_OUT_TC_ACC)
             if tc else OUT)(
         [CB, acs, x, dt, Yo, D],

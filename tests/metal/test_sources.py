@@ -116,7 +116,7 @@ def test_cuda_dialect_compiles_with_nvcc(kernel, tmp_path):
            else (("PB", 32), ("RS", 4)) if kernel.name.startswith("alloy_ssd_bwd_scores")
            else (("NH", 12), ("HALF", 32)) if kernel.name.startswith("alloy_rope") else ())
         if re.search(rf"\b{n}\b", body) and not declared(n)) + "".join(
-        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM", "L2", "NBG", "REV", "DOT", "GATE", "HOLD", "TRAD", "ROWTAB", "VEC", "PIPE", "KSG", "ZT") if re.search(rf"\b{n}\b", body + kernel.helpers))
+        f"  constexpr bool {n} = true;\n" for n in ("SILU", "HAS_Z", "HAS_BIAS", "HAS_RES", "PER_CHANNEL", "L2NORM", "L2", "NBG", "REV", "DOT", "GATE", "HOLD", "TRAD", "ROWTAB", "VEC", "PIPE", "KSG", "ZT", "PF") if re.search(rf"\b{n}\b", body + kernel.helpers))
     for alias in ("S", "W"):
         if re.search(rf"\b{alias}\b", body) and alias not in kernel.inputs:
             tmpl = f"  using {alias} = __nv_bfloat16;\n" + tmpl

@@ -45,7 +45,7 @@ def test_switch_picks_the_row_tile_kernels(monkeypatch, on):
     """`ssd_chunked` / `ssd_chunked_diag_bwd` launch the row-tile kernels with TC_ROW_TILES on and the
     transposed-tile ones with it off (OUT_TC / DX_TC on, the 16-byte epilogue, no fused Yo)."""
     for name, v in (("OUT_TC", True), ("DX_TC", True), ("OUT_FUSED_YO", False), ("OUT_TC_VEC_EPILOGUE", True),
-                    ("TC_ROW_TILES", on)):
+                    ("TC_ROW_TILES", on), ("OUT_FACTORED", False), ("DX_FACTORED", False)):
         monkeypatch.setattr(kern, name, v)
     rng = np.random.default_rng(5)
     b, l, h, g, p, n, K = 1, 100, 4, 2, 32, 16, 64
@@ -99,7 +99,7 @@ def test_gradient_with_dys_from_the_dx_kernel(monkeypatch, dt, g):
     b, l, h, p, n, K = 1, 150, 4, 32, 16, 64
     prim = ssd_inputs(rng, F16[dt], b, l, h, g, p, n)
     want = ssd_chunked_autodiff(prim, K)
-    for name, v in (("DX_TC", True), ("TC_ROW_TILES", True), ("DX_FINISH_FUSED", False)):
+    for name, v in (("DX_TC", True), ("TC_ROW_TILES", True), ("DX_FINISH_FUSED", False), ("DX_FACTORED", False)):
         monkeypatch.setattr(kern, name, v)
     got = {}
     for on in (True, False):

@@ -30,7 +30,8 @@ def test_row_tiles_bit_identical_on_gpu(monkeypatch, l, p, K):
     got = {}
     for on in (True, False):
         for name, v in (("OUT_TC", True), ("DX_TC", True), ("OUT_FUSED_YO", False),
-                        ("OUT_TC_VEC_EPILOGUE", True), ("TC_ROW_TILES", on)):
+                        ("OUT_TC_VEC_EPILOGUE", True), ("TC_ROW_TILES", on), ("OUT_FACTORED", False),
+                        ("DX_FACTORED", False)):
             monkeypatch.setattr(kern, name, v)
         ks = {k: Counted(getattr(kern, k)) for k in ("CHUNK_OUT_TC_RM", "BWD_DX_TC_RM", "CHUNK_OUT_TC", "BWD_DX_TC")}
         for k, c in ks.items():
@@ -64,7 +65,8 @@ def test_gradient_with_dys_from_the_dx_kernel_on_gpu(monkeypatch, l):
     D, s0, ds = arr(rng, (h,)), arr(rng, (b, h, p, n), scale=0.1), arr(rng, (b, h, p, n), scale=0.1)
     got = {}
     for on in (True, False):
-        for name, v in (("DX_TC", True), ("TC_ROW_TILES", True), ("DX_FINISH_FUSED", False), ("DX_DYS", on)):
+        for name, v in (("DX_TC", True), ("TC_ROW_TILES", True), ("DX_FINISH_FUSED", False), ("DX_DYS", on),
+                        ("DX_FACTORED", False)):
             monkeypatch.setattr(kern, name, v)
         ks = {k: Counted(getattr(kern, k)) for k in ("BWD_DX_TC_DYS", "BWD_DX_TC_RM")}
         for k, c in ks.items():
