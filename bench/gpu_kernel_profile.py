@@ -40,7 +40,13 @@ def step_fn(a):
     def one():
         p, o, m = step(st["p"], st["o"], batch, key)
         st["p"], st["o"] = p, o
-        mx.eval(p, o, m)
+        if not a.pipelined:
+            mx.eval(p, o, m)
+            return
+        mx.async_eval(p, o, m)  # as train_step.pipelined: the next step queued behind this one
+        if "prev" in st:
+            mx.eval(st["prev"])
+        st["prev"] = m["loss"]
     return one
 
 
@@ -69,6 +75,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=45)
     ap.add_argument("--flat", action="store_true", help="the packed step (make_train_step(flat=True))")
+    ap.add_argument("--pipelined", action="store_true",
+                    help="step: the profiled steps queued back to back (mx.async_eval) as train_step.py "
+                         "--pipelined runs them, so the trace shows the GPU's idle time between steps")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                     help="a module-level switch, as in train_step.py; repeatable")
     ap.add_argument("--trace", metavar="PATH.json",

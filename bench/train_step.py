@@ -95,19 +95,29 @@ def set_switch(item):
     return key, value
 
 
-def pipelined(step, params, opt_state, batch, key, n: int):
+def pipelined(step, params, opt_state, batch, key, n: int, host: dict | None = None):
     """n steps queued as the training loop queues them (`mx.async_eval`, at most one step waiting
-    behind the running one) -> (params, opt_state, the last metrics, wall seconds per step)."""
+    behind the running one) -> (params, opt_state, the last metrics, wall seconds per step). With
+    `host` (a dict), its "submit" and "wait" get the seconds per step the host spent building and
+    submitting a step (the step call and `mx.async_eval`: MLX encodes every kernel there) and blocked
+    on the step before: a wait near zero means the GPU waits for the host, not the other way round."""
     mx.synchronize()
     t = time.perf_counter()
     prev = None
+    submit = wait = 0.0
     for _ in range(n):
+        t1 = time.perf_counter()
         params, opt_state, m = step(params, opt_state, batch, key)
         mx.async_eval(params, opt_state, m)
+        t2 = time.perf_counter()
         if prev is not None:
             mx.eval(prev)
+        t3 = time.perf_counter()
+        submit, wait = submit + t2 - t1, wait + t3 - t2
         prev = m["loss"]
     mx.eval(params, opt_state, m)
+    if host is not None:
+        host.update(submit=submit / n, wait=wait / n)
     return params, opt_state, m, (time.perf_counter() - t) / n
 
 
@@ -173,17 +183,23 @@ def main(argv=None):
     if hasattr(mx, "reset_peak_memory"):
         mx.reset_peak_memory()
     times = []
+    submits = []  # from an idle GPU: the host's building and submitting of one step
     for i in range(a.steps):
         t = time.perf_counter()
         params, opt_state, m = step(params, opt_state, batch, key)
+        mx.async_eval(params, opt_state, m)
+        submits.append(time.perf_counter() - t)
         mx.eval(params, opt_state, m)
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
     piped = None
     if a.pipelined:  # the same steps queued back to back: the graph building hides behind the GPU
-        params, opt_state, m, piped = pipelined(step, params, opt_state, batch, key, a.steps)
+        host = {}
+        params, opt_state, m, piped = pipelined(step, params, opt_state, batch, key, a.steps, host)
         print(f"pipelined: {piped * 1e3:.1f} ms per step over {a.steps} (synchronous median {med * 1e3:.1f}); "
-              f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+              f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB; host per step: {host['submit'] * 1e3:.1f} ms "
+              f"building and submitting, {host['wait'] * 1e3:.1f} ms waiting for the step before "
+              f"(synchronous steps: {statistics.median(submits) * 1e3:.1f} ms building and submitting from idle)")
         med = piped
     tok_s = B * T / med
     fpt = model_flops_per_token(cfg, T)
