@@ -70,13 +70,14 @@ def main(argv=None):
     keys = [item.partition("=")[0] for item in a.b_set]
     saved = {k: current(k) for k in keys}
     b_values = dict(set_switch(item) for item in a.b_set)
-    state = (params, opt_state)
+    state = [params, opt_state]
+    del params, opt_state  # `state` holds the only references (see train_step.pipelined)
     steps, losses = {}, {}
     for name in ("B", "A"):  # B traced under its switches, then A's restored before A is traced
         step = make()
         t0 = time.perf_counter()
         for _ in range(a.warmup):
-            *state, m = step(*state, batch, key)
+            state[0], state[1], m = step(*state, batch, key)
             mx.eval(state, m)
         steps[name], losses[name] = step, float(m["loss"])
         print(f"step {name} warm-up {time.perf_counter() - t0:.1f} s, loss {losses[name]:.4f}", flush=True)
@@ -88,7 +89,7 @@ def main(argv=None):
     ms = {"A": [], "B": []}
     for r in range(a.rounds):
         for name in (("A", "B") if r % 2 == 0 else ("B", "A")):
-            *state, _, t = pipelined(steps[name], *state, batch, key, a.steps)
+            _, t = pipelined(steps[name], state, batch, key, a.steps)
             ms[name].append(t * 1e3)
         print(f"round {r}: A {ms['A'][-1]:.2f}  B {ms['B'][-1]:.2f}  B - A {ms['B'][-1] - ms['A'][-1]:+.2f} ms",
               flush=True)
