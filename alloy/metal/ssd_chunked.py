@@ -697,6 +697,11 @@ OUT_RM_BOUNDS = True
 # 0.285 / 0.212 -> 0.202 ms: the kernels wait on loads more than they issue the mask's arithmetic.
 OUT_FACTORED = True
 DX_FACTORED = True
+# With DX_FACTORED: BWD_DX_TC_FX writes the diagonal blocks' dX in x's dtype instead of float32 (half the
+# bytes written by it and read back by BWD_FIN, 100 MB each per toy layer in bf16); dX is rounded once
+# more before BWD_FIN adds the state term (the gradient dx leaves in x's dtype either way). Built after
+# the session's last GPU job, emulator-tested, off until measured on a GPU.
+DX_HALF_OUT = False
 # BWD_SCORES_TC pulls the next head's dy / x rows into L2 (`prefetch_l2`) while it issues the current
 # head's register loads (template PF); off: no prefetch (A/B switch). Same results either way. H100,
 # session 13: CUPTI (toy-shape SSD, same job) 0.276 -> 0.270 ms per layer; toy step in one process
@@ -1142,6 +1147,27 @@ _DX_TC_EPI = """\
 """
 
 
+# BWD_DX_TC_FX's epilogue: dX float32 as above, or in a 16-bit dtype (DX_HALF_OUT) a column pair per
+# 4-byte store
+_DX_TC_EPI_ANY = """\
+  for (int i = 0; i < 8; i += 2) {
+    const int s = wr + acc_row(i, lane);
+    if (s < KC)
+      for (int j = 0; j < PC / 16; ++j) {
+        const long o = ((b * nc * KC + t0 + s) * H + h) * PC + 16 * j + acc_col(i, lane);
+        if (sizeof(dX[0]) == 4) {
+          float2 v;
+          v.x = acc[j].c[i];
+          v.y = acc[j].c[i + 1];
+          *reinterpret_cast<DEV float2*>(dX + o) = v;
+        } else {
+          st2(dX + o, acc[j].c[i], acc[j].c[i + 1]);
+        }
+      }
+  }
+"""
+
+
 BWD_DX_TC = Kernel(
     name="alloy_ssd_bwd_dx_tc",
     inputs=("CB", "acs", "dy"),
@@ -1351,7 +1377,7 @@ BWD_DX_TC_FX = Kernel(
       }
     BARRIER();
   }
-""" + _DX_TC_EPI,
+""" + _DX_TC_EPI_ANY,
     launch_bounds=(128, 7),  # 70 registers, no spills (nvcc sm_90, KC 128 / PC 64); 80 unbounded
 )
 
@@ -1510,7 +1536,7 @@ def fin_lanes(P: int) -> tuple[bool, int]:
 
 def bwd_finish(x, dy, dt, acs, CH, dXw, dXd, D):
     """`BWD_FIN`: acs (b, c, K, h) float32; CH, dXw (b, c, g, K, r p) float32 or x's dtype; dXd (b, c, K, h, p)
-    float32; D (h,) -> dx (x's shape and dtype), and ra, rw, rx, rd (b, c, K, h) float32."""
+    float32 or x's dtype; D (h,) -> dx (x's shape and dtype), and ra, rw, rx, rd (b, c, K, h) float32."""
     b, nc, K, H = acs.shape
     n = b * nc * K * H
     vec, lr = fin_lanes(x.shape[-1])
@@ -1528,8 +1554,8 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy, with_dx: bool = True):
     """The diagonal blocks' gradient on the GPU (see `BWD_SCORES` / `BWD_DX`). CB (b, c, g, K, K)
     float32 = C B^T per chunk; acs (b, c, h, K) float32 (cumsum of dt A inside each chunk); x, dy
     (b, l, h, p) and dt (b, l, h) unchunked (l <= c K; steps past l count as zero). Returns
-    dX (b, c, K, h, p), dacs (b, c, K, h) and dCB (b, c, g, K, K), all float32; dX is the gradient
-    with respect to X = dt x. with_dx=False: no dX launch, None in its place (`bwd_dx_finish` takes it)."""
+    dX (b, c, K, h, p), dacs (b, c, K, h) and dCB (b, c, g, K, K), all float32 (dX in x's dtype from
+    BWD_DX_TC_FX under DX_HALF_OUT); dX is the gradient with respect to X = dt x. with_dx=False: no dX launch, None in its place (`bwd_dx_finish` takes it)."""
     b, l, H, P = x.shape
     _, nc, G, K, _ = CB.shape
     nt = groups(K, 64)
@@ -1561,7 +1587,7 @@ def ssd_chunked_diag_bwd(CB, acs, x, dt, dy, with_dx: bool = True):
         grid=(nt, H, b * nc),
         threadgroup=128,
         output_shapes=[(b, nc * K, H, P)],
-        output_dtypes=[_F32],
+        output_dtypes=[x.dtype if dtc and TC_ROW_TILES and DX_FACTORED and DX_HALF_OUT else _F32],
     )
     return dX.reshape(b, nc, K, H, P), dacs, dCB
 

@@ -116,3 +116,35 @@ def test_switch_picks_the_factored_dx_kernel(monkeypatch, on):
         used = (kern.BWD_DX_TC_FX.calls, kern.BWD_DX_TC_RM.calls)
     assert used == ((1, 0) if on else (0, 1)), used
     assert dX.dtype == mx.float32
+
+
+@pytest.mark.parametrize("dt,g", [("bf16", 1), ("fp16", 2)])
+def test_dx_in_input_dtype(monkeypatch, dt, g):
+    """DX_HALF_OUT: BWD_DX_TC_FX writes dX in x's dtype (the float32 kernel's values rounded once), and
+    the whole SSD gradient through BWD_FIN stays within 1e-2 of the float32-dX one (dx itself leaves in
+    x's dtype either way)."""
+    import importlib
+    from alloy.metal.testing import ssd_chunked_autodiff, ssd_inputs
+    ssd_mod = importlib.import_module("alloy.ops.ssd")
+    for name, v in (("DX_TC", True), ("TC_ROW_TILES", True), ("DX_FACTORED", True), ("DX_DYS", False),
+                    ("DX_FINISH_FUSED", False)):
+        monkeypatch.setattr(kern, name, v)
+    rng = np.random.default_rng(21 + g)
+    b, l, h, p, n, K = 1, 150, 4, 32, 16, 64
+    prim = ssd_inputs(rng, F16[dt], b, l, h, g, p, n)
+    x, dtv, A, B, C, D, s0, dy, ds = prim
+    (CB, acs, *_), _, _ = ssd_diag_case(rng, dt, b, l, h, g, p, K)
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(kern, "DX_HALF_OUT", on)
+        with emulate.patch(kern, poison=True):
+            dX = kern.ssd_chunked_diag_bwd(CB, acs, x, dtv, dy)[0]
+            got[on] = ssd_mod.ssd_chunked_vjp_gpu(*prim, K)
+        assert dX.dtype == (x.dtype if on else mx.float32)
+        got[on] = (dX,) + tuple(got[on])
+    assert mx.array_equal(got[True][0], got[False][0].astype(x.dtype))   # the same values, rounded once
+    want = ssd_chunked_autodiff(prim, K)
+    for i, (a, c, w) in enumerate(zip(got[True][1:], got[False][1:], want)):
+        assert a.shape == c.shape and a.dtype == c.dtype, i
+        assert rel_err(a, c) <= 1e-2, (i, rel_err(a, c))
+        assert rel_err(a, w) <= 3e-2, (i, rel_err(a, w))

@@ -81,3 +81,21 @@ def test_gradient_with_factored_kernels_on_gpu(monkeypatch, l):
     for i, (a, c) in enumerate(zip(got[True], got[False])):
         assert a.shape == c.shape and a.dtype == c.dtype, i
         assert rel_err(a, c) <= 1e-2, (i, rel_err(a, c))
+
+
+def test_gradient_with_dx_in_input_dtype_on_gpu(monkeypatch):
+    """DX_HALF_OUT (BWD_DX_TC_FX writing dX in bf16 for BWD_FIN) against float32 dX, toy shape."""
+    ssd_mod = importlib.import_module("alloy.ops.ssd")
+    rng = np.random.default_rng(31)
+    b, l, h, p, g, n, K = 2, 2048, 24, 64, 1, 128, 128
+    x, dy, dt, A, B, C, D, s0, ds = _inputs(rng, b, l, h, g, p, n)
+    got = {}
+    for on in (True, False):
+        _switches(monkeypatch, True)
+        monkeypatch.setattr(kern, "DX_HALF_OUT", on)
+        got[on] = ssd_mod.ssd_chunked_vjp_gpu(x, dt, A, B, C, D, s0, dy, ds, K)
+        mx.eval(got[on])
+        monkeypatch.undo()
+    for i, (a, c) in enumerate(zip(got[True], got[False])):
+        assert a.shape == c.shape and a.dtype == c.dtype, i
+        assert rel_err(a, c) <= 1e-2, (i, rel_err(a, c))
