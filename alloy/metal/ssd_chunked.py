@@ -697,6 +697,12 @@ OUT_RM_BOUNDS = True
 # 0.285 / 0.212 -> 0.202 ms: the kernels wait on loads more than they issue the mask's arithmetic.
 OUT_FACTORED = True
 DX_FACTORED = True
+# With OUT_FACTORED: CHUNK_OUT_YO_FX, CHUNK_OUT_TC_FX computing the state term Yo = C H itself (raw copies
+# of C's rows and the states entering the chunk, two more steps of warp tile products) instead of the
+# batched matmul writing Yo (100 MB per toy layer in bf16, 72-76 us on the forward's chain) for it to
+# read back. Built after the session's last GPU job, emulator-tested, off until measured on a GPU
+# (OUT_FUSED_YO, the same idea on CHUNK_OUT_TC, measured slower in session 9).
+OUT_FX_YO = False
 # With DX_FACTORED: BWD_DX_TC_FX writes the diagonal blocks' dX in x's dtype instead of float32 (half the
 # bytes written by it and read back by BWD_FIN, 100 MB each per toy layer in bf16); dX is rounded once
 # more before BWD_FIN adds the state term (the gradient dx leaves in x's dtype either way). Built after
@@ -1209,27 +1215,81 @@ CHUNK_OUT_TC_RM_FREE = dataclasses.replace(CHUNK_OUT_TC_RM, name="alloy_ssd_chun
 # builds only the 16 mask rows it reads. acs is non-increasing along the chunk (dt >= 0, A < 0), so
 # both factors lie in [0, 1]: neither overflows, and one that underflows bounds an entry that does
 # (the two kernels agree to the rounding of M to T; tests/metal/test_ssd_out_factored.py).
-CHUNK_OUT_TC_FX = Kernel(
-    name="alloy_ssd_chunk_out_tc_fx",
-    inputs=CHUNK_OUT_TC.inputs,
-    outputs=CHUNK_OUT_TC.outputs,
-    body="""
-  // CHUNK_OUT_TC_RM with the decay factored below each warp's diagonal block (see OUT_FACTORED)
+def _out_fx_body(yo: bool) -> str:
+    """CHUNK_OUT_TC_FX's body; yo: Yo = C H computed in the kernel (CHUNK_OUT_YO_FX) before the steps
+    along s, from the C rows of the block and the head's (n, p) slice of the states entering the chunk,
+    both raw 16-byte copies into the two tiles (C rows [l][n] as the a-operand, the states row-major
+    [n][p] as the b-operand), the sum times exp(acs_m) so that the rows' scaling before the diagonal
+    block makes it exp(acs_l) C H (acs <= 0 inside a chunk: no overflow); the epilogue then reads no Yo."""
+    head = """
+  // CHUNK_OUT_TC_RM with the decay factored below each warp's diagonal block (see OUT_FACTORED)""" + (
+        """, and Yo = C H
+  // computed in the kernel (CHUNK_OUT_YO_FX)""" if yo else "") + """
 """ + _tc_item("x", rows=True) + """
   SHARED float sdv[KC];                       // the head's dt over the chunk (zero past L)
   SHARED float scol[4 * 64];                  // per warp: the step's column factors f_s
   for (int s = tid; s < KC; s += 128) sdv[s] = t0 + s < L ? static_cast<float>(dt[(b * L + t0 + s) * H + h]) : 0.0f;
   const int s_end = r0 + 64 < KC ? r0 + 64 : KC;
-  for (int r = tid; r < s_end + 64; r += 128) {   // to L2 while the products run: x rows 0 .. s_end - 1,
+""" + ("""  for (int r = tid; r < s_end; r += 128)     // the x rows of the steps, to L2 while Yo's products run
+    if (r < KC && t0 + r < L) prefetch_l2(x + ((b * L + t0 + r) * H + h) * PC);
+""" if yo else """  for (int r = tid; r < s_end + 64; r += 128) {   // to L2 while the products run: x rows 0 .. s_end - 1,
     const int l = r < s_end ? r : r0 + r - s_end;   // then the epilogue's Yo rows r0 ..
     if (l < KC && t0 + l < L)
       prefetch_l2(r < s_end ? x + ((b * L + t0 + l) * H + h) * PC
                             : Yo + ((bc * G + g) * KC + l) * (R * PC) + (h - g * R) * PC);
   }
-  BARRIER();
+""") + """  BARRIER();
   const float am = wr < KC ? sacs[wr] : 0.0f;
   const int cw = 64 * w;                      // the warp's column factors: scol[cw ..]
-  for (int s0 = 0; s0 < s_end; s0 += 64) {
+""" + (_OUT_FX_YO if yo else "") + """""" + _OUT_FX_LOOP + (_OUT_TC_EPI_VEC_NOYO if yo else _OUT_TC_EPI_VEC).replace(
+        "ld8(x + e0 + 16 * j, xv);", "ld8(sdx + (l - r0) * XP + 8 * hi + 16 * j, xv);   // the last tile: rows r0 ..")
+    return head
+
+
+# CHUNK_OUT_YO_FX's Yo phase: steps of 64 along n (N a multiple of 16), C rows r0 .. in smk [row][n],
+# the states' rows n in sdx [n][p]; a warp whose rows are all past the chunk or past L skips its products
+_OUT_FX_YO = """\
+  {                                           // (its indices live only here)
+  const int N = C_shape[3];
+  const long hs = (bc * G + g) * (long)N * (R * PC) + (h - g * R) * PC;   // starts[.., n = 0, p = 0]
+  const bool yo_live = wr < KC && t0 + wr < L;
+  for (int n0 = 0; n0 < N; n0 += 64) {
+    for (int idx = tid; idx < 64 * 8; idx += 128) {   // C: 8 consecutive n of row r0 + r
+      const int r = idx / 8;
+      const int u = 8 * (idx % 8);
+      const long t = t0 + r0 + r;
+      if (n0 + u < N) {
+        if (r0 + r < KC && t < L) {
+          str8(ldr8(C + ((b * L + t) * G + g) * N + n0 + u), smk + r * TP + u);
+        } else {
+          float z[8];
+          for (int q = 0; q < 8; ++q) z[q] = 0.0f;
+          st8(smk + r * TP + u, z);
+        }
+      }
+    }
+    for (int idx = tid; idx < 64 * U8; idx += 128) {  // the states: row n0 + kk, 8 consecutive p
+      const int kk = idx / U8;
+      const int u = 8 * (idx % U8);
+      if (n0 + kk < N) str8(ldr8(starts + hs + (long)(n0 + kk) * (R * PC) + u), sdx + kk * XP + u);
+    }
+    BARRIER();
+    const int nk = (N - n0) / 16 < 4 ? (N - n0) / 16 : 4;
+    if (yo_live)
+      for (int kk = 0; kk < nk; ++kk) {
+        Frag16<T> fc;
+        lda16(fc, smk + 16 * w * TP + 16 * kk, TP, lane);
+        for (int j = 0; j < PC / 16; ++j) mma16_f(acc[j], fc, sdx + 16 * kk * XP + 16 * j, XP, lane);
+      }
+    BARRIER();
+  }
+  const float em = fexp(am);                  // exp(acs_m): the rows' scaling makes it exp(acs_l)
+  for (int j = 0; j < PC / 16; ++j)
+    for (int i = 0; i < 8; ++i) acc[j].c[i] *= em;
+  }
+"""
+
+_OUT_FX_LOOP = """  for (int s0 = 0; s0 < s_end; s0 += 64) {
     for (int idx = tid; idx < 64 * U8; idx += 128) {   // the data tile: x rows s0 .., as stored
       const int kk = idx / U8;
       const int u = 8 * (idx % U8);
@@ -1284,8 +1344,36 @@ CHUNK_OUT_TC_FX = Kernel(
     }
     BARRIER();
   }
-""" + _OUT_TC_EPI_VEC.replace("ld8(x + e0 + 16 * j, xv);", "ld8(sdx + (l - r0) * XP + 8 * hi + 16 * j, xv);   // the last tile: rows r0 .."),
+"""
+
+# CHUNK_OUT_TC's 16-byte epilogue without the Yo term (Yo already in the accumulators)
+_OUT_TC_EPI_VEC_NOYO = (_OUT_TC_EPI_VEC
+                        .replace("""      float yo[8], xv[8];
+      ld8(yo0 + 16 * j, yo);
+""", """      float xv[8];
+""")
+                        .replace("v[q] = v[q] + el * yo[q] + dh * xv[q];", "v[q] = v[q] + dh * xv[q];")
+                        .replace("""  const float el = live ? fexp(sacs[l]) : 0.0f;
+""", "")
+                        .replace("""  const DEV T* yo0 = Yo + ((bc * G + g) * KC + (live ? l : 0)) * (R * PC) + (h - g * R) * PC + 8 * hi;
+""", "")
+                        .replace("one 16-byte load of Yo and of x, one 16-byte store of y.",
+                                 "one 16-byte load of x, one 16-byte store of y."))
+
+CHUNK_OUT_TC_FX = Kernel(
+    name="alloy_ssd_chunk_out_tc_fx",
+    inputs=CHUNK_OUT_TC.inputs,
+    outputs=CHUNK_OUT_TC.outputs,
+    body=_out_fx_body(False),
     launch_bounds=(128, 7),  # 72 registers, no spills (nvcc sm_90, KC 128 / PC 64); (128, 8) spills
+)
+# CHUNK_OUT_TC_FX with Yo = C H in the kernel (switch OUT_FX_YO): no Yo product, no Yo in memory
+CHUNK_OUT_YO_FX = Kernel(
+    name="alloy_ssd_chunk_out_yo_fx",
+    inputs=("CB", "acs", "x", "dt", "C", "starts", "D"),
+    outputs=("y",),
+    body=_out_fx_body(True),
+    launch_bounds=(),  # 96 registers (5 groups per SM), no spills; (128, 6) spills 28 bytes, (128, 7) 96
 )
 
 
@@ -1679,6 +1767,17 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
         return (y, final_state, starts) if with_starts else (y, final_state)
 
     tc = OUT_TC and _tc_fits(dtype, P, K)
+    if (tc and TC_ROW_TILES and OUT_FACTORED and OUT_FX_YO and OUT_TC_VEC_EPILOGUE and N % 16 == 0
+            and starts.dtype == dtype):  # CHUNK_OUT_TC_FX with Yo = C H inside
+        (y,) = CHUNK_OUT_YO_FX(
+            [CB, acs, x, dt, C.astype(dtype), starts, D],
+            template=[("T", dtype), ("KC", K), ("PC", P)],
+            grid=(groups(K, 64), H, b * nc),
+            threadgroup=128,
+            output_shapes=[(b, l, H, P)],
+            output_dtypes=[dtype],
+        )
+        return out(y)
     if tc and OUT_FUSED_YO and N % 16 == 0:  # Yo = C H inside the chunk-output kernel
         (y,) = CHUNK_OUT_YO_TC(
             [CB, acs, x, dt, C.astype(dtype), starts, D],

@@ -10,7 +10,7 @@ import pytest
 
 from alloy.metal import emulate
 from alloy.metal import ssd_chunked as kern
-from alloy.metal.testing import F16, arr, pos, rel_err, ssd_diag_case
+from alloy.metal.testing import F16, arr, pos, rel_err, ssd_diag_case, ssd_out_yo_case
 
 pytestmark = pytest.mark.skipif(not emulate.available(), reason="no g++ for the CPU kernel emulator")
 
@@ -148,3 +148,51 @@ def test_dx_in_input_dtype(monkeypatch, dt, g):
         assert a.shape == c.shape and a.dtype == c.dtype, i
         assert rel_err(a, c) <= 1e-2, (i, rel_err(a, c))
         assert rel_err(a, w) <= 3e-2, (i, rel_err(a, w))
+
+
+YO_CASES = [("bf16", 1, 40, 2, 1, 32, 16, 32),    # chunk below the 64-row block, l not whole chunks
+            ("fp16", 2, 150, 4, 2, 64, 32, 64),   # two groups of two heads
+            ("bf16", 1, 200, 4, 2, 32, 32, 128),  # two row blocks per chunk, the last one partial in l
+            ("bf16", 1, 300, 2, 1, 128, 128, 128)]  # head dim and d_state 128 (two steps along n)
+
+
+@pytest.mark.parametrize("dt,b,l,h,g,p,n,K", YO_CASES)
+def test_factored_out_with_yo_inside(dt, b, l, h, g, p, n, K):
+    """CHUNK_OUT_YO_FX (Yo = C H in the kernel) against CHUNK_OUT_TC_FX fed the explicit Yo and against
+    float64 (the inputs of tests/metal/test_ssd_out_yo.py)."""
+    rng = np.random.default_rng(l + n + K)
+    dtype = F16[dt]
+    (CB, acs, x, dtv, C, starts, D), Yo, y_ref = ssd_out_yo_case(rng, dtype, b, l, h, g, p, n, K)
+    nc = CB.shape[1]
+
+    def launch(k, inputs):
+        return emulate.run(k, inputs, template=[("T", dtype), ("KC", K), ("PC", p)], grid=(-(-K // 64), h, b * nc),
+                           threadgroup=128, output_shapes=[x.shape], output_dtypes=[dtype], poison=True)[0]
+    fused = launch(kern.CHUNK_OUT_YO_FX, [CB, acs, x, dtv, C, starts, D])
+    explicit = launch(kern.CHUNK_OUT_TC_FX, [CB, acs, x, dtv, Yo, D])
+    tol = 1e-2 if dt == "bf16" else 2e-3
+    ref = mx.array(y_ref.astype(np.float32))
+    assert fused.dtype == dtype
+    assert rel_err(fused, ref) <= tol, rel_err(fused, ref)
+    assert rel_err(fused, explicit) <= tol, rel_err(fused, explicit)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_switch_picks_the_factored_yo_kernel(monkeypatch, on):
+    for name, v in (("OUT_TC", True), ("OUT_FUSED_YO", False), ("OUT_TC_VEC_EPILOGUE", True),
+                    ("TC_ROW_TILES", True), ("OUT_FACTORED", True), ("OUT_FX_YO", on)):
+        monkeypatch.setattr(kern, name, v)
+    rng = np.random.default_rng(8)
+    b, l, h, g, p, n, K = 1, 100, 4, 2, 32, 16, 64
+    dtype = F16["bf16"]
+    x = arr(rng, (b, l, h, p), dtype)
+    dtv, A = pos(rng, (b, l, h), 0.01, 0.3), -pos(rng, (h,), 0.5, 4.0)
+    B, C = arr(rng, (b, l, g, n), dtype), arr(rng, (b, l, g, n), dtype)
+    D, s0 = arr(rng, (h,)), arr(rng, (b, h, p, n))
+    with emulate.patch(kern, poison=True):
+        y, _ = kern.ssd_chunked(x, dtv, A, B, C, D, s0, K)
+        used = (kern.CHUNK_OUT_YO_FX.calls, kern.CHUNK_OUT_TC_FX.calls)
+    from alloy.ops import ssd_ref
+    yr, _ = ssd_ref(x, dtv, A, B, C, D, s0)
+    assert used == ((1, 0) if on else (0, 1)), used
+    assert rel_err(y, yr) <= 3e-2, rel_err(y, yr)

@@ -99,3 +99,24 @@ def test_gradient_with_dx_in_input_dtype_on_gpu(monkeypatch):
     for i, (a, c) in enumerate(zip(got[True], got[False])):
         assert a.shape == c.shape and a.dtype == c.dtype, i
         assert rel_err(a, c) <= 1e-2, (i, rel_err(a, c))
+
+
+@pytest.mark.parametrize("l", [2048, 1000])
+def test_factored_out_with_yo_inside_on_gpu(monkeypatch, l):
+    """OUT_FX_YO (CHUNK_OUT_YO_FX: Yo = C H inside the factored kernel) against the explicit Yo, toy shape."""
+    rng = np.random.default_rng(l + 41)
+    b, h, p, g, n, K = 2, 24, 64, 1, 128, 128
+    x, _, dt, A, B, C, D, s0, _ = _inputs(rng, b, l, h, g, p, n)
+    got = {}
+    for on in (True, False):
+        _switches(monkeypatch, True)
+        monkeypatch.setattr(kern, "OUT_FX_YO", on)
+        fused = Counted(kern.CHUNK_OUT_YO_FX)
+        monkeypatch.setattr(kern, "CHUNK_OUT_YO_FX", fused)
+        got[on], _ = kern.ssd_chunked(x, dt, A, B, C, D, s0, K)
+        mx.eval(got[on])
+        assert fused.calls == (1 if on else 0)
+        monkeypatch.undo()
+    assert rel_err(got[True], got[False]) <= 1e-2, rel_err(got[True], got[False])
+    yr, _ = ssd_ref(x, dt, A, B, C, D, s0)
+    assert rel_err(got[True], yr) <= 6e-2, rel_err(got[True], yr)

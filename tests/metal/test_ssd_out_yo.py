@@ -11,6 +11,7 @@ import pytest
 from alloy.metal import emulate
 from alloy.metal import ssd_chunked as kern
 from alloy.metal.testing import F16, arr, chunk_time as chunked, f64, pos, rel_err
+from alloy.metal.testing import ssd_out_yo_case as out_case
 from alloy.ops import ssd_ref
 
 pytestmark = pytest.mark.skipif(not emulate.available(), reason="no g++ for the CPU kernel emulator")
@@ -21,33 +22,6 @@ def _switch_on(monkeypatch):
     """The kernel under test is off by default (slower in the toy step, docs/benchmarks.md session 9):
     these tests turn OUT_FUSED_YO on (a test that compares on and off sets it itself)."""
     monkeypatch.setattr(kern, "OUT_FUSED_YO", True)
-
-
-def out_case(rng, dtype, b, l, h, g, p, n, K, x_scale=1.0):
-    """Inputs of CHUNK_OUT_YO_TC (CB (b, c, g, K, K), acs (b, c, h, K) float32; x (b, l, h, p), C
-    (b, l, g, n), starts (b, c, g, n, r p) in dtype; dt (b, l, h), D (h,)), the explicit Yo of the
-    unfused path (C H as `ssd_chunked` computes it: operands in dtype, rounded to dtype) and the
-    float64 reference of y."""
-    nc, r = -(-l // K), h // g
-    x = arr(rng, (b, l, h, p), dtype, x_scale)
-    dtv = pos(rng, (b, l, h), 0.01, 0.3)
-    A = -pos(rng, (h,), 0.5, 4.0)
-    C = arr(rng, (b, l, g, n), dtype)
-    starts = arr(rng, (b, nc, g, n, r * p), dtype, 0.5)
-    CB = arr(rng, (b, nc, g, K, K), scale=0.5)
-    D = arr(rng, (h,))
-    acs = mx.cumsum(chunked(dtv, K) * A, axis=2).transpose(0, 1, 3, 2)  # (b, c, h, K)
-    Cc = chunked(C, K).astype(dtype).transpose(0, 1, 3, 2, 4)  # (b, c, g, K, n)
-    Yo = Cc @ starts  # (b, c, g, K, r p) in dtype
-    ac = f64(acs)
-    E = np.exp(ac[..., :, None] - ac[..., None, :]) * np.tril(np.ones((K, K)))  # (b, c, h, l, s)
-    M = np.repeat(f64(CB), r, axis=2) * E
-    X = f64(chunked(x, K)) * f64(chunked(dtv, K))[..., None]  # (b, c, K, h, p)
-    Y64 = np.einsum("bckgn,bcgnq->bckgq", f64(chunked(C, K)), f64(starts))  # C H in float64
-    Yh = Y64.reshape(b, nc, K, g, r, p).reshape(b, nc, K, h, p)
-    y = (np.einsum("bchls,bcshp->bclhp", M, X) + np.exp(ac).transpose(0, 1, 3, 2)[..., None] * Yh
-         + f64(D)[:, None] * f64(chunked(x, K)))
-    return (CB, acs, x, dtv, C, starts, D), Yo, y.reshape(b, nc * K, h, p)[:, :l]
 
 
 def launch(k, inputs, dtype, K, p, h, b, nc, out_shape):
