@@ -527,7 +527,10 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size=256, impl="auto")
     impl: "ref" (sequential), "chunked", "kernel" (GPU kernels: one fused decode step for
     T == 1, else the chunked kernel path with chunks of `_kernel_chunk(T, chunk_size)`), or
     "auto" (the kernels where `kernel_applies`; otherwise T == 1 -> one decode step, else
-    chunked with a balanced chunk length <= chunk_size).
+    chunked with a balanced chunk length <= chunk_size). The chunked kernels take dt >= 0 and A <= 0
+    (a Mamba-2 layer's softplus dt and -exp(A_log)): the decays exp(dt A) lie in [0, 1], which the
+    output and dX kernels rely on when they split exp(acs_l - acs_s) into two factors
+    (`alloy.metal.ssd_chunked.OUT_FACTORED`).
     """
     if impl not in ("auto", "ref", "chunked", "kernel"):
         raise ValueError(f"unknown ssd impl {impl!r}; expected 'auto', 'ref', 'chunked' or 'kernel'")
