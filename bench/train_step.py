@@ -47,11 +47,16 @@ SMALL = {"name": "bench-small", "vocab_size": 256, "d_model": 64, "layer_types":
          "ffns": {"mlp": {"d_ff": 128}}}
 
 
-def model_flops_per_token(cfg, T: int) -> float:
-    """Training FLOPs per token of ``cfg`` (a ModelConfig) at sequence length T: 3 x the roofline's
-    forward count (see the module docstring)."""
+def model_flops_by_category(cfg, T: int) -> dict:
+    """Training FLOPs per token of ``cfg`` (a ModelConfig) at sequence length T by the roofline's
+    categories (matmul, attention, chunked, scan): 3 x its forward count (see the module docstring)."""
     r = roofline(cfg, "H100", "prefill", batch=1, seq_len=T)
-    return 3.0 * r.total_flops / T
+    return {k: 3.0 * v / T for k, v in r.flops.items()}
+
+
+def model_flops_per_token(cfg, T: int) -> float:
+    """The sum of `model_flops_by_category`."""
+    return sum(model_flops_by_category(cfg, T).values())
 
 
 GRAD_PATHS = ("conv", "norm", "ssd", "ssd-kernels")
@@ -210,17 +215,20 @@ def main(argv=None):
               f"(synchronous steps: {statistics.median(submits) * 1e3:.1f} ms building and submitting from idle)")
         med = piped
     tok_s = B * T / med
-    fpt = model_flops_per_token(cfg, T)
+    by_cat = model_flops_by_category(cfg, T)
+    fpt = sum(by_cat.values())
     tflops = fpt * tok_s / 1e12
     res = {"device": device, "config": cfg.name, "params": n, "batch_size": B, "seq_len": T, "dtype": a.dtype,
            "remat": a.remat, "step_s_median": med, "step_s_min": min(times), "tokens_per_s": tok_s,
-           "model_flops_per_token": fpt, "model_tflops": tflops, "peak_tflops": a.peak_tflops,
+           "model_flops_per_token": fpt, "model_flops_per_token_by_category": by_cat,
+           "model_tflops": tflops, "peak_tflops": a.peak_tflops,
            "mfu": tflops / a.peak_tflops, "peak_memory_gb": mx.get_peak_memory() / 1e9,
            "final_loss": float(m["loss"]), "grads": grads, "flat": a.flat, "set": dict(switches),
            "pipelined": a.pipelined}
     print(f"step {med * 1e3:.1f} ms {'pipelined' if piped else 'median'} (synchronous min {min(times) * 1e3:.1f}) "
           f"over {a.steps}: {tok_s:,.0f} tokens/s, "
-          f"{fpt / 1e6:.1f} MFLOP/token -> {tflops:.2f} TFLOP/s = {100 * res['mfu']:.2f}% MFU of "
+          f"{fpt / 1e6:.1f} MFLOP/token ({', '.join(f'{k} {v / 1e6:.1f}' for k, v in by_cat.items())}) "
+          f"-> {tflops:.2f} TFLOP/s = {100 * res['mfu']:.2f}% MFU of "
           f"{a.peak_tflops:g} TFLOP/s; peak memory {res['peak_memory_gb']:.2f} GB")
     if a.json:
         with open(a.json, "w") as f:
