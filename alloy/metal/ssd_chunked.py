@@ -323,6 +323,45 @@ def _tc_data_tile(src: str, k0: str, scale: bool, rows: bool = False, dys: bool 
 # CB column-wise, 8 scalar loads per item), its a-operand the transposed tile (`lda16t`). Same
 # operands and products as the transposed-tile kernels: bit-identical results. Switch `TC_ROW_TILES`.
 # CHUNK_OUT_TC's own mask is `_tc_mask_rows` too.
+# Eight consecutive float32 CB entries of row l from column `col` (c[0..8), two 16-byte loads: col a
+# multiple of 8 with col + 8 <= KC), at `ind` spaces of indentation
+def _cb_row8(col: str, ind: int) -> str:
+    p = " " * ind
+    return (f"{p}const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + {col});\n"
+            f"{p}const float4 c0v = cb[0];\n"
+            f"{p}const float4 c1v = cb[1];\n"
+            f"{p}const float c[8] = {{c0v.x, c0v.y, c0v.z, c0v.w, c1v.x, c1v.y, c1v.z, c1v.w}};\n")
+
+
+# The factored kernels' data tile: rows k0 + kk of `src` ((b, L, h, p), T) copied as stored into sdx
+# [k][p] (raw 16-byte copies), zero past the chunk and past L
+def _raw_data_tile(src: str, k0: str, note: str) -> str:
+    return f"""\
+    for (int idx = tid; idx < 64 * U8; idx += 128) {{   // {note}
+      const int kk = idx / U8;
+      const int u = 8 * (idx % U8);
+      const long t = t0 + {k0} + kk;
+      if ({k0} + kk < KC && t < L) {{
+        str8(ldr8({src} + ((b * L + t) * H + h) * PC + u), sdx + kk * XP + u);
+      }} else {{
+        float z[8];
+        for (int q = 0; q < 8; ++q) z[q] = 0.0f;
+        st8(sdx + kk * XP + u, z);
+      }}
+    }}
+"""
+
+
+# The factored kernels' rescaling of the accumulator rows wr + (lane >> 2) (+ 8) by f0 (f1), the factors
+# `f(row)` of the row index expression, at `ind` spaces of indentation
+def _scale_acc_rows(f, ind: int) -> str:
+    p = " " * ind
+    return (f"{p}const int q8 = static_cast<int>(lane >> 2);\n"
+            f"{p}const float f0 = {f('wr + q8')}, f1 = {f('wr + q8 + 8')};\n"
+            f"{p}for (int j = 0; j < PC / 16; ++j)\n"
+            f"{p}  for (int i = 0; i < 8; ++i) acc[j].c[i] *= ((i >> 1) & 1) ? f1 : f0;\n")
+
+
 # the mask tile in CB's layout: rows l = l0 + r, columns s = c0 + u .. + 7 (two 16-byte CB loads per item),
 # M[l, s] = CB[l, s] exp(acs_l - acs_s) for c0 + u + q <= l < KC, else 0; smk [r][u]
 def _tc_mask_rows(l0: str, c0: str) -> str:
@@ -333,11 +372,7 @@ def _tc_mask_rows(l0: str, c0: str) -> str:
       const int l = {l0} + r;
       float v[8];
       if ({c0} + u <= l && l < KC) {{            // two 16-byte loads: {c0} + u + 8 <= KC (KC % 16 == 0)
-        const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + {c0} + u);
-        const float4 c0v = cb[0];
-        const float4 c1v = cb[1];
-        const float c[8] = {{c0v.x, c0v.y, c0v.z, c0v.w, c1v.x, c1v.y, c1v.z, c1v.w}};
-        const float al = sacs[l];
+{_cb_row8(c0 + " + u", 8)}        const float al = sacs[l];
         for (int q = 0; q < 8; ++q) v[q] = {c0} + u + q <= l ? c[q] * fexp(al - sacs[{c0} + u + q]) : 0.0f;
       }} else {{
         for (int q = 0; q < 8; ++q) v[q] = 0.0f;
@@ -1290,19 +1325,7 @@ _OUT_FX_YO = """\
 """
 
 _OUT_FX_LOOP = """  for (int s0 = 0; s0 < s_end; s0 += 64) {
-    for (int idx = tid; idx < 64 * U8; idx += 128) {   // the data tile: x rows s0 .., as stored
-      const int kk = idx / U8;
-      const int u = 8 * (idx % U8);
-      const long t = t0 + s0 + kk;
-      if (s0 + kk < KC && t < L) {
-        str8(ldr8(x + ((b * L + t) * H + h) * PC + u), sdx + kk * XP + u);
-      } else {
-        float z[8];
-        for (int q = 0; q < 8; ++q) z[q] = 0.0f;
-        st8(sdx + kk * XP + u, z);
-      }
-    }
-    int nk = wr < KC ? (wr + 16 - s0) / 16 : 0;   // 16-blocks of s <= the warp's last row
+""" + _raw_data_tile("x", "s0", "the data tile: x rows s0 .., as stored") + """    int nk = wr < KC ? (wr + 16 - s0) / 16 : 0;   // 16-blocks of s <= the warp's last row
     nk = nk < 4 ? nk : 4;
     for (int k = static_cast<int>(lane); k < 64; k += 32) {
       const int s = s0 + k;
@@ -1314,11 +1337,7 @@ _OUT_FX_LOOP = """  for (int s0 = 0; s0 < s_end; s0 += 64) {
       const int u = 8 * (it % 8);
       if (u / 16 >= nk) continue;
       const int l = wr + r;
-      const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + s0 + u);
-      const float4 c0v = cb[0];
-      const float4 c1v = cb[1];
-      const float c[8] = {c0v.x, c0v.y, c0v.z, c0v.w, c1v.x, c1v.y, c1v.z, c1v.w};
-      float v[8];
+""" + _cb_row8("s0 + u", 6) + """      float v[8];
       if (s0 + u + 8 <= wr) {                 // below the diagonal block: CB f_s
         for (int q = 0; q < 8; ++q) v[q] = c[q] * scol[cw + u + q];
       } else {                                // the diagonal block: exact, zero above the diagonal
@@ -1333,11 +1352,7 @@ _OUT_FX_LOOP = """  for (int s0 = 0; s0 < s_end; s0 += 64) {
     BARRIER();
     for (int kk = 0; kk < nk; ++kk) {
       if (s0 + 16 * kk == wr) {               // the diagonal block, last: the rows so far times exp(acs_l - acs_m)
-        const int q8 = static_cast<int>(lane >> 2);
-        const float f0 = fexp(sacs[wr + q8] - am), f1 = fexp(sacs[wr + q8 + 8] - am);
-        for (int j = 0; j < PC / 16; ++j)
-          for (int i = 0; i < 8; ++i) acc[j].c[i] *= ((i >> 1) & 1) ? f1 : f0;
-      }
+""" + _scale_acc_rows(lambda r: f"fexp(sacs[{r}] - am)", 8) + """      }
       Frag16<T> fm;
       lda16(fm, smk + 16 * w * TP + 16 * kk, TP, lane);
       for (int j = 0; j < PC / 16; ++j) mma16_f(acc[j], fm, sdx + 16 * kk * XP + 16 * j, XP, lane);
@@ -1408,19 +1423,7 @@ BWD_DX_TC_FX = Kernel(
   for (int l = r0 + tid; l < KC; l += 128)    // the dy rows of every step, to L2 ahead of their turn
     if (t0 + l < L) prefetch_l2(dy + ((b * L + t0 + l) * H + h) * PC);
   for (int l0 = l_last; l0 >= r0; l0 -= 64) {   // from the chunk's end: the diagonal block last
-    for (int idx = tid; idx < 64 * U8; idx += 128) {   // the dy tile, as stored
-      const int kk = idx / U8;
-      const int u = 8 * (idx % U8);
-      const long t = t0 + l0 + kk;
-      if (l0 + kk < KC && t < L) {
-        str8(ldr8(dy + ((b * L + t) * H + h) * PC + u), sdx + kk * XP + u);
-      } else {
-        float z[8];
-        for (int q = 0; q < 8; ++q) z[q] = 0.0f;
-        st8(sdx + kk * XP + u, z);
-      }
-    }
-    const int k_lo = wr > l0 ? (wr - l0) / 16 : 0;           // 16-blocks of l >= the warp's first row
+""" + _raw_data_tile("dy", "l0", "the dy tile, as stored") + """    const int k_lo = wr > l0 ? (wr - l0) / 16 : 0;           // 16-blocks of l >= the warp's first row
     const int k_end = (KC - l0) / 16 < 4 ? (KC - l0) / 16 : 4;
     for (int r = static_cast<int>(lane); r < 64; r += 32) {
       const int l = l0 + r;
@@ -1433,11 +1436,7 @@ BWD_DX_TC_FX = Kernel(
         const int u = 8 * (it % 2);
         if (r / 16 < k_lo || r / 16 >= k_end) continue;
         const int l = l0 + r;
-        const DEV float4* cb = reinterpret_cast<const DEV float4*>(CB + ((bc * G + g) * KC + l) * KC + wr + u);
-        const float4 c0v = cb[0];
-        const float4 c1v = cb[1];
-        const float c[8] = {c0v.x, c0v.y, c0v.z, c0v.w, c1v.x, c1v.y, c1v.z, c1v.w};
-        float v[8];
+""" + _cb_row8("wr + u", 8) + """        float v[8];
         if (l >= m) {                         // below the diagonal block: CB exp(acs_l - acs_m)
           const float f = scol[cw + r];
           for (int q = 0; q < 8; ++q) v[q] = c[q] * f;
@@ -1454,11 +1453,7 @@ BWD_DX_TC_FX = Kernel(
     if (wr < KC)
       for (int kk = k_end - 1; kk >= k_lo; --kk) {
         if (l0 + 16 * kk == wr && m < KC) {   // the diagonal block, last: the rows so far times exp(acs_m - acs_s)
-          const int q8 = static_cast<int>(lane >> 2);
-          const float f0 = fexp(am - sacs[wr + q8]), f1 = fexp(am - sacs[wr + q8 + 8]);
-          for (int j = 0; j < PC / 16; ++j)
-            for (int i = 0; i < 8; ++i) acc[j].c[i] *= ((i >> 1) & 1) ? f1 : f0;
-        }
+""" + _scale_acc_rows(lambda r: f"fexp(am - sacs[{r}])", 10) + """        }
         Frag16<T> fm;
         lda16t(fm, smk + 16 * kk * TP + 16 * w, TP, lane);
         for (int j = 0; j < PC / 16; ++j) mma16_f(acc[j], fm, sdx + 16 * kk * XP + 16 * j, XP, lane);
@@ -1767,8 +1762,8 @@ def ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size: int, with_starts: 
         return (y, final_state, starts) if with_starts else (y, final_state)
 
     tc = OUT_TC and _tc_fits(dtype, P, K)
-    if (tc and TC_ROW_TILES and OUT_FACTORED and OUT_FX_YO and OUT_TC_VEC_EPILOGUE and N % 16 == 0
-            and starts.dtype == dtype):  # CHUNK_OUT_TC_FX with Yo = C H inside
+    if tc and TC_ROW_TILES and OUT_FACTORED and OUT_FX_YO and OUT_TC_VEC_EPILOGUE and N % 16 == 0:
+        # CHUNK_OUT_TC_FX with Yo = C H inside (it copies `starts`, in dtype from state_pass, as stored)
         (y,) = CHUNK_OUT_YO_FX(
             [CB, acs, x, dt, C.astype(dtype), starts, D],
             template=[("T", dtype), ("KC", K), ("PC", P)],

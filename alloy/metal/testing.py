@@ -92,6 +92,14 @@ def ssd_diag_case(rng, dt, b, l, h, g, p, K):
     return (CB, acs, x, dtv, Yo, D, dy), y.reshape(b, nc * K, h, p)[:, :l], dX
 
 
+# (dtype, b, l, h, g, p, K) cases for `ssd_diag_case` and the chunk-product kernels on the emulator
+SSD_DIAG_CASES = [("bf16", 1, 40, 2, 1, 16, 32),     # chunk below the 64-row block, L not whole chunks
+                  ("fp16", 2, 150, 4, 2, 64, 64),    # two heads per group, two sequences
+                  ("bf16", 1, 300, 3, 1, 64, 256),   # four row blocks per chunk, three heads per group
+                  ("bf16", 1, 100, 2, 2, 128, 80),   # a partial second row block, head dim 128
+                  ("fp16", 1, 96, 6, 2, 32, 48)]
+
+
 def ssd_inputs(rng, dtype, b, l, h, g, p, n):
     """The SSD's arguments and cotangents: x (b, l, h, p), dt (b, l, h), A (h,) < 0, B / C (b, l, g, n),
     D (h,), the initial state (b, h, p, n), dy (x's shape) and the final state's cotangent; x, B, C, dy

@@ -10,15 +10,11 @@ import pytest
 
 from alloy.metal import emulate
 from alloy.metal import ssd_chunked as kern
-from alloy.metal.testing import F16, arr, pos, rel_err, ssd_diag_case, ssd_out_yo_case
+from alloy.metal.testing import F16, SSD_DIAG_CASES, pos, rel_err, ssd_diag_case, ssd_inputs, ssd_out_yo_case
 
 pytestmark = pytest.mark.skipif(not emulate.available(), reason="no g++ for the CPU kernel emulator")
 
-CASES = [("bf16", 1, 40, 2, 1, 16, 32),     # chunk below the 64-row block, L not whole chunks
-         ("fp16", 2, 150, 4, 2, 64, 64),    # two heads per group, two sequences
-         ("bf16", 1, 300, 3, 1, 64, 256),   # four row blocks per chunk, three heads per group
-         ("bf16", 1, 100, 2, 2, 128, 80),   # a partial second row block, head dim 128
-         ("fp16", 1, 96, 6, 2, 32, 48)]
+CASES = SSD_DIAG_CASES
 
 
 def _run(kernel, args, K, p):
@@ -71,13 +67,9 @@ def test_switch_picks_the_factored_kernel(monkeypatch, on):
     for name, v in (("OUT_TC", True), ("OUT_FUSED_YO", False), ("OUT_TC_VEC_EPILOGUE", True),
                     ("TC_ROW_TILES", True), ("OUT_FACTORED", on)):
         monkeypatch.setattr(kern, name, v)
-    rng = np.random.default_rng(5)
     b, l, h, g, p, n, K = 1, 100, 4, 2, 32, 16, 64
     dtype = F16["bf16"]
-    x = arr(rng, (b, l, h, p), dtype)
-    dtv, A = pos(rng, (b, l, h), 0.01, 0.3), -pos(rng, (h,), 0.5, 4.0)
-    B, C = arr(rng, (b, l, g, n), dtype), arr(rng, (b, l, g, n), dtype)
-    D, s0 = arr(rng, (h,)), arr(rng, (b, h, p, n))
+    x, dtv, A, B, C, D, s0, _, _ = ssd_inputs(np.random.default_rng(5), dtype, b, l, h, g, p, n)
     with emulate.patch(kern, poison=True):
         y, _ = kern.ssd_chunked(x, dtv, A, B, C, D, s0, K)
         used = (kern.CHUNK_OUT_TC_FX.calls, kern.CHUNK_OUT_TC_RM.calls)
@@ -124,7 +116,7 @@ def test_dx_in_input_dtype(monkeypatch, dt, g):
     the whole SSD gradient through BWD_FIN stays within 1e-2 of the float32-dX one (dx itself leaves in
     x's dtype either way)."""
     import importlib
-    from alloy.metal.testing import ssd_chunked_autodiff, ssd_inputs
+    from alloy.metal.testing import ssd_chunked_autodiff
     ssd_mod = importlib.import_module("alloy.ops.ssd")
     for name, v in (("DX_TC", True), ("TC_ROW_TILES", True), ("DX_FACTORED", True), ("DX_DYS", False),
                     ("DX_FINISH_FUSED", False)):
@@ -182,13 +174,9 @@ def test_switch_picks_the_factored_yo_kernel(monkeypatch, on):
     for name, v in (("OUT_TC", True), ("OUT_FUSED_YO", False), ("OUT_TC_VEC_EPILOGUE", True),
                     ("TC_ROW_TILES", True), ("OUT_FACTORED", True), ("OUT_FX_YO", on)):
         monkeypatch.setattr(kern, name, v)
-    rng = np.random.default_rng(8)
     b, l, h, g, p, n, K = 1, 100, 4, 2, 32, 16, 64
     dtype = F16["bf16"]
-    x = arr(rng, (b, l, h, p), dtype)
-    dtv, A = pos(rng, (b, l, h), 0.01, 0.3), -pos(rng, (h,), 0.5, 4.0)
-    B, C = arr(rng, (b, l, g, n), dtype), arr(rng, (b, l, g, n), dtype)
-    D, s0 = arr(rng, (h,)), arr(rng, (b, h, p, n))
+    x, dtv, A, B, C, D, s0, _, _ = ssd_inputs(np.random.default_rng(8), dtype, b, l, h, g, p, n)
     with emulate.patch(kern, poison=True):
         y, _ = kern.ssd_chunked(x, dtv, A, B, C, D, s0, K)
         used = (kern.CHUNK_OUT_YO_FX.calls, kern.CHUNK_OUT_TC_FX.calls)

@@ -11,15 +11,12 @@ import pytest
 
 from alloy.metal import emulate
 from alloy.metal import ssd_chunked as kern
-from alloy.metal.testing import F16, arr, chunk_time, pos, rel_err, ssd_chunked_autodiff, ssd_diag_case, ssd_inputs
+from alloy.metal.testing import (F16, SSD_DIAG_CASES, arr, chunk_time, pos, rel_err, ssd_chunked_autodiff,
+                                 ssd_diag_case, ssd_inputs)
 
 pytestmark = pytest.mark.skipif(not emulate.available(), reason="no g++ for the CPU kernel emulator")
 
-CASES = [("bf16", 1, 40, 2, 1, 16, 32),     # chunk below the 64-row block, L not whole chunks
-         ("fp16", 2, 150, 4, 2, 64, 64),    # two heads per group, two sequences
-         ("bf16", 1, 300, 3, 1, 64, 256),   # four row blocks per chunk, three heads per group
-         ("bf16", 1, 100, 2, 2, 128, 80),   # a partial second row block, head dim 128
-         ("fp16", 1, 96, 6, 2, 32, 48)]
+CASES = SSD_DIAG_CASES
 
 
 @pytest.mark.parametrize("dt,b,l,h,g,p,K", CASES)
