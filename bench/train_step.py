@@ -54,11 +54,6 @@ def model_flops_by_category(cfg, T: int) -> dict:
     return {k: 3.0 * v / T for k, v in r.flops.items()}
 
 
-def model_flops_per_token(cfg, T: int) -> float:
-    """The sum of `model_flops_by_category`."""
-    return sum(model_flops_by_category(cfg, T).values())
-
-
 GRAD_PATHS = ("conv", "norm", "ssd", "ssd-kernels")
 
 
